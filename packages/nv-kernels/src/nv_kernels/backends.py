@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from nv_kernels.flash_attention import FlashAttentionBackend, flash_attn_available
+from nv_kernels.metadata import AttentionMetadata
+from nv_kernels.torch_attention import TorchAttentionBackend
+
+BACKEND_NAMES = ("auto", "torch", "triton", "flash-attn")
+
+
+class AttentionBackend(Protocol):
+    """Writes this step's K/V into the paged cache, then attends (prefill or decode per `meta`).
+    q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim];
+    caches: [num_blocks, block_size, num_kv_heads, head_dim]. Returns [num_tokens, num_heads, head_dim]."""
+
+    name: str
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    ) -> torch.Tensor: ...
+
+
+def get_attention_backend(name: str, device: torch.device | str) -> AttentionBackend:
+    """Resolve a backend name. `auto`: flash-attn when importable on CUDA, else triton on CUDA,
+    else torch."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"attention_backend must be one of {BACKEND_NAMES}, got {name!r}")
+    is_cuda = torch.device(device).type == "cuda"
+    if name == "auto":
+        if is_cuda and flash_attn_available():
+            name = "flash-attn"
+        else:
+            name = "triton" if is_cuda else "torch"
+    if name == "torch":
+        return TorchAttentionBackend()
+    if name == "flash-attn":
+        if not flash_attn_available():
+            raise ValueError("attention_backend='flash-attn' but flash_attn is not installed")
+        return FlashAttentionBackend()
+    from nv_kernels.triton_attention import TritonAttentionBackend
+
+    return TritonAttentionBackend()

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _to_i64(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN = _to_i64(0x9E3779B97F4A7C15)
+_M1 = _to_i64(0xBF58476D1CE4E5B9)
+_M2 = _to_i64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    # int64 multiplication wraps on every torch backend, which is what the mixer wants.
+    x = x + _GOLDEN
+    x = (x ^ _shr(x, 30)) * _M1
+    x = (x ^ _shr(x, 27)) * _M2
+    return x ^ _shr(x, 31)
+
+
+def exponential_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Exp(1) noise `[num_seqs, vocab_size]`, a pure function of (seed, step, token id): a request's
+    draw does not depend on what else is in the batch or on which device runs it."""
+    row_key = _splitmix64(seeds * _M2 + steps)  # [B]
+    idx = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    bits = _splitmix64(row_key[:, None] + idx[None, :] * _GOLDEN)  # [B, V]
+    u = (_shr(bits, 40) + 1).to(torch.float32) * (1.0 / (1 << 24))  # uniform in (0, 1]
+    return -torch.log(u)
+
+
+@dataclass(slots=True)
+class SamplingTensors:
+    """Per-request sampling parameters for one step, one row per sequence.
+    Disabled filters use neutral values: top_k = vocab size, top_p = 1, min_p = 0."""
+
+    temperatures: torch.Tensor  # [B] float32; 0 = greedy
+    top_k: torch.Tensor  # [B] int64
+    top_p: torch.Tensor  # [B] float32
+    min_p: torch.Tensor  # [B] float32
+    seeds: torch.Tensor  # [B] int64
+    steps: torch.Tensor  # [B] int64, the request's output position (keeps seeded runs stable)
+    all_greedy: bool
+    use_top_k: bool
+    use_top_p: bool
+    use_min_p: bool
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    """Mask (to -inf) tokens outside each row's top-k, then outside its top-p nucleus."""
+    vocab_size = logits.shape[-1]
+    logits_sort, order = logits.sort(dim=-1, descending=False)
+    if top_k is not None:
+        kth = logits_sort.gather(1, (vocab_size - top_k).clamp(0, vocab_size - 1)[:, None])
+        logits_sort.masked_fill_(logits_sort < kth, float("-inf"))
+    if top_p is not None:
+        cum = logits_sort.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum <= 1 - top_p[:, None]
+        drop[:, -1] = False  # the most likely token always stays
+        logits_sort.masked_fill_(drop, float("-inf"))
+    return logits_sort.scatter(1, order, logits_sort)
+
+
+def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """Next token per row of `logits` `[B, V]`: argmax where temperature is 0, else Gumbel-max
+    (argmax of probs / Exp(1)) over softmax(logits / T) restricted by min-p, top-k and top-p."""
+    greedy = logits.argmax(dim=-1)
+    if st.all_greedy:
+        return greedy
+    temps = torch.where(st.temperatures == 0, 1.0, st.temperatures)
+    logits = logits.float() / temps[:, None]
+    if st.use_min_p:
+        probs = logits.softmax(dim=-1)
+        too_small = probs < st.min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+        logits = logits.masked_fill(too_small, float("-inf"))
+    if st.use_top_k or st.use_top_p:
+        logits = apply_top_k_top_p(
+            logits, st.top_k if st.use_top_k else None, st.top_p if st.use_top_p else None
+        )
+    probs = logits.softmax(dim=-1)
+    noise = exponential_noise(st.seeds, st.steps, logits.shape[-1])
+    sampled = (probs / noise).argmax(dim=-1)
+    return torch.where(st.temperatures == 0, greedy, sampled)
+
+
+class Sampler:
+    """Batched sampler; compiled with torch.compile on CUDA, eager elsewhere."""
+
+    def __init__(self, device: torch.device | str, compile: bool | None = None) -> None:
+        device = torch.device(device)
+        if compile is None:
+            compile = device.type == "cuda"
+        self._fn = torch.compile(sample, dynamic=True) if compile else sample
+
+    def __call__(self, logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+        return self._fn(logits, st)

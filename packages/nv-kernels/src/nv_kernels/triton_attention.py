@@ -1,0 +1,268 @@
+"""Triton paged attention: varlen causal prefill (context read through block tables) and split-K
+decode that reads each K/V tile once per KV head for its whole group of query heads."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from nv_kernels.metadata import AttentionMetadata
+from nv_kernels.store_kvcache import store_kvcache
+from nv_kernels.triton_utils import tl, triton
+
+if triton is not None:
+
+    @triton.jit
+    def _prefill_kernel(
+        q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, o_ptr,
+        cu_q_ptr, cu_k_ptr, block_tables_ptr, scale,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+        stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
+        G: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        mb = tl.program_id(0)
+        seq = tl.program_id(1)
+        head = tl.program_id(2)
+        kv_head = head // G
+        q_start = tl.load(cu_q_ptr + seq)
+        len_q = tl.load(cu_q_ptr + seq + 1) - q_start
+        if mb * BLOCK_M >= len_q:
+            return
+        k_start = tl.load(cu_k_ptr + seq)
+        len_k = tl.load(cu_k_ptr + seq + 1) - k_start
+        prefix = len_k - len_q  # tokens before this step's queries (cache hits, earlier chunks)
+
+        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        m_mask = offs_m < len_q
+        q_rows = (q_start + offs_m).to(tl.int64) * stride_qt + head * stride_qh
+        q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=m_mask[:, None], other=0.0)
+        q_pos = prefix + offs_m  # absolute position of each query
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        qk_scale = scale * 1.4426950408889634  # log2(e): softmax in base 2
+        end = tl.minimum(len_k, prefix + (mb + 1) * BLOCK_M)
+        for n0 in range(0, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < end
+            if PAGED:
+                page = tl.load(block_tables_ptr + seq * stride_bt + offs_n // BLOCK_SIZE,
+                               mask=n_mask, other=0)
+                k_rows = page.to(tl.int64) * stride_cb + (offs_n % BLOCK_SIZE) * stride_ct
+                k_rows += kv_head * stride_ch
+                k = tl.load(k_cache_ptr + k_rows[:, None] + offs_d[None, :],
+                            mask=n_mask[:, None], other=0.0)
+                v = tl.load(v_cache_ptr + k_rows[:, None] + offs_d[None, :],
+                            mask=n_mask[:, None], other=0.0)
+            else:
+                rows = (k_start + offs_n).to(tl.int64)
+                k = tl.load(k_ptr + (rows * stride_kt + kv_head * stride_kh)[:, None]
+                            + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+                v = tl.load(v_ptr + (rows * stride_vt + kv_head * stride_vh)[:, None]
+                            + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale
+            keep = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype),
+                                                input_precision=PRECISION)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        o_rows = (q_start + offs_m).to(tl.int64) * stride_ot + head * stride_oh
+        tl.store(o_ptr + o_rows[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=m_mask[:, None])
+
+    @triton.jit
+    def _decode_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+        o_ptr, mid_o_ptr, mid_lse_ptr, scale,
+        stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
+        G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
+        BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # One program per (sequence, KV head, split): the G query heads sharing this KV head
+        # are the rows of one tile, so each K/V tile is read once for all of them.
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        ctx = tl.load(context_lens_ptr + seq)
+        split_len = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = split * split_len
+        end = tl.minimum(start + split_len, ctx)
+
+        offs_g = tl.arange(0, G_PAD)
+        offs_d = tl.arange(0, D)
+        g_mask = offs_g < G
+        heads = kv_head * G + offs_g
+        q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_mask[:, None], other=0.0)
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D], tl.float32)
+        qk_scale = scale * 1.4426950408889634
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < end
+            page = tl.load(block_tables_ptr + seq * stride_bt + offs_n // BLOCK_SIZE,
+                           mask=n_mask, other=0)
+            rows = page.to(tl.int64) * stride_cb + (offs_n % BLOCK_SIZE) * stride_ct
+            rows += kv_head * stride_ch
+            k = tl.load(k_cache_ptr + rows[:, None] + offs_d[None, :], mask=n_mask[:, None],
+                        other=0.0)
+            v = tl.load(v_cache_ptr + rows[:, None] + offs_d[None, :], mask=n_mask[:, None],
+                        other=0.0)
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype),
+                                                input_precision=PRECISION)
+            m_i = m_new
+        if NUM_SPLITS == 1:
+            out = acc / l_i[:, None]
+            tl.store(o_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                     out.to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
+        else:
+            # Partial result of this split: normalised output and its log-sum-exp (base 2).
+            nonempty = l_i > 0
+            out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+            lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+            row = (seq * G * tl.num_programs(1) + heads) * NUM_SPLITS + split  # [B, H, S]
+            tl.store(mid_o_ptr + row[:, None] * D + offs_d[None, :], out, mask=g_mask[:, None])
+            tl.store(mid_lse_ptr + row, lse, mask=g_mask)
+
+    @triton.jit
+    def _decode_reduce_kernel(
+        mid_o_ptr, mid_lse_ptr, o_ptr, stride_ot, stride_oh,
+        NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        row0 = (seq * tl.num_programs(1) + head) * NUM_SPLITS
+        offs_s = tl.arange(0, S_PAD)
+        offs_d = tl.arange(0, D)
+        s_mask = offs_s < NUM_SPLITS
+        lse = tl.load(mid_lse_ptr + row0 + offs_s, mask=s_mask, other=float("-inf"))
+        w = tl.exp2(lse - tl.max(lse, 0))
+        w = tl.where(s_mask, w, 0.0)
+        parts = tl.load(mid_o_ptr + (row0 + offs_s)[:, None] * D + offs_d[None, :],
+                        mask=s_mask[:, None], other=0.0)
+        out = tl.sum(w[:, None] * parts, 0) / tl.sum(w, 0)
+        tl.store(o_ptr + seq * stride_ot + head * stride_oh + offs_d,
+                 out.to(o_ptr.dtype.element_ty))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not silently drop to tf32: the fp32 path is the exactness check.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_head_dim(head_dim: int) -> None:
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"triton attention needs a power-of-two head_dim >= 16, got {head_dim}")
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device,
+                      block_n: int) -> int:
+    """Split the context so that small batches still put ~2 programs on every SM. Depends only
+    on shapes, so a captured CUDA graph keeps a valid grid."""
+    num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
+    want = -(-2 * num_sms // max(1, num_seqs * num_kv_heads))
+    return max(1, min(want, -(-max_context // (4 * block_n)), 32))
+
+
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+) -> torch.Tensor:
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    _check_head_dim(head_dim)
+    o = torch.empty_like(q)
+    num_seqs = meta.cu_seqlens_q.shape[0] - 1
+    paged = meta.block_tables is not None
+    block_tables = meta.block_tables if paged else meta.cu_seqlens_q  # unused when not paged
+    cache_k = k_cache if paged else k
+    cache_v = v_cache if paged else v
+    block_size = k_cache.shape[1] if paged else 1
+    block_m, block_n = (64, 64) if head_dim <= 64 else (64, 32)
+    if q.device.type != "cuda":
+        block_m = block_n = 16
+    grid = (triton.cdiv(meta.max_seqlen_q, block_m), num_seqs, num_heads)
+    _prefill_kernel[grid](
+        q, k, v, cache_k, cache_v, o, meta.cu_seqlens_q, meta.cu_seqlens_k, block_tables, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cache_k.stride(0), cache_k.stride(1) if paged else 0, cache_k.stride(2) if paged else 0,
+        block_tables.stride(0), o.stride(0), o.stride(1),
+        G=num_heads // num_kv_heads, BLOCK_SIZE=block_size, D=head_dim,
+        BLOCK_M=block_m, BLOCK_N=block_n, PAGED=paged, PRECISION=_precision(q.dtype),
+        num_warps=4, num_stages=2,
+    )
+    return o
+
+
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+    scale: float, num_splits: int | None = None,
+) -> torch.Tensor:
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    _check_head_dim(head_dim)
+    g = num_heads // num_kv_heads
+    block_n = 32 if q.device.type == "cuda" else 16
+    if num_splits is None:
+        max_context = meta.block_tables.shape[1] * block_size
+        num_splits = decode_num_splits(num_seqs, num_kv_heads, max_context, q.device, block_n)
+    o = torch.empty_like(q)
+    if num_splits > 1:
+        mid_o = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32,
+                            device=q.device)
+        mid_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32,
+                              device=q.device)
+    else:
+        mid_o = mid_lse = o  # unused
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, meta.block_tables, meta.context_lens, o, mid_o, mid_lse, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        meta.block_tables.stride(0), o.stride(0), o.stride(1),
+        G=g, G_PAD=max(16, triton.next_power_of_2(g)), BLOCK_SIZE=block_size, D=head_dim,
+        BLOCK_N=block_n, NUM_SPLITS=num_splits, PRECISION=_precision(q.dtype),
+        num_warps=4, num_stages=2,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            mid_o, mid_lse, o, o.stride(0), o.stride(1),
+            NUM_SPLITS=num_splits, S_PAD=max(2, triton.next_power_of_2(num_splits)), D=head_dim,
+        )
+    return o
+
+
+class TritonAttentionBackend:
+    """Default backend on CUDA. Runs on CPU only under TRITON_INTERPRET=1 (tests)."""
+
+    name = "triton"
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    ) -> torch.Tensor:
+        if k_cache.numel():
+            store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_prefill:
+            return prefill_attention(q, k, v, k_cache, v_cache, meta, scale)
+        return decode_attention(q, k_cache, v_cache, meta, scale)

@@ -1,0 +1,117 @@
+"""Triton kernels (interpreted on CPU) against the torch reference, on fresh random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nv_kernels import AttentionMetadata, store_kvcache, store_kvcache_ref
+from nv_kernels.torch_attention import TorchAttentionBackend, decode_ref, prefill_ref
+from nv_kernels.triton_attention import decode_attention, prefill_attention
+
+
+def _random_paged_batch(gen, lens_q, lens_k, block_size, num_kv_heads, head_dim, num_blocks):
+    """Scatter each sequence's context into randomly chosen (non-contiguous) blocks."""
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, slots_ctx = [], []
+    for len_k in lens_k:
+        n = -(-len_k // block_size)
+        blocks = [perm.pop() for _ in range(n)]
+        tables.append(blocks)
+        slots_ctx.append([blocks[p // block_size] * block_size + p % block_size
+                          for p in range(len_k)])
+    width = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    return block_tables, slots_ctx
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16, 17])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (8, 1)])
+def test_store_kvcache_matches_reference(block_size, num_heads, num_kv_heads):
+    gen = torch.Generator().manual_seed(block_size * 10 + num_kv_heads)
+    head_dim, num_blocks, n = 16, 40, 23
+    qkv = torch.randn(n, (num_heads + 2 * num_kv_heads) * head_dim, generator=gen)
+    k = qkv[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].view(n, -1, head_dim)
+    v = qkv[:, (num_heads + num_kv_heads) * head_dim :].view(n, -1, head_dim)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:n].clone()
+    slots[torch.rand(n, generator=gen) < 0.2] = -1  # padding tokens are skipped
+    caches = [torch.full((num_blocks, block_size, num_kv_heads, head_dim), 7.0) for _ in range(4)]
+    store_kvcache(k, v, caches[0], caches[1], slots)
+    store_kvcache_ref(k, v, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    assert (caches[0] == 7.0).any()  # skipped slots untouched
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16, 5])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (2, 2)])
+def test_prefill_with_paged_context(block_size, num_heads, num_kv_heads):
+    gen = torch.Generator().manual_seed(block_size + num_heads)
+    head_dim, num_blocks = 16, 64
+    lens_q = [1, 7, block_size + 1, 20]
+    lens_k = [1, 7 + 9, block_size + 1 + block_size - 1, 20 + 3]  # prefixes of 0, 9, bs-1, 3
+    total_q = sum(lens_q)
+    q = torch.randn(total_q, num_heads, head_dim, generator=gen)
+    block_tables, slots_ctx = _random_paged_batch(
+        gen, lens_q, lens_k, block_size, num_kv_heads, head_dim, num_blocks)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    # This step's K/V are the last len_q tokens of each context.
+    new_slots = [s[-lq:] for s, lq in zip(slots_ctx, lens_q, strict=True)]
+    slot_mapping = torch.tensor([x for s in new_slots for x in s], dtype=torch.int64)
+    k = torch.randn(total_q, num_kv_heads, head_dim, generator=gen)
+    v = torch.randn(total_q, num_kv_heads, head_dim, generator=gen)
+    store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping)
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
+    meta = AttentionMetadata(True, slot_mapping, None, block_tables, cu_q, cu_k,
+                             max(lens_q), max(lens_k))
+    ref = prefill_ref(q, k, v, k_cache, v_cache, meta, 0.25)
+    out = prefill_attention(q, k, v, k_cache, v_cache, meta, 0.25)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_without_cache_matches_reference():
+    gen = torch.Generator().manual_seed(3)
+    lens = [5, 1, 33]
+    q = torch.randn(sum(lens), 4, 32, generator=gen)
+    k = torch.randn(sum(lens), 2, 32, generator=gen)
+    v = torch.randn(sum(lens), 2, 32, generator=gen)
+    cu = torch.tensor([0, 5, 6, 39], dtype=torch.int32)
+    meta = AttentionMetadata(True, torch.full((39,), -1), None, None, cu, cu, 33, 33)
+    empty = torch.empty(0)
+    ref = prefill_ref(q, k, v, empty, empty, meta, 0.2)
+    out = prefill_attention(q, k, v, empty, empty, meta, 0.2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 7])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (6, 2), (2, 2)])
+def test_decode_matches_reference(block_size, num_splits, num_heads, num_kv_heads):
+    gen = torch.Generator().manual_seed(block_size * 7 + num_splits)
+    head_dim, num_blocks = 16, 96
+    lens = [1, block_size - 1 or 1, block_size, block_size + 1, 40]
+    block_tables, _ = _random_paged_batch(gen, lens, lens, block_size, num_kv_heads, head_dim,
+                                          num_blocks)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    q = torch.randn(len(lens), num_heads, head_dim, generator=gen)
+    meta = AttentionMetadata(False, torch.zeros(len(lens), dtype=torch.int64),
+                             torch.tensor(lens, dtype=torch.int32), block_tables)
+    ref = decode_ref(q, k_cache, v_cache, meta, 0.3)
+    out = decode_attention(q, k_cache, v_cache, meta, 0.3, num_splits=num_splits)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_backend_writes_cache_then_attends():
+    gen = torch.Generator().manual_seed(0)
+    k_cache = torch.zeros(4, 2, 1, 16)
+    v_cache = torch.zeros(4, 2, 1, 16)
+    q, k, v = (torch.randn(3, 1, 16, generator=gen) for _ in range(3))
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    meta = AttentionMetadata(True, torch.tensor([6, 7, 2]), None, torch.tensor([[3, 1]],
+                             dtype=torch.int32), cu, cu, 3, 3)
+    out = TorchAttentionBackend().forward(q, k, v, k_cache, v_cache, meta, 1.0)
+    assert torch.equal(k_cache[3, 0, 0], k[0, 0]) and torch.equal(k_cache[1, 0, 0], k[2, 0])
+    # Token 0 attends only to itself: its output is its own value.
+    torch.testing.assert_close(out[0], v[0])

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nv_kernels import SamplingTensors, sample
+from nv_kernels.sampler import exponential_noise
+
+
+def _st(n, temperature=1.0, top_k=None, top_p=None, min_p=None, seeds=None, steps=None, v=0):
+    t = torch.full((n,), temperature) if not torch.is_tensor(temperature) else temperature
+    return SamplingTensors(
+        temperatures=t,
+        top_k=torch.full((n,), top_k or v, dtype=torch.int64),
+        top_p=torch.full((n,), top_p or 1.0),
+        min_p=torch.full((n,), min_p or 0.0),
+        seeds=seeds if seeds is not None else torch.arange(n, dtype=torch.int64),
+        steps=steps if steps is not None else torch.zeros(n, dtype=torch.int64),
+        all_greedy=bool((t == 0).all()),
+        use_top_k=top_k is not None, use_top_p=top_p is not None, use_min_p=min_p is not None,
+    )
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(16, 300)
+    assert torch.equal(sample(logits, _st(16, 0.0, v=300)), logits.argmax(-1))
+    # Mixed batch: greedy rows stay argmax whatever the others do.
+    temps = torch.tensor([0.0, 1.0] * 8)
+    out = sample(logits, _st(16, temps, top_k=5, v=300))
+    assert torch.equal(out[::2], logits.argmax(-1)[::2])
+
+
+def test_seeded_draws_ignore_batch_composition():
+    logits = torch.randn(1, 50)
+    seed, step = torch.tensor([1234]), torch.tensor([7])
+    alone = sample(logits, _st(1, 0.8, seeds=seed, steps=step, v=50))
+    big = torch.cat([torch.randn(5, 50), logits, torch.randn(3, 50)])
+    seeds = torch.tensor([1, 2, 3, 4, 5, 1234, 9, 9, 9])
+    steps = torch.tensor([0, 0, 0, 0, 0, 7, 1, 2, 3])
+    assert sample(big, _st(9, 0.8, seeds=seeds, steps=steps, v=50))[5] == alone[0]
+    draws = [sample(logits, _st(1, 0.8, seeds=seed, steps=torch.tensor([s]), v=50)).item()
+             for s in range(40)]
+    assert len(set(draws)) > 1  # the step moves the draw
+
+
+def test_noise_is_exponential():
+    e = exponential_noise(torch.tensor([5, 6]), torch.tensor([0, 0]), 200_000)
+    assert e.min() > 0
+    assert abs(e.mean().item() - 1) < 0.01 and abs(e.var().item() - 1) < 0.03
+    assert not torch.equal(e[0], e[1])
+
+
+def _frequencies(logits_row, n, **kw):
+    v = logits_row.numel()
+    logits = logits_row.expand(n, v)
+    st = _st(n, seeds=torch.arange(n, dtype=torch.int64) * 7919 + 3, v=v, **kw)
+    return torch.bincount(sample(logits, st), minlength=v).double() / n
+
+
+def _expected(logits_row, temperature, top_k=None, top_p=None, min_p=None):
+    p = torch.softmax(logits_row.double() / temperature, -1)
+    keep = torch.ones_like(p, dtype=torch.bool)
+    if min_p is not None:
+        keep &= p >= min_p * p.max()
+    p = torch.where(keep, p, 0)
+    p = p / p.sum()
+    order = p.argsort(descending=True)
+    if top_k is not None:
+        keep[order[top_k:]] = False
+    p = torch.where(keep, p, 0)
+    p = p / p.sum()
+    if top_p is not None:
+        sorted_p = p[order]
+        before = sorted_p.cumsum(0) - sorted_p  # mass strictly more likely than each token
+        drop = order[before >= top_p]
+        keep[drop] = False
+    p = torch.where(keep, p, 0)
+    return p / p.sum()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(top_k=4), dict(top_p=0.7), dict(min_p=0.2), dict(top_k=6, top_p=0.8)],
+    ids=["plain", "top_k", "top_p", "min_p", "top_k+top_p"],
+)
+def test_frequencies_match_restricted_softmax(kw):
+    # Logits with distinct gaps so that no token sits on a filter's boundary.
+    logits_row = torch.tensor([2.0, 1.6, 1.1, 0.9, 0.3, 0.0, -0.4, -1.0, -1.5, -2.5])
+    temperature = 0.9
+    n = 40_000
+    freq = _frequencies(logits_row, n, temperature=temperature, **kw)
+    expected = _expected(logits_row, temperature, **kw)
+    assert torch.equal(freq > 0, expected > 0), "a filtered token was drawn, or a kept one never"
+    # Pearson chi-square over kept tokens; df <= 9, so 35 is far beyond the 0.9999 quantile (~33.7
+    # at df=9): a correct sampler fails this about once in 10^4 runs, a wrong filter always.
+    kept = expected > 0
+    chi2 = (((freq[kept] - expected[kept]) * n) ** 2 / (expected[kept] * n)).sum().item()
+    assert chi2 < 35, (chi2, freq, expected)
+    assert math.isclose(freq.sum().item(), 1.0)
