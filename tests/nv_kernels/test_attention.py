@@ -18,8 +18,9 @@ def _random_paged_batch(gen, lens_q, lens_k, block_size, num_kv_heads, head_dim,
         n = -(-len_k // block_size)
         blocks = [perm.pop() for _ in range(n)]
         tables.append(blocks)
-        slots_ctx.append([blocks[p // block_size] * block_size + p % block_size
-                          for p in range(len_k)])
+        slots_ctx.append(
+            [blocks[p // block_size] * block_size + p % block_size for p in range(len_k)]
+        )
     width = max(len(t) for t in tables)
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     return block_tables, slots_ctx
@@ -52,7 +53,8 @@ def test_prefill_with_paged_context(block_size, num_heads, num_kv_heads):
     total_q = sum(lens_q)
     q = torch.randn(total_q, num_heads, head_dim, generator=gen)
     block_tables, slots_ctx = _random_paged_batch(
-        gen, lens_q, lens_k, block_size, num_kv_heads, head_dim, num_blocks)
+        gen, lens_q, lens_k, block_size, num_kv_heads, head_dim, num_blocks
+    )
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache, v_cache = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
     # This step's K/V are the last len_q tokens of each context.
@@ -63,8 +65,9 @@ def test_prefill_with_paged_context(block_size, num_heads, num_kv_heads):
     store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping)
     cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
     cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
-    meta = AttentionMetadata(True, slot_mapping, None, block_tables, cu_q, cu_k,
-                             max(lens_q), max(lens_k))
+    meta = AttentionMetadata(
+        True, slot_mapping, None, block_tables, cu_q, cu_k, max(lens_q), max(lens_k)
+    )
     ref = prefill_ref(q, k, v, k_cache, v_cache, meta, 0.25)
     out = prefill_attention(q, k, v, k_cache, v_cache, meta, 0.25)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -91,13 +94,18 @@ def test_decode_matches_reference(block_size, num_splits, num_heads, num_kv_head
     gen = torch.Generator().manual_seed(block_size * 7 + num_splits)
     head_dim, num_blocks = 16, 96
     lens = [1, block_size - 1 or 1, block_size, block_size + 1, 40]
-    block_tables, _ = _random_paged_batch(gen, lens, lens, block_size, num_kv_heads, head_dim,
-                                          num_blocks)
+    block_tables, _ = _random_paged_batch(
+        gen, lens, lens, block_size, num_kv_heads, head_dim, num_blocks
+    )
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache, v_cache = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
     q = torch.randn(len(lens), num_heads, head_dim, generator=gen)
-    meta = AttentionMetadata(False, torch.zeros(len(lens), dtype=torch.int64),
-                             torch.tensor(lens, dtype=torch.int32), block_tables)
+    meta = AttentionMetadata(
+        False,
+        torch.zeros(len(lens), dtype=torch.int64),
+        torch.tensor(lens, dtype=torch.int32),
+        block_tables,
+    )
     ref = decode_ref(q, k_cache, v_cache, meta, 0.3)
     out = decode_attention(q, k_cache, v_cache, meta, 0.3, num_splits=num_splits)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -109,8 +117,9 @@ def test_torch_backend_writes_cache_then_attends():
     v_cache = torch.zeros(4, 2, 1, 16)
     q, k, v = (torch.randn(3, 1, 16, generator=gen) for _ in range(3))
     cu = torch.tensor([0, 3], dtype=torch.int32)
-    meta = AttentionMetadata(True, torch.tensor([6, 7, 2]), None, torch.tensor([[3, 1]],
-                             dtype=torch.int32), cu, cu, 3, 3)
+    meta = AttentionMetadata(
+        True, torch.tensor([6, 7, 2]), None, torch.tensor([[3, 1]], dtype=torch.int32), cu, cu, 3, 3
+    )
     out = TorchAttentionBackend().forward(q, k, v, k_cache, v_cache, meta, 1.0)
     assert torch.equal(k_cache[3, 0, 0], k[0, 0]) and torch.equal(k_cache[1, 0, 0], k[2, 0])
     # Token 0 attends only to itself: its output is its own value.

@@ -19,7 +19,9 @@ def _st(n, temperature=1.0, top_k=None, top_p=None, min_p=None, seeds=None, step
         seeds=seeds if seeds is not None else torch.arange(n, dtype=torch.int64),
         steps=steps if steps is not None else torch.zeros(n, dtype=torch.int64),
         all_greedy=bool((t == 0).all()),
-        use_top_k=top_k is not None, use_top_p=top_p is not None, use_min_p=min_p is not None,
+        use_top_k=top_k is not None,
+        use_top_p=top_p is not None,
+        use_min_p=min_p is not None,
     )
 
 
@@ -40,8 +42,10 @@ def test_seeded_draws_ignore_batch_composition():
     seeds = torch.tensor([1, 2, 3, 4, 5, 1234, 9, 9, 9])
     steps = torch.tensor([0, 0, 0, 0, 0, 7, 1, 2, 3])
     assert sample(big, _st(9, 0.8, seeds=seeds, steps=steps, v=50))[5] == alone[0]
-    draws = [sample(logits, _st(1, 0.8, seeds=seed, steps=torch.tensor([s]), v=50)).item()
-             for s in range(40)]
+    draws = [
+        sample(logits, _st(1, 0.8, seeds=seed, steps=torch.tensor([s]), v=50)).item()
+        for s in range(40)
+    ]
     assert len(set(draws)) > 1  # the step moves the draw
 
 

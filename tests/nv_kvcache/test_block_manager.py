@@ -88,7 +88,11 @@ def test_allocation_is_atomic_when_pool_is_short():
     # Shares 2 cached blocks but needs 2 new ones; only 1 is free.
     assert bm.allocate("b", toks(0, 8) + toks(50, 5)) is None
     assert "b" not in bm
-    assert ([b.ref_count for b in bm.blocks], bm.free_block_ids, dict(bm.hash_to_block_id)) == before
+    assert (
+        [b.ref_count for b in bm.blocks],
+        bm.free_block_ids,
+        dict(bm.hash_to_block_id),
+    ) == before
     assert bm.stats().prefix_cache_queries == 9
 
 

@@ -12,15 +12,21 @@ BACKEND_NAMES = ("auto", "torch", "triton", "flash-attn")
 
 
 class AttentionBackend(Protocol):
-    """Writes this step's K/V into the paged cache, then attends (prefill or decode per `meta`).
+    """Writes the step's K/V into the paged cache, then attends (prefill or decode by meta).
     q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim];
     caches: [num_blocks, block_size, num_kv_heads, head_dim]. Returns [num_tokens, num_heads, head_dim]."""
 
     name: str
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
     ) -> torch.Tensor: ...
 
 

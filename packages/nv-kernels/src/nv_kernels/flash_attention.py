@@ -25,8 +25,14 @@ class FlashAttentionBackend:
         self._with_kvcache = flash_attn_with_kvcache
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
     ) -> torch.Tensor:
         if k_cache.numel():
             store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -34,12 +40,24 @@ class FlashAttentionBackend:
             if meta.block_tables is not None:
                 k, v = k_cache, v_cache
             return self._varlen(
-                q, k, v, cu_seqlens_q=meta.cu_seqlens_q, cu_seqlens_k=meta.cu_seqlens_k,
-                max_seqlen_q=meta.max_seqlen_q, max_seqlen_k=meta.max_seqlen_k,
-                softmax_scale=scale, causal=True, block_table=meta.block_tables,
+                q,
+                k,
+                v,
+                cu_seqlens_q=meta.cu_seqlens_q,
+                cu_seqlens_k=meta.cu_seqlens_k,
+                max_seqlen_q=meta.max_seqlen_q,
+                max_seqlen_k=meta.max_seqlen_k,
+                softmax_scale=scale,
+                causal=True,
+                block_table=meta.block_tables,
             )
         o = self._with_kvcache(
-            q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.context_lens,
-            block_table=meta.block_tables, softmax_scale=scale, causal=True,
+            q.unsqueeze(1),
+            k_cache,
+            v_cache,
+            cache_seqlens=meta.context_lens,
+            block_table=meta.block_tables,
+            softmax_scale=scale,
+            causal=True,
         )
         return o.squeeze(1)

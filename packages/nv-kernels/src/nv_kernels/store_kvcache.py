@@ -2,11 +2,14 @@ from __future__ import annotations
 
 import torch
 
-from nv_kernels.triton_utils import triton, tl
+from nv_kernels.triton_utils import tl, triton
 
 
 def store_kvcache_ref(
-    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
     """Torch reference: cache.view(-1, H, D)[slot] = key[t] for every token with slot >= 0."""
@@ -21,8 +24,15 @@ if triton is not None:
 
     @triton.jit
     def _store_kvcache_kernel(
-        key_ptr, key_stride, value_ptr, value_stride, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
-        D: tl.constexpr, BLOCK: tl.constexpr,
+        key_ptr,
+        key_stride,
+        value_ptr,
+        value_stride,
+        k_cache_ptr,
+        v_cache_ptr,
+        slot_mapping_ptr,
+        D: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         # One program per token; D = num_kv_heads * head_dim contiguous elements.
         t = tl.program_id(0)
@@ -39,7 +49,10 @@ if triton is not None:
 
 
 def store_kvcache(
-    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
     """Write key/value `[num_tokens, num_kv_heads, head_dim]` into the paged caches
@@ -53,6 +66,13 @@ def store_kvcache(
     if num_tokens == 0:
         return
     _store_kvcache_kernel[(num_tokens,)](
-        key, key.stride(0), value, value.stride(0), k_cache, v_cache, slot_mapping,
-        D=d, BLOCK=triton.next_power_of_2(d),
+        key,
+        key.stride(0),
+        value,
+        value.stride(0),
+        k_cache,
+        v_cache,
+        slot_mapping,
+        D=d,
+        BLOCK=triton.next_power_of_2(d),
     )

@@ -13,8 +13,14 @@ class TorchAttentionBackend:
     name = "torch"
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
     ) -> torch.Tensor:
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
         if k_cache.numel():
@@ -31,8 +37,13 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int)
 
 
 def prefill_ref(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
 ) -> torch.Tensor:
     """Causal varlen attention; a sequence's last len_q tokens attend to its len_k-token context."""
     out = torch.empty_like(q)
@@ -49,15 +60,22 @@ def prefill_ref(
         pos_q = torch.arange(len_k - len_q, len_k, device=q.device)
         mask = torch.arange(len_k, device=q.device)[None, :] <= pos_q[:, None]  # [len_q, len_k]
         o = F.scaled_dot_product_attention(
-            q[q0:q1].transpose(0, 1), ks.transpose(0, 1).to(q.dtype), vs.transpose(0, 1).to(q.dtype),
-            attn_mask=mask, scale=scale, enable_gqa=True,
+            q[q0:q1].transpose(0, 1),
+            ks.transpose(0, 1).to(q.dtype),
+            vs.transpose(0, 1).to(q.dtype),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=True,
         )  # [H, len_q, D]
         out[q0:q1] = o.transpose(0, 1)
     return out
 
 
 def decode_ref(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
     """One query per sequence against its first context_lens[i] cached tokens."""
@@ -67,7 +85,11 @@ def decode_ref(
     length = ks.shape[1]
     mask = torch.arange(length, device=q.device)[None, :] < meta.context_lens[:, None].long()
     o = F.scaled_dot_product_attention(
-        q[:, :, None, :], ks.transpose(1, 2).to(q.dtype), vs.transpose(1, 2).to(q.dtype),
-        attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True,
+        q[:, :, None, :],
+        ks.transpose(1, 2).to(q.dtype),
+        vs.transpose(1, 2).to(q.dtype),
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+        enable_gqa=True,
     )  # [B, H, 1, D]
     return o[:, :, 0, :]

@@ -15,12 +15,34 @@ if triton is not None:
 
     @triton.jit
     def _prefill_kernel(
-        q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, o_ptr,
-        cu_q_ptr, cu_k_ptr, block_tables_ptr, scale,
-        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-        stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
-        G: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        o_ptr,
+        cu_q_ptr,
+        cu_k_ptr,
+        block_tables_ptr,
+        scale,
+        stride_qt,
+        stride_qh,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        stride_cb,
+        stride_ct,
+        stride_ch,
+        stride_bt,
+        stride_ot,
+        stride_oh,
+        G: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        PAGED: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         mb = tl.program_id(0)
@@ -51,20 +73,29 @@ if triton is not None:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
             if PAGED:
-                page = tl.load(block_tables_ptr + seq * stride_bt + offs_n // BLOCK_SIZE,
-                               mask=n_mask, other=0)
+                page = tl.load(
+                    block_tables_ptr + seq * stride_bt + offs_n // BLOCK_SIZE, mask=n_mask, other=0
+                )
                 k_rows = page.to(tl.int64) * stride_cb + (offs_n % BLOCK_SIZE) * stride_ct
                 k_rows += kv_head * stride_ch
-                k = tl.load(k_cache_ptr + k_rows[:, None] + offs_d[None, :],
-                            mask=n_mask[:, None], other=0.0)
-                v = tl.load(v_cache_ptr + k_rows[:, None] + offs_d[None, :],
-                            mask=n_mask[:, None], other=0.0)
+                k = tl.load(
+                    k_cache_ptr + k_rows[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0
+                )
+                v = tl.load(
+                    v_cache_ptr + k_rows[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0
+                )
             else:
                 rows = (k_start + offs_n).to(tl.int64)
-                k = tl.load(k_ptr + (rows * stride_kt + kv_head * stride_kh)[:, None]
-                            + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-                v = tl.load(v_ptr + (rows * stride_vt + kv_head * stride_vh)[:, None]
-                            + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+                k = tl.load(
+                    k_ptr + (rows * stride_kt + kv_head * stride_kh)[:, None] + offs_d[None, :],
+                    mask=n_mask[:, None],
+                    other=0.0,
+                )
+                v = tl.load(
+                    v_ptr + (rows * stride_vt + kv_head * stride_vh)[:, None] + offs_d[None, :],
+                    mask=n_mask[:, None],
+                    other=0.0,
+                )
             s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale
             keep = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
             s = tl.where(keep, s, float("-inf"))
@@ -72,21 +103,44 @@ if triton is not None:
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype),
-                                                input_precision=PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(
+                p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION
+            )
             m_i = m_new
         out = acc / l_i[:, None]
         o_rows = (q_start + offs_m).to(tl.int64) * stride_ot + head * stride_oh
-        tl.store(o_ptr + o_rows[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=m_mask[:, None])
+        tl.store(
+            o_ptr + o_rows[:, None] + offs_d[None, :],
+            out.to(o_ptr.dtype.element_ty),
+            mask=m_mask[:, None],
+        )
 
     @triton.jit
     def _decode_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-        o_ptr, mid_o_ptr, mid_lse_ptr, scale,
-        stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
-        G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
-        BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+        q_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        block_tables_ptr,
+        context_lens_ptr,
+        o_ptr,
+        mid_o_ptr,
+        mid_lse_ptr,
+        scale,
+        stride_qt,
+        stride_qh,
+        stride_cb,
+        stride_ct,
+        stride_ch,
+        stride_bt,
+        stride_ot,
+        stride_oh,
+        G: tl.constexpr,
+        G_PAD: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        NUM_SPLITS: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         # One program per (sequence, KV head, split): the G query heads sharing this KV head
         # are the rows of one tile, so each K/V tile is read once for all of them.
@@ -102,8 +156,11 @@ if triton is not None:
         offs_d = tl.arange(0, D)
         g_mask = offs_g < G
         heads = kv_head * G + offs_g
-        q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=g_mask[:, None], other=0.0)
+        q = tl.load(
+            q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=g_mask[:, None],
+            other=0.0,
+        )
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)
@@ -111,27 +168,34 @@ if triton is not None:
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
-            page = tl.load(block_tables_ptr + seq * stride_bt + offs_n // BLOCK_SIZE,
-                           mask=n_mask, other=0)
+            page = tl.load(
+                block_tables_ptr + seq * stride_bt + offs_n // BLOCK_SIZE, mask=n_mask, other=0
+            )
             rows = page.to(tl.int64) * stride_cb + (offs_n % BLOCK_SIZE) * stride_ct
             rows += kv_head * stride_ch
-            k = tl.load(k_cache_ptr + rows[:, None] + offs_d[None, :], mask=n_mask[:, None],
-                        other=0.0)
-            v = tl.load(v_cache_ptr + rows[:, None] + offs_d[None, :], mask=n_mask[:, None],
-                        other=0.0)
+            k = tl.load(
+                k_cache_ptr + rows[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0
+            )
+            v = tl.load(
+                v_cache_ptr + rows[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0
+            )
             s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale
             s = tl.where(n_mask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype),
-                                                input_precision=PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(
+                p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION
+            )
             m_i = m_new
         if NUM_SPLITS == 1:
             out = acc / l_i[:, None]
-            tl.store(o_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                     out.to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
+            tl.store(
+                o_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                out.to(o_ptr.dtype.element_ty),
+                mask=g_mask[:, None],
+            )
         else:
             # Partial result of this split: normalised output and its log-sum-exp (base 2).
             nonempty = l_i > 0
@@ -143,8 +207,14 @@ if triton is not None:
 
     @triton.jit
     def _decode_reduce_kernel(
-        mid_o_ptr, mid_lse_ptr, o_ptr, stride_ot, stride_oh,
-        NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr,
+        mid_o_ptr,
+        mid_lse_ptr,
+        o_ptr,
+        stride_ot,
+        stride_oh,
+        NUM_SPLITS: tl.constexpr,
+        S_PAD: tl.constexpr,
+        D: tl.constexpr,
     ):
         seq = tl.program_id(0)
         head = tl.program_id(1)
@@ -155,11 +225,15 @@ if triton is not None:
         lse = tl.load(mid_lse_ptr + row0 + offs_s, mask=s_mask, other=float("-inf"))
         w = tl.exp2(lse - tl.max(lse, 0))
         w = tl.where(s_mask, w, 0.0)
-        parts = tl.load(mid_o_ptr + (row0 + offs_s)[:, None] * D + offs_d[None, :],
-                        mask=s_mask[:, None], other=0.0)
+        parts = tl.load(
+            mid_o_ptr + (row0 + offs_s)[:, None] * D + offs_d[None, :],
+            mask=s_mask[:, None],
+            other=0.0,
+        )
         out = tl.sum(w[:, None] * parts, 0) / tl.sum(w, 0)
-        tl.store(o_ptr + seq * stride_ot + head * stride_oh + offs_d,
-                 out.to(o_ptr.dtype.element_ty))
+        tl.store(
+            o_ptr + seq * stride_ot + head * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty)
+        )
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -177,8 +251,9 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def decode_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device,
-                      block_n: int) -> int:
+def decode_num_splits(
+    num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device, block_n: int
+) -> int:
     """Split the context so that small batches still put ~2 programs on every SM. Depends only
     on shapes, so a captured CUDA graph keeps a valid grid."""
     num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
@@ -187,10 +262,15 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, device
 
 
 def prefill_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
 ) -> torch.Tensor:
-    num_tokens, num_heads, head_dim = q.shape
+    _, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     _check_head_dim(head_dim)
     o = torch.empty_like(q)
@@ -205,20 +285,48 @@ def prefill_attention(
         block_m = block_n = 16
     grid = (triton.cdiv(meta.max_seqlen_q, block_m), num_seqs, num_heads)
     _prefill_kernel[grid](
-        q, k, v, cache_k, cache_v, o, meta.cu_seqlens_q, meta.cu_seqlens_k, block_tables, scale,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        cache_k.stride(0), cache_k.stride(1) if paged else 0, cache_k.stride(2) if paged else 0,
-        block_tables.stride(0), o.stride(0), o.stride(1),
-        G=num_heads // num_kv_heads, BLOCK_SIZE=block_size, D=head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, PAGED=paged, PRECISION=_precision(q.dtype),
-        num_warps=4, num_stages=2,
+        q,
+        k,
+        v,
+        cache_k,
+        cache_v,
+        o,
+        meta.cu_seqlens_q,
+        meta.cu_seqlens_k,
+        block_tables,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        cache_k.stride(0),
+        cache_k.stride(1) if paged else 0,
+        cache_k.stride(2) if paged else 0,
+        block_tables.stride(0),
+        o.stride(0),
+        o.stride(1),
+        G=num_heads // num_kv_heads,
+        BLOCK_SIZE=block_size,
+        D=head_dim,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        PAGED=paged,
+        PRECISION=_precision(q.dtype),
+        num_warps=4,
+        num_stages=2,
     )
     return o
 
 
 def decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-    scale: float, num_splits: int | None = None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -230,24 +338,50 @@ def decode_attention(
         num_splits = decode_num_splits(num_seqs, num_kv_heads, max_context, q.device, block_n)
     o = torch.empty_like(q)
     if num_splits > 1:
-        mid_o = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32,
-                            device=q.device)
-        mid_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32,
-                              device=q.device)
+        mid_o = torch.empty(
+            num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
+        )
+        mid_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         mid_o = mid_lse = o  # unused
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, meta.block_tables, meta.context_lens, o, mid_o, mid_lse, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        meta.block_tables.stride(0), o.stride(0), o.stride(1),
-        G=g, G_PAD=max(16, triton.next_power_of_2(g)), BLOCK_SIZE=block_size, D=head_dim,
-        BLOCK_N=block_n, NUM_SPLITS=num_splits, PRECISION=_precision(q.dtype),
-        num_warps=4, num_stages=2,
+        q,
+        k_cache,
+        v_cache,
+        meta.block_tables,
+        meta.context_lens,
+        o,
+        mid_o,
+        mid_lse,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        meta.block_tables.stride(0),
+        o.stride(0),
+        o.stride(1),
+        G=g,
+        G_PAD=max(16, triton.next_power_of_2(g)),
+        BLOCK_SIZE=block_size,
+        D=head_dim,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        PRECISION=_precision(q.dtype),
+        num_warps=4,
+        num_stages=2,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
-            mid_o, mid_lse, o, o.stride(0), o.stride(1),
-            NUM_SPLITS=num_splits, S_PAD=max(2, triton.next_power_of_2(num_splits)), D=head_dim,
+            mid_o,
+            mid_lse,
+            o,
+            o.stride(0),
+            o.stride(1),
+            NUM_SPLITS=num_splits,
+            S_PAD=max(2, triton.next_power_of_2(num_splits)),
+            D=head_dim,
         )
     return o
 
@@ -258,8 +392,14 @@ class TritonAttentionBackend:
     name = "triton"
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
     ) -> torch.Tensor:
         if k_cache.numel():
             store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)

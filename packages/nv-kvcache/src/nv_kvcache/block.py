@@ -10,7 +10,7 @@ class Block:
     `prev`/`next` link the block into the free queue while its ref count is zero.
     """
 
-    __slots__ = ("block_id", "ref_count", "hash", "token_ids", "prev", "next")
+    __slots__ = ("block_id", "hash", "next", "prev", "ref_count", "token_ids")
 
     def __init__(self, block_id: int) -> None:
         self.block_id = block_id

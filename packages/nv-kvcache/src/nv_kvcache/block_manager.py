@@ -10,7 +10,7 @@ from nv_kvcache.hashing import hash_block_tokens, salt_hash
 
 @dataclass(slots=True, frozen=True)
 class CacheStats:
-    """A snapshot of the pool. Query/hit counts are in prompt tokens, over successful allocations."""
+    """A snapshot of the pool. Query and hit counts are prompt tokens of successful allocations."""
 
     num_blocks: int
     num_free_blocks: int
@@ -24,14 +24,18 @@ class CacheStats:
 
     @property
     def hit_rate(self) -> float:
-        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+        return (
+            self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+        )
 
 
 @dataclass(slots=True)
 class _SeqState:
     block_ids: list[int]
     token_ids: list[int]
-    num_hashed_blocks: int  # leading blocks whose hash is known (computed, or reused from the cache)
+    num_hashed_blocks: (
+        int  # leading blocks whose hash is known (computed, or reused from the cache)
+    )
     last_hash: int  # chain hash of block num_hashed_blocks - 1 (the salt's seed when none)
 
 
@@ -48,7 +52,9 @@ class BlockManager:
       `None`/`False` and no ref count or queue position moves.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True
+    ) -> None:
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
         if not isinstance(num_blocks, int) or num_blocks < 1:
@@ -101,7 +107,10 @@ class BlockManager:
     # ---- allocation ----------------------------------------------------------------------------
 
     def allocate(
-        self, seq_id: Hashable, token_ids: Sequence[int], cache_salt: int | str | bytes | None = None
+        self,
+        seq_id: Hashable,
+        token_ids: Sequence[int],
+        cache_salt: int | str | bytes | None = None,
     ) -> int | None:
         """Give `seq_id` blocks for all of `token_ids`, reusing the longest verified cached prefix.
 

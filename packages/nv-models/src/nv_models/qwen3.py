@@ -1,0 +1,188 @@
+"""Qwen3 (and the Qwen2 / Llama family, which differ only in q/k norms and biases)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from nv_kernels import AttentionBackend, AttentionMetadata
+from nv_models.layers.activation import SiluAndMul
+from nv_models.layers.attention import Attention
+from nv_models.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from nv_models.layers.layernorm import RMSNorm
+from nv_models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from nv_models.layers.rotary import RotaryEmbedding
+from nv_models.parallel import TPGroup
+
+
+def rope_theta(config: Any) -> float:
+    theta = getattr(config, "rope_theta", None)
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if isinstance(params, dict):
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type not in (None, "default"):
+            raise ValueError(f"rope scaling type {rope_type!r} is not supported")
+        theta = params.get("rope_theta", theta)
+    return float(theta if theta is not None else 10000.0)
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(
+        self, config: Any, tp: TPGroup, backend: AttentionBackend, qk_norm: bool, qkv_bias: bool
+    ) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        total_heads, total_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or hidden // total_heads
+        self.qkv_proj = QKVParallelLinear(
+            hidden, self.head_dim, total_heads, total_kv_heads, bias=qkv_bias, tp=tp
+        )
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, hidden, bias=False, tp=tp)
+        self.rotary_emb = RotaryEmbedding(
+            self.head_dim, config.max_position_embeddings, rope_theta(config)
+        )
+        self.attn = Attention(
+            self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads, backend
+        )
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, config: Any, tp: TPGroup) -> None:
+        super().__init__()
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
+        bias = bool(getattr(config, "mlp_bias", False))
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [config.intermediate_size] * 2, bias=bias, tp=tp
+        )
+        self.down_proj = RowParallelLinear(
+            config.intermediate_size, config.hidden_size, bias=bias, tp=tp
+        )
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(
+        self, config: Any, tp: TPGroup, backend: AttentionBackend, qk_norm: bool, qkv_bias: bool
+    ) -> None:
+        super().__init__()
+        self.self_attn = Qwen3Attention(config, tp, backend, qk_norm, qkv_bias)
+        self.mlp = Qwen3MLP(config, tp)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class Qwen3Model(nn.Module):
+    def __init__(
+        self, config: Any, tp: TPGroup, backend: AttentionBackend, qk_norm: bool, qkv_bias: bool
+    ) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(
+            Qwen3DecoderLayer(config, tp, backend, qk_norm, qkv_bias)
+            for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class Qwen3ForCausalLM(nn.Module):
+    """Built from a Hugging Face config. `forward` returns hidden states for every token;
+    `compute_logits` projects only the rows asked for."""
+
+    # checkpoint module name -> (our packed module, shard id)
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+    qk_norm = True
+
+    def __init__(self, config: Any, tp: TPGroup, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.model = Qwen3Model(config, tp, backend, self.qk_norm, self.qkv_bias(config))
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @staticmethod
+    def qkv_bias(config: Any) -> bool:
+        return bool(getattr(config, "attention_bias", False))
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(
+        self, hidden: torch.Tensor, logits_indices: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.lm_head(hidden, logits_indices)
+
+
+class Qwen2ForCausalLM(Qwen3ForCausalLM):
+    """Qwen2 / Qwen2.5: biased q/k/v projections, no q/k norm."""
+
+    qk_norm = False
+
+    @staticmethod
+    def qkv_bias(config: Any) -> bool:
+        return True
+
+
+class LlamaForCausalLM(Qwen3ForCausalLM):
+    """Llama with plain RoPE (no rope scaling)."""
+
+    qk_norm = False

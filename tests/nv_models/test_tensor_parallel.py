@@ -1,0 +1,65 @@
+"""TP=2 over gloo on CPU, two processes: logits equal TP=1."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from nv_testing import free_port, load_ours, save_tiny_qwen3
+
+from nv_kernels import AttentionMetadata
+from nv_models import TPGroup
+
+
+def _meta(ids, cu):
+    return AttentionMetadata(
+        True,
+        torch.full((len(ids),), -1),
+        None,
+        None,
+        cu,
+        cu,
+        int((cu[1:] - cu[:-1]).max()),
+        int((cu[1:] - cu[:-1]).max()),
+    )
+
+
+def _worker(rank, world, port, path, ids, pos, cu, out_file):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = load_ours(path, tp=TPGroup(rank, world, dist.group.WORLD))
+        with torch.no_grad():
+            logits = model.compute_logits(model(ids, pos, _meta(ids, cu)))
+        if rank == 0:
+            torch.save(logits, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied", [False, True])
+def test_tp2_matches_tp1(tmp_path, tied):
+    save_tiny_qwen3(tmp_path, seed=3, tie_word_embeddings=tied)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 512, (14,), generator=g)
+    pos = torch.tensor(list(range(9)) + list(range(5)))
+    cu = torch.tensor([0, 9, 14], dtype=torch.int32)
+    model = load_ours(tmp_path)
+    with torch.no_grad():
+        ref = model.compute_logits(model(ids, pos, _meta(ids, cu)))
+    out_file = tmp_path / "tp2.pt"
+    mp.start_processes(
+        _worker,
+        args=(2, free_port(), tmp_path, ids, pos, cu, out_file),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
+    got = torch.load(out_file)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= 1e-4

@@ -1,0 +1,147 @@
+"""Shared test helpers: tiny random Hugging Face checkpoints and a minimal paged-forward harness."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from nv_kernels import AttentionMetadata, get_attention_backend
+from nv_kvcache import BlockManager
+from nv_models import TPGroup, build_model, load_weights
+
+
+def tiny_qwen3_config(**overrides) -> Qwen3Config:
+    """Untied, wide init (initializer_range 0.15) so that greedy tokens vary."""
+    kw = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        initializer_range=0.15,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    kw.update(overrides)
+    return Qwen3Config(**kw)
+
+
+def save_tiny_qwen3(path: Path, seed: int = 0, **overrides) -> Qwen3ForCausalLM:
+    """Save a random tiny Qwen3 (safetensors) to `path`; returns the HF model (fp32, eval)."""
+    torch.manual_seed(seed)
+    config = tiny_qwen3_config(**overrides)
+    config.architectures = ["Qwen3ForCausalLM"]
+    model = Qwen3ForCausalLM(config).float().eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+def load_ours(path: Path, backend: str = "torch", tp: TPGroup = TPGroup()):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    model = build_model(config, tp, get_attention_backend(backend, "cpu")).float()
+    load_weights(model, path)
+    return model.eval()
+
+
+@torch.no_grad()
+def hf_logits(model, token_ids: list[int]) -> torch.Tensor:
+    return model(torch.tensor([token_ids])).logits[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PagedHarness:
+    """Drives one of our models through a BlockManager-owned paged cache, one step at a time."""
+
+    def __init__(self, model, num_blocks: int, block_size: int, prefix_caching: bool = True):
+        self.model = model
+        self.bm = BlockManager(num_blocks, block_size, prefix_caching)
+        self.block_size = block_size
+        for layer in model.model.layers:
+            attn = layer.self_attn.attn
+            shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
+            attn.k_cache, attn.v_cache = torch.zeros(shape), torch.zeros(shape)
+        self.tokens: dict[str, list[int]] = {}
+        self.computed: dict[str, int] = {}
+
+    def add(self, seq: str, tokens: list[int]) -> int:
+        cached = self.bm.allocate(seq, tokens)
+        assert cached is not None
+        self.tokens[seq] = list(tokens)
+        self.computed[seq] = cached
+        return cached
+
+    def _slots(self, seq: str, start: int, end: int) -> list[int]:
+        table = self.bm.block_table(seq)
+        bs = self.block_size
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _tables(self, seqs: list[str]) -> torch.Tensor:
+        tables = [self.bm.block_table(s) for s in seqs]
+        width = max(len(t) for t in tables)
+        return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+
+    @torch.no_grad()
+    def prefill(self, chunks: dict[str, int]) -> torch.Tensor:
+        """Compute `chunks[seq]` more tokens of each sequence; returns all their logits."""
+        ids, pos, slots, cu_q, cu_k = [], [], [], [0], [0]
+        for seq, n in chunks.items():
+            start = self.computed[seq]
+            ids += self.tokens[seq][start : start + n]
+            pos += list(range(start, start + n))
+            slots += self._slots(seq, start, start + n)
+            cu_q.append(cu_q[-1] + n)
+            cu_k.append(cu_k[-1] + start + n)
+        seqs = list(chunks)
+        meta = AttentionMetadata(
+            True,
+            torch.tensor(slots),
+            None,
+            self._tables(seqs),
+            torch.tensor(cu_q, dtype=torch.int32),
+            torch.tensor(cu_k, dtype=torch.int32),
+            max(chunks.values()),
+            max(c - p for c, p in zip(cu_k[1:], cu_k, strict=False)),
+        )
+        hidden = self.model(torch.tensor(ids), torch.tensor(pos), meta)
+        for seq, n in chunks.items():
+            self.computed[seq] += n
+            self.bm.mark_computed(seq, self.computed[seq])
+        return self.model.compute_logits(hidden)
+
+    @torch.no_grad()
+    def decode(self, next_tokens: dict[str, int]) -> torch.Tensor:
+        """Append one token per sequence and compute it; returns [num_seqs, vocab] logits."""
+        seqs = list(next_tokens)
+        for seq, tok in next_tokens.items():
+            assert self.bm.append_tokens(seq, [tok])
+            self.tokens[seq].append(tok)
+        lens = [len(self.tokens[s]) for s in seqs]
+        meta = AttentionMetadata(
+            False,
+            torch.tensor([self._slots(s, n - 1, n)[0] for s, n in zip(seqs, lens, strict=True)]),
+            torch.tensor(lens, dtype=torch.int32),
+            self._tables(seqs),
+        )
+        ids = torch.tensor([self.tokens[s][-1] for s in seqs])
+        hidden = self.model(ids, torch.tensor([n - 1 for n in lens]), meta)
+        for seq, n in zip(seqs, lens, strict=True):
+            self.computed[seq] = n
+            self.bm.mark_computed(seq, n)
+        return self.model.compute_logits(hidden)
