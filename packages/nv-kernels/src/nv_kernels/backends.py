@@ -14,7 +14,8 @@ BACKEND_NAMES = ("auto", "torch", "triton", "flash-attn")
 class AttentionBackend(Protocol):
     """Writes the step's K/V into the paged cache, then attends (prefill or decode by meta).
     q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim];
-    caches: [num_blocks, block_size, num_kv_heads, head_dim]. Returns [num_tokens, num_heads, head_dim]."""
+    caches: [num_blocks, block_size, num_kv_heads, head_dim].
+    Returns [num_tokens, num_heads, head_dim]."""
 
     name: str
 
