@@ -1,0 +1,52 @@
+"""Nano-vLLM's benchmark workload, exactly (256 requests, 133,966 output tokens by default)."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+from nv_engine.sampling_params import SamplingParams
+
+
+def nano_vllm_workload(
+    num_seqs: int = 256, max_input_len: int = 1024, max_output_len: int = 1024
+) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Prompt lengths and tokens drawn first, then max_tokens, all from random.seed(0)."""
+    rng = random.Random(0)
+    prompts = [
+        [rng.randint(0, 10000) for _ in range(rng.randint(100, max_input_len))]
+        for _ in range(num_seqs)
+    ]
+    params = [
+        SamplingParams(
+            temperature=0.6, ignore_eos=True, max_tokens=rng.randint(100, max_output_len)
+        )
+        for _ in range(num_seqs)
+    ]
+    return prompts, params
+
+
+def shared_prefix_workload(
+    num_seqs: int = 256, prefix_len: int = 2048, own_len: int = 128, output_len: int = 128
+) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Workload P: one shared prefix plus each request's own tokens."""
+    rng = random.Random(0)
+    prefix = [rng.randint(0, 10000) for _ in range(prefix_len)]
+    prompts = [prefix + [rng.randint(0, 10000) for _ in range(own_len)] for _ in range(num_seqs)]
+    params = [
+        SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=output_len)
+        for _ in range(num_seqs)
+    ]
+    return prompts, params
+
+
+def run_benchmark(
+    llm: Any, prompts: list[list[int]], params: list[SamplingParams]
+) -> dict[str, float]:
+    llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm up
+    t = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - t
+    tokens = sum(len(o["token_ids"]) for o in outputs)
+    return {"output_tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds}

@@ -1,0 +1,162 @@
+"""`nv-engine generate` and `nv-engine bench`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", default="auto")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    g.add_argument("--max-model-len", type=int, default=4096)
+    g.add_argument("--max-num-seqs", type=int, default=512)
+    g.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    g.add_argument("--kvcache-block-size", type=int, default=256)
+    g.add_argument("--num-kvcache-blocks", type=int, default=None)
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--attention-backend", default="auto")
+    g.add_argument("--enforce-eager", action="store_true")
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+
+
+def _engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    keys = [
+        "device",
+        "dtype",
+        "tensor_parallel_size",
+        "max_model_len",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "kvcache_block_size",
+        "num_kvcache_blocks",
+        "gpu_memory_utilization",
+        "attention_backend",
+        "enforce_eager",
+        "enable_prefix_caching",
+    ]
+    return {k: getattr(a, k) for k in keys}
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from nv_engine import LLM, SamplingParams
+
+    model = a.model
+    if model is None:
+        from nv_engine.demo import ensure_demo_model
+
+        model = str(ensure_demo_model())
+        print(
+            f"[nv] no --model given: using the built-in demo model at {model}\n"
+            "[nv] it is a tiny Qwen3 with RANDOM weights: expect gibberish, not language.",
+            file=sys.stderr,
+        )
+    params = SamplingParams(
+        temperature=a.temperature,
+        max_tokens=a.max_tokens,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        seed=a.seed,
+        ignore_eos=a.ignore_eos,
+    )
+    with LLM(model, **_engine_kwargs(a)) as llm:
+        prompts: list[Any] = list(a.prompt)
+        if a.chat:
+            tok = llm.tokenizer
+            if tok is None or not getattr(tok, "chat_template", None):
+                raise SystemExit("--chat: this tokenizer has no chat template")
+            prompts = [
+                tok.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                )
+                for p in prompts
+            ]
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, out in zip(a.prompt, outputs, strict=True):
+        print(
+            f"Prompt: {prompt!r}\nCompletion ({out['finish_reason']}, "
+            f"{len(out['token_ids'])} tokens): {out['text']!r}\n"
+        )
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from nv_engine import LLM
+    from nv_engine.bench import nano_vllm_workload, run_benchmark, shared_prefix_workload
+
+    if (a.model is None) == (a.config is None):
+        raise SystemExit("bench: give exactly one of --model DIR or --config config.json")
+    tmp = None
+    kwargs = _engine_kwargs(a)
+    model = a.model
+    if a.config is not None:  # random weights from a config.json alone
+        tmp = tempfile.mkdtemp(prefix="nv-bench-")
+        shutil.copy(a.config, Path(tmp) / "config.json")
+        model = tmp
+        kwargs["load_format"] = "dummy"
+    elif a.dummy_weights:
+        kwargs["load_format"] = "dummy"
+    try:
+        if a.workload == "A":
+            prompts, params = nano_vllm_workload(a.num_seqs, a.max_input_len, a.max_output_len)
+        else:
+            prompts, params = shared_prefix_workload(a.num_seqs)
+        with LLM(model, **kwargs) as llm:
+            r = run_benchmark(llm, prompts, params)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps({"workload": a.workload, **kwargs, **r}))
+    print(
+        f"Total: {r['output_tokens']}tok, Time: {r['seconds']:.2f}s, "
+        f"Throughput: {r['tok_per_s']:.2f}tok/s"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nv-engine", description="nv inference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete prompts")
+    g.add_argument("--model", default=None, help="Hugging Face model dir (default: demo model)")
+    g.add_argument("--prompt", action="append", required=True)
+    g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--ignore-eos", action="store_true")
+    _engine_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="Nano-vLLM's throughput benchmark")
+    b.add_argument("--model", default=None)
+    b.add_argument("--config", default=None, help="config.json: random weights")
+    b.add_argument("--dummy-weights", action="store_true", help="random weights for --model")
+    b.add_argument(
+        "--workload",
+        choices=["A", "P"],
+        default="A",
+        help="A: Nano-vLLM's; P: 2,048-token shared prefix + 128 own tokens",
+    )
+    b.add_argument("--num-seqs", type=int, default=256)
+    b.add_argument("--max-input-len", type=int, default=1024)
+    b.add_argument("--max-output-len", type=int, default=1024)
+    _engine_args(b)
+    b.set_defaults(func=cmd_bench)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

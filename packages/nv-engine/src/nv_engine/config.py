@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CUDA_GRAPH_BATCH_SIZES = (
+    1,
+    2,
+    4,
+    8,
+    16,
+    24,
+    32,
+    48,
+    64,
+    96,
+    128,
+    160,
+    192,
+    224,
+    256,
+    320,
+    384,
+    448,
+    512,
+)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(slots=True)
+class Config:
+    """Engine configuration: Nano-vLLM's fields plus what nv needs. Raises ValueError/TypeError
+    naming the field for bad values. `hf_config` is read from `model`/config.json."""
+
+    model: str
+    max_num_batched_tokens: int = 16384
+    max_num_seqs: int = 512
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    kvcache_block_size: int = 256
+    num_kvcache_blocks: int | None = None  # None: sized from memory
+    device: str = "auto"  # auto | cuda | cuda:N | cpu
+    dtype: str = "auto"  # auto: the checkpoint's dtype on CUDA (bf16 if unknown), float32 on CPU
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"  # auto | torch | triton | flash-attn
+    load_format: str = "auto"  # auto: safetensors in `model`; dummy: random weights (benchmarks)
+    cuda_graph_batch_sizes: tuple[int, ...] = DEFAULT_CUDA_GRAPH_BATCH_SIZES
+    cpu_kvcache_bytes: int = 1 << 30  # KV budget on CPU when num_kvcache_blocks is None
+    cuda_graph_reserve_bytes: int = 1 << 30  # kept free for CUDA graphs and the allocator
+    seed: int = 0  # seeds requests that set no seed of their own (deterministically, in order)
+    tokenizer: str | None = None  # defaults to `model`
+    distributed_timeout_s: float = 300.0
+    hf_config: Any = field(default=None, repr=False)
+
+    @classmethod
+    def from_kwargs(cls, model: str | os.PathLike, **kwargs: Any) -> Config:
+        names = {f.name for f in dataclasses.fields(cls)} - {"model", "hf_config"}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown config key(s) {unknown}; valid keys: {sorted(names)}")
+        return cls(model=str(model), **kwargs)
+
+    def __post_init__(self) -> None:
+        path = Path(self.model)
+        if not path.is_dir():
+            raise ValueError(f"model: {self.model!r} is not a directory")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model: no config.json in {self.model!r}")
+        _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive_int("max_num_seqs", self.max_num_seqs)
+        _positive_int("max_model_len", self.max_model_len)
+        _positive_int("tensor_parallel_size", self.tensor_parallel_size)
+        _positive_int("kvcache_block_size", self.kvcache_block_size)
+        if self.num_kvcache_blocks is not None:
+            _positive_int("num_kvcache_blocks", self.num_kvcache_blocks)
+        _positive_int("cpu_kvcache_bytes", self.cpu_kvcache_bytes)
+        if not isinstance(self.gpu_memory_utilization, (int, float)) or not (
+            0 < self.gpu_memory_utilization <= 1
+        ):
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
+            )
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
+        from nv_kernels import BACKEND_NAMES
+
+        if self.attention_backend not in BACKEND_NAMES:
+            raise ValueError(
+                f"attention_backend must be one of {BACKEND_NAMES}, got {self.attention_backend!r}"
+            )
+        self.cuda_graph_batch_sizes = tuple(sorted(set(self.cuda_graph_batch_sizes)))
+        for bs in self.cuda_graph_batch_sizes:
+            _positive_int("cuda_graph_batch_sizes", bs)
+        if self.hf_config is None:
+            from transformers import AutoConfig
+
+            try:
+                self.hf_config = AutoConfig.from_pretrained(self.model)
+            except Exception as e:
+                raise ValueError(f"model: cannot read config.json in {self.model!r}: {e}") from e
+        max_pos = getattr(self.hf_config, "max_position_embeddings", None)
+        if max_pos is not None:
+            self.max_model_len = min(self.max_model_len, max_pos)
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but CUDA is not available")
+        return self.device
+
+    def resolved_dtype(self, device: str):
+        import torch
+
+        if self.dtype != "auto":
+            return getattr(torch, self.dtype)
+        if not device.startswith("cuda"):
+            return torch.float32
+        ckpt = getattr(self.hf_config, "torch_dtype", None) or getattr(
+            self.hf_config, "dtype", None
+        )
+        ckpt = getattr(torch, ckpt) if isinstance(ckpt, str) else ckpt
+        return ckpt if ckpt in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def _positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")

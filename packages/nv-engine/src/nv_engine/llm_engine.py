@@ -1,0 +1,269 @@
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence as Seq
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from nv_engine.config import Config
+from nv_engine.model_runner import ModelRunner
+from nv_engine.sampling_params import SamplingParams
+from nv_engine.scheduler import Scheduler
+from nv_engine.sequence import Sequence
+from nv_engine.workers import WorkerPool
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+_SEED_MASK = (1 << 63) - 1
+
+
+class LLMEngine:
+    """The engine behind `LLM`: tokenizer, scheduler, rank-0 model runner, TP workers.
+
+    Streaming use: `add_request()` then `step()` until `is_finished()`; each `step()` returns the
+    requests that finished in it. `generate()` does all of that for a batch. `close()` (or a
+    `with` block) stops the workers and frees the GPU memory.
+    """
+
+    def __init__(self, model: str | Path, **kwargs: Any) -> None:
+        self.config = config = Config.from_kwargs(model, **kwargs)
+        self.tokenizer = _load_tokenizer(config)
+        self._workers: WorkerPool | None = None
+        try:
+            tp = None
+            if config.tensor_parallel_size > 1:
+                self._workers = WorkerPool(config)
+                tp = self._workers.start()
+            self.model_runner = (
+                ModelRunner(config, 0, tp) if tp is not None else ModelRunner(config)
+            )
+        except BaseException:
+            self.close()
+            raise
+        num_blocks = self.model_runner.num_blocks
+        capacity = num_blocks * config.kvcache_block_size
+        if capacity < config.max_model_len:
+            logger.warning(
+                "KV cache holds %d tokens: max_model_len lowered from %d",
+                capacity,
+                config.max_model_len,
+            )
+            config.max_model_len = capacity
+        self.scheduler = Scheduler(config, num_blocks, _eos_token_ids(config, self.tokenizer))
+        self._seed_rng = random.Random(config.seed)
+        self._requests: dict[int, Sequence] = {}
+        self.last_step: tuple[bool, int] = (False, 0)  # (was prefill, tokens computed)
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        workers, self._workers = getattr(self, "_workers", None), None
+        if workers is not None:
+            workers.close()
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def _token_ids(self, prompt: Prompt, index: int | None = None) -> list[int]:
+        where = "prompt" if index is None else f"prompts[{index}]"
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(
+                    f"{where} is a string but the model has no tokenizer; pass token ids"
+                )
+            token_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            token_ids = list(prompt)
+            vocab = self.config.hf_config.vocab_size
+            for t in token_ids:
+                if not isinstance(t, int) or isinstance(t, bool):
+                    raise TypeError(f"{where} must hold ints, got {type(t).__name__}")
+                if not 0 <= t < vocab:
+                    raise ValueError(f"{where} holds token id {t}, outside [0, {vocab})")
+        else:
+            raise TypeError(
+                f"{where} must be a str or a list of token ids, got {type(prompt).__name__}"
+            )
+        if not token_ids:
+            raise ValueError(f"{where} is empty")
+        self.scheduler.check_prompt(len(token_ids))
+        return token_ids
+
+    def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> int:
+        """Queue one request; returns its id. Raises ValueError/TypeError (and queues nothing)
+        for a bad prompt or parameters."""
+        return self._add(self._token_ids(prompt), sampling_params)
+
+    def _add(self, token_ids: list[int], params: SamplingParams | None) -> int:
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        seed = (
+            params.seed & _SEED_MASK if params.seed is not None else self._seed_rng.getrandbits(63)
+        )
+        seq = Sequence(token_ids, params, seed)
+        self.scheduler.add(seq)
+        self._requests[seq.seq_id] = seq
+        return seq.seq_id
+
+    def abort_request(self, request_id: int) -> None:
+        seq = self._requests.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+
+    def is_finished(self) -> bool:
+        return self.scheduler.is_finished()
+
+    def step(self) -> list[dict[str, Any]]:
+        """Run one scheduled step; returns the outputs of requests that finished in it."""
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return []
+        if self._workers is not None:
+            self._workers.send(plan)
+        sampled = self.model_runner.execute(plan)
+        finished = self.scheduler.postprocess(plan, sampled)
+        self.last_step = (plan.is_prefill, plan.num_tokens)
+        for s in plan.seqs:
+            seq = self._requests.get(s.seq_id)
+            if s.sample and seq is not None and seq.params.stop and not seq.is_finished:
+                if self._check_stop_strings(seq):
+                    finished.append(seq)
+        return [self._output(seq) for seq in finished]
+
+    def _check_stop_strings(self, seq: Sequence) -> bool:
+        if self.tokenizer is None:
+            return False
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
+        if not hits:
+            return False
+        seq.text = text[: min(hits)]
+        self.scheduler.finish(seq, "stop")
+        return True
+
+    def _output(self, seq: Sequence) -> dict[str, Any]:
+        self._requests.pop(seq.seq_id, None)
+        text = seq.text  # set when a stop string cut it
+        if text is None:
+            text = (
+                ""
+                if self.tokenizer is None
+                else self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+            )
+        return {
+            "request_id": seq.seq_id,
+            "text": text,
+            "token_ids": seq.output_token_ids,
+            "finish_reason": seq.finish_reason,
+            "prompt_token_ids": seq.token_ids[: seq.num_prompt_tokens],
+            "num_cached_tokens": seq.num_cached_tokens,
+        }
+
+    # ---- batch API -----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Generate for every prompt; returns one dict per prompt, in input order, with `text`,
+        `token_ids` (output tokens), `finish_reason` ("stop" or "length"), `prompt_token_ids`
+        and `num_cached_tokens`. Every prompt is validated before any is queued."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if isinstance(sampling_params, SamplingParams) or sampling_params is None:
+            sampling_params = [sampling_params] * len(prompts)
+        sampling_params = list(sampling_params)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(
+                f"got {len(prompts)} prompts but {len(sampling_params)} sampling_params"
+            )
+        token_ids = [self._token_ids(p, i) for i, p in enumerate(prompts)]
+        for p in sampling_params:
+            if p is not None and not isinstance(p, SamplingParams):
+                raise TypeError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
+        ids = []
+        outputs: dict[int, dict[str, Any]] = {}
+        try:
+            ids = [self._add(t, p) for t, p in zip(token_ids, sampling_params, strict=True)]
+            pending = set(ids)
+            bar = tqdm(total=len(ids), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+            prefill_tps = decode_tps = 0.0
+            while pending:
+                t0 = time.perf_counter()
+                done = self.step()
+                dt = time.perf_counter() - t0
+                if not done and self.scheduler.is_finished():
+                    raise RuntimeError("scheduler idle with requests pending")
+                is_prefill, num_tokens = self.last_step
+                if is_prefill:
+                    prefill_tps = num_tokens / dt
+                else:
+                    decode_tps = num_tokens / dt
+                bar.set_postfix(prefill=f"{prefill_tps:.0f}tok/s", decode=f"{decode_tps:.0f}tok/s")
+                for out in done:
+                    if out["request_id"] in pending:
+                        pending.discard(out["request_id"])
+                        outputs[out["request_id"]] = out
+                        bar.update(1)
+            bar.close()
+        finally:
+            for rid in ids:
+                if rid not in outputs:
+                    self.abort_request(rid)
+        return [outputs[rid] for rid in ids]
+
+
+def _load_tokenizer(config: Config):
+    from transformers import AutoTokenizer
+
+    path = config.tokenizer or config.model
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        if config.tokenizer is not None:
+            raise ValueError(f"tokenizer: cannot load a tokenizer from {path!r}: {e}") from e
+        logger.warning("no tokenizer in %s: prompts must be token ids, texts will be empty", path)
+        return None
+
+
+def _eos_token_ids(config: Config, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+
+    def add(value: Any) -> None:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+
+    add(getattr(config.hf_config, "eos_token_id", None))
+    try:
+        from transformers import GenerationConfig
+
+        add(GenerationConfig.from_pretrained(config.model).eos_token_id)
+    except Exception:
+        pass  # no generation_config.json
+    if tokenizer is not None:
+        add(tokenizer.eos_token_id)
+    return ids

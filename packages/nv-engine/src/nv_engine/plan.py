@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledSeq:
+    """One sequence's share of a step: compute the KV of `token_ids`, which sit at positions
+    start_pos.., through `block_table`; if `sample`, produce the next token from the last one.
+
+    It pickles compactly for tensor-parallel workers: a decode step carries one token, never the
+    whole history. `block_table` is read during the step only.
+    """
+
+    seq_id: int
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    sample: bool
+    # sampling, used on rank 0 only
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 0
+    output_index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """What the model runner carries out in one step: a prefill step (new prompt tokens, maybe
+    chunks, maybe after a cached prefix) or a decode step (one token per running sequence)."""
+
+    is_prefill: bool
+    seqs: tuple[ScheduledSeq, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.seqs)

@@ -1,0 +1,171 @@
+from __future__ import annotations
+
+from collections import deque
+
+from nv_engine.config import Config
+from nv_engine.plan import ScheduledSeq, StepPlan
+from nv_engine.sequence import Sequence, SequenceStatus
+from nv_kvcache import BlockManager
+
+
+class Scheduler:
+    """Continuous batching over nv-kvcache's BlockManager (no block bookkeeping of its own).
+
+    Each step is either a prefill step (partly prefilled prompts first, then newly admitted
+    ones, chunked to fit `max_num_batched_tokens`) or a decode step (one token for every running
+    sequence). When decode runs out of KV blocks, the most recently admitted running sequence is
+    preempted: its blocks are freed and it is recomputed later (usually from the prefix cache).
+    """
+
+    def __init__(self, config: Config, num_blocks: int, eos_token_ids: set[int]) -> None:
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_model_len = config.max_model_len
+        self.eos_token_ids = eos_token_ids
+        self.block_manager = BlockManager(
+            num_blocks, config.kvcache_block_size, config.enable_prefix_caching
+        )
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+
+    def is_finished(self) -> bool:
+        return not self.waiting and not self.running
+
+    def check_prompt(self, num_tokens: int) -> None:
+        """Reject, before anything is allocated, a prompt that can never be scheduled."""
+        if num_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt has {num_tokens} tokens, more than max_model_len={self.max_model_len}"
+            )
+        bm = self.block_manager
+        if bm.blocks_needed(num_tokens + 1) > bm.num_blocks:
+            raise ValueError(
+                f"prompt has {num_tokens} tokens, more than the whole KV cache holds "
+                f"({bm.num_blocks} blocks of {bm.block_size})"
+            )
+
+    def add(self, seq: Sequence) -> None:
+        self.check_prompt(len(seq))
+        self.waiting.append(seq)
+
+    # ---- scheduling ----------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan | None:
+        plan = self._schedule_prefill()
+        return plan if plan is not None else self._schedule_decode()
+
+    def _schedule_prefill(self) -> StepPlan | None:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        # Prompts already admitted but not fully computed (chunked prefill) go first.
+        for seq in self.running:
+            if budget == 0:
+                break
+            if seq.num_computed_tokens < seq.num_prefill_tokens:
+                scheduled.append(self._prefill_chunk(seq, budget))
+                budget -= len(scheduled[-1].token_ids)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            cached = self.block_manager.allocate(seq.seq_id, seq.token_ids, seq.params.cache_salt)
+            if cached is None:
+                break  # the pool is full; running sequences will free blocks
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            seq.num_computed_tokens = seq.num_cached_tokens = cached
+            seq.num_prefill_tokens = len(seq)
+            self.running.append(seq)
+            scheduled.append(self._prefill_chunk(seq, budget))
+            budget -= len(scheduled[-1].token_ids)
+        return StepPlan(True, tuple(scheduled)) if scheduled else None
+
+    def _prefill_chunk(self, seq: Sequence, budget: int) -> ScheduledSeq:
+        start = seq.num_computed_tokens
+        end = min(seq.num_prefill_tokens, start + budget)
+        return self._scheduled(seq, seq.token_ids[start:end], start, end == seq.num_prefill_tokens)
+
+    def _schedule_decode(self) -> StepPlan | None:
+        scheduled: list[ScheduledSeq] = []
+        bm = self.block_manager
+        running = self.running
+        i = 0
+        while i < len(running):
+            seq = running[i]
+            # The token sampled last step needs a KV slot before it can be computed.
+            while not bm.append_tokens(seq.seq_id, (seq.last_token,)):
+                victim = running.pop()  # most recently admitted
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                scheduled.append(self._scheduled(seq, [seq.last_token], len(seq) - 1, True))
+                i += 1
+        return StepPlan(False, tuple(scheduled)) if scheduled else None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq.seq_id)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _scheduled(
+        self, seq: Sequence, token_ids: list[int], start: int, sample: bool
+    ) -> ScheduledSeq:
+        p = seq.params
+        return ScheduledSeq(
+            seq.seq_id,
+            token_ids,
+            start,
+            self.block_manager.block_table(seq.seq_id),
+            sample,
+            p.temperature,
+            p.top_k,
+            p.top_p,
+            p.min_p,
+            seq.seed,
+            seq.num_output_tokens,
+        )
+
+    # ---- after the step --------------------------------------------------------------------------
+
+    def postprocess(self, plan: StepPlan, sampled: list[int]) -> list[Sequence]:
+        """Record the step's results; `sampled` has one token per scheduled seq with sample=True.
+        Returns the sequences that finished."""
+        by_id = {seq.seq_id: seq for seq in self.running}
+        finished = []
+        tokens = iter(sampled)
+        bm = self.block_manager
+        for s in plan.seqs:
+            seq = by_id[s.seq_id]
+            seq.num_computed_tokens = s.start_pos + len(s.token_ids)
+            bm.mark_computed(seq.seq_id, seq.num_computed_tokens)
+            if not s.sample:
+                continue
+            token = next(tokens)
+            seq.token_ids.append(token)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if not p.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        if token in p.stop_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+            return "length"
+        return None
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence (also for stop strings, found by the engine) and free its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.block_manager.free(seq.seq_id)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

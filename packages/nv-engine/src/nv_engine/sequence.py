@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import enum
+import itertools
+
+from nv_engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+class Sequence:
+    """One request: its tokens, its progress and its sampling parameters.
+
+    `num_computed_tokens` counts the leading tokens whose KV is in the cache. A waiting sequence
+    (new or preempted) has none; the scheduler computes the rest, possibly over several chunks.
+    """
+
+    _ids = itertools.count()
+
+    def __init__(self, token_ids: list[int], params: SamplingParams, seed: int) -> None:
+        self.seq_id = next(Sequence._ids)
+        self.status = SequenceStatus.WAITING
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(token_ids)
+        self.num_computed_tokens = 0
+        self.num_prefill_tokens = 0  # tokens to compute by prefill at the latest admission
+        self.num_cached_tokens = 0  # prefix-cache hits at the latest admission
+        self.params = params
+        self.seed = seed
+        self.finish_reason: str | None = None
+        self.text: str | None = None  # set only when a stop string cut the output
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence(id={self.seq_id}, {self.status.name}, tokens={len(self)}, "
+            f"computed={self.num_computed_tokens})"
+        )

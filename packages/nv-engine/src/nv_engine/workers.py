@@ -1,0 +1,219 @@
+"""Tensor-parallel worker processes and the shared-memory channel rank 0 drives them with."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import time
+import uuid
+from datetime import timedelta
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nv_engine.config import Config
+from nv_models import TPGroup
+
+logger = logging.getLogger(__name__)
+
+_HEADER = 8  # payload length, little endian
+_RESIZE = "__nv_resize__"
+_EXIT = "__nv_exit__"
+_POLL_S = 0.5
+
+
+class WorkerError(RuntimeError):
+    """A tensor-parallel worker died or stopped answering."""
+
+
+class StepChannel:
+    """One writer (rank 0), N readers, through a uniquely named shared-memory segment.
+
+    Every message is acknowledged by each reader before the next one is written, so a slow reader
+    never sees a half-overwritten message. A message larger than the segment makes the writer
+    move everyone to a larger segment first (a small resize message travels in the old one).
+    """
+
+    def __init__(self, num_readers: int, ctx: Any, size: int = 1 << 20) -> None:
+        self.shm = SharedMemory(create=True, size=size, name=_unique_name())
+        self._retired: list[SharedMemory] = []
+        self.ready = [ctx.Event() for _ in range(num_readers)]
+        self.acked = [ctx.Event() for _ in range(num_readers)]
+        for event in self.acked:
+            event.set()
+
+    def send(self, obj: Any, alive: Any) -> None:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        if _HEADER + len(data) > self.shm.size:
+            new = SharedMemory(
+                create=True, size=max(2 * self.shm.size, 2 * len(data)), name=_unique_name()
+            )
+            self._write(pickle.dumps((_RESIZE, new.name)), alive)
+            self._retired.append(self.shm)
+            self.shm = new
+        self._write(data, alive)
+
+    def _write(self, data: bytes, alive: Any) -> None:
+        for event in self.acked:
+            while not event.wait(_POLL_S):
+                alive()
+        for event in self.acked:
+            event.clear()
+        self.shm.buf[:_HEADER] = len(data).to_bytes(_HEADER, "little")
+        self.shm.buf[_HEADER : _HEADER + len(data)] = data
+        for event in self.ready:
+            event.set()
+
+    def close(self) -> None:
+        for shm in [self.shm, *self._retired]:
+            shm.close()
+            try:
+                shm.unlink()
+            except FileNotFoundError:
+                pass
+
+
+class StepReceiver:
+    """A worker's end of the StepChannel."""
+
+    def __init__(self, name: str, ready: Any, acked: Any, parent_pid: int) -> None:
+        self.shm = SharedMemory(name=name)
+        self.ready, self.acked = ready, acked
+        self.parent_pid = parent_pid
+
+    def recv(self) -> Any:
+        while True:
+            while not self.ready.wait(_POLL_S):
+                if os.getppid() != self.parent_pid:
+                    return _EXIT  # the engine process is gone: leave, don't linger
+            self.ready.clear()
+            n = int.from_bytes(self.shm.buf[:_HEADER], "little")
+            obj = pickle.loads(self.shm.buf[_HEADER : _HEADER + n])
+            if isinstance(obj, tuple) and len(obj) == 2 and obj[0] == _RESIZE:
+                self.shm.close()
+                self.shm = SharedMemory(name=obj[1])
+                self.acked.set()
+                continue
+            self.acked.set()
+            return obj
+
+
+def _unique_name() -> str:
+    return f"nv-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def init_distributed(config: Config, rank: int, store: dist.Store) -> TPGroup:
+    world = config.tensor_parallel_size
+    device = config.resolved_device()
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        backend,
+        store=store,
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=config.distributed_timeout_s),
+    )
+    return TPGroup(rank, world, dist.group.WORLD)
+
+
+def _worker_main(
+    config: Config, rank: int, port: int, shm_name: str, ready: Any, acked: Any, parent_pid: int
+) -> None:
+    from nv_engine.model_runner import ModelRunner
+
+    if not config.resolved_device().startswith("cuda"):
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
+    store = dist.TCPStore(
+        "127.0.0.1",
+        port,
+        config.tensor_parallel_size,
+        is_master=False,
+        timeout=timedelta(seconds=config.distributed_timeout_s),
+    )
+    tp = init_distributed(config, rank, store)
+    receiver = StepReceiver(shm_name, ready, acked, parent_pid)
+    try:
+        runner = ModelRunner(config, rank, tp)
+        while (plan := receiver.recv()) != _EXIT:
+            runner.execute(plan)
+    finally:
+        receiver.shm.close()
+        dist.destroy_process_group()
+
+
+class WorkerPool:
+    """Ranks 1..N-1 as spawned processes; rank 0 is the caller's process.
+
+    Lifecycle: `start()` spawns the workers and returns the TP group for rank 0 (rendezvous on a
+    TCP store that rank 0 binds to a free port); `send(plan)` broadcasts a step; `close()` tells
+    workers to exit, joins them (terminating stragglers) and unlinks shared memory. Workers also
+    exit by themselves when the engine process disappears.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.procs: list[mp.Process] = []
+        self.channel: StepChannel | None = None
+
+    def start(self) -> TPGroup:
+        world = self.config.tensor_parallel_size
+        timeout = timedelta(seconds=self.config.distributed_timeout_s)
+        store = dist.TCPStore(
+            "127.0.0.1", 0, world, is_master=True, timeout=timeout, wait_for_workers=False
+        )
+        ctx = mp.get_context("spawn")
+        self.channel = StepChannel(world - 1, ctx)
+        for rank in range(1, world):
+            proc = ctx.Process(
+                target=_worker_main,
+                name=f"nv-tp-worker-{rank}",
+                daemon=True,
+                args=(
+                    self.config,
+                    rank,
+                    store.port,
+                    self.channel.shm.name,
+                    self.channel.ready[rank - 1],
+                    self.channel.acked[rank - 1],
+                    os.getpid(),
+                ),
+            )
+            proc.start()
+            self.procs.append(proc)
+        return init_distributed(self.config, 0, store)
+
+    def check_alive(self) -> None:
+        for rank, proc in enumerate(self.procs, start=1):
+            if not proc.is_alive():
+                raise WorkerError(
+                    f"tensor-parallel worker rank {rank} exited (exit code {proc.exitcode})"
+                )
+
+    def send(self, plan: Any) -> None:
+        self.channel.send(plan, self.check_alive)
+
+    def close(self) -> None:
+        if self.channel is not None:
+            try:
+                if all(p.is_alive() for p in self.procs):
+                    self.channel.send(_EXIT, self.check_alive)
+            except WorkerError:
+                pass
+        deadline = time.monotonic() + 10
+        for proc in self.procs:
+            proc.join(max(0.1, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+        self.procs.clear()
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if dist.is_initialized():
+            dist.destroy_process_group()

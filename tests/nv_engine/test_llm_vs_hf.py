@@ -1,0 +1,104 @@
+"""End to end on CPU: greedy tokens equal Hugging Face `generate`, in every scheduling setting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from nv_testing import save_tiny_qwen3
+
+from nv_engine import LLM, SamplingParams
+
+EOS = 2
+LENS = [3, 9, 17, 30, 5, 41]
+MAX_NEW = [24, 16, 20, 12, 32, 18]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    hf = save_tiny_qwen3(path, seed=7)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in LENS]
+    # Shared prefixes: prompt 4 starts with prompt 3's first 24 tokens, prompt 5 with prompt 1.
+    prompts[4] = prompts[3][:24] + prompts[4]
+    prompts[5] = prompts[1] + prompts[5]
+    refs = []
+    for p, n in zip(prompts, MAX_NEW, strict=True):
+        out = hf.generate(
+            torch.tensor([p]), max_new_tokens=n, do_sample=False, eos_token_id=EOS, pad_token_id=0
+        )[0, len(p) :].tolist()
+        if EOS in out:
+            out = out[: out.index(EOS) + 1]
+        refs.append(out)
+    assert sum(len(set(r)) for r in refs) > 3 * len(refs)  # discriminating outputs
+    return path, prompts, refs
+
+
+def assert_pool_whole(llm: LLM) -> None:
+    bm = llm.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+    assert all(b.ref_count == 0 for b in bm.blocks)
+
+
+def run_greedy(model_dir, **config):
+    path, prompts, refs = model_dir
+    params = [SamplingParams(temperature=0.0, max_tokens=n) for n in MAX_NEW]
+    with LLM(str(path), device="cpu", **config) as llm:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        got = [o["token_ids"] for o in outs]
+        for g, r in zip(got, refs, strict=True):
+            assert g == r
+        for o, r, n in zip(outs, refs, MAX_NEW, strict=True):
+            assert o["finish_reason"] == ("stop" if r[-1] == EOS else "length")
+            assert len(o["token_ids"]) <= n
+        assert_pool_whole(llm)
+        return llm
+
+
+def test_default(model_dir):
+    run_greedy(model_dir)
+
+
+def test_tiny_cache_forces_preemption(model_dir):
+    llm = run_greedy(model_dir, kvcache_block_size=4, num_kvcache_blocks=24)
+    assert llm.scheduler.num_preemptions > 0
+
+
+def test_chunked_prefill(model_dir):
+    run_greedy(model_dir, max_num_batched_tokens=7, kvcache_block_size=4)
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 256])
+def test_block_sizes(model_dir, block_size):
+    run_greedy(model_dir, kvcache_block_size=block_size)
+
+
+def test_prefix_caching_hits(model_dir):
+    path, prompts, _ = model_dir
+    llm = run_greedy(model_dir, kvcache_block_size=4, max_num_seqs=2)
+    stats = llm.scheduler.block_manager.stats()
+    assert stats.prefix_cache_hits > 0
+
+
+def test_prefix_caching_off(model_dir):
+    llm = run_greedy(model_dir, kvcache_block_size=4, enable_prefix_caching=False)
+    assert llm.scheduler.block_manager.stats().prefix_cache_hits == 0
+
+
+def test_max_num_seqs_one(model_dir):
+    run_greedy(model_dir, max_num_seqs=1, kvcache_block_size=8)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_gloo(model_dir):
+    run_greedy(model_dir, tensor_parallel_size=2, kvcache_block_size=8)
+
+
+def test_triton_backend_interpreted(model_dir):
+    path, prompts, refs = model_dir
+    params = [SamplingParams(temperature=0.0, max_tokens=4) for _ in prompts[:3]]
+    with LLM(str(path), device="cpu", attention_backend="triton", kvcache_block_size=4) as llm:
+        outs = llm.generate(prompts[:3], params, use_tqdm=False)
+        for o, r in zip(outs, refs, strict=False):
+            assert o["token_ids"] == r[:4]
+        assert_pool_whole(llm)
