@@ -74,7 +74,6 @@ def test_block_sizes(model_dir, block_size):
 
 
 def test_prefix_caching_hits(model_dir):
-    path, prompts, _ = model_dir
     llm = run_greedy(model_dir, kvcache_block_size=4, max_num_seqs=2)
     stats = llm.scheduler.block_manager.stats()
     assert stats.prefix_cache_hits > 0

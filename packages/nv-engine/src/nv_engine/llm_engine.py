@@ -137,14 +137,24 @@ class LLMEngine:
             return []
         if self._workers is not None:
             self._workers.send(plan)
-        sampled = self.model_runner.execute(plan)
+        try:
+            sampled = self.model_runner.execute(plan)
+        except Exception:
+            if self._workers is not None:
+                self._workers.wait_for_failure()  # name the dead worker rather than gloo/NCCL
+            raise
         finished = self.scheduler.postprocess(plan, sampled)
         self.last_step = (plan.is_prefill, plan.num_tokens)
         for s in plan.seqs:
             seq = self._requests.get(s.seq_id)
-            if s.sample and seq is not None and seq.params.stop and not seq.is_finished:
-                if self._check_stop_strings(seq):
-                    finished.append(seq)
+            if (
+                s.sample
+                and seq is not None
+                and seq.params.stop
+                and not seq.is_finished
+                and self._check_stop_strings(seq)
+            ):
+                finished.append(seq)
         return [self._output(seq) for seq in finished]
 
     def _check_stop_strings(self, seq: Sequence) -> bool:

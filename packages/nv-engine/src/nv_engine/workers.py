@@ -195,7 +195,15 @@ class WorkerPool:
                     f"tensor-parallel worker rank {rank} exited (exit code {proc.exitcode})"
                 )
 
+    def wait_for_failure(self, grace_s: float = 2.0) -> None:
+        """After a collective failed: raise WorkerError if a worker exits within `grace_s`."""
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            time.sleep(0.05)
+
     def send(self, plan: Any) -> None:
+        self.check_alive()
         self.channel.send(plan, self.check_alive)
 
     def close(self) -> None:

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import json
+
+from nv_testing import tiny_qwen3_config
+
+from nv_engine.bench import nano_vllm_workload, shared_prefix_workload
+from nv_engine.cli import main
+
+
+def test_nano_vllm_workload_is_exact():
+    prompts, params = nano_vllm_workload()
+    assert len(prompts) == 256
+    assert sum(p.max_tokens for p in params) == 133_966
+    assert all(100 <= len(p) <= 1024 for p in prompts)
+    assert all(p.temperature == 0.6 and p.ignore_eos for p in params)
+
+
+def test_shared_prefix_workload():
+    prompts, params = shared_prefix_workload()
+    assert len(prompts) == 256 and all(len(p) == 2048 + 128 for p in prompts)
+    assert all(p[:2048] == prompts[0][:2048] for p in prompts)
+    assert {p.max_tokens for p in params} == {128}
+
+
+def test_generate_with_demo_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NV_CACHE_DIR", str(tmp_path))
+    assert (
+        main(
+            [
+                "generate",
+                "--prompt",
+                "Hello",
+                "--prompt",
+                "Hi",
+                "--max-tokens",
+                "8",
+                "--device",
+                "cpu",
+                "--chat",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr()
+    assert "RANDOM weights" in out.err
+    assert out.out.count("Completion (") == 2
+    # Built deterministically: a second build elsewhere gives identical files.
+    first = (tmp_path / "demo-qwen3-v1" / "model.safetensors").read_bytes()
+    monkeypatch.setenv("NV_CACHE_DIR", str(tmp_path / "again"))
+    assert main(["generate", "--prompt", "x", "--max-tokens", "2", "--device", "cpu"]) == 0
+    assert (tmp_path / "again" / "demo-qwen3-v1" / "model.safetensors").read_bytes() == first
+
+
+def test_bench_from_config_json(tmp_path, capsys):
+    cfg = tiny_qwen3_config(vocab_size=10_240).to_dict()
+    cfg["architectures"] = ["Qwen3ForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert (
+        main(
+            [
+                "bench",
+                "--config",
+                str(tmp_path / "config.json"),
+                "--num-seqs",
+                "3",
+                "--max-input-len",
+                "120",
+                "--max-output-len",
+                "110",
+                "--device",
+                "cpu",
+                "--kvcache-block-size",
+                "16",
+            ]
+        )
+        == 0
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[0])
+    _, params = nano_vllm_workload(3, 120, 110)
+    assert result["output_tokens"] == sum(p.max_tokens for p in params)
+    assert lines[-1].startswith("Total: ")

@@ -1,0 +1,234 @@
+"""Sampling, stopping and bad input through the public API, on a tiny model with a tokenizer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from nv_testing import save_tiny_qwen3
+
+from nv_engine import LLM, SamplingParams
+from nv_engine.demo import build_char_tokenizer
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text-model")
+    tok = build_char_tokenizer()
+    save_tiny_qwen3(
+        path,
+        seed=3,
+        vocab_size=len(tok),
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llm(text_model):
+    with LLM(str(text_model), device="cpu", kvcache_block_size=4, num_kvcache_blocks=64) as llm:
+        yield llm
+
+
+@pytest.fixture(autouse=True)
+def pool_whole_after(request):
+    yield
+    if "llm" in request.fixturenames:
+        bm = request.getfixturevalue("llm").scheduler.block_manager
+        assert bm.num_free_blocks == bm.num_blocks
+        assert all(b.ref_count == 0 for b in bm.blocks)
+
+
+PROMPTS = ["Hello there", "The quick brown fox", "a", "Numbers: 1 2 3 4 5 6 7 8 9"]
+
+
+def test_text_and_token_ids_agree(llm):
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    assert [len(o["token_ids"]) for o in outs] == [12] * 4
+    for o in outs:
+        assert o["finish_reason"] == "length"
+        assert o["text"] == llm.tokenizer.decode(o["token_ids"], skip_special_tokens=True)
+    assert outs[0]["prompt_token_ids"] == llm.tokenizer.encode(PROMPTS[0])
+
+
+def test_seeded_sampling_reproducible_across_runs_and_batches(llm):
+    p = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=1234)
+    alone = llm.generate([PROMPTS[1]], p, use_tqdm=False)[0]["token_ids"]
+    again = llm.generate([PROMPTS[1]], p, use_tqdm=False)[0]["token_ids"]
+    others = [SamplingParams(temperature=0.8, max_tokens=9, seed=s) for s in (1, 2, 3)]
+    batched = llm.generate(
+        [PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[3]],
+        [others[0], others[1], p, others[2]],
+        use_tqdm=False,
+    )[2]["token_ids"]
+    assert alone == again == batched
+    different = llm.generate(
+        [PROMPTS[1]],
+        SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=99),
+        use_tqdm=False,
+    )[0]["token_ids"]
+    assert different != alone
+
+
+def test_unseeded_sampling_varies(llm):
+    p = SamplingParams(temperature=1.0, max_tokens=16)
+    a = llm.generate([PROMPTS[1]] * 4, p, use_tqdm=False)
+    assert len({tuple(o["token_ids"]) for o in a}) > 1
+
+
+def test_stop_string_cuts_text(llm):
+    base = llm.generate([PROMPTS[3]], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[
+        0
+    ]
+    text = base["text"]
+    stop = text[5:7]
+    cut = text.find(stop)
+    out = llm.generate(
+        [PROMPTS[3]], SamplingParams(temperature=0, max_tokens=20, stop=[stop]), use_tqdm=False
+    )[0]
+    assert out["finish_reason"] == "stop"
+    assert out["text"] == text[:cut]
+    assert stop not in out["text"]
+    assert out["token_ids"] == base["token_ids"][: len(out["token_ids"])]
+    assert len(out["token_ids"]) < 20
+
+
+def test_stop_token_ids(llm):
+    base = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[
+        0
+    ]["token_ids"]
+    stop_tok = base[6]
+    out = llm.generate(
+        [PROMPTS[0]],
+        SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_tok]),
+        use_tqdm=False,
+    )[0]
+    assert out["finish_reason"] == "stop"
+    assert out["token_ids"] == base[: base.index(stop_tok) + 1]
+
+
+def test_eos_and_ignore_eos(text_model, tmp_path):
+    with LLM(str(text_model), device="cpu", kvcache_block_size=4) as llm:
+        base = llm.generate(
+            [PROMPTS[2]], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False
+        )[0]["token_ids"]
+    # The same weights, with the token greedy decoding emits 4th declared as EOS.
+    copy = tmp_path / "m"
+    shutil.copytree(text_model, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["eos_token_id"] = base[3]
+    (copy / "config.json").write_text(json.dumps(cfg))
+    with LLM(str(copy), device="cpu", kvcache_block_size=4) as llm:
+        stopped = llm.generate(
+            [PROMPTS[2]], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False
+        )[0]
+        ignored = llm.generate(
+            [PROMPTS[2]],
+            SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+            use_tqdm=False,
+        )[0]
+    assert stopped["finish_reason"] == "stop"
+    assert stopped["token_ids"] == base[: base.index(base[3]) + 1]
+    assert ignored["finish_reason"] == "length" and ignored["token_ids"] == base
+
+
+def test_streaming_api(llm):
+    ids = [llm.add_request(p, SamplingParams(temperature=0, max_tokens=5)) for p in PROMPTS[:2]]
+    done = {}
+    while not llm.is_finished():
+        for out in llm.step():
+            done[out["request_id"]] = out
+    assert sorted(done) == sorted(ids)
+    assert all(len(o["token_ids"]) == 5 for o in done.values())
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(min_p=2.0), "min_p"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(temperature="hot"), "temperature"),
+        (dict(stop=[""]), "stop"),
+        (dict(stop_token_ids=[-1]), "stop_token_ids"),
+        (dict(seed=1.5), "seed"),
+    ],
+)
+def test_invalid_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises((ValueError, TypeError), match=field):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_rejected_and_next_request_succeeds(llm):
+    vocab = llm.config.hf_config.vocab_size
+    max_len = llm.config.max_model_len
+    bad = [
+        ("", ValueError, "empty"),
+        ([], ValueError, "empty"),
+        ([1, vocab], ValueError, "token id"),
+        ([1, -3], ValueError, "token id"),
+        ([0] * (max_len + 1), ValueError, "max_model_len"),
+        (3.5, TypeError, "prompt"),
+    ]
+    for prompt, exc, msg in bad:
+        with pytest.raises(exc, match=msg):
+            llm.generate([PROMPTS[0], prompt], SamplingParams(max_tokens=3), use_tqdm=False)
+        with pytest.raises(exc, match=msg):
+            llm.add_request(prompt)
+        assert llm.is_finished()
+    out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    assert len(out[0]["token_ids"]) == 3
+
+
+def test_prompt_larger_than_cache_rejected(text_model):
+    with LLM(str(text_model), device="cpu", kvcache_block_size=4, num_kvcache_blocks=4) as llm:
+        assert llm.config.max_model_len == 16  # capped to what the cache holds
+        with pytest.raises(ValueError, match="max_model_len"):
+            llm.generate(["x" * 40], use_tqdm=False)
+        out = llm.generate(["hi"], SamplingParams(max_tokens=30), use_tqdm=False)[0]
+        assert out["finish_reason"] == "length" and len(out["token_ids"]) == 16 - 2
+
+
+def test_bad_model_dirs(tmp_path, text_model):
+    with pytest.raises(ValueError, match="not a directory"):
+        LLM(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="config.json"):
+        LLM(str(tmp_path))
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(text_model, corrupt)
+    data = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[:1000])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        LLM(str(corrupt), device="cpu")
+    with pytest.raises(TypeError, match="unknown config key"):
+        LLM(str(text_model), max_num_seq=3)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        LLM(str(text_model), max_num_seqs=0)
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        LLM(str(text_model), gpu_memory_utilization=1.5)
+    with LLM(str(text_model), device="cpu") as llm:  # a valid one still works
+        assert len(llm.generate(["ok"], SamplingParams(max_tokens=2), use_tqdm=False)) == 1
+
+
+def test_max_model_len_capped_by_model(text_model):
+    with LLM(str(text_model), device="cpu", max_model_len=100_000) as llm:
+        assert llm.config.max_model_len == 512
+
+
+def test_seeded_sampling_survives_preemption(text_model):
+    p = [SamplingParams(temperature=0.9, max_tokens=24, seed=s, ignore_eos=True) for s in range(4)]
+    with LLM(str(text_model), device="cpu", kvcache_block_size=4) as roomy:
+        ref = [o["token_ids"] for o in roomy.generate(PROMPTS, p, use_tqdm=False)]
+    with LLM(str(text_model), device="cpu", kvcache_block_size=4, num_kvcache_blocks=16) as tight:
+        got = [o["token_ids"] for o in tight.generate(PROMPTS, p, use_tqdm=False)]
+        assert tight.scheduler.num_preemptions > 0
+    assert got == ref
+    assert torch.tensor([len(g) for g in got]).eq(24).all()
