@@ -46,12 +46,15 @@ def test_static_imports(package):
 
 
 def test_kvcache_import_loads_no_torch_or_numpy():
-    code = ("import sys, nv_kvcache; bad = {'torch', 'numpy'} & set(sys.modules); "
-            "assert not bad, bad")
+    code = (
+        "import sys, nv_kvcache; bad = {'torch', 'numpy'} & set(sys.modules); assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_kernels_and_models_import_without_engine():
-    code = ("import sys, nv_models, nv_kernels; assert 'nv_engine' not in sys.modules; "
-            "assert 'nv_kvcache' not in sys.modules")
+    code = (
+        "import sys, nv_models, nv_kernels; assert 'nv_engine' not in sys.modules; "
+        "assert 'nv_kvcache' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

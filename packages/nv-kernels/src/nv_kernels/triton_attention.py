@@ -236,9 +236,9 @@ if triton is not None:
         )
 
 
-def _precision(dtype: torch.dtype) -> str:
+def _precision(dtype: torch.dtype) -> str | None:
     # fp32 inputs must not silently drop to tf32: the fp32 path is the exactness check.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    return "ieee" if dtype == torch.float32 else None
 
 
 def _check_head_dim(head_dim: int) -> None:

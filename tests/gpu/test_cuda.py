@@ -1,0 +1,190 @@
+"""GPU correctness (skipped without CUDA): Triton kernels against the torch reference on fresh
+random inputs, the engine against Hugging Face in float32 with CUDA graphs, and bf16 logits on a
+Qwen3-0.6B-shaped model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from nv_testing import save_tiny_qwen3
+
+from nv_kernels import AttentionMetadata, store_kvcache, store_kvcache_ref
+from nv_kernels.torch_attention import decode_ref, prefill_ref
+from nv_kernels.triton_attention import decode_attention, prefill_attention
+
+pytestmark = pytest.mark.cuda
+DEV = "cuda"
+
+
+def _paged(gen, lens_k, block_size, num_blocks):
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, slots = [], []
+    for n in lens_k:
+        blocks = [perm.pop() for _ in range(-(-n // block_size))]
+        tables.append(blocks)
+        slots.append([blocks[p // block_size] * block_size + p % block_size for p in range(n)])
+    width = max(len(t) for t in tables)
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    return bt.to(DEV), slots
+
+
+def _tol(dtype):
+    return {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [16, 32, 64, 256, 17])
+@pytest.mark.parametrize("heads", [(16, 8), (32, 8), (8, 8)])
+def test_kernels_match_reference(dtype, head_dim, block_size, heads):
+    gen = torch.Generator().manual_seed(hash((str(dtype), head_dim, block_size, heads)) % 2**31)
+    num_heads, num_kv_heads = heads
+    num_blocks = 4096 // block_size + 64
+    lens_q = [1, block_size - 1, block_size + 1, 300, 77]
+    prefixes = [0, 5, block_size, 0, 130]
+    lens_k = [q + p for q, p in zip(lens_q, prefixes, strict=True)]
+    bt, slots = _paged(gen, lens_k, block_size, num_blocks)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(DEV, dtype)
+    v_cache = torch.randn(shape, generator=gen).to(DEV, dtype)
+    total = sum(lens_q)
+    q = torch.randn(total, num_heads, head_dim, generator=gen).to(DEV, dtype)
+    k = torch.randn(total, num_kv_heads, head_dim, generator=gen).to(DEV, dtype)
+    v = torch.randn(total, num_kv_heads, head_dim, generator=gen).to(DEV, dtype)
+    slot_mapping = torch.tensor(
+        [x for s, n in zip(slots, lens_q, strict=True) for x in s[-n:]], device=DEV
+    )
+    # store: the Triton kernel against the reference (poisoned caches first)
+    k2, v2 = k_cache.clone(), v_cache.clone()
+    store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+    store_kvcache_ref(k, v, k2, v2, slot_mapping)
+    assert torch.equal(k_cache, k2) and torch.equal(v_cache, v2)
+    cu_q = torch.tensor(
+        [0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device=DEV
+    )
+    cu_k = torch.tensor(
+        [0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device=DEV
+    )
+    scale = head_dim**-0.5
+    meta = AttentionMetadata(True, slot_mapping, None, bt, cu_q, cu_k, max(lens_q), max(lens_k))
+    ref = prefill_ref(
+        q.float(), k.float(), v.float(), k_cache.float(), v_cache.float(), meta, scale
+    )
+    out = prefill_attention(q, k, v, k_cache, v_cache, meta, scale)
+    assert not out.isnan().any()
+    assert (out.float() - ref).norm() / ref.norm() < _tol(dtype)
+    # decode: one query per sequence over its whole context
+    qd = torch.randn(len(lens_k), num_heads, head_dim, generator=gen).to(DEV, dtype)
+    dmeta = AttentionMetadata(
+        False, slot_mapping[: len(lens_k)], torch.tensor(lens_k, dtype=torch.int32, device=DEV), bt
+    )
+    ref = decode_ref(qd.float(), k_cache.float(), v_cache.float(), dmeta, scale)
+    for splits in (None, 1, 7):
+        out = decode_attention(qd, k_cache, v_cache, dmeta, scale, num_splits=splits)
+        assert (out.float() - ref).norm() / ref.norm() < _tol(dtype), splits
+
+
+# ---- the engine in float32 on the GPU, against transformers ------------------------------------
+
+LENS = [3, 9, 17, 30, 5, 41]
+MAX_NEW = [24, 16, 20, 12, 32, 18]
+
+
+@pytest.fixture(scope="module")
+def fp32_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    hf = save_tiny_qwen3(path, seed=7, head_dim=64, num_attention_heads=4, hidden_size=128)
+    hf = hf.to(DEV)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in LENS]
+    prompts[4] = prompts[3][:24] + prompts[4]
+    prompts[5] = prompts[1] + prompts[5]
+    refs = []
+    for p, n in zip(prompts, MAX_NEW, strict=True):
+        out = hf.generate(
+            torch.tensor([p], device=DEV),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=2,
+            pad_token_id=0,
+        )[0, len(p) :].tolist()
+        refs.append(out[: out.index(2) + 1] if 2 in out else out)
+    return path, prompts, refs
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(),
+        dict(enforce_eager=True),
+        dict(kvcache_block_size=16, num_kvcache_blocks=12),  # preemption
+        dict(max_num_batched_tokens=16, kvcache_block_size=16),  # chunked prefill
+        dict(kvcache_block_size=16),
+        dict(kvcache_block_size=32, max_num_seqs=2),  # prefix hits
+        dict(kvcache_block_size=1),
+        dict(attention_backend="torch"),
+    ],
+    ids=["graphs", "eager", "preempt", "chunked", "bs16", "prefix", "bs1", "torch-backend"],
+)
+def test_engine_fp32_matches_hf(fp32_model, config):
+    from nv_engine import LLM, SamplingParams
+
+    path, prompts, refs = fp32_model
+    params = [SamplingParams(temperature=0.0, max_tokens=n) for n in MAX_NEW]
+    with LLM(str(path), dtype="float32", **config) as llm:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert [o["token_ids"] for o in outs] == refs
+        bm = llm.scheduler.block_manager
+        assert bm.num_free_blocks == bm.num_blocks
+        if "num_kvcache_blocks" in config:
+            assert llm.scheduler.num_preemptions > 0
+        if config.get("max_num_seqs") == 2:
+            assert bm.stats().prefix_cache_hits > 0
+
+
+# ---- bf16 on a Qwen3-0.6B-shaped random model ---------------------------------------------------
+
+QWEN3_06B = dict(
+    vocab_size=151936,
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    tie_word_embeddings=True,
+    initializer_range=0.02,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+)
+
+
+def test_bf16_logits_qwen3_06b_shape(tmp_path):
+    from transformers import Qwen3ForCausalLM
+
+    from nv_engine import LLM, SamplingParams
+
+    hf32 = save_tiny_qwen3(tmp_path, seed=0, **QWEN3_06B).to(DEV)
+    hf16 = Qwen3ForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).to(DEV)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 151936, (200,), generator=g).tolist()
+    with torch.no_grad():
+        ref = hf32(torch.tensor([prompt], device=DEV)).logits[0, -1].float()
+        hf_bf16 = hf16(torch.tensor([prompt], device=DEV)).logits[0, -1].float()
+    with LLM(str(tmp_path), dtype="bfloat16", max_model_len=1024, kvcache_block_size=16) as llm:
+        runner = llm.model_runner
+        logits = {}
+        orig = runner.model.compute_logits
+
+        def capture(hidden, idx=None):
+            out = orig(hidden, idx)
+            logits["last"] = out[-1].float()
+            return out
+
+        runner.model.compute_logits = capture
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    err_ours = ((logits["last"] - ref).norm() / ref.norm()).item()
+    err_hf = ((hf_bf16 - ref).norm() / ref.norm()).item()
+    print(f"bf16 relative logits error: ours {err_ours:.4f}, transformers bf16 {err_hf:.4f}")
+    assert err_ours <= 1.5 * err_hf + 1e-3
