@@ -1,0 +1,359 @@
+"""GPU benchmarks for docs/benchmarks.md, in one process so one device call covers them all.
+
+    python benchmarks/gpu_bench.py [sections...]   # default: all
+sections: env bandwidth kernels a a16 batch1 p profile hf
+Prints one JSON line per result and a summary table last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS: list[dict] = []
+QWEN3_06B = dict(
+    architectures=["Qwen3ForCausalLM"],
+    model_type="qwen3",
+    vocab_size=151936,
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    torch_dtype="bfloat16",
+    hidden_act="silu",
+    attention_bias=False,
+    bos_token_id=151643,
+    eos_token_id=151645,
+)
+
+
+def report(name: str, **values) -> None:
+    row = {"name": name, **values}
+    RESULTS.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def model_dir(cfg: dict) -> str:
+    d = tempfile.mkdtemp(prefix="nv-model-")
+    (Path(d) / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def make_llm(cfg: dict = QWEN3_06B, **kw):
+    from nv_engine import LLM
+
+    kw.setdefault("load_format", "dummy")
+    return LLM(model_dir(cfg), **kw)
+
+
+def env() -> None:
+    import transformers
+    import triton
+
+    p = torch.cuda.get_device_properties(0)
+    report(
+        "env",
+        gpu=p.name,
+        sms=p.multi_processor_count,
+        mem_gib=round(p.total_memory / 2**30),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+        transformers=transformers.__version__,
+        python=sys.version.split()[0],
+    )
+
+
+def bandwidth() -> float:
+    n = 2 << 30  # 2 GiB each way
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    a.random_(0, 255)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        e0.record()
+        b.copy_(a)
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) / 1e3)
+    times.sort()
+    bw = 2 * n / times[len(times) // 2]
+    report("copy_bandwidth", tb_per_s=round(bw / 1e12, 3))
+    del a, b
+    torch.cuda.empty_cache()
+    return bw
+
+
+def kv_bytes_per_token(cfg: dict, itemsize: int = 2) -> int:
+    return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * itemsize
+
+
+def weight_bytes(cfg: dict, itemsize: int = 2) -> int:
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    d, nh, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    per_layer = h * (nh + 2 * nkv) * d + nh * d * h + 3 * h * i + 2 * h + 2 * d
+    emb = v * h * (1 if cfg["tie_word_embeddings"] else 2)
+    return (cfg["num_hidden_layers"] * per_layer + emb + h) * itemsize
+
+
+def floor_seconds(cfg, prompts, params, bw) -> float:
+    """Weights once per decode step (as many steps as the longest output), every cached token's
+    K/V read once per decoded token, K/V written once."""
+    kv = kv_bytes_per_token(cfg)
+    steps = max(p.max_tokens for p in params)
+    read = sum(
+        kv * sum(len(pr) + t for t in range(p.max_tokens))
+        for pr, p in zip(prompts, params, strict=True)
+    )
+    write = sum(kv * (len(pr) + p.max_tokens) for pr, p in zip(prompts, params, strict=True))
+    return (steps * weight_bytes(cfg) + read + write) / bw
+
+
+def kernels(bw: float) -> None:
+    from nv_kernels import AttentionMetadata
+    from nv_kernels.triton_attention import decode_attention, prefill_attention
+    from triton.testing import do_bench
+
+    for batch, ctx, bs in [(256, 1024, 256), (256, 1024, 16), (1, 4096, 256), (32, 8192, 16)]:
+        hkv, h, d = 8, 16, 128
+        blocks_per = -(-ctx // bs)
+        nb = batch * blocks_per + 1
+        kc = torch.randn(nb, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        bt = torch.randperm(nb - 1, device="cuda")[: batch * blocks_per].view(batch, blocks_per)
+        meta = AttentionMetadata(
+            False,
+            torch.zeros(batch, dtype=torch.int64, device="cuda"),
+            torch.full((batch,), ctx, dtype=torch.int32, device="cuda"),
+            bt.to(torch.int32),
+        )
+        q = torch.randn(batch, h, d, device="cuda", dtype=torch.bfloat16)
+        ms = do_bench(lambda: decode_attention(q, kc, vc, meta, d**-0.5), return_mode="median")
+        nbytes = 2 * batch * ctx * hkv * d * 2
+        report(
+            "decode_attention",
+            batch=batch,
+            context=ctx,
+            block_size=bs,
+            us=round(ms * 1e3, 1),
+            tb_per_s=round(nbytes / ms / 1e9, 3),
+            frac_copy_bw=round(nbytes / ms * 1e3 / bw, 3),
+        )
+    for n_seqs, L in [(4, 2048), (16, 1024)]:
+        h, hkv, d = 16, 8, 128
+        tot = n_seqs * L
+        q = torch.randn(tot, h, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(tot, hkv, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        cu = torch.arange(0, tot + 1, L, dtype=torch.int32, device="cuda")
+        meta = AttentionMetadata(
+            True, torch.full((tot,), -1, device="cuda"), None, None, cu, cu, L, L
+        )
+        empty = torch.empty(0, device="cuda")
+        ms = do_bench(
+            lambda: prefill_attention(q, k, v, empty, empty, meta, d**-0.5), return_mode="median"
+        )
+        flops = 4 * n_seqs * L * L * h * d / 2  # causal
+        report(
+            "prefill_attention",
+            seqs=n_seqs,
+            len=L,
+            us=round(ms * 1e3, 1),
+            tflops=round(flops / ms / 1e9, 1),
+        )
+
+
+def workload_a(bw: float, block_size: int = 256, tag: str = "A") -> None:
+    from nv_engine.bench import nano_vllm_workload, run_benchmark
+
+    prompts, params = nano_vllm_workload()
+    with make_llm(kvcache_block_size=block_size) as llm:
+        r = run_benchmark(llm, prompts, params)
+    fl = floor_seconds(QWEN3_06B, prompts, params, bw)
+    report(
+        f"workload_{tag}",
+        block_size=block_size,
+        **{k: round(v, 2) for k, v in r.items()},
+        floor_s=round(fl, 3),
+        floor_tok_per_s=round(r["output_tokens"] / fl),
+        frac_of_floor=round(fl / r["seconds"], 3),
+    )
+
+
+def batch1(bw: float) -> None:
+    from nv_engine import SamplingParams
+
+    with make_llm(kvcache_block_size=256) as llm:
+        prompt = list(range(1000, 1128))
+        p = SamplingParams(temperature=0.0, max_tokens=1024, ignore_eos=True)
+        llm.generate([prompt], SamplingParams(max_tokens=8), use_tqdm=False)
+        llm.add_request(prompt, p)
+        llm.step()  # prefill + first token
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        steps = 0
+        while not llm.is_finished():
+            llm.step()
+            steps += 1
+        ms = (time.perf_counter() - t) / steps * 1e3
+    floor_ms = weight_bytes(QWEN3_06B) / bw * 1e3
+    report(
+        "batch1_decode", ms_per_token=round(ms, 3), weight_floor_ms=round(floor_ms, 3), steps=steps
+    )
+
+
+def workload_p() -> None:
+    from nv_engine.bench import run_benchmark, shared_prefix_workload
+
+    prompts, params = shared_prefix_workload()
+    for caching in (True, False):
+        for bs in (256, 16):
+            with make_llm(kvcache_block_size=bs, enable_prefix_caching=caching) as llm:
+                r = run_benchmark(llm, prompts, params)
+                hit = llm.scheduler.block_manager.stats().hit_rate
+            report(
+                "workload_P",
+                prefix_caching=caching,
+                block_size=bs,
+                hit_rate=round(hit, 3),
+                **{k: round(v, 2) for k, v in r.items()},
+            )
+
+
+def profile() -> None:
+    """Where a decode step's time goes at 256 running sequences: host work vs the whole step."""
+    from nv_engine import SamplingParams
+
+    with make_llm(kvcache_block_size=256) as llm:
+        for i in range(256):
+            llm.add_request(
+                list(range(i, i + 500)), SamplingParams(max_tokens=200, ignore_eos=True)
+            )
+        while llm.scheduler.waiting or any(
+            s.num_computed_tokens < s.num_prefill_tokens for s in llm.scheduler.running
+        ):
+            llm.step()
+        sched, prep, step = [], [], []
+        runner = llm.model_runner
+        for _ in range(50):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            plan = llm.scheduler.schedule()
+            t1 = time.perf_counter()
+            runner._prepare_decode(plan)
+            torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            sampled = runner.execute(plan)
+            llm.scheduler.postprocess(plan, sampled)
+            t3 = time.perf_counter()
+            sched.append(t1 - t0)
+            prep.append(t2 - t1)
+            step.append(t3 - t2)
+        med = lambda xs: sorted(xs)[len(xs) // 2] * 1e3
+        report(
+            "decode_step_256",
+            schedule_ms=round(med(sched), 3),
+            prepare_ms=round(med(prep), 3),
+            execute_and_postprocess_ms=round(med(step), 3),
+        )
+
+
+def hf_baseline() -> None:
+    """transformers on the same card: static-batch generate on a slice of workload A."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from nv_engine.bench import nano_vllm_workload
+
+    cfg = AutoConfig.for_model(**{k: v for k, v in QWEN3_06B.items() if k != "architectures"})
+    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16).cuda().eval()
+    prompts, params = nano_vllm_workload(64)
+    n_out = 256
+    batch = [p[:512] for p in prompts]
+    width = max(len(p) for p in batch)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device="cuda")
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device="cuda")
+    with torch.no_grad():
+        model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=4, do_sample=False)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=n_out,
+            min_new_tokens=n_out,
+            do_sample=True,
+            temperature=0.6,
+            pad_token_id=0,
+        )
+        torch.cuda.synchronize()
+        s = time.perf_counter() - t
+    report(
+        "hf_static_generate",
+        requests=len(batch),
+        out_tokens=len(batch) * n_out,
+        seconds=round(s, 2),
+        tok_per_s=round(len(batch) * n_out / s),
+    )
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sections = sys.argv[1:] or [
+        "env",
+        "bandwidth",
+        "kernels",
+        "a",
+        "a16",
+        "batch1",
+        "p",
+        "profile",
+        "hf",
+    ]
+    bw = 4.3e12
+    for s in sections:
+        t = time.perf_counter()
+        try:
+            if s == "env":
+                env()
+            elif s == "bandwidth":
+                bw = bandwidth()
+            elif s == "kernels":
+                kernels(bw)
+            elif s == "a":
+                workload_a(bw, 256)
+            elif s == "a16":
+                workload_a(bw, 16, "A_block16")
+            elif s == "batch1":
+                batch1(bw)
+            elif s == "p":
+                workload_p()
+            elif s == "profile":
+                profile()
+            elif s == "hf":
+                hf_baseline()
+        except Exception as e:  # keep going: one failing section must not hide the rest
+            report(f"{s}_FAILED", error=repr(e)[:500])
+        print(f"# section {s}: {time.perf_counter() - t:.1f}s", flush=True)
+    print("\n==== summary ====")
+    for row in RESULTS:
+        print(" ".join(f"{k}={v}" for k, v in row.items()))
+
+
+if __name__ == "__main__":
+    main()
