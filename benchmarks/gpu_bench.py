@@ -126,9 +126,10 @@ def floor_seconds(cfg, prompts, params, bw) -> float:
 
 
 def kernels(bw: float) -> None:
+    from triton.testing import do_bench
+
     from nv_kernels import AttentionMetadata
     from nv_kernels.triton_attention import decode_attention, prefill_attention
-    from triton.testing import do_bench
 
     for batch, ctx, bs in [(256, 1024, 256), (256, 1024, 16), (1, 4096, 256), (32, 8192, 16)]:
         hkv, h, d = 8, 16, 128
@@ -282,7 +283,7 @@ def hf_baseline() -> None:
 
     cfg = AutoConfig.for_model(**{k: v for k, v in QWEN3_06B.items() if k != "architectures"})
     model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16).cuda().eval()
-    prompts, params = nano_vllm_workload(64)
+    prompts, _ = nano_vllm_workload(64)
     n_out = 256
     batch = [p[:512] for p in prompts]
     width = max(len(p) for p in batch)
