@@ -9,7 +9,7 @@ OUT=${OUT:-/tmp/out}
 mode=${1:-pytest}; shift || true
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [ "$mode" = pytest ]; then
-  python3 -m pytest -q -x -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
+  python3 -m pytest -q -x -p no:cacheprovider tests/gpu ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
 fi
 if [ $# -gt 0 ]; then
   python3 benchmarks/gpu_bench.py "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^\[" | tail -60

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nv_kernels import SamplingTensors, sample
-from nv_kernels.sampler import exponential_noise
+from nv_kernels.sampler import exponential_noise, vocab_keys
 
 
 def _st(n, temperature=1.0, top_k=None, top_p=None, min_p=None, seeds=None, steps=None, v=0):
@@ -50,7 +50,7 @@ def test_seeded_draws_ignore_batch_composition():
 
 
 def test_noise_is_exponential():
-    e = exponential_noise(torch.tensor([5, 6]), torch.tensor([0, 0]), 200_000)
+    e = exponential_noise(torch.tensor([5, 6]), torch.tensor([0, 0]), vocab_keys(200_000, "cpu"))
     assert e.min() > 0
     assert abs(e.mean().item() - 1) < 0.01 and abs(e.var().item() - 1) < 0.03
     assert not torch.equal(e[0], e[1])
@@ -103,3 +103,13 @@ def test_frequencies_match_restricted_softmax(kw):
     chi2 = (((freq[kept] - expected[kept]) * n) ** 2 / (expected[kept] * n)).sum().item()
     assert chi2 < 35, (chi2, freq, expected)
     assert math.isclose(freq.sum().item(), 1.0)
+
+
+def test_compiled_sampler_matches_eager():
+    from nv_kernels import Sampler
+
+    logits = torch.randn(6, 300)
+    st = _st(6, torch.tensor([0.0, 0.7, 1.0, 1.3, 0.0, 0.9]), top_k=20, top_p=0.9, v=300)
+    eager = Sampler("cpu", compile=False)(logits, st)
+    compiled = Sampler("cpu", compile=True)(logits, st)
+    assert torch.equal(eager, compiled)

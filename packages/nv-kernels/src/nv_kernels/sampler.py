@@ -27,12 +27,18 @@ def _splitmix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 31)
 
 
-def exponential_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def vocab_keys(vocab_size: int, device: torch.device | str) -> torch.Tensor:
+    """Per-token hash offsets, made once outside any compiled graph (Inductor cannot fold a
+    64-bit constant times an index)."""
+    return torch.arange(vocab_size, device=device, dtype=torch.int64) * _GOLDEN
+
+
+def exponential_noise(seeds: torch.Tensor, steps: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Exp(1) noise `[num_seqs, vocab_size]`, a pure function of (seed, step, token id): a request's
-    draw does not depend on what else is in the batch or on which device runs it."""
+    draw does not depend on what else is in the batch or on which device runs it.
+    `keys` is `vocab_keys(vocab_size, device)`."""
     row_key = _splitmix64(seeds * _M2 + steps)  # [B]
-    idx = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    bits = _splitmix64(row_key[:, None] + idx[None, :] * _GOLDEN)  # [B, V]
+    bits = _splitmix64(row_key[:, None] + keys[None, :])  # [B, V]
     u = (_shr(bits, 40) + 1).to(torch.float32) * (1.0 / (1 << 24))  # uniform in (0, 1]
     return -torch.log(u)
 
@@ -71,7 +77,9 @@ def apply_top_k_top_p(
     return logits_sort.scatter(1, order, logits_sort)
 
 
-def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, st: SamplingTensors, keys: torch.Tensor | None = None
+) -> torch.Tensor:
     """Next token per row of `logits` `[B, V]`: argmax where temperature is 0, else Gumbel-max
     (argmax of probs / Exp(1)) over softmax(logits / T) restricted by min-p, top-k and top-p."""
     greedy = logits.argmax(dim=-1)
@@ -88,7 +96,9 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
             logits, st.top_k if st.use_top_k else None, st.top_p if st.use_top_p else None
         )
     probs = logits.softmax(dim=-1)
-    noise = exponential_noise(st.seeds, st.steps, logits.shape[-1])
+    if keys is None:
+        keys = vocab_keys(logits.shape[-1], logits.device)
+    noise = exponential_noise(st.seeds, st.steps, keys)
     sampled = (probs / noise).argmax(dim=-1)
     return torch.where(st.temperatures == 0, greedy, sampled)
 
@@ -101,6 +111,9 @@ class Sampler:
         if compile is None:
             compile = device.type == "cuda"
         self._fn = torch.compile(sample, dynamic=True) if compile else sample
+        self._keys: torch.Tensor | None = None
 
     def __call__(self, logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
-        return self._fn(logits, st)
+        if self._keys is None or self._keys.shape[0] != logits.shape[-1]:
+            self._keys = vocab_keys(logits.shape[-1], logits.device)
+        return self._fn(logits, st, self._keys)
