@@ -120,7 +120,7 @@ def fp32_model(tmp_path_factory):
         dict(kvcache_block_size=16, num_kvcache_blocks=12),  # preemption
         dict(max_num_batched_tokens=16, kvcache_block_size=16),  # chunked prefill
         dict(kvcache_block_size=16),
-        dict(kvcache_block_size=32, max_num_seqs=2),  # prefix hits
+        dict(kvcache_block_size=8, max_num_seqs=2),  # prefix hits
         dict(kvcache_block_size=1),
         dict(attention_backend="torch"),
     ],

@@ -9,7 +9,8 @@ import torch.distributed as dist
 
 from nv_engine.config import Config
 from nv_engine.cuda_graphs import DecodeGraphs
-from nv_engine.plan import StepPlan
+from nv_engine.plan import ScheduledSeq, StepPlan
+from nv_engine.staging import HostToDevice
 from nv_kernels import AttentionMetadata, Sampler, SamplingTensors, get_attention_backend
 from nv_models import TPGroup, build_model, init_random_weights, load_weights
 
@@ -53,10 +54,11 @@ class ModelRunner:
             load_weights(self.model, config.model)
         self.vocab_size = hf.vocab_size
         self.sampler = Sampler(self.device) if rank == 0 else None
+        self.staging = HostToDevice(1 << 20, self.device)
         self.num_blocks = self._allocate_kv_cache()
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
-            self.graphs = DecodeGraphs(self.model, self.device, config, self.block_size)
+            self.graphs = DecodeGraphs(self.model, self.device, config)
             self.graphs.capture(self.max_blocks_per_seq)
 
     @property
@@ -134,7 +136,8 @@ class ModelRunner:
         if self.sampler is not None:
             n = c.max_num_seqs
             logits = torch.randn(n, self.vocab_size, device=self.device)
-            self.sampler(logits, self._sampling_tensors([(1.0, 5, 0.9, 0.1, 0, 0)] * n))
+            row = ScheduledSeq(0, [0], 0, [0], True, 1.0, 5, 0.9, 0.1, 0, 0)
+            self.sampler(logits, self._sampling_tensors([row] * n))
         torch.cuda.synchronize(self.device)
 
     # ---- one step ------------------------------------------------------------------------------
@@ -143,102 +146,123 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> list[int] | None:
         if plan.is_prefill:
             ids, pos, meta, logits_indices = self._prepare_prefill(plan)
-            hidden = self.model(ids, pos, meta)
+            logits = self.model.compute_logits(self.model(ids, pos, meta), logits_indices)
         else:
-            ids, pos, meta = self._prepare_decode(plan)
-            logits_indices = None
-            if self.graphs is not None and self.graphs.can_run(len(plan.seqs)):
-                hidden = self.graphs.replay(ids, pos, meta)
+            use_graph = self.graphs is not None and self.graphs.can_run(len(plan.seqs))
+            padded = self.graphs.padded_size(len(plan.seqs)) if use_graph else len(plan.seqs)
+            ids, pos, meta = self._prepare_decode(plan, padded)
+            if use_graph:
+                logits = self.graphs.replay(ids, pos, meta)[: len(plan.seqs)]
             else:
-                hidden = self.model(ids, pos, meta)
-        logits = self.model.compute_logits(hidden, logits_indices)
+                logits = self.model.compute_logits(self.model(ids, pos, meta))
         if self.sampler is None:
             return None
-        rows = [
-            (s.temperature, s.top_k, s.top_p, s.min_p, s.seed, s.output_index)
-            for s in plan.seqs
-            if s.sample
-        ]
-        if not rows:
-            return []
-        return self.sampler(logits, self._sampling_tensors(rows)).tolist()
-
-    def _to_device(self, data: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        t = torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda")
-        return t.to(self.device, non_blocking=True)
-
-    def _block_tables(self, plan: StepPlan) -> torch.Tensor:
-        width = max(len(s.block_table) for s in plan.seqs)
-        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in plan.seqs]
-        return self._to_device(rows, torch.int32)
-
-    def _slots(
-        self, block_tables: torch.Tensor, seq_idx: torch.Tensor, pos: torch.Tensor
-    ) -> torch.Tensor:
-        bs = self.block_size
-        return block_tables[seq_idx, pos // bs].long() * bs + pos % bs
+        return self._sample(plan, logits)
 
     def _prepare_prefill(self, plan: StepPlan):
         ids: list[int] = []
-        lens, starts, logits_indices = [], [], []
-        cu_q, cu_k = [0], [0]
+        positions: list[int] = []
+        slots: list[int] = []
+        cu_q, cu_k, logits_indices = [0], [0], []
+        bs = self.block_size
+        tables = []
         for s in plan.seqs:
-            ids.extend(s.token_ids)
             n = len(s.token_ids)
-            lens.append(n)
-            starts.append(s.start_pos)
+            start, end = s.start_pos, s.start_pos + n
+            ids += s.token_ids
+            positions += range(start, end)
+            table = s.block_table
+            for b in range(start // bs, -(-end // bs)):  # one range per touched block
+                lo, hi = max(start, b * bs), min(end, (b + 1) * bs)
+                base = table[b] * bs - b * bs
+                slots += range(base + lo, base + hi)
             cu_q.append(cu_q[-1] + n)
-            cu_k.append(cu_k[-1] + s.start_pos + n)
+            cu_k.append(cu_k[-1] + end)
             if s.sample:
                 logits_indices.append(cu_q[-1] - 1)
-        block_tables = self._block_tables(plan)
-        # per-token positions and slots, computed on the device from per-sequence numbers
-        lens_t = self._to_device(lens)
-        seq_idx = torch.repeat_interleave(
-            torch.arange(len(lens), device=self.device), lens_t, output_size=len(ids)
-        )
-        cu_q_t = self._to_device(cu_q, torch.int32)
-        offset = self._to_device(starts) - cu_q_t[:-1].long()
-        pos = torch.arange(len(ids), device=self.device) + offset[seq_idx]
+            tables.append(table)
+        with_prefix = any(s.start_pos for s in plan.seqs)
+        h = self.staging
+        for data in (ids, positions, slots, logits_indices):
+            h.add(data, torch.int64)
+        h.add(cu_q, torch.int32)
+        h.add(cu_k, torch.int32)
+        if with_prefix:
+            width = max(len(t) for t in tables)
+            h.add(_padded_rows(tables, width), torch.int32)
+        parts = h.send()
         meta = AttentionMetadata(
             is_prefill=True,
-            slot_mapping=self._slots(block_tables, seq_idx, pos),
-            block_tables=block_tables if any(starts) else None,
-            cu_seqlens_q=cu_q_t,
-            cu_seqlens_k=self._to_device(cu_k, torch.int32),
-            max_seqlen_q=max(lens),
-            max_seqlen_k=max(st + n for st, n in zip(starts, lens, strict=True)),
+            slot_mapping=parts[2],
+            block_tables=parts[6].view(len(tables), -1) if with_prefix else None,
+            cu_seqlens_q=parts[4],
+            cu_seqlens_k=parts[5],
+            max_seqlen_q=max(len(s.token_ids) for s in plan.seqs),
+            max_seqlen_k=max(s.start_pos + len(s.token_ids) for s in plan.seqs),
         )
-        return self._to_device(ids), pos, meta, self._to_device(logits_indices)
+        return parts[0], parts[1], meta, parts[3]
 
-    def _prepare_decode(self, plan: StepPlan):
-        ids = [s.token_ids[0] for s in plan.seqs]
-        positions = [s.start_pos for s in plan.seqs]
-        block_tables = self._block_tables(plan)
-        pos = self._to_device(positions)
-        seq_idx = torch.arange(len(ids), device=self.device)
-        meta = AttentionMetadata(
-            is_prefill=False,
-            slot_mapping=self._slots(block_tables, seq_idx, pos),
-            context_lens=(pos + 1).to(torch.int32),
-            block_tables=block_tables,
+    def _prepare_decode(self, plan: StepPlan, padded: int):
+        """Inputs for `padded` rows: the plan's sequences, then padding rows that read one cached
+        token and write none (slot -1)."""
+        bs = self.block_size
+        seqs = plan.seqs
+        pad = padded - len(seqs)
+        tables = [s.block_table for s in seqs]
+        positions = [s.start_pos for s in seqs]
+        h = self.staging
+        h.add([s.token_ids[0] for s in seqs] + [0] * pad, torch.int64)
+        h.add(positions + [0] * pad, torch.int64)
+        h.add(
+            [t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)] + [-1] * pad,
+            torch.int64,
         )
-        return self._to_device(ids), pos, meta
+        h.add([p + 1 for p in positions] + [1] * pad, torch.int32)
+        width = max(len(t) for t in tables)
+        h.add(_padded_rows(tables, width), torch.int32)
+        ids, pos, slots, ctx, bt = h.send()
+        meta = AttentionMetadata(False, slots, ctx, bt.view(len(seqs), width))
+        return ids, pos, meta
 
-    def _sampling_tensors(self, rows: list[tuple]) -> SamplingTensors:
-        temps, top_k, top_p, min_p, seeds, steps = zip(*rows, strict=True)
+    def _sample(self, plan: StepPlan, logits: torch.Tensor) -> list[int]:
+        rows = [s for s in plan.seqs if s.sample]
+        if not rows:
+            return []
+        if len(rows) < logits.shape[0]:  # only in prefill, where logits are per sample row
+            logits = logits[: len(rows)]
+        if all(s.temperature == 0 for s in rows):
+            return logits.argmax(dim=-1).tolist()
+        return self.sampler(logits, self._sampling_tensors(rows)).tolist()
+
+    def _sampling_tensors(self, rows: list) -> SamplingTensors:
         v = self.vocab_size
-        top_k = [k if 0 < k < v else v for k in top_k]
-        f32 = torch.float32
+        top_k = [s.top_k if 0 < s.top_k < v else v for s in rows]
+        h = self.staging
+        h.add([s.temperature for s in rows], torch.float32)
+        h.add([s.top_p for s in rows], torch.float32)
+        h.add([s.min_p for s in rows], torch.float32)
+        h.add(top_k, torch.int64)
+        h.add([s.seed for s in rows], torch.int64)
+        h.add([s.output_index for s in rows], torch.int64)
+        temps, top_p, min_p, top_k_t, seeds, steps = h.send()
         return SamplingTensors(
-            temperatures=self._to_device(list(temps), f32),
-            top_k=self._to_device(top_k),
-            top_p=self._to_device(list(top_p), f32),
-            min_p=self._to_device(list(min_p), f32),
-            seeds=self._to_device(list(seeds)),
-            steps=self._to_device(list(steps)),
-            all_greedy=all(t == 0 for t in temps),
+            temperatures=temps,
+            top_k=top_k_t,
+            top_p=top_p,
+            min_p=min_p,
+            seeds=seeds,
+            steps=steps,
+            all_greedy=all(s.temperature == 0 for s in rows),
             use_top_k=any(k < v for k in top_k),
-            use_top_p=any(p < 1 for p in top_p),
-            use_min_p=any(p > 0 for p in min_p),
+            use_top_p=any(s.top_p < 1 for s in rows),
+            use_min_p=any(s.min_p > 0 for s in rows),
         )
+
+
+def _padded_rows(tables: list[list[int]], width: int) -> list[int]:
+    flat: list[int] = []
+    zeros = [0] * width
+    for t in tables:
+        flat += t
+        flat += zeros[: width - len(t)]
+    return flat

@@ -1,15 +1,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class ScheduledSeq:
+class ScheduledSeq(NamedTuple):
     """One sequence's share of a step: compute the KV of `token_ids`, which sit at positions
     start_pos.., through `block_table`; if `sample`, produce the next token from the last one.
 
-    It pickles compactly for tensor-parallel workers: a decode step carries one token, never the
-    whole history. `block_table` is read during the step only.
+    Immutable and cheap to build (a tuple); it pickles compactly for tensor-parallel workers: a
+    decode step carries one token, never the whole history. `block_table` is read during the step
+    only.
     """
 
     seq_id: int

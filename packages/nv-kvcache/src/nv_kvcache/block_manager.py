@@ -163,6 +163,9 @@ class BlockManager:
         when the last one is full. Returns False, changing nothing, when the pool is short."""
         state = self._state(seq_id)
         n = len(state.token_ids)
+        if len(token_ids) == 1 and n % self.block_size:  # decode fast path: room in last block
+            state.token_ids.append(token_ids[0])
+            return True
         extra = self.blocks_needed(n + len(token_ids)) - len(state.block_ids)
         if extra > 0:
             if extra > len(self._free):

@@ -10,10 +10,11 @@ from torch import nn
 from nv_kernels import AttentionBackend, AttentionMetadata
 from nv_models.layers.activation import SiluAndMul
 from nv_models.layers.attention import Attention
+from nv_models.layers.compile import compile_on_cuda
 from nv_models.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
-from nv_models.layers.layernorm import RMSNorm
+from nv_models.layers.layernorm import RMSNorm, rms_norm
 from nv_models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from nv_models.layers.rotary import RotaryEmbedding
+from nv_models.layers.rotary import RotaryEmbedding, rotate
 from nv_models.parallel import TPGroup
 
 
@@ -57,15 +58,41 @@ class Qwen3Attention(nn.Module):
         self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
+        q, k, v = split_qkv_norm_rotary(
+            qkv,
+            self.rotary_emb.cos_sin_cache[positions],
+            None if self.q_norm is None else self.q_norm.weight,
+            None if self.k_norm is None else self.k_norm.weight,
+            self.q_norm.eps if self.q_norm is not None else 0.0,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+        )
         return self.o_proj(self.attn(q, k, v, meta))
+
+
+@compile_on_cuda
+def split_qkv_norm_rotary(
+    qkv: torch.Tensor,
+    cos_sin: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [T, (H + 2 Hkv) D] -> q [T, H, D], k, v [T, Hkv, D]; per-head RMSNorm on q and k
+    (Qwen3), then rotary. One fused kernel on CUDA."""
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    q = q.view(-1, num_heads, head_dim)
+    k = k.view(-1, num_kv_heads, head_dim)
+    v = v.view(-1, num_kv_heads, head_dim)
+    if q_weight is not None:
+        q = rms_norm.__wrapped__(q, q_weight, eps)
+        k = rms_norm.__wrapped__(k, k_weight, eps)
+    return rotate(q, cos_sin), rotate(k, cos_sin), v
 
 
 class Qwen3MLP(nn.Module):
