@@ -49,7 +49,7 @@ def admit_us(block_size: int, num_seqs: int = 256, prompt_len: int = 1000) -> fl
 
 
 if __name__ == "__main__":
-    print("| block size | decode step, 256 seqs (µs) | admit 256 × 1,000-token prompts (µs) |")
+    print("| block size | decode step, 256 seqs (µs) | admit 256 x 1,000-token prompts (µs) |")
     print("|---|---|---|")
     for bs in (16, 256):
         print(f"| {bs} | {decode_step_us(bs):.0f} | {admit_us(bs):.0f} |")
