@@ -238,40 +238,48 @@ def workload_p() -> None:
 
 
 def profile() -> None:
-    """Where a decode step's time goes at 256 running sequences: host work vs the whole step."""
+    """Where a decode step's time goes at 256 running sequences (~600-token contexts): host work
+    per phase, then the top GPU kernels from torch.profiler."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
     from nv_engine import SamplingParams
 
     with make_llm(kvcache_block_size=256) as llm:
         for i in range(256):
             llm.add_request(
-                list(range(i, i + 500)), SamplingParams(max_tokens=200, ignore_eos=True)
+                list(range(i, i + 500)),
+                SamplingParams(temperature=0.6, max_tokens=300, ignore_eos=True),
             )
         while llm.scheduler.waiting or any(
             s.num_computed_tokens < s.num_prefill_tokens for s in llm.scheduler.running
         ):
             llm.step()
-        sched, prep, step = [], [], []
         runner = llm.model_runner
-        for _ in range(50):
+        rows = {"schedule": [], "execute": [], "postprocess": [], "step": []}
+        for _ in range(40):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             plan = llm.scheduler.schedule()
             t1 = time.perf_counter()
-            runner._prepare_decode(plan)
-            torch.cuda.synchronize()
-            t2 = time.perf_counter()
             sampled = runner.execute(plan)
+            t2 = time.perf_counter()
             llm.scheduler.postprocess(plan, sampled)
             t3 = time.perf_counter()
-            sched.append(t1 - t0)
-            prep.append(t2 - t1)
-            step.append(t3 - t2)
-        med = lambda xs: sorted(xs)[len(xs) // 2] * 1e3
-        report(
-            "decode_step_256",
-            schedule_ms=round(med(sched), 3),
-            prepare_ms=round(med(prep), 3),
-            execute_and_postprocess_ms=round(med(step), 3),
+            rows["schedule"].append(t1 - t0)
+            rows["execute"].append(t2 - t1)
+            rows["postprocess"].append(t3 - t2)
+            rows["step"].append(t3 - t0)
+        med = lambda xs: round(sorted(xs)[len(xs) // 2] * 1e3, 3)
+        report("decode_step_256", **{f"{k}_ms": med(v) for k, v in rows.items()})
+        with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                llm.step()
+            torch.cuda.synchronize()
+        print(
+            prof.key_averages().table(
+                sort_by="cuda_time_total", row_limit=18, max_name_column_width=60
+            )
         )
 
 

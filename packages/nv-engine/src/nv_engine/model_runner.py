@@ -57,7 +57,8 @@ class ModelRunner:
         self.staging = HostToDevice(1 << 20, self.device)
         self.num_blocks = self._allocate_kv_cache()
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        # The torch reference backend is not capturable (it sizes tensors from host values).
+        if self.device.type == "cuda" and not config.enforce_eager and backend.name != "torch":
             self.graphs = DecodeGraphs(self.model, self.device, config)
             self.graphs.capture(self.max_blocks_per_seq)
 
