@@ -327,12 +327,16 @@ def decode_attention(
     meta: AttentionMetadata,
     scale: float,
     num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     _check_head_dim(head_dim)
     g = num_heads // num_kv_heads
-    block_n = 32 if q.device.type == "cuda" else 16
+    if block_n is None:
+        block_n = 32 if q.device.type == "cuda" else 16
     if num_splits is None:
         max_context = meta.block_tables.shape[1] * block_size
         num_splits = decode_num_splits(num_seqs, num_kv_heads, max_context, q.device, block_n)
@@ -369,8 +373,8 @@ def decode_attention(
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
         PRECISION=_precision(q.dtype),
-        num_warps=4,
-        num_stages=2,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
