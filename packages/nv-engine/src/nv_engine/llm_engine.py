@@ -57,6 +57,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, num_blocks, _eos_token_ids(config, self.tokenizer))
         self._seed_rng = random.Random(config.seed)
         self._requests: dict[int, Sequence] = {}
+        self._num_with_stop_strings = 0  # skip the per-step stop-string scan when none
         self.last_step: tuple[bool, int] = (False, 0)  # (was prefill, tokens computed)
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -120,12 +121,19 @@ class LLMEngine:
         seq = Sequence(token_ids, params, seed)
         self.scheduler.add(seq)
         self._requests[seq.seq_id] = seq
+        self._num_with_stop_strings += bool(params.stop)
         return seq.seq_id
 
     def abort_request(self, request_id: int) -> None:
-        seq = self._requests.pop(request_id, None)
+        seq = self._forget(request_id)
         if seq is not None and not seq.is_finished:
             self.scheduler.finish(seq, "abort")
+
+    def _forget(self, request_id: int) -> Sequence | None:
+        seq = self._requests.pop(request_id, None)
+        if seq is not None:
+            self._num_with_stop_strings -= bool(seq.params.stop)
+        return seq
 
     def is_finished(self) -> bool:
         return self.scheduler.is_finished()
@@ -145,7 +153,7 @@ class LLMEngine:
             raise
         finished = self.scheduler.postprocess(plan, sampled)
         self.last_step = (plan.is_prefill, plan.num_tokens)
-        for s in plan.seqs:
+        for s in plan.seqs if self._num_with_stop_strings else ():
             seq = self._requests.get(s.seq_id)
             if (
                 s.sample
@@ -169,7 +177,7 @@ class LLMEngine:
         return True
 
     def _output(self, seq: Sequence) -> dict[str, Any]:
-        self._requests.pop(seq.seq_id, None)
+        self._forget(seq.seq_id)
         text = seq.text  # set when a stop string cut it
         if text is None:
             text = (

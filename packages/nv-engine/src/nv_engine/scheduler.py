@@ -74,6 +74,7 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             seq.num_computed_tokens = seq.num_cached_tokens = cached
             seq.num_prefill_tokens = len(seq)
+            seq.block_table = self.block_manager.block_table(seq.seq_id)  # live list
             self.running.append(seq)
             scheduled.append(self._prefill_chunk(seq, budget))
             budget -= len(scheduled[-1].token_ids)
@@ -98,7 +99,18 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                scheduled.append(self._scheduled(seq, [seq.last_token], len(seq) - 1, True))
+                n = len(seq.token_ids)
+                scheduled.append(
+                    ScheduledSeq(
+                        seq.seq_id,
+                        seq.token_ids[-1:],
+                        n - 1,
+                        seq.block_table,
+                        True,
+                        *seq.sampling,
+                        n - seq.num_prompt_tokens,
+                    )
+                )
                 i += 1
         return StepPlan(False, tuple(scheduled)) if scheduled else None
 
@@ -112,18 +124,13 @@ class Scheduler:
     def _scheduled(
         self, seq: Sequence, token_ids: list[int], start: int, sample: bool
     ) -> ScheduledSeq:
-        p = seq.params
         return ScheduledSeq(
             seq.seq_id,
             token_ids,
             start,
-            self.block_manager.block_table(seq.seq_id),
+            seq.block_table,
             sample,
-            p.temperature,
-            p.top_k,
-            p.top_p,
-            p.min_p,
-            seq.seed,
+            *seq.sampling,
             seq.num_output_tokens,
         )
 

@@ -31,6 +31,9 @@ class Sequence:
         self.num_cached_tokens = 0  # prefix-cache hits at the latest admission
         self.params = params
         self.seed = seed
+        # what every scheduled step of this request carries to the sampler
+        self.sampling = (params.temperature, params.top_k, params.top_p, params.min_p, seed)
+        self.block_table: list[int] = []  # the BlockManager's live table while running
         self.finish_reason: str | None = None
         self.text: str | None = None  # set only when a stop string cut the output
 

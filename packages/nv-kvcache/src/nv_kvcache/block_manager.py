@@ -179,13 +179,17 @@ class BlockManager:
         """Report that the KV of the first `num_computed_tokens` tokens is written; every full
         block among them is hashed and published for prefix reuse."""
         state = self._state(seq_id)
+        bs = self.block_size
+        if num_computed_tokens // bs <= state.num_hashed_blocks and (
+            0 <= num_computed_tokens <= len(state.token_ids)
+        ):
+            return  # no newly completed block (the decode-step common case)
         if not 0 <= num_computed_tokens <= len(state.token_ids):
             raise ValueError(
                 f"num_computed_tokens={num_computed_tokens} outside [0, {len(state.token_ids)}]"
             )
         if not self.enable_prefix_caching:
             return
-        bs = self.block_size
         tokens = state.token_ids
         for i in range(state.num_hashed_blocks, num_computed_tokens // bs):
             toks = tuple(tokens[i * bs : (i + 1) * bs])
