@@ -188,3 +188,16 @@ def test_bf16_logits_qwen3_06b_shape(tmp_path):
     err_hf = ((hf_bf16 - ref).norm() / ref.norm()).item()
     print(f"bf16 relative logits error: ours {err_ours:.4f}, transformers bf16 {err_hf:.4f}")
     assert err_ours <= 1.5 * err_hf + 1e-3
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tp2_nccl_matches_hf(fp32_model):
+    from nv_engine import LLM, SamplingParams
+
+    path, prompts, refs = fp32_model
+    params = [SamplingParams(temperature=0.0, max_tokens=n) for n in MAX_NEW]
+    with LLM(str(path), dtype="float32", tensor_parallel_size=2, kvcache_block_size=16) as llm:
+        procs = list(llm._workers.procs)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert [o["token_ids"] for o in outs] == refs
+    assert not any(p.is_alive() for p in procs)
