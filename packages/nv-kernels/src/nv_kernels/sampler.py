@@ -81,7 +81,8 @@ def sample(
     logits: torch.Tensor, st: SamplingTensors, keys: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Next token per row of `logits` `[B, V]`: argmax where temperature is 0, else Gumbel-max
-    (argmax of probs / Exp(1)) over softmax(logits / T) restricted by min-p, top-k and top-p."""
+    (argmax of probs / Exp(1), computed in log space) over softmax(logits / T) restricted by
+    min-p, top-k and top-p."""
     greedy = logits.argmax(dim=-1)
     if st.all_greedy:
         return greedy
@@ -95,11 +96,12 @@ def sample(
         logits = apply_top_k_top_p(
             logits, st.top_k if st.use_top_k else None, st.top_p if st.use_top_p else None
         )
-    probs = logits.softmax(dim=-1)
     if keys is None:
         keys = vocab_keys(logits.shape[-1], logits.device)
     noise = exponential_noise(st.seeds, st.steps, keys)
-    sampled = (probs / noise).argmax(dim=-1)
+    # argmax(probs / E) == argmax(logits / T - log E): the softmax normaliser is a per-row
+    # constant, so the draw needs no softmax pass over the vocabulary.
+    sampled = (logits - noise.log()).argmax(dim=-1)
     return torch.where(st.temperatures == 0, greedy, sampled)
 
 
