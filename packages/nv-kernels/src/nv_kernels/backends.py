@@ -32,16 +32,12 @@ class AttentionBackend(Protocol):
 
 
 def get_attention_backend(name: str, device: torch.device | str) -> AttentionBackend:
-    """Resolve a backend name. `auto`: flash-attn when importable on CUDA, else triton on CUDA,
-    else torch."""
+    """Resolve a backend name. `auto`: triton on CUDA (our tuned, tested kernels), torch
+    elsewhere. flash-attn is used only when asked for by name."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"attention_backend must be one of {BACKEND_NAMES}, got {name!r}")
-    is_cuda = torch.device(device).type == "cuda"
     if name == "auto":
-        if is_cuda and flash_attn_available():
-            name = "flash-attn"
-        else:
-            name = "triton" if is_cuda else "torch"
+        name = "triton" if torch.device(device).type == "cuda" else "torch"
     if name == "torch":
         return TorchAttentionBackend()
     if name == "flash-attn":
