@@ -145,3 +145,30 @@ class PagedHarness:
             self.computed[seq] = n
             self.bm.mark_computed(seq, n)
         return self.model.compute_logits(hidden)
+
+
+def shared_prefix_prompts(lens: list[int], seed: int = 11, vocab: int = 512) -> list[list[int]]:
+    """Random prompts; prompt 4 starts with prompt 3's first 24 tokens, prompt 5 with prompt 1
+    (so prefix caching has something to find)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
+    prompts[4] = prompts[3][:24] + prompts[4]
+    prompts[5] = prompts[1] + prompts[5]
+    return prompts
+
+
+@torch.no_grad()
+def hf_greedy(hf, prompts: list[list[int]], max_new: list[int], eos: int) -> list[list[int]]:
+    """transformers' greedy `generate`, one prompt at a time, cut after the first EOS."""
+    device = next(hf.parameters()).device
+    refs = []
+    for p, n in zip(prompts, max_new, strict=True):
+        out = hf.generate(
+            torch.tensor([p], device=device),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )[0, len(p) :].tolist()
+        refs.append(out[: out.index(eos) + 1] if eos in out else out)
+    return refs

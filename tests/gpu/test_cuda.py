@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nv_testing import save_tiny_qwen3
+from nv_testing import hf_greedy, save_tiny_qwen3, shared_prefix_prompts
 
 from nv_kernels import AttentionMetadata, store_kvcache, store_kvcache_ref
 from nv_kernels.torch_attention import decode_ref, prefill_ref
@@ -95,20 +95,8 @@ def fp32_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
     hf = save_tiny_qwen3(path, seed=7, head_dim=64, num_attention_heads=4, hidden_size=128)
     hf = hf.to(DEV)
-    g = torch.Generator().manual_seed(11)
-    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in LENS]
-    prompts[4] = prompts[3][:24] + prompts[4]
-    prompts[5] = prompts[1] + prompts[5]
-    refs = []
-    for p, n in zip(prompts, MAX_NEW, strict=True):
-        out = hf.generate(
-            torch.tensor([p], device=DEV),
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=2,
-            pad_token_id=0,
-        )[0, len(p) :].tolist()
-        refs.append(out[: out.index(2) + 1] if 2 in out else out)
+    prompts = shared_prefix_prompts(LENS)
+    refs = hf_greedy(hf, prompts, MAX_NEW, eos=2)
     return path, prompts, refs
 
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from nv_testing import save_tiny_qwen3
+from nv_testing import hf_greedy, save_tiny_qwen3, shared_prefix_prompts
 
 from nv_engine import LLM, SamplingParams
 
@@ -17,19 +16,8 @@ MAX_NEW = [24, 16, 20, 12, 32, 18]
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-qwen3")
     hf = save_tiny_qwen3(path, seed=7)
-    g = torch.Generator().manual_seed(11)
-    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in LENS]
-    # Shared prefixes: prompt 4 starts with prompt 3's first 24 tokens, prompt 5 with prompt 1.
-    prompts[4] = prompts[3][:24] + prompts[4]
-    prompts[5] = prompts[1] + prompts[5]
-    refs = []
-    for p, n in zip(prompts, MAX_NEW, strict=True):
-        out = hf.generate(
-            torch.tensor([p]), max_new_tokens=n, do_sample=False, eos_token_id=EOS, pad_token_id=0
-        )[0, len(p) :].tolist()
-        if EOS in out:
-            out = out[: out.index(EOS) + 1]
-        refs.append(out)
+    prompts = shared_prefix_prompts(LENS)
+    refs = hf_greedy(hf, prompts, MAX_NEW, EOS)
     assert sum(len(set(r)) for r in refs) > 3 * len(refs)  # discriminating outputs
     return path, prompts, refs
 

@@ -1,34 +1,12 @@
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 
+from nv_kernels.attention_backend import AttentionBackend
 from nv_kernels.flash_attention import FlashAttentionBackend, flash_attn_available
-from nv_kernels.metadata import AttentionMetadata
 from nv_kernels.torch_attention import TorchAttentionBackend
 
 BACKEND_NAMES = ("auto", "torch", "triton", "flash-attn")
-
-
-class AttentionBackend(Protocol):
-    """Writes the step's K/V into the paged cache, then attends (prefill or decode by meta).
-    q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim];
-    caches: [num_blocks, block_size, num_kv_heads, head_dim].
-    Returns [num_tokens, num_heads, head_dim]."""
-
-    name: str
-
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor: ...
 
 
 def get_attention_backend(name: str, device: torch.device | str) -> AttentionBackend:

@@ -2,19 +2,20 @@ from __future__ import annotations
 
 import importlib.util
 
-import torch
+from torch import Tensor
 
+from nv_kernels.attention_backend import AttentionBackend
 from nv_kernels.metadata import AttentionMetadata
-from nv_kernels.store_kvcache import store_kvcache
 
 
 def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-class FlashAttentionBackend:
+class FlashAttentionBackend(AttentionBackend):
     """flash-attn 2: varlen prefill with block tables, `flash_attn_with_kvcache` for decode.
-    Imported lazily; only `auto` on CUDA picks it, and only when installed."""
+    Imported lazily, used only when asked for by name. flash-attn's paged KV wants block sizes
+    that are multiples of 256."""
 
     name = "flash-attn"
 
@@ -24,33 +25,34 @@ class FlashAttentionBackend:
         self._varlen = flash_attn_varlen_func
         self._with_kvcache = flash_attn_with_kvcache
 
-    def forward(
+    def prefill(
         self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
         meta: AttentionMetadata,
         scale: float,
-    ) -> torch.Tensor:
-        if k_cache.numel():
-            store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.is_prefill:
-            if meta.block_tables is not None:
-                k, v = k_cache, v_cache
-            return self._varlen(
-                q,
-                k,
-                v,
-                cu_seqlens_q=meta.cu_seqlens_q,
-                cu_seqlens_k=meta.cu_seqlens_k,
-                max_seqlen_q=meta.max_seqlen_q,
-                max_seqlen_k=meta.max_seqlen_k,
-                softmax_scale=scale,
-                causal=True,
-                block_table=meta.block_tables,
-            )
+    ) -> Tensor:
+        if meta.block_tables is not None:  # context (prefix hits, earlier chunks) in the cache
+            k, v = k_cache, v_cache
+        return self._varlen(
+            q,
+            k,
+            v,
+            cu_seqlens_q=meta.cu_seqlens_q,
+            cu_seqlens_k=meta.cu_seqlens_k,
+            max_seqlen_q=meta.max_seqlen_q,
+            max_seqlen_k=meta.max_seqlen_k,
+            softmax_scale=scale,
+            causal=True,
+            block_table=meta.block_tables,
+        )
+
+    def decode(
+        self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, scale: float
+    ) -> Tensor:
         o = self._with_kvcache(
             q.unsqueeze(1),
             k_cache,

@@ -2,31 +2,38 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
+from nv_kernels.attention_backend import AttentionBackend
 from nv_kernels.metadata import AttentionMetadata
 from nv_kernels.store_kvcache import store_kvcache_ref
 
 
-class TorchAttentionBackend:
+class TorchAttentionBackend(AttentionBackend):
     """The reference backend: plain torch, any device. Every other backend is tested against it."""
 
     name = "torch"
 
-    def forward(
+    def store(
+        self, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor
+    ) -> None:
+        store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping)
+
+    def prefill(
         self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
         meta: AttentionMetadata,
         scale: float,
-    ) -> torch.Tensor:
-        # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
-        if k_cache.numel():
-            store_kvcache_ref(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.is_prefill:
-            return prefill_ref(q, k, v, k_cache, v_cache, meta, scale)
+    ) -> Tensor:
+        return prefill_ref(q, k, v, k_cache, v_cache, meta, scale)
+
+    def decode(
+        self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, scale: float
+    ) -> Tensor:
         return decode_ref(q, k_cache, v_cache, meta, scale)
 
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch import Tensor
 
+from nv_kernels.attention_backend import AttentionBackend
 from nv_kernels.metadata import AttentionMetadata
-from nv_kernels.store_kvcache import store_kvcache
 from nv_kernels.triton_utils import tl, triton
 
 if triton is not None:
@@ -394,23 +395,24 @@ def decode_attention(
     return o
 
 
-class TritonAttentionBackend:
+class TritonAttentionBackend(AttentionBackend):
     """Default backend on CUDA. Runs on CPU only under TRITON_INTERPRET=1 (tests)."""
 
     name = "triton"
 
-    def forward(
+    def prefill(
         self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
         meta: AttentionMetadata,
         scale: float,
-    ) -> torch.Tensor:
-        if k_cache.numel():
-            store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.is_prefill:
-            return prefill_attention(q, k, v, k_cache, v_cache, meta, scale)
+    ) -> Tensor:
+        return prefill_attention(q, k, v, k_cache, v_cache, meta, scale)
+
+    def decode(
+        self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, scale: float
+    ) -> Tensor:
         return decode_attention(q, k_cache, v_cache, meta, scale)

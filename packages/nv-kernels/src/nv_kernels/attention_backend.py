@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import torch
+
+from nv_kernels.metadata import AttentionMetadata
+from nv_kernels.store_kvcache import store_kvcache
+
+
+class AttentionBackend:
+    """One attention implementation over the paged KV cache.
+
+    `forward` writes the step's K/V into the cache (when there is one), then runs `prefill` or
+    `decode` as `meta.is_prefill` says. Shapes: q [num_tokens, num_heads, head_dim];
+    k, v [num_tokens, num_kv_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads,
+    head_dim]; the result is [num_tokens, num_heads, head_dim]. num_heads is a multiple of
+    num_kv_heads (GQA).
+    """
+
+    name: str
+
+    def store(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+
+    def prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        if k_cache.numel():
+            self.store(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_prefill:
+            return self.prefill(q, k, v, k_cache, v_cache, meta, scale)
+        return self.decode(q, k_cache, v_cache, meta, scale)
