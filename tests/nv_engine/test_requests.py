@@ -232,3 +232,17 @@ def test_seeded_sampling_survives_preemption(text_model):
         assert tight.scheduler.num_preemptions > 0
     assert got == ref
     assert torch.tensor([len(g) for g in got]).eq(24).all()
+
+
+def test_numpy_token_ids_accepted(llm):
+    import numpy as np
+
+    a = llm.generate(
+        [np.array([5, 6, 7]).tolist()], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False
+    )[0]["token_ids"]
+    b = llm.generate(
+        [list(np.array([5, 6, 7]))], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False
+    )[0]["token_ids"]
+    assert a == b
+    with pytest.raises(TypeError, match="must hold ints"):
+        llm.generate([[5, 6.0]], use_tqdm=False)

@@ -79,3 +79,58 @@ def test_close_leaves_no_orphans(tmp_path):
     while any(p.is_alive() for p in procs) and time.monotonic() - t < 10:
         time.sleep(0.1)
     assert not any(p.is_alive() for p in procs)
+
+
+def test_decode_plans_pickle_compactly():
+    import pickle
+
+    from nv_engine.plan import ScheduledSeq, StepPlan
+
+    def decode_plan(history: int) -> bytes:
+        row = ScheduledSeq(7, [history % 100], history - 1, list(range(history // 16 + 1)), True)
+        return pickle.dumps(StepPlan(False, (row,)))
+
+    # A decode step carries one token and the block table, never the token history.
+    assert len(decode_plan(4000)) - len(decode_plan(100)) < 4 * (4000 // 16)
+
+
+_ORPHAN_SCRIPT = """
+import sys, time
+from nv_engine import LLM
+llm = LLM(sys.argv[1], device="cpu", tensor_parallel_size=2)
+print(" ".join(str(p.pid) for p in llm._workers.procs), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_workers_exit_when_engine_process_is_killed(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    save_tiny_qwen3(tmp_path, seed=1)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _ORPHAN_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert pids
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 15
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.2)
+            alive = [p for p in pids if _pid_alive(p)]
+        assert not alive, f"orphaned workers {alive}"
+    finally:
+        proc.kill()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False

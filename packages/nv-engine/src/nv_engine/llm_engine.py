@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 import random
 import time
 from collections.abc import Sequence as Seq
@@ -90,13 +91,18 @@ class LLMEngine:
                 )
             token_ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)):
-            token_ids = list(prompt)
             vocab = self.config.hf_config.vocab_size
-            for t in token_ids:
-                if not isinstance(t, int) or isinstance(t, bool):
-                    raise TypeError(f"{where} must hold ints, got {type(t).__name__}")
+            token_ids = []
+            for t in prompt:
+                if isinstance(t, bool):
+                    raise TypeError(f"{where} must hold ints, got bool")
+                try:
+                    t = operator.index(t)  # ints, numpy ints, 0-d integer tensors
+                except TypeError:
+                    raise TypeError(f"{where} must hold ints, got {type(t).__name__}") from None
                 if not 0 <= t < vocab:
                     raise ValueError(f"{where} holds token id {t}, outside [0, {vocab})")
+                token_ids.append(t)
         else:
             raise TypeError(
                 f"{where} must be a str or a list of token ids, got {type(prompt).__name__}"
