@@ -134,3 +134,76 @@ def _pid_alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"  # a zombie has exited
     except FileNotFoundError:
         return False
+
+
+_RANK0_SCRIPT = """
+import json, sys
+from nv_engine import LLM, SamplingParams
+with LLM(sys.argv[1], device="cpu", tensor_parallel_size=2, kvcache_block_size=8,
+         distributed_executor_backend="external", distributed_timeout_s=60) as llm:
+    outs = llm.generate([[5, 6, 7, 8], [9, 10, 11]], SamplingParams(temperature=0, max_tokens=6),
+                        use_tqdm=False)
+print(json.dumps([o["token_ids"] for o in outs]), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_external_ranks_via_env_rendezvous(tmp_path):
+    """Two "nodes" on one host, launched like torchrun: rank 0 runs the engine, rank 1 runs
+    `nv-engine worker`; they meet through MASTER_ADDR/MASTER_PORT."""
+    import json
+    import subprocess
+    import sys
+
+    from nv_testing import free_port
+
+    save_tiny_qwen3(tmp_path, seed=2)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nv_engine.cli",
+            "worker",
+            "--model",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--tensor-parallel-size",
+            "2",
+            "--kvcache-block-size",
+            "8",
+        ],
+        env=dict(env, RANK="1", LOCAL_RANK="0"),
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _RANK0_SCRIPT, str(tmp_path)],
+            env=dict(env, RANK="0", LOCAL_RANK="0"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        assert worker.wait(30) == 0  # the worker left when the engine closed
+    finally:
+        worker.kill()
+    with LLM(str(tmp_path), device="cpu", kvcache_block_size=8) as llm:
+        ref = llm.generate(
+            [[5, 6, 7, 8], [9, 10, 11]], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False
+        )
+    assert got == [o["token_ids"] for o in ref]
+
+
+def test_external_backend_needs_the_rendezvous_env(tmp_path, monkeypatch):
+    save_tiny_qwen3(tmp_path, seed=2)
+    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match="MASTER_ADDR"):
+        LLM(
+            str(tmp_path),
+            device="cpu",
+            tensor_parallel_size=2,
+            distributed_executor_backend="external",
+        )

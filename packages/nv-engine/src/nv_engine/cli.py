@@ -121,6 +121,20 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(a: argparse.Namespace) -> int:
+    from nv_engine.config import Config
+    from nv_engine.workers import serve_external_worker
+
+    config = Config.from_kwargs(
+        a.model,
+        load_format=a.load_format,
+        distributed_executor_backend="external",
+        **_engine_kwargs(a),
+    )
+    serve_external_worker(config)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nv-engine", description="nv inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--max-output-len", type=int, default=1024)
     _engine_args(b)
     b.set_defaults(func=cmd_bench)
+
+    w = sub.add_parser(
+        "worker",
+        help="serve one tensor-parallel rank > 0 for an engine on another process or machine "
+        "(reads MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE[, LOCAL_RANK])",
+    )
+    w.add_argument("--model", required=True)
+    w.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    _engine_args(w)
+    w.set_defaults(func=cmd_worker)
 
     args = parser.parse_args(argv)
     return args.func(args)

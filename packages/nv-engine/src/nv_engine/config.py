@@ -55,6 +55,9 @@ class Config:
     seed: int = 0  # seeds requests that set no seed of their own (deterministically, in order)
     tokenizer: str | None = None  # defaults to `model`
     distributed_timeout_s: float = 300.0
+    # mp: the engine spawns ranks 1..N-1 on this machine; external: they are launched outside
+    # (torchrun or `nv-engine worker`, several machines allowed) and join via env:// rendezvous
+    distributed_executor_backend: str = "mp"
     hf_config: Any = field(default=None, repr=False)
 
     @classmethod
@@ -89,6 +92,11 @@ class Config:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.distributed_executor_backend not in ("mp", "external"):
+            raise ValueError(
+                "distributed_executor_backend must be mp or external, got "
+                f"{self.distributed_executor_backend!r}"
+            )
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         from nv_kernels import BACKEND_NAMES

@@ -15,7 +15,7 @@ from nv_engine.model_runner import ModelRunner
 from nv_engine.sampling_params import SamplingParams
 from nv_engine.scheduler import Scheduler
 from nv_engine.sequence import Sequence
-from nv_engine.workers import WorkerPool
+from nv_engine.workers import ExternalWorkers, WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +34,12 @@ class LLMEngine:
     def __init__(self, model: str | Path, **kwargs: Any) -> None:
         self.config = config = Config.from_kwargs(model, **kwargs)
         self.tokenizer = _load_tokenizer(config)
-        self._workers: WorkerPool | None = None
+        self._workers: WorkerPool | ExternalWorkers | None = None
         try:
             tp = None
             if config.tensor_parallel_size > 1:
-                self._workers = WorkerPool(config)
+                external = config.distributed_executor_backend == "external"
+                self._workers = ExternalWorkers(config) if external else WorkerPool(config)
                 tp = self._workers.start()
             self.model_runner = (
                 ModelRunner(config, 0, tp) if tp is not None else ModelRunner(config)

@@ -11,6 +11,7 @@ from nv_engine.config import Config
 from nv_engine.cuda_graphs import DecodeGraphs
 from nv_engine.plan import ScheduledSeq, StepPlan
 from nv_engine.staging import HostToDevice
+from nv_engine.workers import local_device_index
 from nv_kernels import AttentionMetadata, Sampler, SamplingTensors, get_attention_backend
 from nv_models import TPGroup, build_model, init_random_weights, load_weights
 
@@ -39,7 +40,7 @@ class ModelRunner:
         self.device = torch.device(config.resolved_device())
         if self.device.type == "cuda":
             if self.device.index is None:
-                self.device = torch.device("cuda", rank)
+                self.device = torch.device("cuda", local_device_index(rank))
             torch.cuda.set_device(self.device)
         self.dtype = config.resolved_dtype(self.device.type)
         self.block_size = config.kvcache_block_size

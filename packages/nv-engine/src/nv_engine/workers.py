@@ -106,14 +106,22 @@ def _unique_name() -> str:
     return f"nv-{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
-def init_distributed(config: Config, rank: int, store: dist.Store) -> TPGroup:
+def local_device_index(rank: int) -> int:
+    """The GPU a rank drives: LOCAL_RANK when a launcher set it (several nodes), else the rank."""
+    return int(os.environ.get("LOCAL_RANK", rank))
+
+
+def init_distributed(config: Config, rank: int, store: dist.Store | None) -> TPGroup:
+    """Join the tensor-parallel group: through `store` (spawned workers), or, with no store,
+    through torch.distributed's env:// rendezvous (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE)."""
     world = config.tensor_parallel_size
     device = config.resolved_device()
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(local_device_index(rank))
     dist.init_process_group(
         backend,
+        init_method=None if store is not None else "env://",
         store=store,
         rank=rank,
         world_size=world,
@@ -225,3 +233,84 @@ class WorkerPool:
             self.channel = None
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _env_rank(config: Config) -> int:
+    missing = [
+        v for v in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE") if v not in os.environ
+    ]
+    if missing:
+        raise ValueError(
+            f"distributed_executor_backend='external' needs {missing} in the "
+            "environment (torchrun sets them)"
+        )
+    world = int(os.environ["WORLD_SIZE"])
+    if world != config.tensor_parallel_size:
+        raise ValueError(
+            f"WORLD_SIZE={world} but tensor_parallel_size={config.tensor_parallel_size}"
+        )
+    return int(os.environ["RANK"])
+
+
+class ExternalWorkers:
+    """Ranks launched outside the engine, on this machine or others (torchrun, or
+    `nv-engine worker` by hand), joined through torch.distributed's env:// rendezvous.
+    Rank 0, the engine, broadcasts each step's plan to them over a gloo group."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.ctrl: dist.ProcessGroup | None = None
+
+    def start(self) -> TPGroup:
+        rank = _env_rank(self.config)
+        if rank != 0:
+            raise ValueError(
+                f"RANK={rank}: the engine (LLM) is rank 0; run `nv-engine worker` "
+                "for the other ranks"
+            )
+        tp = init_distributed(self.config, 0, None)
+        self.ctrl = _control_group(self.config)
+        return tp
+
+    def check_alive(self) -> None:
+        """Remote processes cannot be watched: a dead rank surfaces as a collective timeout."""
+
+    def wait_for_failure(self, grace_s: float = 0.0) -> None:
+        """Nothing to wait for (see check_alive)."""
+
+    def send(self, plan: Any) -> None:
+        dist.broadcast_object_list([plan], src=0, group=self.ctrl)
+
+    def close(self) -> None:
+        if self.ctrl is not None:
+            try:
+                self.send(_EXIT)
+            finally:
+                self.ctrl = None
+                dist.destroy_process_group()
+
+
+def _control_group(config: Config) -> dist.ProcessGroup:
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=config.distributed_timeout_s))
+
+
+def serve_external_worker(config: Config) -> None:
+    """A non-zero rank launched by hand or by torchrun: join, build this rank's shard, and run
+    every plan rank 0 broadcasts until it says exit."""
+    from nv_engine.model_runner import ModelRunner
+
+    rank = _env_rank(config)
+    if rank == 0:
+        raise ValueError("RANK=0 runs the engine (LLM); workers are ranks 1..WORLD_SIZE-1")
+    tp = init_distributed(config, rank, None)
+    ctrl = _control_group(config)
+    try:
+        runner = ModelRunner(config, rank, tp)
+        while True:
+            box: list[Any] = [None]
+            dist.broadcast_object_list(box, src=0, group=ctrl)
+            if box[0] == _EXIT:
+                break
+            runner.execute(box[0])
+    finally:
+        dist.destroy_process_group()
