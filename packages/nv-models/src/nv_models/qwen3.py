@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,26 +30,37 @@ def rope_theta(config: Any) -> float:
     return float(theta if theta is not None else 10000.0)
 
 
+@dataclass(frozen=True, slots=True)
+class AttentionSpec:
+    """What differs between the Qwen3 / Qwen2 / Llama attention blocks."""
+
+    qk_norm: bool  # per-head RMSNorm on q and k (Qwen3)
+    qkv_bias: bool
+    o_bias: bool
+
+
 class Qwen3Attention(nn.Module):
     def __init__(
-        self, config: Any, tp: TPGroup, backend: AttentionBackend, qk_norm: bool, qkv_bias: bool
+        self, config: Any, tp: TPGroup, backend: AttentionBackend, spec: AttentionSpec
     ) -> None:
         super().__init__()
         hidden = config.hidden_size
         total_heads, total_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or hidden // total_heads
         self.qkv_proj = QKVParallelLinear(
-            hidden, self.head_dim, total_heads, total_kv_heads, bias=qkv_bias, tp=tp
+            hidden, self.head_dim, total_heads, total_kv_heads, bias=spec.qkv_bias, tp=tp
         )
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.o_proj = RowParallelLinear(total_heads * self.head_dim, hidden, bias=False, tp=tp)
+        self.o_proj = RowParallelLinear(
+            total_heads * self.head_dim, hidden, bias=spec.o_bias, tp=tp
+        )
         self.rotary_emb = RotaryEmbedding(
             self.head_dim, config.max_position_embeddings, rope_theta(config)
         )
         self.attn = Attention(
             self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads, backend
         )
-        if qk_norm:
+        if spec.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         else:
@@ -115,10 +127,10 @@ class Qwen3MLP(nn.Module):
 
 class Qwen3DecoderLayer(nn.Module):
     def __init__(
-        self, config: Any, tp: TPGroup, backend: AttentionBackend, qk_norm: bool, qkv_bias: bool
+        self, config: Any, tp: TPGroup, backend: AttentionBackend, spec: AttentionSpec
     ) -> None:
         super().__init__()
-        self.self_attn = Qwen3Attention(config, tp, backend, qk_norm, qkv_bias)
+        self.self_attn = Qwen3Attention(config, tp, backend, spec)
         self.mlp = Qwen3MLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -141,13 +153,12 @@ class Qwen3DecoderLayer(nn.Module):
 
 class Qwen3Model(nn.Module):
     def __init__(
-        self, config: Any, tp: TPGroup, backend: AttentionBackend, qk_norm: bool, qkv_bias: bool
+        self, config: Any, tp: TPGroup, backend: AttentionBackend, spec: AttentionSpec
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            Qwen3DecoderLayer(config, tp, backend, qk_norm, qkv_bias)
-            for _ in range(config.num_hidden_layers)
+            Qwen3DecoderLayer(config, tp, backend, spec) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -174,19 +185,19 @@ class Qwen3ForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
     }
-    qk_norm = True
 
     def __init__(self, config: Any, tp: TPGroup, backend: AttentionBackend) -> None:
         super().__init__()
-        self.model = Qwen3Model(config, tp, backend, self.qk_norm, self.qkv_bias(config))
+        self.model = Qwen3Model(config, tp, backend, self.attention_spec(config))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @staticmethod
-    def qkv_bias(config: Any) -> bool:
-        return bool(getattr(config, "attention_bias", False))
+    def attention_spec(config: Any) -> AttentionSpec:
+        bias = bool(getattr(config, "attention_bias", False))
+        return AttentionSpec(qk_norm=True, qkv_bias=bias, o_bias=bias)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
@@ -202,14 +213,15 @@ class Qwen3ForCausalLM(nn.Module):
 class Qwen2ForCausalLM(Qwen3ForCausalLM):
     """Qwen2 / Qwen2.5: biased q/k/v projections, no q/k norm."""
 
-    qk_norm = False
-
     @staticmethod
-    def qkv_bias(config: Any) -> bool:
-        return True
+    def attention_spec(config: Any) -> AttentionSpec:
+        return AttentionSpec(qk_norm=False, qkv_bias=True, o_bias=False)
 
 
 class LlamaForCausalLM(Qwen3ForCausalLM):
     """Llama with plain RoPE (no rope scaling)."""
 
-    qk_norm = False
+    @staticmethod
+    def attention_spec(config: Any) -> AttentionSpec:
+        bias = bool(getattr(config, "attention_bias", False))
+        return AttentionSpec(qk_norm=False, qkv_bias=bias, o_bias=bias)

@@ -1,0 +1,90 @@
+"""Qwen2, Llama and biased variants against Hugging Face, fp32 on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from nv_testing import hf_logits, load_ours
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from nv_engine import LLM, SamplingParams
+from nv_kernels import AttentionMetadata
+
+COMMON = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.15,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def _save(path, cls, config_cls, arch, **kw):
+    torch.manual_seed(0)
+    config = config_cls(**COMMON, **kw)
+    config.architectures = [arch]
+    model = cls(config).float().eval()
+    with torch.no_grad():  # make biases non-zero so that a dropped bias would show
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.2)
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+@pytest.mark.parametrize(
+    "cls,config_cls,arch,kw",
+    [
+        (Qwen2ForCausalLM, Qwen2Config, "Qwen2ForCausalLM", {}),
+        (LlamaForCausalLM, LlamaConfig, "LlamaForCausalLM", dict(head_dim=16)),
+        (LlamaForCausalLM, LlamaConfig, "LlamaForCausalLM", dict(attention_bias=True)),
+        (Qwen3ForCausalLM, Qwen3Config, "Qwen3ForCausalLM", dict(attention_bias=True, head_dim=16)),
+    ],
+    ids=["qwen2", "llama", "llama-bias", "qwen3-bias"],
+)
+def test_logits_and_greedy_match_hf(tmp_path, cls, config_cls, arch, kw):
+    hf = _save(tmp_path, cls, config_cls, arch, **kw)
+    ours = load_ours(tmp_path)
+    prompt = torch.randint(3, 512, (13,), generator=torch.Generator().manual_seed(1)).tolist()
+    cu = torch.tensor([0, 13], dtype=torch.int32)
+    meta = AttentionMetadata(True, torch.full((13,), -1), None, None, cu, cu, 13, 13)
+    with torch.no_grad():
+        logits = ours.compute_logits(ours(torch.tensor(prompt), torch.arange(13), meta))
+    assert (logits - hf_logits(hf, prompt)).abs().max().item() <= 1e-4
+    ref = hf.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )[0, 13:].tolist()
+    with LLM(str(tmp_path), device="cpu", kvcache_block_size=4) as llm:
+        out = llm.generate(
+            [prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False
+        )[0]
+    assert out["token_ids"] == ref
+
+
+def test_unsupported_rope_scaling_is_a_clear_error(tmp_path):
+    _save(
+        tmp_path,
+        LlamaForCausalLM,
+        LlamaConfig,
+        "LlamaForCausalLM",
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+    )
+    with pytest.raises(ValueError, match="rope scaling type 'linear'"):
+        load_ours(tmp_path)
