@@ -37,6 +37,7 @@ def _worker(rank, world, port, path, ids, pos, cu, out_file):
             logits = model.compute_logits(model(ids, pos, _meta(ids, cu)))
         if rank == 0:
             torch.save(logits, out_file)
+        dist.barrier()  # leave together: a rank tearing down early can abort its peer
     finally:
         dist.destroy_process_group()
 

@@ -150,6 +150,8 @@ def _worker_main(
         runner = ModelRunner(config, rank, tp)
         while (plan := receiver.recv()) != _EXIT:
             runner.execute(plan)
+        if os.getppid() == parent_pid:
+            dist.barrier()  # leave with rank 0: tearing down early can abort a peer mid-read
     finally:
         receiver.shm.close()
         dist.destroy_process_group()
@@ -219,8 +221,9 @@ class WorkerPool:
             try:
                 if all(p.is_alive() for p in self.procs):
                     self.channel.send(_EXIT, self.check_alive)
-            except WorkerError:
-                pass
+                    dist.barrier()
+            except (WorkerError, RuntimeError):
+                pass  # a worker died meanwhile: it is terminated below
         deadline = time.monotonic() + 10
         for proc in self.procs:
             proc.join(max(0.1, deadline - time.monotonic()))
@@ -285,6 +288,7 @@ class ExternalWorkers:
         if self.ctrl is not None:
             try:
                 self.send(_EXIT)
+                dist.barrier()
             finally:
                 self.ctrl = None
                 dist.destroy_process_group()
@@ -310,6 +314,7 @@ def serve_external_worker(config: Config) -> None:
             box: list[Any] = [None]
             dist.broadcast_object_list(box, src=0, group=ctrl)
             if box[0] == _EXIT:
+                dist.barrier()
                 break
             runner.execute(box[0])
     finally:
