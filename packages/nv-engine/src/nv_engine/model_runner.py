@@ -206,25 +206,21 @@ class ModelRunner:
 
     def _prepare_decode(self, plan: StepPlan, padded: int):
         """Inputs for `padded` rows: the plan's sequences, then padding rows that read one cached
-        token and write none (slot -1)."""
+        token and write none (slot -1). Two staged arrays, one copy."""
         bs = self.block_size
-        seqs = plan.seqs
-        pad = padded - len(seqs)
-        tables = [s.block_table for s in seqs]
-        positions = [s.start_pos for s in seqs]
+        n = len(plan.seqs)
+        pad = padded - n
+        _, tokens, positions, tables, *_ = zip(*plan.seqs, strict=True)  # plan columns
+        ids = [t[0] for t in tokens]
+        slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)]
+        width = max(map(len, tables))
         h = self.staging
-        h.add([s.token_ids[0] for s in seqs] + [0] * pad, torch.int64)
-        h.add(positions + [0] * pad, torch.int64)
-        h.add(
-            [t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)] + [-1] * pad,
-            torch.int64,
-        )
-        h.add([p + 1 for p in positions] + [1] * pad, torch.int32)
-        width = max(len(t) for t in tables)
-        h.add(_padded_rows(tables, width), torch.int32)
-        ids, pos, slots, ctx, bt = h.send()
-        meta = AttentionMetadata(False, slots, ctx, bt.view(len(seqs), width))
-        return ids, pos, meta
+        h.add(ids + [0] * pad + list(positions) + [0] * pad + slots + [-1] * pad, torch.int64)
+        h.add([p + 1 for p in positions] + [1] * pad + _padded_rows(tables, width), torch.int32)
+        i64, i32 = h.send()
+        ids_t, pos_t, slots_t = i64.view(3, padded)
+        meta = AttentionMetadata(False, slots_t, i32[:padded], i32[padded:].view(n, width))
+        return ids_t, pos_t, meta
 
     def _sample(self, plan: StepPlan, logits: torch.Tensor) -> list[int]:
         rows = [s for s in plan.seqs if s.sample]
@@ -238,26 +234,28 @@ class ModelRunner:
 
     def _sampling_tensors(self, rows: list) -> SamplingTensors:
         v = self.vocab_size
-        top_k = [s.top_k if 0 < s.top_k < v else v for s in rows]
+        n = len(rows)
+        temps, top_k, top_p, min_p, seeds, steps = list(zip(*rows, strict=True))[
+            5:
+        ]  # sampling cols
+        top_k = [k if 0 < k < v else v for k in top_k]
         h = self.staging
-        h.add([s.temperature for s in rows], torch.float32)
-        h.add([s.top_p for s in rows], torch.float32)
-        h.add([s.min_p for s in rows], torch.float32)
-        h.add(top_k, torch.int64)
-        h.add([s.seed for s in rows], torch.int64)
-        h.add([s.output_index for s in rows], torch.int64)
-        temps, top_p, min_p, top_k_t, seeds, steps = h.send()
+        h.add(temps + top_p + min_p, torch.float32)
+        h.add(top_k + list(seeds) + list(steps), torch.int64)
+        f32, i64 = h.send()
+        temps_t, top_p_t, min_p_t = f32.view(3, n)
+        top_k_t, seeds_t, steps_t = i64.view(3, n)
         return SamplingTensors(
-            temperatures=temps,
+            temperatures=temps_t,
             top_k=top_k_t,
-            top_p=top_p,
-            min_p=min_p,
-            seeds=seeds,
-            steps=steps,
-            all_greedy=all(s.temperature == 0 for s in rows),
-            use_top_k=any(k < v for k in top_k),
-            use_top_p=any(s.top_p < 1 for s in rows),
-            use_min_p=any(s.min_p > 0 for s in rows),
+            top_p=top_p_t,
+            min_p=min_p_t,
+            seeds=seeds_t,
+            steps=steps_t,
+            all_greedy=max(temps) == 0,
+            use_top_k=min(top_k) < v,
+            use_top_p=min(top_p) < 1,
+            use_min_p=max(min_p) > 0,
         )
 
 
