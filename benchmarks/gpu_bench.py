@@ -237,24 +237,28 @@ def workload_p() -> None:
             )
 
 
+def start_decoding(llm, num_seqs: int, prompt_len: int, max_tokens: int) -> None:
+    """Admit `num_seqs` sampled requests and run steps until every prompt is prefilled."""
+    from nv_engine import SamplingParams
+
+    p = SamplingParams(temperature=0.6, max_tokens=max_tokens, ignore_eos=True)
+    for i in range(num_seqs):
+        llm.add_request(list(range(i, i + prompt_len)), p)
+    while llm.scheduler.waiting or any(
+        s.num_computed_tokens < s.num_prefill_tokens for s in llm.scheduler.running
+    ):
+        llm.step()
+
+
 def profile() -> None:
     """Where a decode step's time goes at 256 running sequences (~600-token contexts): host work
     per phase, then the top GPU kernels from torch.profiler."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
-    from nv_engine import SamplingParams
 
     with make_llm(kvcache_block_size=256) as llm:
-        for i in range(256):
-            llm.add_request(
-                list(range(i, i + 500)),
-                SamplingParams(temperature=0.6, max_tokens=300, ignore_eos=True),
-            )
-        while llm.scheduler.waiting or any(
-            s.num_computed_tokens < s.num_prefill_tokens for s in llm.scheduler.running
-        ):
-            llm.step()
+        start_decoding(llm, 256, 500, max_tokens=300)
         runner = llm.model_runner
         rows = {"schedule": [], "execute": [], "postprocess": [], "step": []}
         for _ in range(40):

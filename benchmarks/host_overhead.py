@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 import torch
+from gpu_bench import start_decoding
 from transformers import Qwen3Config
 
-from nv_engine import LLM, SamplingParams
+from nv_engine import LLM
 
 
 def main(num_seqs: int = 256, steps: int = 200) -> None:
@@ -39,15 +40,7 @@ def main(num_seqs: int = 256, steps: int = 200) -> None:
         kvcache_block_size=256,
         num_kvcache_blocks=num_seqs * 8,
     ) as llm:
-        for i in range(num_seqs):
-            llm.add_request(
-                list(range(i, i + 500)),
-                SamplingParams(temperature=0.6, max_tokens=10_000, ignore_eos=True),
-            )
-        while llm.scheduler.waiting or any(
-            s.num_computed_tokens < s.num_prefill_tokens for s in llm.scheduler.running
-        ):
-            llm.step()
+        start_decoding(llm, num_seqs, 500, max_tokens=10_000)
         runner, sched = llm.model_runner, llm.scheduler
         t = {"schedule": [], "prepare_inputs": [], "prepare_sampling": [], "postprocess": []}
         fake = torch.zeros(num_seqs, dtype=torch.int64)

@@ -12,26 +12,24 @@ from nv_kernels import AttentionMetadata, get_attention_backend
 from nv_kvcache import BlockManager
 from nv_models import TPGroup, build_model, load_weights
 
+# A tiny decoder, untied with a wide init (initializer_range 0.15) so that greedy tokens vary.
+TINY = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.15,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
 
 def tiny_qwen3_config(**overrides) -> Qwen3Config:
-    """Untied, wide init (initializer_range 0.15) so that greedy tokens vary."""
-    kw = dict(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        initializer_range=0.15,
-        tie_word_embeddings=False,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    kw = dict(TINY, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0, pad_token_id=0)
     kw.update(overrides)
     return Qwen3Config(**kw)
 

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -102,7 +100,6 @@ def test_frequencies_match_restricted_softmax(kw):
     kept = expected > 0
     chi2 = (((freq[kept] - expected[kept]) * n) ** 2 / (expected[kept] * n)).sum().item()
     assert chi2 < 35, (chi2, freq, expected)
-    assert math.isclose(freq.sum().item(), 1.0)
 
 
 def test_compiled_sampler_matches_eager():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nv_testing import hf_logits, load_ours
+from nv_testing import TINY, hf_logits, load_ours
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -17,24 +17,10 @@ from transformers import (
 from nv_engine import LLM, SamplingParams
 from nv_kernels import AttentionMetadata
 
-COMMON = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    initializer_range=0.15,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-
 
 def _save(path, cls, config_cls, arch, **kw):
     torch.manual_seed(0)
-    config = config_cls(**COMMON, **kw)
+    config = config_cls(**{**TINY, **kw})
     config.architectures = [arch]
     model = cls(config).float().eval()
     with torch.no_grad():  # make biases non-zero so that a dropped bias would show

@@ -58,7 +58,6 @@ class LLMEngine:
             config.max_model_len = capacity
         self.scheduler = Scheduler(config, num_blocks, _eos_token_ids(config, self.tokenizer))
         self._seed_rng = random.Random(config.seed)
-        self._requests: dict[int, Sequence] = {}
         self._num_with_stop_strings = 0  # skip the per-step stop-string scan when none
         self.last_step: tuple[bool, int] = (False, 0)  # (was prefill, tokens computed)
 
@@ -116,31 +115,23 @@ class LLMEngine:
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> int:
         """Queue one request; returns its id. Raises ValueError/TypeError (and queues nothing)
         for a bad prompt or parameters."""
-        return self._add(self._token_ids(prompt), sampling_params)
+        return self._add(self._token_ids(prompt), _checked_params(sampling_params))
 
-    def _add(self, token_ids: list[int], params: SamplingParams | None) -> int:
-        params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+    def _add(self, token_ids: list[int], params: SamplingParams) -> int:
         seed = (
             params.seed & _SEED_MASK if params.seed is not None else self._seed_rng.getrandbits(63)
         )
         seq = Sequence(token_ids, params, seed)
         self.scheduler.add(seq)
-        self._requests[seq.seq_id] = seq
         self._num_with_stop_strings += bool(params.stop)
         return seq.seq_id
 
     def abort_request(self, request_id: int) -> None:
-        seq = self._forget(request_id)
-        if seq is not None and not seq.is_finished:
-            self.scheduler.finish(seq, "abort")
-
-    def _forget(self, request_id: int) -> Sequence | None:
-        seq = self._requests.pop(request_id, None)
+        """End an unfinished request and free its blocks; unknown or finished ids are ignored."""
+        seq = self.scheduler.seqs.get(request_id)
         if seq is not None:
+            self.scheduler.finish(seq, "abort")
             self._num_with_stop_strings -= bool(seq.params.stop)
-        return seq
 
     def is_finished(self) -> bool:
         return self.scheduler.is_finished()
@@ -161,14 +152,8 @@ class LLMEngine:
         finished = self.scheduler.postprocess(plan, sampled)
         self.last_step = (plan.is_prefill, plan.num_tokens)
         for s in plan.seqs if self._num_with_stop_strings else ():
-            seq = self._requests.get(s.seq_id)
-            if (
-                s.sample
-                and seq is not None
-                and seq.params.stop
-                and not seq.is_finished
-                and self._check_stop_strings(seq)
-            ):
+            seq = self.scheduler.seqs.get(s.seq_id)  # None once finished
+            if s.sample and seq is not None and seq.params.stop and self._check_stop_strings(seq):
                 finished.append(seq)
         return [self._output(seq) for seq in finished]
 
@@ -184,7 +169,7 @@ class LLMEngine:
         return True
 
     def _output(self, seq: Sequence) -> dict[str, Any]:
-        self._forget(seq.seq_id)
+        self._num_with_stop_strings -= bool(seq.params.stop)
         text = seq.text  # set when a stop string cut it
         if text is None:
             text = (
@@ -225,9 +210,7 @@ class LLMEngine:
                 f"got {len(prompts)} prompts but {len(sampling_params)} sampling_params"
             )
         token_ids = [self._token_ids(p, i) for i, p in enumerate(prompts)]
-        for p in sampling_params:
-            if p is not None and not isinstance(p, SamplingParams):
-                raise TypeError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
+        sampling_params = [_checked_params(p) for p in sampling_params]
         ids = []
         outputs: dict[int, dict[str, Any]] = {}
         try:
@@ -258,6 +241,14 @@ class LLMEngine:
                 if rid not in outputs:
                     self.abort_request(rid)
         return [outputs[rid] for rid in ids]
+
+
+def _checked_params(params: SamplingParams | None) -> SamplingParams:
+    if params is None:
+        return SamplingParams()
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+    return params
 
 
 def _load_tokenizer(config: Config):

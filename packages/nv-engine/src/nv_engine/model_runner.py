@@ -79,9 +79,7 @@ class ModelRunner:
         block_bytes = 2 * len(layers) * self.block_size * a.num_kv_heads * a.head_dim * itemsize
         num_blocks = self.config.num_kvcache_blocks or self._blocks_from_memory(block_bytes)
         if self.tp.size > 1:  # every rank must agree on the pool
-            t = torch.tensor(
-                [num_blocks], device=self.device if self.device.type == "cuda" else "cpu"
-            )
+            t = torch.tensor([num_blocks], device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.tp.group)
             num_blocks = int(t.item())
         if num_blocks < 1:

@@ -25,6 +25,7 @@ class Scheduler:
         self.block_manager = BlockManager(
             num_blocks, config.kvcache_block_size, config.enable_prefix_caching
         )
+        self.seqs: dict[int, Sequence] = {}  # every unfinished sequence, by id
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
@@ -47,6 +48,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.check_prompt(len(seq))
+        self.seqs[seq.seq_id] = seq
         self.waiting.append(seq)
 
     # ---- scheduling ----------------------------------------------------------------------------
@@ -139,12 +141,11 @@ class Scheduler:
     def postprocess(self, plan: StepPlan, sampled: list[int]) -> list[Sequence]:
         """Record the step's results; `sampled` has one token per scheduled seq with sample=True.
         Returns the sequences that finished."""
-        by_id = {seq.seq_id: seq for seq in self.running}
         finished = []
         tokens = iter(sampled)
         bm = self.block_manager
         for s in plan.seqs:
-            seq = by_id[s.seq_id]
+            seq = self.seqs[s.seq_id]
             seq.num_computed_tokens = s.start_pos + len(s.token_ids)
             bm.mark_computed(seq.seq_id, seq.num_computed_tokens)
             if not s.sample:
@@ -174,5 +175,6 @@ class Scheduler:
             self.block_manager.free(seq.seq_id)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        self.seqs.pop(seq.seq_id, None)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

@@ -3,8 +3,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nv_models.layers.compile import compile_on_cuda
-
 
 class RotaryEmbedding(nn.Module):
     """Neox-style rotary embedding over the full head dim, from a cos/sin cache indexed by
@@ -26,17 +24,13 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [num_tokens, num_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim]
-        return apply_rotary(q, k, self.cos_sin_cache[positions])
+        cos_sin = self.cos_sin_cache[positions]
+        return rotate(q, cos_sin), rotate(k, cos_sin)
 
 
 def rotate(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` [T, heads, D] by per-token `cos_sin` [T, D] (cos | sin halves), in float32.
+    Qwen3's attention fuses this with its q/k norms (`split_qkv_norm_rotary`)."""
     cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
-@compile_on_cuda
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return rotate(q, cos_sin), rotate(k, cos_sin)
