@@ -256,7 +256,6 @@ def profile() -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
-
     with make_llm(kvcache_block_size=256) as llm:
         start_decoding(llm, 256, 500, max_tokens=300)
         runner = llm.model_runner
