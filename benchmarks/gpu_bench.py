@@ -1,7 +1,7 @@
 """GPU benchmarks for docs/benchmarks.md, in one process so one device call covers them all.
 
     python benchmarks/gpu_bench.py [sections...]   # default: all
-sections: env bandwidth kernels a a16 batch1 p profile hf
+sections: env bandwidth kernels a a16 batch1 p profile trace kprofile hf
 Prints one JSON line per result and a summary table last.
 """
 
@@ -286,6 +286,93 @@ def profile() -> None:
         )
 
 
+def _kernel_table(prof, steps: int, top: int = 22) -> float:
+    """Print the top GPU kernels of a profiled window (µs per step); return GPU µs per step."""
+    rows = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    rows.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in rows) / steps
+    for e in rows[:top]:
+        print(f"  {e.device_time_total / steps:9.1f} us/step {e.count // steps:5d}x  {e.key[:90]}")
+    print(f"  {total:9.1f} us/step GPU busy in all")
+    return total
+
+
+def trace() -> None:
+    """Workload A step by step: wall time per step by batch size, and GPU kernel time from
+    torch.profiler windows at a few batch sizes (what is GPU, what is host)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    from nv_engine import SamplingParams
+    from nv_engine.bench import nano_vllm_workload
+
+    prompts, params = nano_vllm_workload()
+    with make_llm(kvcache_block_size=256) as llm:
+        llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=4), use_tqdm=False)
+        for p, sp in zip(prompts, params, strict=True):
+            llm.add_request(p, sp)
+        windows = {256: None, 128: None, 32: None, 4: None}
+        buckets: dict[str, list[float]] = {}
+        t_all = time.perf_counter()
+        while not llm.is_finished():
+            n = len(llm.scheduler.running)
+            w = next((b for b, v in windows.items() if v is None and n <= b), None)
+            decoding = not llm.scheduler.waiting and n > 0
+            if decoding and w is not None and n > w // 2:
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        llm.step()
+                    torch.cuda.synchronize()
+                wall = (time.perf_counter() - t) / 5 * 1e3
+                print(f"profile window: {n} running, wall {wall:.2f} ms/step (profiled)")
+                windows[w] = _kernel_table(prof, 5)
+                continue
+            t = time.perf_counter()
+            llm.step()
+            dt = time.perf_counter() - t
+            was_prefill, _ = llm.last_step
+            key = "prefill" if was_prefill else f"decode {1 << (n.bit_length() - 1):>3}+"
+            buckets.setdefault(key, []).append(dt)
+        total = time.perf_counter() - t_all
+        for key in sorted(buckets):
+            xs = buckets[key]
+            report(
+                "trace_A",
+                bucket=key,
+                steps=len(xs),
+                ms_per_step=round(sum(xs) / len(xs) * 1e3, 3),
+                seconds=round(sum(xs), 3),
+            )
+        report("trace_A_total", seconds=round(total, 2), gpu_us_per_step=windows)
+
+
+def kprofile() -> None:
+    """GPU kernels of the batch-1 decode step and of a 256-sequence step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    for n in (1, 256):
+        with make_llm(kvcache_block_size=256) as llm:
+            start_decoding(llm, n, 500 if n > 1 else 128, max_tokens=200)
+            for _ in range(5):
+                llm.step()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(20):
+                llm.step()
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t) / 20 * 1e3
+            with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    llm.step()
+                torch.cuda.synchronize()
+            print(f"batch {n}: wall {wall:.3f} ms/step")
+            gpu = _kernel_table(prof, 10, top=30)
+            report("kprofile", batch=n, wall_ms=round(wall, 3), gpu_ms=round(gpu / 1e3, 3))
+
+
 def hf_baseline() -> None:
     """transformers on the same card: static-batch generate on a slice of workload A."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -357,6 +444,10 @@ def main() -> None:
                 workload_p()
             elif s == "profile":
                 profile()
+            elif s == "trace":
+                trace()
+            elif s == "kprofile":
+                kprofile()
             elif s == "hf":
                 hf_baseline()
         except Exception as e:  # keep going: one failing section must not hide the rest

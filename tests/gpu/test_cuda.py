@@ -149,6 +149,8 @@ QWEN3_06B = dict(
 
 
 def test_bf16_logits_qwen3_06b_shape(tmp_path):
+    """Prefill and 7 decode steps (CUDA graphs, small-batch GEMM): each step's logits within
+    1.5x of transformers-bf16's own error against transformers fp32."""
     from transformers import Qwen3ForCausalLM
 
     from nv_engine import LLM, SamplingParams
@@ -157,25 +159,50 @@ def test_bf16_logits_qwen3_06b_shape(tmp_path):
     hf16 = Qwen3ForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).to(DEV)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 151936, (200,), generator=g).tolist()
-    with torch.no_grad():
-        ref = hf32(torch.tensor([prompt], device=DEV)).logits[0, -1].float()
-        hf_bf16 = hf16(torch.tensor([prompt], device=DEV)).logits[0, -1].float()
+    steps: list[torch.Tensor] = []  # nv's logits for the last token of each step
     with LLM(str(tmp_path), dtype="bfloat16", max_model_len=1024, kvcache_block_size=16) as llm:
         runner = llm.model_runner
-        logits = {}
-        orig = runner.model.compute_logits
+        compute_logits, replay = runner.model.compute_logits, runner.graphs.replay
 
-        def capture(hidden, idx=None):
-            out = orig(hidden, idx)
-            logits["last"] = out[-1].float()
+        def prefill_logits(hidden, idx=None):
+            out = compute_logits(hidden, idx)
+            steps.append(out[-1].float().clone())
             return out
 
-        runner.model.compute_logits = capture
-        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
-    err_ours = ((logits["last"] - ref).norm() / ref.norm()).item()
-    err_hf = ((hf_bf16 - ref).norm() / ref.norm()).item()
-    print(f"bf16 relative logits error: ours {err_ours:.4f}, transformers bf16 {err_hf:.4f}")
-    assert err_ours <= 1.5 * err_hf + 1e-3
+        def decode_logits(*args):
+            out = replay(*args)
+            steps.append(out[0].float().clone())
+            return out
+
+        runner.model.compute_logits, runner.graphs.replay = prefill_logits, decode_logits
+        out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    tokens = prompt + out[0]["token_ids"][:-1]
+    assert len(steps) == 8
+    with torch.no_grad():
+        ids = torch.tensor([tokens], device=DEV)
+        ref = hf32(ids).logits[0, -8:].float()
+        hf_bf16 = hf16(ids).logits[0, -8:].float()
+    for i, ours in enumerate(steps):
+        err_ours = ((ours - ref[i]).norm() / ref[i].norm()).item()
+        err_hf = ((hf_bf16[i] - ref[i]).norm() / ref[i].norm()).item()
+        print(f"step {i}: bf16 relative logits error ours {err_ours:.4f}, hf {err_hf:.4f}")
+        assert err_ours <= 1.5 * err_hf + 1e-3
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+@pytest.mark.parametrize(
+    "n, k", [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (200, 72)]
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_skinny_gemm_matches_cublas(m, n, k, dtype):
+    from nv_kernels.skinny_gemm import skinny_gemm
+
+    g = torch.Generator(device=DEV).manual_seed(m + n + k)
+    x = torch.randn(m, k, device=DEV, dtype=dtype, generator=g)
+    w = torch.randn(n, k, device=DEV, dtype=dtype, generator=g) * 0.05
+    b = torch.randn(n, device=DEV, dtype=dtype, generator=g)
+    ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    torch.testing.assert_close(skinny_gemm(x, w, b).float(), ref, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

@@ -64,9 +64,14 @@ class LLMEngine:
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Stop the workers and free this process's model, KV cache and CUDA graphs. Idempotent;
+        the engine cannot be used afterwards."""
         workers, self._workers = getattr(self, "_workers", None), None
         if workers is not None:
             workers.close()
+        runner, self.model_runner = getattr(self, "model_runner", None), None
+        if runner is not None:
+            runner.close()
 
     def __enter__(self) -> LLMEngine:
         return self
@@ -138,6 +143,8 @@ class LLMEngine:
 
     def step(self) -> list[dict[str, Any]]:
         """Run one scheduled step; returns the outputs of requests that finished in it."""
+        if self.model_runner is None:
+            raise RuntimeError("the engine is closed")
         plan = self.scheduler.schedule()
         if plan is None:
             return []

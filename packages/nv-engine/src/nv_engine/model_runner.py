@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import Iterator
 
@@ -62,6 +63,16 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager and backend.name != "torch":
             self.graphs = DecodeGraphs(self.model, self.device, config)
             self.graphs.capture(self.max_blocks_per_seq)
+
+    def close(self) -> None:
+        """Drop the model, KV cache and graphs and hand the memory back to the device."""
+        self.graphs = None
+        for layer in self._attention_layers():
+            layer.k_cache = layer.v_cache = torch.tensor([])
+        self.kv_cache = self.model = self.sampler = self.staging = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @property
     def max_blocks_per_seq(self) -> int:

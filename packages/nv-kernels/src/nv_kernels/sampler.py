@@ -83,10 +83,10 @@ def sample(
     """Next token per row of `logits` `[B, V]`: argmax where temperature is 0, else Gumbel-max
     (argmax of probs / Exp(1), computed in log space) over softmax(logits / T) restricted by
     min-p, top-k and top-p."""
-    greedy = logits.argmax(dim=-1)
     if st.all_greedy:
-        return greedy
-    temps = torch.where(st.temperatures == 0, 1.0, st.temperatures)
+        return chunked_argmax(logits)
+    greedy_rows = st.temperatures == 0
+    temps = torch.where(greedy_rows, 1.0, st.temperatures)
     logits = logits.float() / temps[:, None]
     if st.use_min_p:
         probs = logits.softmax(dim=-1)
@@ -101,8 +101,25 @@ def sample(
     noise = exponential_noise(st.seeds, st.steps, keys)
     # argmax(probs / E) == argmax(logits / T - log E): the softmax normaliser is a per-row
     # constant, so the draw needs no softmax pass over the vocabulary.
-    sampled = (logits - noise.log()).argmax(dim=-1)
-    return torch.where(st.temperatures == 0, greedy, sampled)
+    # Greedy rows keep their logits (temperature 1, no noise): the filters above never drop a
+    # row's most likely token, so one argmax serves both kinds of row.
+    scores = logits - torch.where(greedy_rows[:, None], 0.0, noise.log())
+    return chunked_argmax(scores)
+
+
+ARGMAX_CHUNKS = 64
+
+
+def chunked_argmax(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(-1)` for `[B, V]` computed as a max within `ARGMAX_CHUNKS` slices of each row,
+    then across them: compiled, a small batch then fills the GPU with B * ARGMAX_CHUNKS programs
+    rather than B. Ties go to the lowest index, as with `argmax`."""
+    b, v = x.shape
+    width = -(-v // ARGMAX_CHUNKS)
+    x = torch.nn.functional.pad(x, (0, width * ARGMAX_CHUNKS - v), value=float("-inf"))
+    best, idx = x.view(b, ARGMAX_CHUNKS, width).max(dim=-1)
+    chunk = best.argmax(dim=-1, keepdim=True)
+    return (idx.gather(1, chunk) + chunk * width).squeeze(1)
 
 
 class Sampler:

@@ -54,9 +54,6 @@ class Qwen3Attention(nn.Module):
         self.o_proj = RowParallelLinear(
             total_heads * self.head_dim, hidden, bias=spec.o_bias, tp=tp
         )
-        self.rotary_emb = RotaryEmbedding(
-            self.head_dim, config.max_position_embeddings, rope_theta(config)
-        )
         self.attn = Attention(
             self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads, backend
         )
@@ -67,12 +64,14 @@ class Qwen3Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata
+        self, cos_sin: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
+        """`cos_sin`: the rotary table's rows for this step's positions (one gather per step,
+        made by the model)."""
         qkv = self.qkv_proj(x)
         q, k, v = split_qkv_norm_rotary(
             qkv,
-            self.rotary_emb.cos_sin_cache[positions],
+            cos_sin,
             None if self.q_norm is None else self.q_norm.weight,
             None if self.k_norm is None else self.k_norm.weight,
             self.q_norm.eps if self.q_norm is not None else 0.0,
@@ -137,7 +136,7 @@ class Qwen3DecoderLayer(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
         x: torch.Tensor,
         residual: torch.Tensor | None,
         meta: AttentionMetadata,
@@ -146,7 +145,7 @@ class Qwen3DecoderLayer(nn.Module):
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, meta)
+        x = self.self_attn(cos_sin, x, meta)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -157,6 +156,12 @@ class Qwen3Model(nn.Module):
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
+        self.rotary_emb = RotaryEmbedding(
+            head_dim, config.max_position_embeddings, rope_theta(config)
+        )
         self.layers = nn.ModuleList(
             Qwen3DecoderLayer(config, tp, backend, spec) for _ in range(config.num_hidden_layers)
         )
@@ -166,9 +171,10 @@ class Qwen3Model(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        cos_sin = self.rotary_emb.cos_sin_cache[positions]
         residual = None
         for layer in self.layers:
-            x, residual = layer(positions, x, residual, meta)
+            x, residual = layer(cos_sin, x, residual, meta)
         x, _ = self.norm(x, residual)
         return x
 
