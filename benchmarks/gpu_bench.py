@@ -349,9 +349,31 @@ def trace() -> None:
 
 
 def kprofile() -> None:
-    """GPU kernels of the batch-1 decode step and of a 256-sequence step."""
+    """GPU kernels of a 16k-token prefill step, the batch-1 decode step and a 256-sequence
+    decode step."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
+
+    from nv_engine import SamplingParams
+
+    with make_llm(kvcache_block_size=256) as llm:
+        p = SamplingParams(max_tokens=1)
+        for rnd in range(2):  # the first round warms up; distinct tokens: no prefix hits
+            for i in range(29):
+                llm.add_request([(rnd * 29 + i) * 7 % 150000 + j for j in range(560)], p)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+                llm.step()
+                torch.cuda.synchronize()
+            wall = (time.perf_counter() - t) * 1e3
+            while not llm.is_finished():
+                llm.step()
+        print(f"prefill 29 x 560 tokens: wall {wall:.2f} ms (profiled)")
+        gpu = _kernel_table(prof, 1, top=16)
+        report(
+            "kprofile_prefill", tokens=29 * 560, wall_ms=round(wall, 2), gpu_ms=round(gpu / 1e3, 2)
+        )
 
     for n in (1, 256):
         with make_llm(kvcache_block_size=256) as llm:

@@ -43,17 +43,27 @@ def run_greedy(model_dir, **config):
         return llm
 
 
-def test_default(model_dir):
-    run_greedy(model_dir)
+OVERLAP = pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
 
 
-def test_tiny_cache_forces_preemption(model_dir):
-    llm = run_greedy(model_dir, kvcache_block_size=4, num_kvcache_blocks=24)
+@OVERLAP
+def test_default(model_dir, async_scheduling):
+    run_greedy(model_dir, async_scheduling=async_scheduling)
+
+
+@OVERLAP
+def test_tiny_cache_forces_preemption(model_dir, async_scheduling):
+    llm = run_greedy(
+        model_dir, kvcache_block_size=4, num_kvcache_blocks=24, async_scheduling=async_scheduling
+    )
     assert llm.scheduler.num_preemptions > 0
 
 
-def test_chunked_prefill(model_dir):
-    run_greedy(model_dir, max_num_batched_tokens=7, kvcache_block_size=4)
+@OVERLAP
+def test_chunked_prefill(model_dir, async_scheduling):
+    run_greedy(
+        model_dir, max_num_batched_tokens=7, kvcache_block_size=4, async_scheduling=async_scheduling
+    )
 
 
 @pytest.mark.parametrize("block_size", [1, 16, 256])
@@ -61,8 +71,11 @@ def test_block_sizes(model_dir, block_size):
     run_greedy(model_dir, kvcache_block_size=block_size)
 
 
-def test_prefix_caching_hits(model_dir):
-    llm = run_greedy(model_dir, kvcache_block_size=4, max_num_seqs=2)
+@OVERLAP
+def test_prefix_caching_hits(model_dir, async_scheduling):
+    llm = run_greedy(
+        model_dir, kvcache_block_size=4, max_num_seqs=2, async_scheduling=async_scheduling
+    )
     stats = llm.scheduler.block_manager.stats()
     assert stats.prefix_cache_hits > 0
 

@@ -246,3 +246,57 @@ def test_numpy_token_ids_accepted(llm):
     assert a == b
     with pytest.raises(TypeError, match="must hold ints"):
         llm.generate([[5, 6.0]], use_tqdm=False)
+
+
+def _mixed_params():
+    return [
+        SamplingParams(temperature=0.8, max_tokens=20, seed=1),  # may stop at EOS
+        SamplingParams(temperature=0.0, max_tokens=9),
+        SamplingParams(temperature=1.0, top_k=5, max_tokens=15, seed=2, stop_token_ids=[5, 9]),
+        SamplingParams(temperature=0.7, top_p=0.9, max_tokens=12, seed=3, stop=["e"]),
+    ]
+
+
+def test_async_and_sync_scheduling_agree(text_model):
+    # Overlapped scheduling learns of EOS, stop tokens and stop strings one step late; the
+    # outputs must not show it. A tight pool adds preemption with a token in flight.
+    runs = []
+    for mode in (False, True):
+        with LLM(
+            str(text_model),
+            device="cpu",
+            kvcache_block_size=4,
+            num_kvcache_blocks=20,
+            async_scheduling=mode,
+        ) as llm:
+            outs = llm.generate(PROMPTS, _mixed_params(), use_tqdm=False)
+            runs.append([(o["token_ids"], o["text"], o["finish_reason"]) for o in outs])
+            assert llm.scheduler.num_preemptions > 0
+            bm = llm.scheduler.block_manager
+            assert bm.num_free_blocks == bm.num_blocks
+    assert runs[0] == runs[1]
+    reasons = {r for _, _, r in runs[0]}
+    assert reasons == {"stop", "length"}
+
+
+def test_abort_while_a_step_is_in_flight(llm):
+    assert llm.config.async_scheduling
+    keep = llm.add_request("Hello there", SamplingParams(temperature=0, max_tokens=6))
+    drop = llm.add_request("The quick", SamplingParams(temperature=0, max_tokens=6))
+    llm.step()  # the prefill is queued, its tokens not yet read
+    llm.step()
+    llm.abort_request(drop)
+    done = {}
+    while not llm.is_finished():
+        for out in llm.step():
+            done[out["request_id"]] = out
+    assert list(done) == [keep]
+    ref = llm.generate(["Hello there"], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
+    assert done[keep]["token_ids"] == ref[0]["token_ids"]
+
+
+def test_async_scheduling_config(text_model):
+    with pytest.raises(ValueError, match="async_scheduling"):
+        LLM(str(text_model), device="cpu", async_scheduling=True, tensor_parallel_size=2)
+    with pytest.raises(TypeError, match="async_scheduling"):
+        LLM(str(text_model), device="cpu", async_scheduling="yes")

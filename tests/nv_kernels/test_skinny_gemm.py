@@ -44,12 +44,13 @@ def test_skinny_gemm_rejects_bad_shapes():
         skinny_gemm(torch.randn(65, 8), torch.randn(4, 8))
 
 
-def test_default_config_covers_the_sms():
-    # Qwen3-0.6B's decode GEMMs on a 132-SM card: every config gives each SM a program and
-    # splits K only into whole tiles.
-    for n, k in [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)]:
+def test_default_config_fills_the_sms():
+    # Qwen3-0.6B's decode GEMMs on a 132-SM card: the widest tile with a program for half the
+    # SMs (the narrowest tile where no width gets there), whole K tiles.
+    widths = {(4096, 1024): 32, (1024, 2048): 16, (6144, 1024): 64, (1024, 3072): 16}
+    for (n, k), width in widths.items():
         c = default_config(n, k, 132)
-        assert -(-n // c.block_n) * c.split_k >= 128
+        assert c.block_n == width
         assert k % (c.block_k * c.split_k) == 0
 
 

@@ -180,6 +180,24 @@ def test_decode_blocks_get_hashed_after_compute():
     assert bm.allocate("b", [1, 2, 3, 4, 6]) == 4
 
 
+def test_placeholder_token_set_before_its_block_is_hashed():
+    # An overlapped engine appends the slot of a token not yet sampled, fills it in later, and
+    # only then reports the block computed: the hash must cover the real token.
+    bm = BlockManager(8, 2)
+    bm.allocate("a", [1, 2, 3])
+    bm.mark_computed("a", 3)
+    bm.append_tokens("a", [-1])
+    bm.set_token("a", 3, 4)
+    bm.mark_computed("a", 4)
+    assert bm.allocate("b", [1, 2, 3, 4, 6]) == 4
+    with pytest.raises(ValueError, match="not yet hashed"):
+        bm.set_token("a", 1, 9)  # block 0 is hashed
+    with pytest.raises(ValueError, match="index=4"):
+        bm.set_token("a", 4, 9)  # past the end
+    with pytest.raises(KeyError, match="unknown sequence"):
+        bm.set_token("zz", 0, 1)
+
+
 def test_stats_and_hit_rate():
     bm = BlockManager(8, 4)
     bm.allocate("a", toks(0, 8))

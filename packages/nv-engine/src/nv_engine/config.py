@@ -58,6 +58,10 @@ class Config:
     # mp: the engine spawns ranks 1..N-1 on this machine; external: they are launched outside
     # (torchrun or `nv-engine worker`, several machines allowed) and join via env:// rendezvous
     distributed_executor_backend: str = "mp"
+    # Schedule step t+1 while step t runs on the device (its sampled tokens are read back one
+    # step later; EOS and stop tokens cost one wasted token). Needs tensor_parallel_size == 1;
+    # None: on whenever it can be.
+    async_scheduling: bool | None = None
     hf_config: Any = field(default=None, repr=False)
 
     @classmethod
@@ -97,6 +101,13 @@ class Config:
                 "distributed_executor_backend must be mp or external, got "
                 f"{self.distributed_executor_backend!r}"
             )
+        if self.async_scheduling is None:
+            self.async_scheduling = self.tensor_parallel_size == 1
+        elif not isinstance(self.async_scheduling, bool):
+            kind = type(self.async_scheduling).__name__
+            raise TypeError(f"async_scheduling must be a bool or None, got {kind}")
+        elif self.async_scheduling and self.tensor_parallel_size > 1:
+            raise ValueError("async_scheduling needs tensor_parallel_size == 1")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         from nv_kernels import BACKEND_NAMES

@@ -60,6 +60,8 @@ class LLMEngine:
         self._seed_rng = random.Random(config.seed)
         self._num_with_stop_strings = 0  # skip the per-step stop-string scan when none
         self.last_step: tuple[bool, int] = (False, 0)  # (was prefill, tokens computed)
+        # async_scheduling: the step queued on the device, postprocessed by the next step()
+        self._in_flight: tuple[Any, Any] | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -139,30 +141,44 @@ class LLMEngine:
             self._num_with_stop_strings -= bool(seq.params.stop)
 
     def is_finished(self) -> bool:
-        return self.scheduler.is_finished()
+        return self.scheduler.is_finished() and self._in_flight is None
 
     def step(self) -> list[dict[str, Any]]:
-        """Run one scheduled step; returns the outputs of requests that finished in it."""
+        """Run one scheduled step; returns the outputs of requests that finished in it. With
+        async_scheduling, the step scheduled here is only queued on the device, and the
+        outputs are those of the step before it."""
         if self.model_runner is None:
             raise RuntimeError("the engine is closed")
         plan = self.scheduler.schedule()
-        if plan is None:
-            return []
-        if self._workers is not None:
-            self._workers.send(plan)
-        try:
-            sampled = self.model_runner.execute(plan)
-        except Exception:
+        launched = None
+        if plan is not None:
             if self._workers is not None:
-                self._workers.wait_for_failure()  # name the dead worker rather than gloo/NCCL
-            raise
-        finished = self.scheduler.postprocess(plan, sampled)
-        self.last_step = (plan.is_prefill, plan.num_tokens)
+                self._workers.send(plan)
+            launched = (plan, self._run(self.model_runner.launch, plan))
+            self.last_step = (plan.is_prefill, plan.num_tokens)
+        if self.config.async_scheduling:
+            done, self._in_flight = self._in_flight, launched
+        else:
+            done = launched
+        if done is None:
+            return []
+        plan, sampled = done
+        tokens = self._run(sampled.tolist) if sampled is not None else []
+        finished = self.scheduler.postprocess(plan, tokens)
         for s in plan.seqs if self._num_with_stop_strings else ():
             seq = self.scheduler.seqs.get(s.seq_id)  # None once finished
             if s.sample and seq is not None and seq.params.stop and self._check_stop_strings(seq):
                 finished.append(seq)
         return [self._output(seq) for seq in finished]
+
+    def _run(self, fn, *args):
+        try:
+            return fn(*args)
+        except Exception:
+            self._in_flight = None
+            if self._workers is not None:
+                self._workers.wait_for_failure()  # name the dead worker rather than gloo/NCCL
+            raise
 
     def _check_stop_strings(self, seq: Sequence) -> bool:
         if self.tokenizer is None:
@@ -229,7 +245,7 @@ class LLMEngine:
                 t0 = time.perf_counter()
                 done = self.step()
                 dt = time.perf_counter() - t0
-                if not done and self.scheduler.is_finished():
+                if not done and self.is_finished():
                     raise RuntimeError("scheduler idle with requests pending")
                 is_prefill, num_tokens = self.last_step
                 if is_prefill:

@@ -11,7 +11,8 @@ import torch.distributed as dist
 from nv_engine.config import Config
 from nv_engine.cuda_graphs import DecodeGraphs
 from nv_engine.plan import ScheduledSeq, StepPlan
-from nv_engine.staging import HostToDevice
+from nv_engine.sequence import PENDING
+from nv_engine.staging import DeviceToHost, HostToDevice, SampledTokens
 from nv_engine.workers import local_device_index
 from nv_kernels import AttentionMetadata, Sampler, SamplingTensors, get_attention_backend
 from nv_models import TPGroup, build_model, init_random_weights, load_weights
@@ -57,6 +58,9 @@ class ModelRunner:
         self.vocab_size = hf.vocab_size
         self.sampler = Sampler(self.device) if rank == 0 else None
         self.staging = HostToDevice(1 << 20, self.device)
+        self._readback = DeviceToHost(config.max_num_seqs, self.device)
+        # the last step's sampled tokens (on the device) and each sampled sequence's row in them
+        self._last_sampled: tuple[torch.Tensor, dict[int, int]] | None = None
         self.num_blocks = self._allocate_kv_cache()
         self.graphs: DecodeGraphs | None = None
         # The torch reference backend is not capturable (it sizes tensors from host values).
@@ -69,7 +73,7 @@ class ModelRunner:
         self.graphs = None
         for layer in self._attention_layers():
             layer.k_cache = layer.v_cache = torch.tensor([])
-        self.kv_cache = self.model = self.sampler = self.staging = None
+        self.kv_cache = self.model = self.sampler = self.staging = self._last_sampled = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -148,29 +152,58 @@ class ModelRunner:
             n = c.max_num_seqs
             logits = torch.randn(n, self.vocab_size, device=self.device)
             row = ScheduledSeq(0, [0], 0, [0], True, 1.0, 5, 0.9, 0.1, 0, 0)
-            self.sampler(logits, self._sampling_tensors([row] * n))
+            build = self._add_sampling([row] * n)
+            self.sampler(logits, build(self.staging.send()))
         torch.cuda.synchronize(self.device)
 
     # ---- one step ------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[int] | None:
+        """Run one step and wait for it; on rank 0 return the sampled tokens."""
+        out = self.launch(plan)
+        return None if out is None else out.tolist()
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> SampledTokens | None:
+        """Queue one step on the device without waiting for it. On rank 0 returns the sampled
+        tokens (one per scheduled sequence with sample=True) as a `SampledTokens` to collect
+        later. Decode rows whose input token is still `PENDING` take it, on the device, from the
+        previous step's sampled tokens."""
+        rows = [s for s in plan.seqs if s.sample] if self.sampler is not None else []
         if plan.is_prefill:
-            ids, pos, meta, logits_indices = self._prepare_prefill(plan)
+            ids, pos, meta, logits_indices, st = self._prepare_prefill(plan, rows)
             logits = self.model.compute_logits(self.model(ids, pos, meta), logits_indices)
         else:
             use_graph = self.graphs is not None and self.graphs.can_run(len(plan.seqs))
             padded = self.graphs.padded_size(len(plan.seqs)) if use_graph else len(plan.seqs)
-            ids, pos, meta = self._prepare_decode(plan, padded)
+            ids, pos, meta, st = self._prepare_decode(plan, padded, rows)
             if use_graph:
                 logits = self.graphs.replay(ids, pos, meta)[: len(plan.seqs)]
             else:
                 logits = self.model.compute_logits(self.model(ids, pos, meta))
         if self.sampler is None:
             return None
-        return self._sample(plan, logits)
+        if len(rows) < logits.shape[0]:  # prefill: one logits row per sample row
+            logits = logits[: len(rows)]
+        if not rows:
+            sampled = torch.empty(0, dtype=torch.int64, device=self.device)
+        elif st.all_greedy:
+            sampled = logits.argmax(dim=-1)
+        else:
+            sampled = self.sampler(logits, st)
+        self._last_sampled = (sampled, {s.seq_id: i for i, s in enumerate(rows)})
+        return self._readback.send(sampled)
 
-    def _prepare_prefill(self, plan: StepPlan):
+    def _pending_inputs(self, plan: StepPlan) -> list[int] | None:
+        """For each row, the index of its input token among the previous step's sampled tokens,
+        or -1 where the host knows it; None when no row is pending."""
+        if self._last_sampled is None:
+            return None
+        where = self._last_sampled[1]
+        src = [where[s.seq_id] if s.token_ids[0] == PENDING else -1 for s in plan.seqs]
+        return src if max(src) >= 0 else None
+
+    def _prepare_prefill(self, plan: StepPlan, rows: list[ScheduledSeq]):
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -201,6 +234,7 @@ class ModelRunner:
         if with_prefix:
             width = max(len(t) for t in tables)
             h.add(_padded_rows(tables, width), torch.int32)
+        sampling = self._add_sampling(rows)
         parts = h.send()
         meta = AttentionMetadata(
             is_prefill=True,
@@ -211,11 +245,11 @@ class ModelRunner:
             max_seqlen_q=max(len(s.token_ids) for s in plan.seqs),
             max_seqlen_k=max(s.start_pos + len(s.token_ids) for s in plan.seqs),
         )
-        return parts[0], parts[1], meta, parts[3]
+        return parts[0], parts[1], meta, parts[3], sampling(parts)
 
-    def _prepare_decode(self, plan: StepPlan, padded: int):
+    def _prepare_decode(self, plan: StepPlan, padded: int, rows: list[ScheduledSeq]):
         """Inputs for `padded` rows: the plan's sequences, then padding rows that read one cached
-        token and write none (slot -1). Two staged arrays, one copy."""
+        token and write none (slot -1). One staged copy."""
         bs = self.block_size
         n = len(plan.seqs)
         pad = padded - n
@@ -223,49 +257,62 @@ class ModelRunner:
         ids = [t[0] for t in tokens]
         slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)]
         width = max(map(len, tables))
+        src = self._pending_inputs(plan)
         h = self.staging
         h.add(ids + [0] * pad + list(positions) + [0] * pad + slots + [-1] * pad, torch.int64)
         h.add([p + 1 for p in positions] + [1] * pad + _padded_rows(tables, width), torch.int32)
-        i64, i32 = h.send()
+        if src is not None:
+            h.add(src + [-1] * pad, torch.int64)
+        sampling = self._add_sampling(rows)
+        parts = h.send()
+        i64, i32 = parts[0], parts[1]
         ids_t, pos_t, slots_t = i64.view(3, padded)
+        if src is not None:
+            src_t = parts[2]
+            prev = self._last_sampled[0]
+            ids_t = torch.where(src_t >= 0, prev[src_t.clamp(min=0)], ids_t)
         meta = AttentionMetadata(False, slots_t, i32[:padded], i32[padded:].view(n, width))
-        return ids_t, pos_t, meta
+        return ids_t, pos_t, meta, sampling(parts)
 
-    def _sample(self, plan: StepPlan, logits: torch.Tensor) -> list[int]:
-        rows = [s for s in plan.seqs if s.sample]
+    def _add_sampling(self, rows: list[ScheduledSeq]):
+        """Stage the rows' sampling parameters with the step's inputs; returns a function that
+        builds the SamplingTensors from the sent parts (None when all rows are greedy)."""
         if not rows:
-            return []
-        if len(rows) < logits.shape[0]:  # only in prefill, where logits are per sample row
-            logits = logits[: len(rows)]
-        if all(s.temperature == 0 for s in rows):
-            return logits.argmax(dim=-1).tolist()
-        return self.sampler(logits, self._sampling_tensors(rows)).tolist()
-
-    def _sampling_tensors(self, rows: list) -> SamplingTensors:
+            return lambda parts: None
         v = self.vocab_size
         n = len(rows)
-        temps, top_k, top_p, min_p, seeds, steps = list(zip(*rows, strict=True))[
-            5:
-        ]  # sampling cols
+        temps, top_k, top_p, min_p, seeds, steps = list(zip(*rows, strict=True))[5:]
+        if max(temps) == 0:
+            return lambda parts: _ALL_GREEDY
         top_k = [k if 0 < k < v else v for k in top_k]
         h = self.staging
-        h.add(temps + top_p + min_p, torch.float32)
+        i = h.add(temps + top_p + min_p, torch.float32)
         h.add(top_k + list(seeds) + list(steps), torch.int64)
-        f32, i64 = h.send()
-        temps_t, top_p_t, min_p_t = f32.view(3, n)
-        top_k_t, seeds_t, steps_t = i64.view(3, n)
-        return SamplingTensors(
-            temperatures=temps_t,
-            top_k=top_k_t,
-            top_p=top_p_t,
-            min_p=min_p_t,
-            seeds=seeds_t,
-            steps=steps_t,
-            all_greedy=max(temps) == 0,
-            use_top_k=min(top_k) < v,
-            use_top_p=min(top_p) < 1,
-            use_min_p=max(min_p) > 0,
-        )
+
+        def build(parts: list[torch.Tensor]) -> SamplingTensors:
+            temps_t, top_p_t, min_p_t = parts[i].view(3, n)
+            top_k_t, seeds_t, steps_t = parts[i + 1].view(3, n)
+            return SamplingTensors(
+                temperatures=temps_t,
+                top_k=top_k_t,
+                top_p=top_p_t,
+                min_p=min_p_t,
+                seeds=seeds_t,
+                steps=steps_t,
+                all_greedy=False,
+                use_top_k=min(top_k) < v,
+                use_top_p=min(top_p) < 1,
+                use_min_p=max(min_p) > 0,
+            )
+
+        return build
+
+
+class _AllGreedy:
+    all_greedy = True
+
+
+_ALL_GREEDY = _AllGreedy()
 
 
 def _padded_rows(tables: list[list[int]], width: int) -> list[int]:

@@ -4,7 +4,7 @@ from collections import deque
 
 from nv_engine.config import Config
 from nv_engine.plan import ScheduledSeq, StepPlan
-from nv_engine.sequence import Sequence, SequenceStatus
+from nv_engine.sequence import PENDING, Sequence, SequenceStatus
 from nv_kvcache import BlockManager
 
 
@@ -15,6 +15,11 @@ class Scheduler:
     ones, chunked to fit `max_num_batched_tokens`) or a decode step (one token for every running
     sequence). When decode runs out of KV blocks, the most recently admitted running sequence is
     preempted: its blocks are freed and it is recomputed later (usually from the prefix cache).
+
+    A step's plan is final when `schedule()` returns it: the sequences' progress moves on then,
+    and every token to be sampled gets a `PENDING` slot. `postprocess()` fills those slots in and
+    finishes sequences. The engine may schedule step t+1 before step t's postprocess (overlapped
+    scheduling); the scheduler then learns of EOS one step late, and the extra token is dropped.
     """
 
     def __init__(self, config: Config, num_blocks: int, eos_token_ids: set[int]) -> None:
@@ -55,7 +60,21 @@ class Scheduler:
 
     def schedule(self) -> StepPlan | None:
         plan = self._schedule_prefill()
-        return plan if plan is not None else self._schedule_decode()
+        if plan is None:
+            plan = self._schedule_decode()
+        if plan is None:
+            return None
+        bm = self.block_manager
+        for s in plan.seqs:
+            seq = self.seqs[s.seq_id]
+            seq.num_computed_tokens = end = s.start_pos + len(s.token_ids)
+            if plan.is_prefill:
+                # Prompt tokens are all known: publish their blocks for prefix hits by later
+                # steps (which run after this one on the device).
+                bm.mark_computed(seq.seq_id, end)
+            if s.sample:
+                seq.token_ids.append(PENDING)
+        return plan
 
     def _schedule_prefill(self) -> StepPlan | None:
         budget = self.max_num_batched_tokens
@@ -94,6 +113,9 @@ class Scheduler:
         i = 0
         while i < len(running):
             seq = running[i]
+            if self._is_done(seq, len(seq)):
+                i += 1  # its last token is still being sampled; postprocess finishes it
+                continue
             # The token sampled last step needs a KV slot before it can be computed.
             while not bm.append_tokens(seq.seq_id, (seq.last_token,)):
                 victim = running.pop()  # most recently admitted
@@ -140,31 +162,45 @@ class Scheduler:
 
     def postprocess(self, plan: StepPlan, sampled: list[int]) -> list[Sequence]:
         """Record the step's results; `sampled` has one token per scheduled seq with sample=True.
-        Returns the sequences that finished."""
+        Returns the sequences that finished. Rows of sequences finished or aborted since the
+        step was scheduled are ignored."""
         finished = []
         tokens = iter(sampled)
         bm = self.block_manager
         for s in plan.seqs:
-            seq = self.seqs[s.seq_id]
-            seq.num_computed_tokens = s.start_pos + len(s.token_ids)
-            bm.mark_computed(seq.seq_id, seq.num_computed_tokens)
             if not s.sample:
                 continue
             token = next(tokens)
-            seq.token_ids.append(token)
-            reason = self._stop_reason(seq, token)
+            seq = self.seqs.get(s.seq_id)
+            if seq is None:
+                continue
+            end = s.start_pos + len(s.token_ids)  # index of the sampled token
+            seq.token_ids[end] = token
+            if seq.status is SequenceStatus.RUNNING:  # not preempted since
+                if bm.num_tokens(seq.seq_id) > end:  # step t+1 already holds its slot
+                    bm.set_token(seq.seq_id, end, token)
+                if not plan.is_prefill:
+                    bm.mark_computed(seq.seq_id, end)
+            reason = self._stop_reason(seq, token, end + 1)
             if reason is not None:
+                del seq.token_ids[end + 1 :]  # a later step's slot, if scheduled already
                 self.finish(seq, reason)
                 finished.append(seq)
         return finished
 
-    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+    def _is_done(self, seq: Sequence, length: int) -> bool:
+        """Whether a sequence of `length` tokens has reached max_tokens or max_model_len."""
+        return (
+            length - seq.num_prompt_tokens >= seq.params.max_tokens or length >= self.max_model_len
+        )
+
+    def _stop_reason(self, seq: Sequence, token: int, length: int) -> str | None:
         p = seq.params
         if not p.ignore_eos and token in self.eos_token_ids:
             return "stop"
         if token in p.stop_token_ids:
             return "stop"
-        if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+        if self._is_done(seq, length):
             return "length"
         return None
 

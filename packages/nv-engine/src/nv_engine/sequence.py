@@ -5,6 +5,8 @@ import itertools
 
 from nv_engine.sampling_params import SamplingParams
 
+PENDING = -1  # the slot of a token scheduled to be sampled, until it is
+
 
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
@@ -46,7 +48,9 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        """Sampled tokens so far (without a slot still being sampled)."""
+        end = len(self.token_ids) - (self.token_ids[-1] == PENDING)
+        return self.token_ids[self.num_prompt_tokens : end]
 
     @property
     def last_token(self) -> int:

@@ -1,10 +1,9 @@
 """y = x W^T for few rows of x (decode at small batch), where the work is reading W.
 
 cuBLAS picks tensor-core tiles for these shapes that read a 4-12 MB weight at about 1 TB/s on an
-H200 (a quarter of its bandwidth). This kernel splits W's output features over enough programs to
-cover every SM (and, when there are too few features, splits K as well, then sums the partial
-products in a second small kernel: deterministic, no atomics). The rows of x, padded to 16, ride
-along in one tensor-core dot per tile.
+H200 (a quarter of its bandwidth). This kernel splits W's output features over the SMs; the rows of
+x, padded to 16, ride along in one tensor-core dot per tile. It can also split K (then a second
+small kernel sums the partial products: deterministic, no atomics).
 """
 
 from __future__ import annotations
@@ -120,16 +119,12 @@ def _num_sms(device_index: int) -> int:
 
 
 def default_config(n: int, k: int, num_sms: int) -> SkinnyConfig:
-    """Widest feature tile that still gives every SM a program; if even 16 features per program
-    leave SMs idle, split K (into slices that stay whole tiles) until they are covered."""
+    """The widest feature tile that still gives half the SMs a program. On an H200 (132 SMs)
+    `benchmarks/gemm_sweep.py` found splitting K (two kernels) slower than leaving SMs idle at
+    these sizes, so K is not split by default."""
     block_k = 256 if k % 256 == 0 else 128
-    block_n = next((b for b in (64, 32) if -(-n // b) >= num_sms), 16)
-    n_blocks = -(-n // block_n)
-    split_k = 1
-    tiles = -(-k // block_k)
-    while n_blocks * split_k < num_sms and tiles % (split_k * 2) == 0 and split_k < 8:
-        split_k *= 2
-    return SkinnyConfig(block_n, block_k, split_k)
+    block_n = next((b for b in (64, 32) if -(-n // b) >= num_sms // 2), 16)
+    return SkinnyConfig(block_n, block_k, 1)
 
 
 def use_skinny_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:

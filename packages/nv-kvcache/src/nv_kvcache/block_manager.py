@@ -175,6 +175,18 @@ class BlockManager:
         state.token_ids.extend(token_ids)
         return True
 
+    def set_token(self, seq_id: Hashable, index: int, token_id: int) -> None:
+        """Fill in token `index`, appended earlier as a placeholder (an engine that schedules a
+        step before the previous step's token is sampled appends the slot first). Only tokens of
+        blocks not yet hashed may change."""
+        state = self._state(seq_id)
+        if not state.num_hashed_blocks * self.block_size <= index < len(state.token_ids):
+            raise ValueError(
+                f"index={index}: only tokens in [{state.num_hashed_blocks * self.block_size}, "
+                f"{len(state.token_ids)}) (not yet hashed) can be set"
+            )
+        state.token_ids[index] = token_id
+
     def mark_computed(self, seq_id: Hashable, num_computed_tokens: int) -> None:
         """Report that the KV of the first `num_computed_tokens` tokens is written; every full
         block among them is hashed and published for prefix reuse."""
