@@ -44,7 +44,9 @@ def shared_prefix_workload(
 def run_benchmark(
     llm: Any, prompts: list[list[int]], params: list[SamplingParams]
 ) -> dict[str, float]:
-    llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm up
+    # Warm up: a batch of several prompts, sampled like the workload (temperature only).
+    warm = [[1, 2, 3, 4], list(range(5, 40)), list(range(40, 300))]
+    llm.generate(warm, SamplingParams(temperature=0.6, max_tokens=8), use_tqdm=False)
     t = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - t

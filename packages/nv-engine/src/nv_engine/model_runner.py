@@ -67,6 +67,8 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager and backend.name != "torch":
             self.graphs = DecodeGraphs(self.model, self.device, config)
             self.graphs.capture(self.max_blocks_per_seq)
+        if self.device.type == "cuda" and self.sampler is not None:
+            self._warm_up_sampler()
 
     def close(self) -> None:
         """Drop the model, KV cache and graphs and hand the memory back to the device."""
@@ -150,9 +152,20 @@ class ModelRunner:
         self.model(ids, pos, meta)
         if self.sampler is not None:
             n = c.max_num_seqs
-            logits = torch.randn(n, self.vocab_size, device=self.device)
+            logits = torch.randn(n, self.vocab_size, device=self.device, dtype=self.dtype)
             row = ScheduledSeq(0, [0], 0, [0], True, 1.0, 5, 0.9, 0.1, 0, 0)
             build = self._add_sampling([row] * n)
+            self.sampler(logits, build(self.staging.send()))
+        torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def _warm_up_sampler(self) -> None:
+        """Compile the sampler's common variant (temperature only) now rather than during the
+        first requests: for one row and for several (a batch of one compiles apart)."""
+        for n in (1, 3):
+            row = ScheduledSeq(0, [0], 0, [0], True, 0.7, 0, 1.0, 0.0, 0, 0)
+            build = self._add_sampling([row] * n)
+            logits = torch.randn(n, self.vocab_size, device=self.device, dtype=self.dtype)
             self.sampler(logits, build(self.staging.send()))
         torch.cuda.synchronize(self.device)
 
@@ -280,25 +293,26 @@ class ModelRunner:
         if not rows:
             return lambda parts: None
         v = self.vocab_size
-        n = len(rows)
         temps, top_k, top_p, min_p, seeds, steps = list(zip(*rows, strict=True))[5:]
         if max(temps) == 0:
             return lambda parts: _ALL_GREEDY
         top_k = [k if 0 < k < v else v for k in top_k]
         h = self.staging
-        i = h.add(temps + top_p + min_p, torch.float32)
-        h.add(top_k + list(seeds) + list(steps), torch.int64)
+        # one aligned part per field: the compiled sampler sees the same layout every step
+        i = h.add(temps, torch.float32)
+        for column in (top_p, min_p):
+            h.add(column, torch.float32)
+        for column in (top_k, seeds, steps):
+            h.add(column, torch.int64)
 
         def build(parts: list[torch.Tensor]) -> SamplingTensors:
-            temps_t, top_p_t, min_p_t = parts[i].view(3, n)
-            top_k_t, seeds_t, steps_t = parts[i + 1].view(3, n)
             return SamplingTensors(
-                temperatures=temps_t,
-                top_k=top_k_t,
-                top_p=top_p_t,
-                min_p=min_p_t,
-                seeds=seeds_t,
-                steps=steps_t,
+                temperatures=parts[i],
+                top_p=parts[i + 1],
+                min_p=parts[i + 2],
+                top_k=parts[i + 3],
+                seeds=parts[i + 4],
+                steps=parts[i + 5],
                 all_greedy=False,
                 use_top_k=min(top_k) < v,
                 use_top_p=min(top_p) < 1,

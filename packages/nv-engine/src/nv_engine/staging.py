@@ -7,7 +7,7 @@ import torch
 class HostToDevice:
     """Packs a step's small host arrays into one pinned buffer and sends them in one copy.
 
-    `add()` appends a list (8-byte aligned) and returns its index; `send()` issues one
+    `add()` appends a list (16-byte aligned) and returns its index; `send()` issues one
     non-blocking host-to-device copy and returns device views in the order added. Buffers rotate
     over `depth` slots, so a send waits only for the copy made `depth` sends earlier: with steps
     overlapped, the host fills step t+1's inputs while step t (and its copy) is still queued.
@@ -39,7 +39,7 @@ class HostToDevice:
             np_host = self._slots[self._slot][1]
         np_host[self._offset : end].view(_NP[dtype])[:] = data
         self._parts.append((self._offset, n, dtype))
-        self._offset = (end + 7) // 8 * 8
+        self._offset = (end + 15) // 16 * 16
         return len(self._parts) - 1
 
     def send(self) -> list[torch.Tensor]:
