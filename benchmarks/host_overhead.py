@@ -39,26 +39,24 @@ def main(num_seqs: int = 256, steps: int = 200) -> None:
         load_format="dummy",
         kvcache_block_size=256,
         num_kvcache_blocks=num_seqs * 8,
+        async_scheduling=False,
     ) as llm:
         start_decoding(llm, num_seqs, 500, max_tokens=10_000)
         runner, sched = llm.model_runner, llm.scheduler
-        t = {"schedule": [], "prepare_inputs": [], "prepare_sampling": [], "postprocess": []}
+        t = {"schedule": [], "stage_inputs_and_sampling": [], "postprocess": []}
         fake = torch.zeros(num_seqs, dtype=torch.int64)
         for _ in range(steps):
             t0 = time.perf_counter()
             plan = sched.schedule()
             t1 = time.perf_counter()
-            runner._prepare_decode(plan, len(plan.seqs))
+            runner._prepare_decode(plan, len(plan.seqs), list(plan.seqs))
             t2 = time.perf_counter()
-            runner._sampling_tensors(list(plan.seqs))
-            t3 = time.perf_counter()
             sched.postprocess(plan, (fake + 7).tolist())
-            t4 = time.perf_counter()
+            t3 = time.perf_counter()
             for k, a, b in (
                 ("schedule", t0, t1),
-                ("prepare_inputs", t1, t2),
-                ("prepare_sampling", t2, t3),
-                ("postprocess", t3, t4),
+                ("stage_inputs_and_sampling", t1, t2),
+                ("postprocess", t2, t3),
             ):
                 t[k].append(b - a)
     med = {k: statistics.median(v) * 1e3 for k, v in t.items()}
