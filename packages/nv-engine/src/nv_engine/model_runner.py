@@ -200,7 +200,7 @@ class ModelRunner:
             logits = logits[: len(rows)]
         if not rows:
             sampled = torch.empty(0, dtype=torch.int64, device=self.device)
-        elif st.all_greedy:
+        elif st is None:  # every row greedy
             sampled = logits.argmax(dim=-1)
         else:
             sampled = self.sampler(logits, st)
@@ -289,13 +289,13 @@ class ModelRunner:
 
     def _add_sampling(self, rows: list[ScheduledSeq]):
         """Stage the rows' sampling parameters with the step's inputs; returns a function that
-        builds the SamplingTensors from the sent parts (None when all rows are greedy)."""
+        builds the SamplingTensors from the sent parts (None when every row is greedy)."""
         if not rows:
             return lambda parts: None
         v = self.vocab_size
         temps, top_k, top_p, min_p, seeds, steps = list(zip(*rows, strict=True))[5:]
         if max(temps) == 0:
-            return lambda parts: _ALL_GREEDY
+            return lambda parts: None
         top_k = [k if 0 < k < v else v for k in top_k]
         h = self.staging
         # one aligned part per field: the compiled sampler sees the same layout every step
@@ -320,13 +320,6 @@ class ModelRunner:
             )
 
         return build
-
-
-class _AllGreedy:
-    all_greedy = True
-
-
-_ALL_GREEDY = _AllGreedy()
 
 
 def _padded_rows(tables: list[list[int]], width: int) -> list[int]:
