@@ -1,7 +1,7 @@
 """GPU benchmarks for docs/benchmarks.md, in one process so one device call covers them all.
 
     python benchmarks/gpu_bench.py [sections...]   # default: all
-sections: env bandwidth kernels a a16 batch1 p profile trace kprofile hf
+sections: env bandwidth kernels a a16 batch1 p trace kprofile hf
 Prints one JSON line per result and a summary table last.
 """
 
@@ -16,21 +16,13 @@ from pathlib import Path
 
 import torch
 
+from nv_engine.bench import QWEN3_0_6B_SHAPE
+
 RESULTS: list[dict] = []
 QWEN3_06B = dict(
     architectures=["Qwen3ForCausalLM"],
     model_type="qwen3",
-    vocab_size=151936,
-    hidden_size=1024,
-    intermediate_size=3072,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=40960,
-    tie_word_embeddings=True,
-    rms_norm_eps=1e-6,
-    rope_theta=1000000.0,
+    **QWEN3_0_6B_SHAPE,
     torch_dtype="bfloat16",
     hidden_act="silu",
     attention_bias=False,
@@ -250,42 +242,6 @@ def start_decoding(llm, num_seqs: int, prompt_len: int, max_tokens: int) -> None
         llm.step()
 
 
-def profile() -> None:
-    """Where a decode step's time goes at 256 running sequences (~600-token contexts): host work
-    per phase, then the top GPU kernels from torch.profiler."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as tprofile
-
-    with make_llm(kvcache_block_size=256) as llm:
-        start_decoding(llm, 256, 500, max_tokens=300)
-        runner = llm.model_runner
-        rows = {"schedule": [], "execute": [], "postprocess": [], "step": []}
-        for _ in range(40):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            plan = llm.scheduler.schedule()
-            t1 = time.perf_counter()
-            sampled = runner.execute(plan)
-            t2 = time.perf_counter()
-            llm.scheduler.postprocess(plan, sampled)
-            t3 = time.perf_counter()
-            rows["schedule"].append(t1 - t0)
-            rows["execute"].append(t2 - t1)
-            rows["postprocess"].append(t3 - t2)
-            rows["step"].append(t3 - t0)
-        med = lambda xs: round(sorted(xs)[len(xs) // 2] * 1e3, 3)
-        report("decode_step_256", **{f"{k}_ms": med(v) for k, v in rows.items()})
-        with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
-                llm.step()
-            torch.cuda.synchronize()
-        print(
-            prof.key_averages().table(
-                sort_by="cuda_time_total", row_limit=18, max_name_column_width=60
-            )
-        )
-
-
 def _kernel_table(prof, steps: int, top: int = 22) -> float:
     """Print the top GPU kernels of a profiled window (µs per step); return GPU µs per step."""
     rows = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
@@ -443,7 +399,6 @@ def main() -> None:
         "a16",
         "batch1",
         "p",
-        "profile",
         "hf",
     ]
     bw = 4.3e12
@@ -464,8 +419,6 @@ def main() -> None:
                 batch1(bw)
             elif s == "p":
                 workload_p()
-            elif s == "profile":
-                profile()
             elif s == "trace":
                 trace()
             elif s == "kprofile":

@@ -8,6 +8,7 @@ import pytest
 import torch
 from nv_testing import hf_greedy, save_tiny_qwen3, shared_prefix_prompts
 
+from nv_engine.bench import QWEN3_0_6B_SHAPE
 from nv_kernels import AttentionMetadata, store_kvcache, store_kvcache_ref
 from nv_kernels.torch_attention import decode_ref, prefill_ref
 from nv_kernels.triton_attention import decode_attention, prefill_attention
@@ -132,20 +133,7 @@ def test_engine_fp32_matches_hf(fp32_model, config):
 
 # ---- bf16 on a Qwen3-0.6B-shaped random model ---------------------------------------------------
 
-QWEN3_06B = dict(
-    vocab_size=151936,
-    hidden_size=1024,
-    intermediate_size=3072,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=40960,
-    tie_word_embeddings=True,
-    initializer_range=0.02,
-    rms_norm_eps=1e-6,
-    rope_theta=1000000.0,
-)
+QWEN3_06B = dict(QWEN3_0_6B_SHAPE, initializer_range=0.02)
 
 
 def test_bf16_logits_qwen3_06b_shape(tmp_path):

@@ -8,6 +8,21 @@ from typing import Any
 
 from nv_engine.sampling_params import SamplingParams
 
+# The benchmarks' model: Qwen3-0.6B's shape, for random weights (`load_format="dummy"`).
+QWEN3_0_6B_SHAPE: dict[str, Any] = dict(
+    vocab_size=151936,
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+)
+
 
 def nano_vllm_workload(
     num_seqs: int = 256, max_input_len: int = 1024, max_output_len: int = 1024

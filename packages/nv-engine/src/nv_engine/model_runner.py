@@ -59,8 +59,8 @@ class ModelRunner:
         self.sampler = Sampler(self.device) if rank == 0 else None
         self.staging = HostToDevice(1 << 20, self.device)
         self._readback = DeviceToHost(config.max_num_seqs, self.device)
-        # the last step's sampled tokens (on the device) and each sampled sequence's row in them
-        self._last_sampled: tuple[torch.Tensor, dict[int, int]] | None = None
+        # the last step's sampled tokens (on the device) and the rows they were sampled for
+        self._last_sampled: tuple[torch.Tensor, list[ScheduledSeq]] | None = None
         self.num_blocks = self._allocate_kv_cache()
         self.graphs: DecodeGraphs | None = None
         # The torch reference backend is not capturable (it sizes tensors from host values).
@@ -75,7 +75,8 @@ class ModelRunner:
         self.graphs = None
         for layer in self._attention_layers():
             layer.k_cache = layer.v_cache = torch.tensor([])
-        self.kv_cache = self.model = self.sampler = self.staging = self._last_sampled = None
+        self.kv_cache = self.model = self.sampler = None
+        self.staging = self._readback = self._last_sampled = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -150,12 +151,8 @@ class ModelRunner:
             True, torch.full_like(ids, -1), None, None, cu, cu, seq_len, seq_len
         )
         self.model(ids, pos, meta)
-        if self.sampler is not None:
-            n = c.max_num_seqs
-            logits = torch.randn(n, self.vocab_size, device=self.device, dtype=self.dtype)
-            row = ScheduledSeq(0, [0], 0, [0], True, 1.0, 5, 0.9, 0.1, 0, 0)
-            build = self._add_sampling([row] * n)
-            self.sampler(logits, build(self.staging.send()))
+        if self.sampler is not None:  # every filter on: the sampler's largest footprint
+            self._sample_random(c.max_num_seqs, temperature=1.0, top_k=5, top_p=0.9, min_p=0.1)
         torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
@@ -163,11 +160,15 @@ class ModelRunner:
         """Compile the sampler's common variant (temperature only) now rather than during the
         first requests: for one row and for several (a batch of one compiles apart)."""
         for n in (1, 3):
-            row = ScheduledSeq(0, [0], 0, [0], True, 0.7, 0, 1.0, 0.0, 0, 0)
-            build = self._add_sampling([row] * n)
-            logits = torch.randn(n, self.vocab_size, device=self.device, dtype=self.dtype)
-            self.sampler(logits, build(self.staging.send()))
+            self._sample_random(n, temperature=0.7, top_k=0, top_p=1.0, min_p=0.0)
         torch.cuda.synchronize(self.device)
+
+    def _sample_random(self, n: int, **sampling: float) -> None:
+        """Sample once from random logits for `n` rows with the same sampling parameters."""
+        row = ScheduledSeq(0, [0], 0, [0], True, **sampling)
+        build = self._add_sampling([row] * n)
+        logits = torch.randn(n, self.vocab_size, device=self.device, dtype=self.dtype)
+        self.sampler(logits, build(self.staging.send()))
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -194,27 +195,21 @@ class ModelRunner:
                 logits = self.graphs.replay(ids, pos, meta)[: len(plan.seqs)]
             else:
                 logits = self.model.compute_logits(self.model(ids, pos, meta))
-        if self.sampler is None:
+        if not rows:  # not rank 0, or a prefill step of unfinished chunks only
+            self._last_sampled = None
             return None
-        if len(rows) < logits.shape[0]:  # prefill: one logits row per sample row
-            logits = logits[: len(rows)]
-        if not rows:
-            sampled = torch.empty(0, dtype=torch.int64, device=self.device)
-        elif st is None:  # every row greedy
-            sampled = logits.argmax(dim=-1)
-        else:
-            sampled = self.sampler(logits, st)
-        self._last_sampled = (sampled, {s.seq_id: i for i, s in enumerate(rows)})
+        # one logits row per sampled row (prefill projects only those)
+        sampled = logits.argmax(dim=-1) if st is None else self.sampler(logits, st)
+        self._last_sampled = (sampled, rows)
         return self._readback.send(sampled)
 
     def _pending_inputs(self, plan: StepPlan) -> list[int] | None:
         """For each row, the index of its input token among the previous step's sampled tokens,
         or -1 where the host knows it; None when no row is pending."""
-        if self._last_sampled is None:
+        if self._last_sampled is None or all(s.token_ids[0] != PENDING for s in plan.seqs):
             return None
-        where = self._last_sampled[1]
-        src = [where[s.seq_id] if s.token_ids[0] == PENDING else -1 for s in plan.seqs]
-        return src if max(src) >= 0 else None
+        where = {s.seq_id: i for i, s in enumerate(self._last_sampled[1])}
+        return [where[s.seq_id] if s.token_ids[0] == PENDING else -1 for s in plan.seqs]
 
     def _prepare_prefill(self, plan: StepPlan, rows: list[ScheduledSeq]):
         ids: list[int] = []

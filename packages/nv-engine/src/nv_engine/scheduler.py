@@ -60,21 +60,7 @@ class Scheduler:
 
     def schedule(self) -> StepPlan | None:
         plan = self._schedule_prefill()
-        if plan is None:
-            plan = self._schedule_decode()
-        if plan is None:
-            return None
-        bm = self.block_manager
-        for s in plan.seqs:
-            seq = self.seqs[s.seq_id]
-            seq.num_computed_tokens = end = s.start_pos + len(s.token_ids)
-            if plan.is_prefill:
-                # Prompt tokens are all known: publish their blocks for prefix hits by later
-                # steps (which run after this one on the device).
-                bm.mark_computed(seq.seq_id, end)
-            if s.sample:
-                seq.token_ids.append(PENDING)
-        return plan
+        return plan if plan is not None else self._schedule_decode()
 
     def _schedule_prefill(self) -> StepPlan | None:
         budget = self.max_num_batched_tokens
@@ -99,6 +85,10 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(self._prefill_chunk(seq, budget))
             budget -= len(scheduled[-1].token_ids)
+        # Prompt tokens are all known: publish their blocks for prefix hits by later steps (which
+        # run after this one on the device); not earlier, or this step could hit its own blocks.
+        for s in scheduled:
+            self.block_manager.mark_computed(s.seq_id, s.start_pos + len(s.token_ids))
         return StepPlan(True, tuple(scheduled)) if scheduled else None
 
     def _prefill_chunk(self, seq: Sequence, budget: int) -> ScheduledSeq:
@@ -123,18 +113,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                n = len(seq.token_ids)
-                scheduled.append(
-                    ScheduledSeq(
-                        seq.seq_id,
-                        seq.token_ids[-1:],
-                        n - 1,
-                        seq.block_table,
-                        True,
-                        *seq.sampling,
-                        n - seq.num_prompt_tokens,
-                    )
-                )
+                scheduled.append(self._scheduled(seq, seq.token_ids[-1:], len(seq) - 1, True))
                 i += 1
         return StepPlan(False, tuple(scheduled)) if scheduled else None
 
@@ -148,7 +127,9 @@ class Scheduler:
     def _scheduled(
         self, seq: Sequence, token_ids: list[int], start: int, sample: bool
     ) -> ScheduledSeq:
-        return ScheduledSeq(
+        """The plan's row for `seq`; the sequence's progress moves on now, and a token to be
+        sampled gets its PENDING slot."""
+        row = ScheduledSeq(
             seq.seq_id,
             token_ids,
             start,
@@ -157,6 +138,10 @@ class Scheduler:
             *seq.sampling,
             seq.num_output_tokens,
         )
+        seq.num_computed_tokens = start + len(token_ids)
+        if sample:
+            seq.token_ids.append(PENDING)
+        return row
 
     # ---- after the step --------------------------------------------------------------------------
 

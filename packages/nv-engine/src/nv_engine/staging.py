@@ -1,7 +1,17 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+
+
+@dataclass
+class _Slot:
+    host: torch.Tensor  # pinned on CUDA
+    host_np: np.ndarray  # the same memory, for fast writes from lists
+    dev: torch.Tensor
+    copied: torch.cuda.Event | None  # recorded after the slot's last copy (CUDA only)
 
 
 class HostToDevice:
@@ -21,43 +31,39 @@ class HostToDevice:
         self._parts: list[tuple[int, int, torch.dtype]] = []
         self._offset = 0
 
-    def _new_slot(self, nbytes: int) -> list:
+    def _new_slot(self, nbytes: int) -> _Slot:
         host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pinned)
         dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        event = torch.cuda.Event() if self._pinned else None
-        return [host, host.numpy(), dev, event]
+        return _Slot(host, host.numpy(), dev, torch.cuda.Event() if self._pinned else None)
 
     def add(self, data: list, dtype: torch.dtype) -> int:
-        host, np_host, _, event = self._slots[self._slot]
-        if not self._parts and event is not None:
-            event.synchronize()  # this slot's previous copy has left the host buffer
-        itemsize = _NP[dtype]().itemsize
-        n = len(data)
-        end = self._offset + n * itemsize
-        if end > host.numel():
-            self._grow(2 * end)
-            np_host = self._slots[self._slot][1]
-        np_host[self._offset : end].view(_NP[dtype])[:] = data
-        self._parts.append((self._offset, n, dtype))
+        slot = self._slots[self._slot]
+        if not self._parts and slot.copied is not None:
+            slot.copied.synchronize()  # this slot's previous copy has left the host buffer
+        end = self._offset + len(data) * _ITEMSIZE[dtype]
+        if end > slot.host.numel():
+            slot = self._grow(2 * end)
+        slot.host_np[self._offset : end].view(_NP[dtype])[:] = data
+        self._parts.append((self._offset, len(data), dtype))
         self._offset = (end + 15) // 16 * 16
         return len(self._parts) - 1
 
     def send(self) -> list[torch.Tensor]:
-        host, _, dev, event = self._slots[self._slot]
-        nbytes = self._offset
-        dev[:nbytes].copy_(host[:nbytes], non_blocking=True)
-        if event is not None:
-            event.record()
-        out = [dev[o : o + n * _NP[d]().itemsize].view(d) for o, n, d in self._parts]
+        slot = self._slots[self._slot]
+        slot.dev[: self._offset].copy_(slot.host[: self._offset], non_blocking=True)
+        if slot.copied is not None:
+            slot.copied.record()
+        out = [slot.dev[o : o + n * _ITEMSIZE[d]].view(d) for o, n, d in self._parts]
         self._parts = []
         self._offset = 0
         self._slot = (self._slot + 1) % len(self._slots)
         return out
 
-    def _grow(self, nbytes: int) -> None:
-        old = self._slots[self._slot][1][: self._offset].copy()
+    def _grow(self, nbytes: int) -> _Slot:
+        old = self._slots[self._slot].host_np[: self._offset].copy()
         self._slots[self._slot] = slot = self._new_slot(nbytes)
-        slot[1][: len(old)] = old
+        slot.host_np[: len(old)] = old
+        return slot
 
 
 class SampledTokens:
@@ -99,3 +105,4 @@ class DeviceToHost:
 
 
 _NP = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}
+_ITEMSIZE = {t: np.dtype(n).itemsize for t, n in _NP.items()}

@@ -15,6 +15,42 @@ from nv_kernels.triton_utils import tl, triton
 if triton is not None:
 
     @triton.jit
+    def _load_paged_kv(
+        k_cache_ptr,
+        v_cache_ptr,
+        table_ptr,
+        offs_n,
+        n_mask,
+        offs_d,
+        kv_head,
+        stride_cb,
+        stride_ct,
+        stride_ch,
+        BLOCK_SIZE: tl.constexpr,
+    ):
+        """K and V tiles [len(offs_n), D] of one KV head: tokens `offs_n` of the sequence whose
+        block-table row starts at `table_ptr` (zeros where not `n_mask`)."""
+        page = tl.load(table_ptr + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
+        rows = page.to(tl.int64) * stride_cb + (offs_n % BLOCK_SIZE) * stride_ct
+        rows += kv_head * stride_ch
+        k = tl.load(k_cache_ptr + rows[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + rows[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        return k, v
+
+    @triton.jit
+    def _softmax_tile(q, k, v, keep, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
+        """One K/V tile of the streaming (online) softmax in base 2: scores where `keep`, the
+        running max `m_i`, sum `l_i` and output `acc` rescaled. Returns the new three."""
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _prefill_kernel(
         q_ptr,
         k_ptr,
@@ -74,16 +110,18 @@ if triton is not None:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
             if PAGED:
-                page = tl.load(
-                    block_tables_ptr + seq * stride_bt + offs_n // BLOCK_SIZE, mask=n_mask, other=0
-                )
-                k_rows = page.to(tl.int64) * stride_cb + (offs_n % BLOCK_SIZE) * stride_ct
-                k_rows += kv_head * stride_ch
-                k = tl.load(
-                    k_cache_ptr + k_rows[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0
-                )
-                v = tl.load(
-                    v_cache_ptr + k_rows[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0
+                k, v = _load_paged_kv(
+                    k_cache_ptr,
+                    v_cache_ptr,
+                    block_tables_ptr + seq * stride_bt,
+                    offs_n,
+                    n_mask,
+                    offs_d,
+                    kv_head,
+                    stride_cb,
+                    stride_ct,
+                    stride_ch,
+                    BLOCK_SIZE,
                 )
             else:
                 rows = (k_start + offs_n).to(tl.int64)
@@ -97,17 +135,8 @@ if triton is not None:
                     mask=n_mask[:, None],
                     other=0.0,
                 )
-            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale
-            keep = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
-            s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(
-                p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION
-            )
-            m_i = m_new
+            keep = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]  # causal
+            m_i, l_i, acc = _softmax_tile(q, k, v, keep, m_i, l_i, acc, qk_scale, PRECISION)
         out = acc / l_i[:, None]
         o_rows = (q_start + offs_m).to(tl.int64) * stride_ot + head * stride_oh
         tl.store(
@@ -169,27 +198,21 @@ if triton is not None:
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
-            page = tl.load(
-                block_tables_ptr + seq * stride_bt + offs_n // BLOCK_SIZE, mask=n_mask, other=0
+            k, v = _load_paged_kv(
+                k_cache_ptr,
+                v_cache_ptr,
+                block_tables_ptr + seq * stride_bt,
+                offs_n,
+                n_mask,
+                offs_d,
+                kv_head,
+                stride_cb,
+                stride_ct,
+                stride_ch,
+                BLOCK_SIZE,
             )
-            rows = page.to(tl.int64) * stride_cb + (offs_n % BLOCK_SIZE) * stride_ct
-            rows += kv_head * stride_ch
-            k = tl.load(
-                k_cache_ptr + rows[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0
-            )
-            v = tl.load(
-                v_cache_ptr + rows[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0
-            )
-            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale
-            s = tl.where(n_mask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(
-                p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION
-            )
-            m_i = m_new
+            keep = n_mask[None, :]
+            m_i, l_i, acc = _softmax_tile(q, k, v, keep, m_i, l_i, acc, qk_scale, PRECISION)
         if NUM_SPLITS == 1:
             out = acc / l_i[:, None]
             tl.store(

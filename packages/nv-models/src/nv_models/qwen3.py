@@ -19,6 +19,10 @@ from nv_models.layers.rotary import RotaryEmbedding, rotate
 from nv_models.parallel import TPGroup
 
 
+def head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def rope_theta(config: Any) -> float:
     theta = getattr(config, "rope_theta", None)
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
@@ -46,7 +50,7 @@ class Qwen3Attention(nn.Module):
         super().__init__()
         hidden = config.hidden_size
         total_heads, total_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or hidden // total_heads
+        self.head_dim = head_dim(config)
         self.qkv_proj = QKVParallelLinear(
             hidden, self.head_dim, total_heads, total_kv_heads, bias=spec.qkv_bias, tp=tp
         )
@@ -156,11 +160,8 @@ class Qwen3Model(nn.Module):
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        head_dim = getattr(config, "head_dim", None) or (
-            config.hidden_size // config.num_attention_heads
-        )
         self.rotary_emb = RotaryEmbedding(
-            head_dim, config.max_position_embeddings, rope_theta(config)
+            head_dim(config), config.max_position_embeddings, rope_theta(config)
         )
         self.layers = nn.ModuleList(
             Qwen3DecoderLayer(config, tp, backend, spec) for _ in range(config.num_hidden_layers)
@@ -171,7 +172,7 @@ class Qwen3Model(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        cos_sin = self.rotary_emb.cos_sin_cache[positions]
+        cos_sin = self.rotary_emb(positions)
         residual = None
         for layer in self.layers:
             x, residual = layer(cos_sin, x, residual, meta)

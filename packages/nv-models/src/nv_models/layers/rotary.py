@@ -5,8 +5,8 @@ from torch import nn
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-style rotary embedding over the full head dim, from a cos/sin cache indexed by
-    position (computed in float32)."""
+    """Neox-style rotary embedding over the full head dim: a float32 cos/sin table by position.
+    `forward(positions)` gathers a step's rows; `rotate(x, cos_sin)` applies them."""
 
     def __init__(self, head_dim: int, max_position: int, base: float) -> None:
         super().__init__()
@@ -20,12 +20,10 @@ class RotaryEmbedding(nn.Module):
             "cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False
         )
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: [num_tokens, num_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim]
-        cos_sin = self.cos_sin_cache[positions]
-        return rotate(q, cos_sin), rotate(k, cos_sin)
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        """The table's rows for `positions` ([T, D]: cos | sin halves), gathered once per step
+        and shared by every layer's `rotate`."""
+        return self.cos_sin_cache[positions]
 
 
 def rotate(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
