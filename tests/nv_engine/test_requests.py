@@ -300,3 +300,23 @@ def test_async_scheduling_config(text_model):
         LLM(str(text_model), device="cpu", async_scheduling=True, tensor_parallel_size=2)
     with pytest.raises(TypeError, match="async_scheduling"):
         LLM(str(text_model), device="cpu", async_scheduling="yes")
+
+
+def test_stop_strings_decode_only_the_tail_each_step(llm):
+    # Decoding the whole output every step would be quadratic in its length.
+    lengths = []
+    decode = llm.tokenizer.decode
+
+    def counting_decode(ids, **kw):
+        lengths.append(len(ids))
+        return decode(ids, **kw)
+
+    llm.tokenizer.decode = counting_decode
+    try:
+        p = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=["\x00\x00\x00"])
+        out = llm.generate([PROMPTS[0]], p, use_tqdm=False)[0]
+    finally:
+        llm.tokenizer.decode = decode
+    assert out["finish_reason"] == "length" and len(out["token_ids"]) == 40
+    assert len(lengths) >= 39  # a check on every sampled token
+    assert sorted(lengths)[-2] <= 3 + 8  # all but the final text: at most the tail

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nv_kernels import SamplingTensors, sample
-from nv_kernels.sampler import exponential_noise, vocab_keys
+from nv_kernels.sampler import chunked_argmax, exponential_noise, vocab_keys
 
 
 def _st(n, temperature=1.0, top_k=None, top_p=None, min_p=None, seeds=None, steps=None, v=0):
@@ -110,3 +110,13 @@ def test_compiled_sampler_matches_eager():
     eager = Sampler("cpu", compile=False)(logits, st)
     compiled = Sampler("cpu", compile=True)(logits, st)
     assert torch.equal(eager, compiled)
+
+
+@pytest.mark.parametrize("vocab", [1, 63, 64, 65, 1000])
+def test_chunked_argmax_is_argmax_with_first_index_on_ties(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randint(0, 4, (7, vocab), generator=g).float()  # many ties
+    x[0] = 0.0  # one row all tied: index 0
+    x[1, -1] = 10.0  # the maximum in the padded last chunk
+    assert torch.equal(chunked_argmax(x), x.argmax(dim=-1))
+    assert chunked_argmax(x)[0] == 0

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 Prompt = str | list[int]
 _SEED_MASK = (1 << 63) - 1
+_STOP_TAIL_MARGIN = 8  # tokens decoded beyond a stop string's length in characters
 
 
 class LLMEngine:
@@ -183,8 +184,17 @@ class LLMEngine:
     def _check_stop_strings(self, seq: Sequence) -> bool:
         if self.tokenizer is None:
             return False
-        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-        hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
+        ids = seq.output_token_ids
+        stop = seq.params.stop
+        # A stop string shows up first in the step whose token completes it, so only the last
+        # few tokens are decoded each step (decoding the whole output every step would be
+        # quadratic in its length); a hit is then confirmed and cut on the whole text.
+        tail = ids[-(max(map(len, stop)) + _STOP_TAIL_MARGIN) :]
+        tail_text = self.tokenizer.decode(tail, skip_special_tokens=True)
+        if not any(s in tail_text for s in stop):
+            return False
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in stop) if i >= 0]
         if not hits:
             return False
         seq.text = text[: min(hits)]
