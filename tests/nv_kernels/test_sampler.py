@@ -120,3 +120,33 @@ def test_chunked_argmax_is_argmax_with_first_index_on_ties(vocab):
     x[1, -1] = 10.0  # the maximum in the padded last chunk
     assert torch.equal(chunked_argmax(x), x.argmax(dim=-1))
     assert chunked_argmax(x)[0] == 0
+
+
+@pytest.mark.parametrize("vocab", [300, 5000])
+def test_fused_sampler_kernel_draws_what_sample_draws(vocab):
+    """The Triton kernels (interpreted) and the torch `sample` share the noise function, so
+    they pick the same tokens: greedy, sampled and mixed rows, negative and huge seeds."""
+    from nv_kernels.sample_kernel import fused_sample
+
+    g = torch.Generator().manual_seed(vocab)
+    n = 12
+    logits = torch.randn(n, vocab, generator=g) * 3
+    temps = torch.tensor([0.0, 0.7, 1.0, 1.5, 0.0, 0.3] * 2)
+    seeds = torch.tensor([1, 2, 3, -5, 7, 2**62, 0, -(2**63), 11, 12, 13, 14])
+    steps = torch.arange(n, dtype=torch.int64) * 37
+    want = sample(logits, _st(n, temps, seeds=seeds, steps=steps, v=vocab))
+    assert torch.equal(fused_sample(logits, temps, seeds, steps), want)
+    assert torch.equal(fused_sample(logits), logits.argmax(-1))
+    # ties go to the lowest index, across chunks too
+    flat = torch.zeros(2, vocab)
+    assert fused_sample(flat).tolist() == [0, 0]
+
+
+def test_sampler_routes_filters_to_torch_and_the_rest_to_the_kernel():
+    from nv_kernels import Sampler
+
+    logits = torch.randn(4, 300)
+    fused = Sampler("cpu", compile=False, fused=True)
+    plain = Sampler("cpu", compile=False, fused=False)
+    for st in (_st(4, 0.9, v=300), _st(4, 0.9, top_k=3, v=300), None):
+        assert torch.equal(fused(logits, st), plain(logits, st))

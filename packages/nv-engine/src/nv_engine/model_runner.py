@@ -157,10 +157,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _warm_up_sampler(self) -> None:
-        """Compile the sampler's common variant (temperature only) now rather than during the
-        first requests: for one row and for several (a batch of one compiles apart)."""
-        for n in (1, 3):
-            self._sample_random(n, temperature=0.7, top_k=0, top_p=1.0, min_p=0.0)
+        """Compile the sampler's kernels (greedy, temperature only) now rather than during the
+        first requests."""
+        for temperature in (0.0, 0.7):
+            self._sample_random(3, temperature=temperature, top_k=0, top_p=1.0, min_p=0.0)
         torch.cuda.synchronize(self.device)
 
     def _sample_random(self, n: int, **sampling: float) -> None:
@@ -199,7 +199,7 @@ class ModelRunner:
             self._last_sampled = None
             return None
         # one logits row per sampled row (prefill projects only those)
-        sampled = logits.argmax(dim=-1) if st is None else self.sampler(logits, st)
+        sampled = self.sampler(logits, st)
         self._last_sampled = (sampled, rows)
         return self._readback.send(sampled)
 

@@ -9,11 +9,11 @@ from nv_kernels.store_kvcache import store_kvcache
 class AttentionBackend:
     """One attention implementation over the paged KV cache.
 
-    `forward` writes the step's K/V into the cache (when there is one), then runs `prefill` or
-    `decode` as `meta.is_prefill` says. Shapes: q [num_tokens, num_heads, head_dim];
-    k, v [num_tokens, num_kv_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads,
-    head_dim]; the result is [num_tokens, num_heads, head_dim]. num_heads is a multiple of
-    num_kv_heads (GQA).
+    `forward` writes the step's K/V into the cache (when there is one and the caller has not:
+    `kv_stored`), then runs `prefill` or `decode` as `meta.is_prefill` says. Shapes: q
+    [num_tokens, num_heads, head_dim]; k, v [num_tokens, num_kv_heads, head_dim]; caches
+    [num_blocks, block_size, num_kv_heads, head_dim]; the result is [num_tokens, num_heads,
+    head_dim]. num_heads is a multiple of num_kv_heads (GQA).
     """
 
     name: str
@@ -59,8 +59,9 @@ class AttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_stored: bool = False,
     ) -> torch.Tensor:
-        if k_cache.numel():
+        if k_cache.numel() and not kv_stored:
             self.store(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_prefill:
             return self.prefill(q, k, v, k_cache, v_cache, meta, scale)

@@ -4,6 +4,9 @@ from dataclasses import dataclass
 
 import torch
 
+from nv_kernels.sample_kernel import fused_sample
+from nv_kernels.triton_utils import triton
+
 
 def _to_i64(c: int) -> int:
     return c - (1 << 64) if c >= 1 << 63 else c
@@ -123,16 +126,29 @@ def chunked_argmax(x: torch.Tensor) -> torch.Tensor:
 
 
 class Sampler:
-    """Batched sampler; compiled with torch.compile on CUDA, eager elsewhere."""
+    """Batched sampler. On CUDA, greedy and temperature-only batches take the fused Triton
+    kernels (`sample_kernel.fused_sample`); batches with top-k, top-p or min-p take `sample`,
+    compiled with torch.compile. Elsewhere `sample` runs eagerly."""
 
-    def __init__(self, device: torch.device | str, compile: bool | None = None) -> None:
+    def __init__(
+        self, device: torch.device | str, compile: bool | None = None, fused: bool | None = None
+    ) -> None:
         device = torch.device(device)
+        on_cuda = device.type == "cuda"
         if compile is None:
-            compile = device.type == "cuda"
+            compile = on_cuda
+        self._fused = on_cuda and triton is not None if fused is None else fused
         self._fn = torch.compile(sample, dynamic=True) if compile else sample
         self._keys: torch.Tensor | None = None
 
-    def __call__(self, logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, st: SamplingTensors | None) -> torch.Tensor:
+        """`st` None: every row is greedy."""
+        if self._fused and (st is None or not (st.use_top_k or st.use_top_p or st.use_min_p)):
+            if st is None or st.all_greedy:
+                return fused_sample(logits)
+            return fused_sample(logits, st.temperatures, st.seeds, st.steps)
+        if st is None:
+            return chunked_argmax(logits)
         if self._keys is None or self._keys.shape[0] != logits.shape[-1]:
             self._keys = vocab_keys(logits.shape[-1], logits.device)
         return self._fn(logits, st, self._keys)

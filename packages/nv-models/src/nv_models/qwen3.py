@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from nv_kernels import AttentionBackend, AttentionMetadata
+from nv_kernels.rope_store import qk_norm_rope_store, use_qk_norm_rope_store
 from nv_models.layers.activation import SiluAndMul
 from nv_models.layers.attention import Attention
 from nv_models.layers.compile import compile_on_cuda
@@ -73,17 +74,21 @@ class Qwen3Attention(nn.Module):
         """`cos_sin`: the rotary table's rows for this step's positions (one gather per step,
         made by the model)."""
         qkv = self.qkv_proj(x)
+        q_w = None if self.q_norm is None else self.q_norm.weight
+        k_w = None if self.k_norm is None else self.k_norm.weight
+        eps = self.q_norm.eps if self.q_norm is not None else 0.0
+        attn = self.attn
+        if use_qk_norm_rope_store(qkv, attn.k_cache, self.head_dim):
+            # one kernel: q/k norms and rotary in place in qkv, k and v into the paged cache
+            q, k, v = qk_norm_rope_store(
+                qkv, cos_sin, q_w, k_w, eps, self.num_heads, self.num_kv_heads,
+                attn.k_cache, attn.v_cache, meta.slot_mapping,
+            )  # fmt: skip
+            return self.o_proj(attn(q, k, v, meta, kv_stored=True))
         q, k, v = split_qkv_norm_rotary(
-            qkv,
-            cos_sin,
-            None if self.q_norm is None else self.q_norm.weight,
-            None if self.k_norm is None else self.k_norm.weight,
-            self.q_norm.eps if self.q_norm is not None else 0.0,
-            self.num_heads,
-            self.num_kv_heads,
-            self.head_dim,
+            qkv, cos_sin, q_w, k_w, eps, self.num_heads, self.num_kv_heads, self.head_dim
         )
-        return self.o_proj(self.attn(q, k, v, meta))
+        return self.o_proj(attn(q, k, v, meta))
 
 
 @compile_on_cuda

@@ -27,8 +27,14 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = torch.tensor([])
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_stored: bool = False,
     ) -> torch.Tensor:
+        """`kv_stored`: the caller already wrote k and v into the cache."""
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
-        o = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        o = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, kv_stored)
         return o.flatten(-2, -1)

@@ -1,0 +1,209 @@
+"""Everything between the QKV projection and attention, in one kernel: per-head RMSNorm on q and
+k (Qwen3; optional), neox rotary on q and k, and the K/V store into the paged cache.
+
+Unfused these are two kernels per layer (a compiled norm+rotary and `store_kvcache`), 127 us of a
+1.13 ms batch-1 decode step on an H200 for 28 layers, most of it launch and ramp time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nv_kernels.triton_utils import tl, triton
+
+
+def _norm_rotate_ref(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    if weight is not None:  # RMSNorm in float32, weight applied in x's dtype (Hugging Face)
+        xf = x.float()
+        x = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def _split(
+    qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    t = qkv.shape[0]
+    return (
+        q.view(t, num_heads, head_dim),
+        k.view(t, num_kv_heads, head_dim),
+        v.view(t, num_kv_heads, head_dim),
+    )
+
+
+def qk_norm_rope_store_ref(
+    qkv: torch.Tensor,
+    cos_sin: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+    num_heads: int,
+    num_kv_heads: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch reference of `qk_norm_rope_store` (the same contract, eager)."""
+    head_dim = k_cache.shape[-1]
+    q, k, v = _split(qkv, num_heads, num_kv_heads, head_dim)
+    cos, sin = cos_sin[:, None].chunk(2, dim=-1)
+    q.copy_(_norm_rotate_ref(q, cos, sin, q_weight, eps))
+    k.copy_(_norm_rotate_ref(k, cos, sin, k_weight, eps))
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    k_cache.view(-1, num_kv_heads, head_dim)[slots] = k[valid].to(k_cache.dtype)
+    v_cache.view(-1, num_kv_heads, head_dim)[slots] = v[valid].to(v_cache.dtype)
+    return q, k, v
+
+
+if triton is not None:
+
+    @triton.jit
+    def _norm_rotate(
+        x1, x2, cos, sin, w_ptr, offs_d, eps, HALF: tl.constexpr, HAS_NORM: tl.constexpr
+    ):
+        """x1, x2: the two halves [heads, HALF] of some heads, in their storage dtype. Returns the
+        rotated halves in float32, with the storage dtype's roundings of `_norm_rotate_ref`."""
+        dtype = x1.dtype
+        a = x1.to(tl.float32)
+        b = x2.to(tl.float32)
+        if HAS_NORM:
+            r = tl.rsqrt((tl.sum(a * a, 1) + tl.sum(b * b, 1)) / (2 * HALF) + eps)[:, None]
+            w1 = tl.load(w_ptr + offs_d).to(tl.float32)[None, :]
+            w2 = tl.load(w_ptr + HALF + offs_d).to(tl.float32)[None, :]
+            a = (w1 * (a * r).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+            b = (w2 * (b * r).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        return a * cos - b * sin, b * cos + a * sin
+
+    @triton.jit
+    def _qk_norm_rope_store_kernel(
+        qkv_ptr,
+        stride_t,
+        cos_sin_ptr,
+        stride_cs,
+        q_w_ptr,
+        k_w_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        slot_mapping_ptr,
+        eps,
+        H: tl.constexpr,
+        HKV: tl.constexpr,
+        H_PAD: tl.constexpr,
+        HKV_PAD: tl.constexpr,
+        HALF: tl.constexpr,
+        HAS_NORM: tl.constexpr,
+    ):
+        # Program (t, 0): token t's H query heads; (t, 1): its HKV key and value heads (two
+        # programs per token keep the dependent chain short when a decode step has few tokens).
+        t = tl.program_id(0).to(tl.int64)
+        D: tl.constexpr = 2 * HALF
+        offs_d = tl.arange(0, HALF)
+        row = qkv_ptr + t * stride_t
+        cos = tl.load(cos_sin_ptr + t * stride_cs + offs_d)[None, :]
+        sin = tl.load(cos_sin_ptr + t * stride_cs + HALF + offs_d)[None, :]
+        dtype = qkv_ptr.dtype.element_ty
+
+        if tl.program_id(1) == 0:
+            hq = tl.arange(0, H_PAD)[:, None]
+            q_ptrs = row + hq * D + offs_d[None, :]
+            q_mask = hq < H
+            q1, q2 = _norm_rotate(
+                tl.load(q_ptrs, mask=q_mask, other=0.0),
+                tl.load(q_ptrs + HALF, mask=q_mask, other=0.0),
+                cos, sin, q_w_ptr, offs_d, eps, HALF, HAS_NORM,
+            )  # fmt: skip
+            tl.store(q_ptrs, q1.to(dtype), mask=q_mask)
+            tl.store(q_ptrs + HALF, q2.to(dtype), mask=q_mask)
+            return
+
+        hk = tl.arange(0, HKV_PAD)[:, None]
+        k_ptrs = row + H * D + hk * D + offs_d[None, :]
+        kv_mask = hk < HKV
+        k1, k2 = _norm_rotate(
+            tl.load(k_ptrs, mask=kv_mask, other=0.0),
+            tl.load(k_ptrs + HALF, mask=kv_mask, other=0.0),
+            cos, sin, k_w_ptr, offs_d, eps, HALF, HAS_NORM,
+        )  # fmt: skip
+        k1, k2 = k1.to(dtype), k2.to(dtype)
+        tl.store(k_ptrs, k1, mask=kv_mask)
+        tl.store(k_ptrs + HALF, k2, mask=kv_mask)
+
+        slot = tl.load(slot_mapping_ptr + t)
+        if slot >= 0:
+            v_ptrs = k_ptrs + HKV * D
+            v1 = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+            v2 = tl.load(v_ptrs + HALF, mask=kv_mask, other=0.0)
+            dst = slot * (HKV * D) + hk * D + offs_d[None, :]
+            cache_ty = k_cache_ptr.dtype.element_ty
+            tl.store(k_cache_ptr + dst, k1.to(cache_ty), mask=kv_mask)
+            tl.store(k_cache_ptr + dst + HALF, k2.to(cache_ty), mask=kv_mask)
+            tl.store(v_cache_ptr + dst, v1.to(cache_ty), mask=kv_mask)
+            tl.store(v_cache_ptr + dst + HALF, v2.to(cache_ty), mask=kv_mask)
+
+
+def qk_norm_rope_store(
+    qkv: torch.Tensor,
+    cos_sin: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+    num_heads: int,
+    num_kv_heads: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv `[T, (H + 2 Hkv) D]` (the QKV projection's output, contiguous): normalise q and k per
+    head when the weights are given (both or neither), rotate them by `cos_sin` `[T, D]` (float32,
+    cos | sin halves), in place, and write k and v into the caches `[num_blocks, block_size, Hkv,
+    D]` at `slot_mapping` (negative: skip). Returns views q `[T, H, D]`, k, v `[T, Hkv, D]` of
+    `qkv`."""
+    t, width = qkv.shape
+    head_dim = k_cache.shape[-1]
+    if width != (num_heads + 2 * num_kv_heads) * head_dim or qkv.stride(-1) != 1:
+        raise ValueError(
+            f"qkv must be [T, (H + 2 Hkv) * D] with a contiguous last dim, got {tuple(qkv.shape)}"
+        )
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("give both q and k norm weights or neither")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("qk_norm_rope_store needs contiguous caches")
+    if t:
+        _qk_norm_rope_store_kernel[(t, 2)](
+            qkv,
+            qkv.stride(0),
+            cos_sin,
+            cos_sin.stride(0),
+            q_weight if q_weight is not None else qkv,
+            k_weight if k_weight is not None else qkv,
+            k_cache,
+            v_cache,
+            slot_mapping,
+            eps,
+            H=num_heads,
+            HKV=num_kv_heads,
+            H_PAD=triton.next_power_of_2(num_heads),
+            HKV_PAD=triton.next_power_of_2(num_kv_heads),
+            HALF=head_dim // 2,
+            HAS_NORM=q_weight is not None,
+            num_warps=4,
+        )
+    return _split(qkv, num_heads, num_kv_heads, head_dim)
+
+
+def use_qk_norm_rope_store(qkv: torch.Tensor, k_cache: torch.Tensor, head_dim: int) -> bool:
+    """Whether `qk_norm_rope_store` can take this layer's step: on CUDA, with a KV cache, a
+    contiguous qkv and a power-of-two head dim."""
+    return (
+        qkv.is_cuda
+        and triton is not None
+        and k_cache.numel() > 0
+        and qkv.is_contiguous()
+        and head_dim >= 16
+        and head_dim & (head_dim - 1) == 0
+    )
