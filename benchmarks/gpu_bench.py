@@ -7,6 +7,7 @@ Prints one JSON line per result and a summary table last.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -172,11 +173,36 @@ def kernels(bw: float) -> None:
         )
 
 
+@contextlib.contextmanager
+def compile_log():
+    """Print every Triton compilation (kernel, seconds) and torch.compile recompilation while
+    inside: work a timed run should not do."""
+    from triton.runtime.jit import JITFunction
+
+    orig = getattr(JITFunction, "_do_compile", None)
+
+    def logged(self, *args, **kwargs):
+        t = time.perf_counter()
+        out = orig(self, *args, **kwargs)
+        print(f"[compile] triton {self.__name__} {time.perf_counter() - t:.2f}s", flush=True)
+        return out
+
+    if orig is not None:
+        JITFunction._do_compile = logged
+    torch._logging.set_logs(recompiles=True)
+    try:
+        yield
+    finally:
+        torch._logging.set_logs(recompiles=False)
+        if orig is not None:
+            JITFunction._do_compile = orig
+
+
 def workload_a(bw: float, block_size: int = 256, tag: str = "A") -> None:
     from nv_engine.bench import nano_vllm_workload, run_benchmark
 
     prompts, params = nano_vllm_workload()
-    with make_llm(kvcache_block_size=block_size) as llm:
+    with make_llm(kvcache_block_size=block_size) as llm, compile_log():
         r = run_benchmark(llm, prompts, params)
     fl = floor_seconds(QWEN3_06B, prompts, params, bw)
     report(

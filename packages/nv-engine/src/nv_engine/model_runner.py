@@ -67,8 +67,10 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager and backend.name != "torch":
             self.graphs = DecodeGraphs(self.model, self.device, config)
             self.graphs.capture(self.max_blocks_per_seq)
-        if self.device.type == "cuda" and self.sampler is not None:
-            self._warm_up_sampler()
+        if self.device.type == "cuda":
+            self._warm_up_prefill_with_context()
+            if self.sampler is not None:
+                self._warm_up_sampler()
 
     def close(self) -> None:
         """Drop the model, KV cache and graphs and hand the memory back to the device."""
@@ -154,6 +156,26 @@ class ModelRunner:
         if self.sampler is not None:  # every filter on: the sampler's largest footprint
             self._sample_random(c.max_num_seqs, temperature=1.0, top_k=5, top_p=0.9, min_p=0.1)
         torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def _warm_up_prefill_with_context(self) -> None:
+        """Compile the prefill kernels that read earlier tokens from the cache (prefix hits,
+        chunked prefill) now rather than in the first such step of a run. Reads block 0, writes
+        nothing (every slot is -1)."""
+        n, ctx = 16, self.block_size + 16
+        dev = self.device
+        meta = AttentionMetadata(
+            is_prefill=True,
+            slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev),
+            block_tables=torch.zeros(1, -(-ctx // self.block_size), dtype=torch.int32, device=dev),
+            cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=dev),
+            cu_seqlens_k=torch.tensor([0, ctx], dtype=torch.int32, device=dev),
+            max_seqlen_q=n,
+            max_seqlen_k=ctx,
+        )
+        ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.model(ids, torch.arange(n, device=dev), meta)  # any positions in the table
+        torch.cuda.synchronize(dev)
 
     @torch.inference_mode()
     def _warm_up_sampler(self) -> None:

@@ -13,6 +13,8 @@ from nv_kernels.metadata import AttentionMetadata
 from nv_kernels.triton_utils import tl, triton
 
 if triton is not None:
+    # The block-table width (stride_bt) changes from step to step; specialising on it (== 1,
+    # divisible by 16) would compile new kernel variants in the middle of a run.
 
     @triton.jit
     def _load_paged_kv(
@@ -50,7 +52,7 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
         return m_new, l_i, acc
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_bt"])
     def _prefill_kernel(
         q_ptr,
         k_ptr,
@@ -145,7 +147,7 @@ if triton is not None:
             mask=m_mask[:, None],
         )
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_bt"])
     def _decode_kernel(
         q_ptr,
         k_cache_ptr,
