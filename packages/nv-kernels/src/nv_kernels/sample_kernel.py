@@ -2,10 +2,11 @@
 top-p or min-p), for any mix of them in one batch.
 
 Kernel 1 takes each row in chunks of the vocabulary (so even one row fills the GPU): it reads the
-logits once, adds the row's Gumbel noise in registers (the same splitmix64 hash of (seed, step,
-token id) as `sampler.exponential_noise`, so both paths draw the same token) and keeps the chunk's
-best score and its index. Kernel 2 picks the best chunk per row. The compiled torch version of
-the same draw materialises the 64-bit noise for the whole batch: 450 us at 256 rows on an H200.
+logits once, adds the row's Gumbel noise in registers (the same hash of (seed, step, token id)
+as `sampler.exponential_noise`, 32-bit per token, so both paths draw the same token) and keeps
+the chunk's best score and its index. Kernel 2 picks the best chunk per row. The compiled torch
+version of the same draw materialises the noise for the whole batch: 450 us at 256 rows on an
+H200.
 """
 
 from __future__ import annotations
@@ -17,6 +18,15 @@ from nv_kernels.triton_utils import tl, triton
 CHUNK = 2048  # vocabulary entries per program: 75 programs per row for a 151,936-token vocab
 
 if triton is not None:
+
+    @triton.jit
+    def _mix32(x):
+        # x: uint32. lowbias32, as in sampler._mix32.
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x846CA68B
+        return x ^ (x >> 16)
 
     @triton.jit
     def _splitmix64(x):
@@ -53,8 +63,10 @@ if triton is not None:
                 seed = tl.load(seeds_ptr + row).to(tl.uint64)
                 step = tl.load(steps_ptr + row).to(tl.uint64)
                 row_key = _splitmix64(seed * 0x94D049BB133111EB + step)
-                bits = _splitmix64(row_key + offs.to(tl.uint64) * 0x9E3779B97F4A7C15)
-                u = ((bits >> 40) + 1).to(tl.float32) * (1.0 / (1 << 24))  # uniform in (0, 1]
+                lo = (row_key & 0xFFFFFFFF).to(tl.uint32)
+                hi = (row_key >> 32).to(tl.uint32)
+                bits = _mix32(_mix32((offs.to(tl.uint32) * 0x9E3779B9) ^ lo) ^ hi)
+                u = ((bits >> 8) + 1).to(tl.float32) * (1.0 / (1 << 24))  # uniform in (0, 1]
                 # argmax(probs / E) with E = -log(u) ~ Exp(1), in log space
                 x = x / t - tl.log(-tl.log(u))
         x = tl.where(mask, x, float("-inf"))

@@ -30,19 +30,34 @@ def _splitmix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 31)
 
 
+_MASK32 = 0xFFFFFFFF
+_GOLDEN32 = 0x9E3779B9
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (C. Wellons) on 32-bit values held in int64: the products fit in 64 bits
+    (wrapping into the sign bit is harmless), and the mask keeps the low 32."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
 def vocab_keys(vocab_size: int, device: torch.device | str) -> torch.Tensor:
-    """Per-token hash offsets, made once outside any compiled graph (Inductor cannot fold a
-    64-bit constant times an index)."""
-    return torch.arange(vocab_size, device=device, dtype=torch.int64) * _GOLDEN
+    """Per-token hash offsets (token id times a 32-bit golden ratio), made once."""
+    return (torch.arange(vocab_size, device=device, dtype=torch.int64) * _GOLDEN32) & _MASK32
 
 
 def exponential_noise(seeds: torch.Tensor, steps: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Exp(1) noise `[num_seqs, vocab_size]`, a pure function of (seed, step, token id): a request's
     draw does not depend on what else is in the batch or on which device runs it.
-    `keys` is `vocab_keys(vocab_size, device)`."""
+    `keys` is `vocab_keys(vocab_size, device)`. A 64-bit key per row (splitmix64 of seed and
+    step), then a 32-bit hash per token: `sample_kernel` computes the same bits in uint32."""
     row_key = _splitmix64(seeds * _M2 + steps)  # [B]
-    bits = _splitmix64(row_key[:, None] + keys[None, :])  # [B, V]
-    u = (_shr(bits, 40) + 1).to(torch.float32) * (1.0 / (1 << 24))  # uniform in (0, 1]
+    lo, hi = (row_key & _MASK32)[:, None], _shr(row_key, 32)[:, None]
+    bits = _mix32(_mix32(keys[None, :] ^ lo) ^ hi)  # [B, V], 32-bit values
+    u = ((bits >> 8) + 1).to(torch.float32) * (1.0 / (1 << 24))  # uniform in (0, 1]
     return -torch.log(u)
 
 
