@@ -8,12 +8,11 @@ small kernel sums the partial products: deterministic, no atomics).
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
 
-from nv_kernels.triton_utils import tl, triton, triton_usable
+from nv_kernels.triton_utils import num_sms, tl, triton, triton_usable
 
 MAX_ROWS = 16  # decode batches up to this size take the kernel; larger ones go to cuBLAS
 
@@ -111,13 +110,6 @@ if triton is not None:
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132  # the interpreter: any plausible count
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def default_config(n: int, k: int, num_sms: int) -> SkinnyConfig:
     """The widest feature tile that still gives half the SMs a program. On an H200 (132 SMs)
     `benchmarks/gemm_sweep.py` found splitting K (two kernels) slower than leaving SMs idle at
@@ -159,7 +151,7 @@ def skinny_gemm(
     if m > 64:
         raise ValueError(f"skinny_gemm takes at most 64 rows, got {m}")
     if config is None:
-        config = default_config(n, k, _num_sms(x.device))
+        config = default_config(n, k, num_sms(x.device, otherwise=132))
     block_m = max(16, triton.next_power_of_2(m))
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     split = config.split_k

@@ -3,14 +3,12 @@ decode that reads each K/V tile once per KV head for its whole group of query he
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
 from nv_kernels.attention_backend import AttentionBackend
 from nv_kernels.metadata import AttentionMetadata
-from nv_kernels.triton_utils import tl, triton
+from nv_kernels.triton_utils import num_sms, tl, triton
 
 if triton is not None:
     # The block-table width (stride_bt) changes from step to step; specialising on it (== 1,
@@ -272,18 +270,12 @@ def _check_head_dim(head_dim: int) -> None:
         raise ValueError(f"triton attention needs a power-of-two head_dim >= 16, got {head_dim}")
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def decode_num_splits(
     num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device, block_n: int
 ) -> int:
     """Split the context so that small batches still put ~2 programs on every SM. Depends only
     on shapes, so a captured CUDA graph keeps a valid grid."""
-    num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
-    want = -(-2 * num_sms // max(1, num_seqs * num_kv_heads))
+    want = -(-2 * num_sms(device, otherwise=4) // max(1, num_seqs * num_kv_heads))
     return max(1, min(want, -(-max_context // (4 * block_n)), 32))
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
+
+import torch
 
 try:
     import triton
@@ -17,3 +20,15 @@ def triton_usable(device: str | object) -> bool:
     if triton is None:
         return False
     return str(device).startswith("cuda") or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device, otherwise: int) -> int:
+    """The device's SM count (grid sizing); `otherwise` off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return otherwise
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
