@@ -142,20 +142,6 @@ def test_fused_sampler_kernel_draws_what_sample_draws(vocab):
     assert fused_sample(flat).tolist() == [0, 0]
 
 
-@pytest.mark.parametrize("batch", [1, 3, 64, 1000])
-@pytest.mark.parametrize("vocab", [100, 151936, 300_000])
-def test_split_vocab_covers_each_row_once(batch, vocab):
-    from nv_kernels.sample_kernel import BLOCK, MAX_CHUNKS, split_vocab
-
-    chunk, num_chunks = split_vocab(batch, vocab, sms=132)
-    assert chunk % BLOCK == 0 and 1 <= num_chunks <= MAX_CHUNKS
-    assert (num_chunks - 1) * chunk < vocab <= num_chunks * chunk
-    if batch == 1 and vocab == 151936:
-        assert num_chunks == 75  # one BLOCK per program: a single row fills the GPU
-    if batch == 1000:
-        assert num_chunks == 1  # plenty of rows: one program per row
-
-
 def test_sampler_routes_filters_to_torch_and_the_rest_to_the_kernel():
     from nv_kernels import Sampler
 
