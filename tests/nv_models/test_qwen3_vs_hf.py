@@ -49,9 +49,23 @@ def test_greedy_tokens_vary(tiny):
     assert (out != 8).any()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_prefill_then_decode_through_paged_cache(tiny, backend):
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-fused"])
+def test_prefill_then_decode_through_paged_cache(tiny, backend, monkeypatch):
+    """`triton-fused`: the CUDA layer path (q/k norm + rotary + KV store in one kernel, attention
+    told the cache is written), interpreted on CPU."""
+    import nv_models.qwen3 as qwen3
+
     path, hf = tiny
+    fused_calls = []
+    if backend == "triton-fused":
+        fused = qwen3.qk_norm_rope_store
+        monkeypatch.setattr(
+            qwen3, "use_qk_norm_rope_store", lambda qkv, cache, d: cache.numel() > 0
+        )
+        monkeypatch.setattr(
+            qwen3, "qk_norm_rope_store", lambda *a: fused_calls.append(1) or fused(*a)
+        )
+        backend = "triton"
     ours = load_ours(path, backend)
     harness = PagedHarness(ours, num_blocks=64, block_size=4)
     prompts = _prompts(2, [6, 9])
@@ -79,6 +93,8 @@ def test_prefill_then_decode_through_paged_cache(tiny, backend):
         for i in range(2):
             assert (logits[i] - refs[i][1][step]).abs().max().item() <= ATOL, (step, i)
             assert logits[i].argmax().item() == refs[i][0][step]
+    if fused_calls:  # one call per layer per forward
+        assert len(fused_calls) == steps * len(ours.model.layers)
 
 
 def test_prefix_hit_and_chunked_prefill(tiny):
