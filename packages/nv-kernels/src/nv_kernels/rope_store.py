@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from nv_kernels.store_kvcache import store_kvcache_ref
 from nv_kernels.triton_utils import tl, triton
 
 
-def _norm_rotate_ref(
+def _norm_rotate_torch(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
     if weight is not None:  # RMSNorm in float32, weight applied in x's dtype (Hugging Face)
@@ -35,6 +36,29 @@ def _split(
     )
 
 
+def qk_norm_rope(
+    qkv: torch.Tensor,
+    cos_sin: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch: qkv `[T, (H + 2 Hkv) D]` -> q `[T, H, D]`, k, v `[T, Hkv, D]`, with per-head RMSNorm
+    on q and k (when the weights are given) and neox rotary by `cos_sin` `[T, D]` (cos | sin
+    halves), in float32 with Hugging Face's roundings. q and k are new tensors, v is a view of qkv.
+    The models' path where `qk_norm_rope_store` does not run, and its reference."""
+    q, k, v = _split(qkv, num_heads, num_kv_heads, head_dim)
+    cos, sin = cos_sin[:, None].chunk(2, dim=-1)
+    return (
+        _norm_rotate_torch(q, cos, sin, q_weight, eps),
+        _norm_rotate_torch(k, cos, sin, k_weight, eps),
+        v,
+    )
+
+
 def qk_norm_rope_store_ref(
     qkv: torch.Tensor,
     cos_sin: torch.Tensor,
@@ -49,14 +73,12 @@ def qk_norm_rope_store_ref(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Torch reference of `qk_norm_rope_store` (the same contract, eager)."""
     head_dim = k_cache.shape[-1]
-    q, k, v = _split(qkv, num_heads, num_kv_heads, head_dim)
-    cos, sin = cos_sin[:, None].chunk(2, dim=-1)
-    q.copy_(_norm_rotate_ref(q, cos, sin, q_weight, eps))
-    k.copy_(_norm_rotate_ref(k, cos, sin, k_weight, eps))
-    valid = slot_mapping >= 0
-    slots = slot_mapping[valid]
-    k_cache.view(-1, num_kv_heads, head_dim)[slots] = k[valid].to(k_cache.dtype)
-    v_cache.view(-1, num_kv_heads, head_dim)[slots] = v[valid].to(v_cache.dtype)
+    args = (q_weight, k_weight, eps, num_heads, num_kv_heads, head_dim)
+    new_q, new_k, v = qk_norm_rope(qkv, cos_sin, *args)
+    q, k, _ = _split(qkv, num_heads, num_kv_heads, head_dim)
+    q.copy_(new_q)
+    k.copy_(new_k)
+    store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping)
     return q, k, v
 
 
@@ -67,7 +89,7 @@ if triton is not None:
         x1, x2, cos, sin, w_ptr, offs_d, eps, HALF: tl.constexpr, HAS_NORM: tl.constexpr
     ):
         """x1, x2: the two halves [heads, HALF] of some heads, in their storage dtype. Returns the
-        rotated halves in float32, with the storage dtype's roundings of `_norm_rotate_ref`."""
+        rotated halves in float32, with the storage dtype's roundings of `_norm_rotate_torch`."""
         dtype = x1.dtype
         a = x1.to(tl.float32)
         b = x2.to(tl.float32)

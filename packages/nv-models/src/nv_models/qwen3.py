@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 from nv_kernels import AttentionBackend, AttentionMetadata
-from nv_kernels.rope_store import qk_norm_rope_store, use_qk_norm_rope_store
+from nv_kernels.rope_store import qk_norm_rope, qk_norm_rope_store, use_qk_norm_rope_store
 from nv_models.layers.activation import SiluAndMul
 from nv_models.layers.attention import Attention
 from nv_models.layers.compile import compile_on_cuda
 from nv_models.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
-from nv_models.layers.layernorm import RMSNorm, rms_norm
+from nv_models.layers.layernorm import RMSNorm
 from nv_models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from nv_models.layers.rotary import RotaryEmbedding, rotate
+from nv_models.layers.rotary import RotaryEmbedding
 from nv_models.parallel import TPGroup
 
 
@@ -85,34 +85,15 @@ class Qwen3Attention(nn.Module):
                 attn.k_cache, attn.v_cache, meta.slot_mapping,
             )  # fmt: skip
             return self.o_proj(attn(q, k, v, meta, kv_stored=True))
-        q, k, v = split_qkv_norm_rotary(
+        q, k, v = _qk_norm_rope(
             qkv, cos_sin, q_w, k_w, eps, self.num_heads, self.num_kv_heads, self.head_dim
         )
         return self.o_proj(attn(q, k, v, meta))
 
 
-@compile_on_cuda
-def split_qkv_norm_rotary(
-    qkv: torch.Tensor,
-    cos_sin: torch.Tensor,
-    q_weight: torch.Tensor | None,
-    k_weight: torch.Tensor | None,
-    eps: float,
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """qkv [T, (H + 2 Hkv) D] -> q [T, H, D], k, v [T, Hkv, D]; per-head RMSNorm on q and k
-    (Qwen3), then rotary. One fused kernel on CUDA."""
-    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-    q = q.view(-1, num_heads, head_dim)
-    k = k.view(-1, num_kv_heads, head_dim)
-    v = v.view(-1, num_kv_heads, head_dim)
-    if q_weight is not None:
-        q = rms_norm.__wrapped__(q, q_weight, eps)
-        k = rms_norm.__wrapped__(k, k_weight, eps)
-    return rotate(q, cos_sin), rotate(k, cos_sin), v
+# torch's q/k norm + rotary where the fused kernel does not run: one Inductor kernel on CUDA,
+# eager elsewhere (bit-comparable with transformers on CPU)
+_qk_norm_rope = compile_on_cuda(qk_norm_rope)
 
 
 class Qwen3MLP(nn.Module):

@@ -6,7 +6,8 @@ from torch import nn
 
 class RotaryEmbedding(nn.Module):
     """Neox-style rotary embedding over the full head dim: a float32 cos/sin table by position.
-    `forward(positions)` gathers a step's rows; `rotate(x, cos_sin)` applies them."""
+    `forward(positions)` gathers a step's rows; the attention layers apply them together with
+    their q/k norms (`nv_kernels.rope_store`)."""
 
     def __init__(self, head_dim: int, max_position: int, base: float) -> None:
         super().__init__()
@@ -22,13 +23,5 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         """The table's rows for `positions` ([T, D]: cos | sin halves), gathered once per step
-        and shared by every layer's `rotate`."""
+        and shared by every layer."""
         return self.cos_sin_cache[positions]
-
-
-def rotate(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` [T, heads, D] by per-token `cos_sin` [T, D] (cos | sin halves), in float32.
-    Qwen3's attention fuses this with its q/k norms (`split_qkv_norm_rotary`)."""
-    cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
