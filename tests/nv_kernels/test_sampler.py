@@ -140,6 +140,9 @@ def test_fused_sampler_kernel_draws_what_sample_draws(vocab):
     # ties go to the lowest index, across chunks too
     flat = torch.zeros(2, vocab)
     assert fused_sample(flat).tolist() == [0, 0]
+    # a row of NaN (a broken model) still yields a token id the engine can embed
+    broken = torch.full((2, vocab), float("nan"))
+    assert all(0 <= t < vocab for t in fused_sample(broken, temps[:2], seeds[:2], steps[:2]))
 
 
 def test_sampler_routes_filters_to_torch_and_the_rest_to_the_kernel():

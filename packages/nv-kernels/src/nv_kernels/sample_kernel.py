@@ -73,6 +73,7 @@ if triton is not None:
         best = tl.max(x, axis=0)
         # the lowest index among the chunk's maxima, as torch.argmax breaks ties
         index = tl.min(tl.where(x == best, offs, V), axis=0)
+        index = tl.minimum(index, V - 1)  # NaN logits match nothing: still return a valid id
         tl.store(best_ptr + row * NUM_CHUNKS + c, best)
         tl.store(index_ptr + row * NUM_CHUNKS + c, index)
 
@@ -86,6 +87,7 @@ if triton is not None:
         best = tl.load(best_ptr + row * NUM_CHUNKS + offs, mask=mask, other=float("-inf"))
         top = tl.max(best, axis=0)
         chunk = tl.min(tl.where((best == top) & mask, offs, NUM_CHUNKS), axis=0)
+        chunk = tl.minimum(chunk, NUM_CHUNKS - 1)  # (NaN)
         tl.store(out_ptr + row, tl.load(index_ptr + row * NUM_CHUNKS + chunk))
 
 
