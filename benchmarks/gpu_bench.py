@@ -378,7 +378,8 @@ def kprofile() -> None:
 
 
 def hf_baseline() -> None:
-    """transformers on the same card: static-batch generate on a slice of workload A."""
+    """transformers on the same card, on a slice of workload A: static-batch `generate`, then
+    continuous batching (`generate_batch`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from nv_engine.bench import nano_vllm_workload
@@ -412,6 +413,36 @@ def hf_baseline() -> None:
         out_tokens=len(batch) * n_out,
         seconds=round(s, 2),
         tok_per_s=round(len(batch) * n_out / s),
+    )
+    hf_generate_batch(model, batch, n_out)
+
+
+def hf_generate_batch(model, prompts: list[list[int]], n_out: int) -> None:
+    """transformers' continuous batching (`generate_batch`, paged attention) on the same
+    requests as the static-batch baseline."""
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(
+        max_new_tokens=n_out, do_sample=True, temperature=0.6, eos_token_id=None, pad_token_id=0
+    )
+    try:
+        with torch.no_grad():
+            model.generate_batch(inputs=prompts[:2], generation_config=gen)  # warm-up
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = model.generate_batch(inputs=prompts, generation_config=gen)
+            torch.cuda.synchronize()
+            s = time.perf_counter() - t
+    except Exception as e:  # an API that moved between transformers versions: say so, go on
+        report("hf_generate_batch", error=f"{type(e).__name__}: {str(e)[:200]}")
+        return
+    tokens = sum(len(o.generated_tokens) for o in out.values())
+    report(
+        "hf_generate_batch",
+        requests=len(prompts),
+        out_tokens=tokens,
+        seconds=round(s, 2),
+        tok_per_s=round(tokens / s),
     )
 
 
