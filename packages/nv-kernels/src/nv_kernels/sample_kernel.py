@@ -87,7 +87,7 @@ if triton is not None:
         best = tl.load(best_ptr + row * NUM_CHUNKS + offs, mask=mask, other=float("-inf"))
         top = tl.max(best, axis=0)
         chunk = tl.min(tl.where((best == top) & mask, offs, NUM_CHUNKS), axis=0)
-        chunk = tl.minimum(chunk, NUM_CHUNKS - 1)  # (NaN)
+        chunk = tl.minimum(chunk, NUM_CHUNKS - 1)  # all-NaN row: no chunk matched
         tl.store(out_ptr + row, tl.load(index_ptr + row * NUM_CHUNKS + chunk))
 
 
