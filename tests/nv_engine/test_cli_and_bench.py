@@ -81,3 +81,17 @@ def test_bench_from_config_json(tmp_path, capsys):
     _, params = nano_vllm_workload(3, 120, 110)
     assert result["output_tokens"] == sum(p.max_tokens for p in params)
     assert lines[-1].startswith("Total: ")
+
+
+def test_cli_engine_defaults_are_configs():
+    import dataclasses
+
+    from nv_engine.cli import _engine_kwargs, build_parser
+    from nv_engine.config import Config
+
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    for argv in (["generate", "--prompt", "x"], ["bench"]):
+        kwargs = _engine_kwargs(build_parser().parse_args(argv))
+        assert kwargs == {k: defaults[k] for k in kwargs}
+    flags = build_parser().parse_args(["bench", "-tp", "2", "--max-num-seqs", "8"])
+    assert (flags.tensor_parallel_size, flags.max_num_seqs) == (2, 8)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import shutil
 import sys
@@ -10,38 +12,42 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+# engine flags: (Config field, type); their defaults are Config's
+_ENGINE_FLAGS = (
+    ("device", str),
+    ("dtype", str),
+    ("tensor_parallel_size", int),
+    ("max_model_len", int),
+    ("max_num_seqs", int),
+    ("max_num_batched_tokens", int),
+    ("kvcache_block_size", int),
+    ("num_kvcache_blocks", int),
+    ("gpu_memory_utilization", float),
+    ("attention_backend", str),
+)
+
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
+    from nv_engine.config import Config
+
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     g = p.add_argument_group("engine")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--dtype", default="auto")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    g.add_argument("--max-model-len", type=int, default=4096)
-    g.add_argument("--max-num-seqs", type=int, default=512)
-    g.add_argument("--max-num-batched-tokens", type=int, default=16384)
-    g.add_argument("--kvcache-block-size", type=int, default=256)
-    g.add_argument("--num-kvcache-blocks", type=int, default=None)
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--attention-backend", default="auto")
-    g.add_argument("--enforce-eager", action="store_true")
-    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    for name, kind in _ENGINE_FLAGS:
+        flags = ["--" + name.replace("_", "-")] + (
+            ["-tp"] if name == "tensor_parallel_size" else []
+        )
+        g.add_argument(*flags, type=kind, default=defaults[name])
+    g.add_argument("--enforce-eager", action="store_true", default=defaults["enforce_eager"])
+    g.add_argument(
+        "--no-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        default=defaults["enable_prefix_caching"],
+    )
 
 
 def _engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
-    keys = [
-        "device",
-        "dtype",
-        "tensor_parallel_size",
-        "max_model_len",
-        "max_num_seqs",
-        "max_num_batched_tokens",
-        "kvcache_block_size",
-        "num_kvcache_blocks",
-        "gpu_memory_utilization",
-        "attention_backend",
-        "enforce_eager",
-        "enable_prefix_caching",
-    ]
+    keys = [name for name, _ in _ENGINE_FLAGS] + ["enforce_eager", "enable_prefix_caching"]
     return {k: getattr(a, k) for k in keys}
 
 
@@ -135,7 +141,7 @@ def cmd_worker(a: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nv-engine", description="nv inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -162,9 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         default="A",
         help="A: Nano-vLLM's; P: 2,048-token shared prefix + 128 own tokens",
     )
-    b.add_argument("--num-seqs", type=int, default=256)
-    b.add_argument("--max-input-len", type=int, default=1024)
-    b.add_argument("--max-output-len", type=int, default=1024)
+    from nv_engine.bench import nano_vllm_workload
+
+    workload = inspect.signature(nano_vllm_workload).parameters  # its defaults are Nano-vLLM's
+    for name in ("num_seqs", "max_input_len", "max_output_len"):
+        b.add_argument("--" + name.replace("_", "-"), type=int, default=workload[name].default)
     _engine_args(b)
     b.set_defaults(func=cmd_bench)
 
@@ -177,8 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     _engine_args(w)
     w.set_defaults(func=cmd_worker)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 
