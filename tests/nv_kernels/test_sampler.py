@@ -145,11 +145,27 @@ def test_fused_sampler_kernel_draws_what_sample_draws(vocab):
     assert all(0 <= t < vocab for t in fused_sample(broken, temps[:2], seeds[:2], steps[:2]))
 
 
-def test_sampler_routes_filters_to_torch_and_the_rest_to_the_kernel():
+def test_sampler_routes_filters_to_torch_and_the_rest_to_the_kernel(monkeypatch):
     from nv_kernels import Sampler
+    from nv_kernels import sampler as sampler_mod
 
+    calls = []
+    kernel = sampler_mod.fused_sample
+    monkeypatch.setattr(sampler_mod, "fused_sample", lambda *a: calls.append(1) or kernel(*a))
     logits = torch.randn(4, 300)
     fused = Sampler("cpu", compile=False, fused=True)
     plain = Sampler("cpu", compile=False, fused=False)
-    for st in (_st(4, 0.9, v=300), _st(4, 0.9, top_k=3, v=300), None):
+    for st, takes_kernel in (
+        (_st(4, 0.9, v=300), True),
+        (_st(4, 0.0, v=300), True),
+        (None, True),
+        (_st(4, 0.9, top_k=3, v=300), False),
+        (_st(4, 0.9, top_p=0.5, v=300), False),
+        (_st(4, 0.9, min_p=0.1, v=300), False),
+    ):
+        calls.clear()
         assert torch.equal(fused(logits, st), plain(logits, st))
+        assert bool(calls) == takes_kernel
+    calls.clear()
+    plain(logits, None)
+    assert not calls
