@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import time
 
 import torch
 
@@ -36,14 +35,7 @@ def run(label: str, profile: bool = False, temperature: float = 0.0) -> None:
         llm.generate([prompt], SamplingParams(max_tokens=8), use_tqdm=False)
         p = SamplingParams(temperature=temperature, max_tokens=400, ignore_eos=True)
         llm.add_request(prompt, p)
-        for _ in range(20):
-            llm.step()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(200):
-            llm.step()
-        torch.cuda.synchronize()
-        ms = (time.perf_counter() - t) / 200 * 1e3
+        ms = gpu_bench.ms_per_step(llm, warmup=20, steps=200)
         print(f"{label:40s} {ms:.3f} ms/step", flush=True)
         if profile:
             from torch.profiler import ProfilerActivity

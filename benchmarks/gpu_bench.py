@@ -268,6 +268,18 @@ def start_decoding(llm, num_seqs: int, prompt_len: int, max_tokens: int) -> None
         llm.step()
 
 
+def ms_per_step(llm, warmup: int, steps: int) -> float:
+    """Wall milliseconds per `llm.step()` over `steps` steps, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        llm.step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        llm.step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps * 1e3
+
+
 def _kernel_table(prof, steps: int, top: int = 22) -> float:
     """Print the top GPU kernels of a profiled window (µs per step); return GPU µs per step."""
     rows = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
@@ -360,14 +372,7 @@ def kprofile() -> None:
     for n in (1, 256):
         with make_llm(kvcache_block_size=256) as llm:
             start_decoding(llm, n, 500 if n > 1 else 128, max_tokens=200)
-            for _ in range(5):
-                llm.step()
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(20):
-                llm.step()
-            torch.cuda.synchronize()
-            wall = (time.perf_counter() - t) / 20 * 1e3
+            wall = ms_per_step(llm, warmup=5, steps=20)
             with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(10):
                     llm.step()
