@@ -1,31 +1,59 @@
-"""Small-batch GEMMs on the GPU: nv's skinny GEMM (swept configurations and the default one)
-against cuBLAS (F.linear), on Qwen3-0.6B's four decode GEMMs, then the whole stack of 28 layers
-x 4 GEMMs (distinct weights, so nothing stays in L2) replayed as one CUDA graph.
+"""Decode GEMMs on the GPU: nv's skinny GEMM (swept configurations and the default one) against
+cuBLAS on Qwen3-0.6B's four decode GEMMs, at decode batch sizes from 1 to 256 rows. gate_up is
+the gated form (cuBLAS + the compiled silu_and_mul, as the model runs it without the kernel).
 
-    python benchmarks/gemm_sweep.py
+Every time is per launch, from 28 launches on distinct weights (so nothing stays in L2) replayed
+as one CUDA graph; the last table adds the four GEMMs of all 28 layers interleaved, as in a step.
+
+    python benchmarks/gemm_sweep.py [--defaults] [rows ...]   (--defaults: no sweep)
 """
 
 from __future__ import annotations
 
 import itertools
+import sys
 
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
 from nv_kernels.skinny_gemm import SkinnyConfig, default_config, skinny_gemm
+from nv_models.layers.activation import silu_and_mul
 
-SHAPES = {
-    "qkv": (4096, 1024),
-    "o_proj": (1024, 2048),
-    "gate_up": (6144, 1024),
-    "down": (1024, 3072),
+SHAPES = {  # name: (weight rows, K, gated)
+    "qkv": (4096, 1024, False),
+    "o_proj": (1024, 2048, False),
+    "gate_up": (6144, 1024, True),
+    "down": (1024, 3072, False),
 }
+LAYERS = 28
 DT = torch.bfloat16
+SMEM = 200 * 1024  # bytes of shared memory the pipeline may use
 
 
-def us(fn) -> float:
-    return do_bench(fn, warmup=20, rep=100, return_mode="median") * 1e3
+def graph_us(run) -> float:
+    """Per-launch time of `run` (LAYERS launches) captured once and replayed."""
+    run()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run()
+    return do_bench(g.replay, warmup=5, rep=40, return_mode="median") * 1e3 / LAYERS
+
+
+def candidates(m: int, k: int, gated: bool):
+    block_m = min(64, max(16, 1 << (m - 1).bit_length()))
+    block_ks = (64, 128, 256) if block_m == 64 else (128, 256)
+    splits = (1, 2, 4, 8) if block_m == 16 else (1, 2, 4)
+    warps = (4, 8) if block_m == 64 else (4,)
+    for bn, bk, split, w in itertools.product((16, 32, 64), block_ks, splits, warps):
+        stage = (block_m + bn * (1 + gated)) * bk * 2
+        stages = min(4, SMEM // stage)
+        if k % (bk * split) == 0 and stages >= 2:
+            yield SkinnyConfig(bn, bk, split, w, stages)
+
+
+def cublas(x, w, gated):
+    return silu_and_mul(F.linear(x, w)) if gated else F.linear(x, w)
 
 
 def check(out, ref) -> None:
@@ -34,81 +62,80 @@ def check(out, ref) -> None:
     assert err <= 2e-2 * scale + 1e-2, (err, scale)
 
 
-def sweep() -> dict[str, SkinnyConfig]:
+def main(rows: list[int], sweep: bool) -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    best_cfg = {}
-    for name, (n, k) in SHAPES.items():
-        w = torch.randn(n, k, device="cuda", dtype=DT) * 0.05
-        x = torch.randn(1, k, device="cuda", dtype=DT)
-        ref = F.linear(x, w)
-        t_cublas = us(lambda: F.linear(x, w))
-        results = []
-        for bn, bk, split, warps, stages in itertools.product(
-            (16, 32, 64), (128, 256, 512), (1, 2), (4,), (3, 4)
-        ):
-            if k % (bk * split):
-                continue
-            cfg = SkinnyConfig(bn, bk, split, warps, stages)
-            try:
-                check(skinny_gemm(x, w, config=cfg), ref)
-                results.append((us(lambda: skinny_gemm(x, w, config=cfg)), cfg))
-            except Exception as e:  # out of shared memory, etc.
-                print(f"  {name} {cfg} failed: {type(e).__name__}")
-        results.sort(key=lambda r: r[0])
-        dflt = default_config(n, k, sms)
-        check(skinny_gemm(x, w), ref)
-        t_dflt = us(lambda: skinny_gemm(x, w))
-        gb = n * k * 2 / 1e3
-        print(f"{name} N={n} K={k}: cuBLAS {t_cublas:.1f} us ({gb / t_cublas:.2f} TB/s)")
-        print(f"  default {dflt}: {t_dflt:.1f} us ({gb / t_dflt:.2f} TB/s)")
-        for t, cfg in results[:5]:
-            print(f"  {t:6.1f} us ({gb / t:.2f} TB/s)  {cfg}")
-        best_cfg[name] = results[0][1]
-        for m in (4, 8, 16):
-            xm = torch.randn(m, k, device="cuda", dtype=DT)
-            refm = F.linear(xm, w)
-            check(skinny_gemm(xm, w), refm)
-            check(skinny_gemm(xm, w, config=results[0][1]), refm)
+    weights = {
+        name: [torch.randn(n, k, device="cuda", dtype=DT) * 0.05 for _ in range(LAYERS)]
+        for name, (n, k, _) in SHAPES.items()
+    }
+    summary = []
+    for m in rows:
+        xs = {
+            name: torch.randn(m, k, device="cuda", dtype=DT) for name, (_, k, _) in SHAPES.items()
+        }
+        tot = {"cublas": 0.0, "default": 0.0, "best": 0.0}
+        best_cfgs = {}
+        for name, (n, k, gated) in SHAPES.items():
+            x, ws = xs[name], weights[name]
+            n_out = n // 2 if gated else n
+            ref = cublas(x, ws[0], gated)
+            t_cublas = graph_us(lambda: [cublas(x, w, gated) for w in ws])
+            dflt = default_config(m, n_out, k, sms)
+            check(skinny_gemm(x, ws[0], gated=gated), ref)
+            t_dflt = graph_us(lambda: [skinny_gemm(x, w, gated=gated) for w in ws])
+            results = []
+            for cfg in candidates(m, k, gated) if sweep else [dflt]:
+                try:
+                    check(skinny_gemm(x, ws[0], config=cfg, gated=gated), ref)
+                    t = graph_us(lambda: [skinny_gemm(x, w, config=cfg, gated=gated) for w in ws])
+                    results.append((t, cfg))
+                except Exception as e:  # out of resources, etc.
+                    print(f"  M={m} {name} {cfg} failed: {type(e).__name__}: {str(e)[:80]}")
+            results.sort(key=lambda r: r[0])
+            t_best, cfg_best = results[0]
+            best_cfgs[name] = cfg_best
+            mb = n * k * 2 / 1e6
             print(
-                f"  M={m:2d}: cuBLAS {us(lambda: F.linear(xm, w)):6.1f} us, default "
-                f"{us(lambda: skinny_gemm(xm, w)):6.1f} us, best@1 "
-                f"{us(lambda: skinny_gemm(xm, w, config=results[0][1])):6.1f} us"
+                f"M={m:3d} {name:7s} cuBLAS {t_cublas:5.1f} us ({mb / t_cublas:.2f} TB/s) | "
+                f"default {t_dflt:5.1f} ({mb / t_dflt:.2f}) {tuple(dflt)} | "
+                f"best {t_best:5.1f} ({mb / t_best:.2f}) {tuple(cfg_best)}"
             )
-    return best_cfg
+            for t, cfg in results[1:4]:
+                print(f"      next {t:5.1f} us {tuple(cfg)}")
+            tot["cublas"] += t_cublas * LAYERS
+            tot["default"] += t_dflt * LAYERS
+            tot["best"] += t_best * LAYERS
 
-
-def stack(best: dict[str, SkinnyConfig]) -> None:
-    layers = [
-        {name: torch.randn(n, k, device="cuda", dtype=DT) * 0.05 for name, (n, k) in SHAPES.items()}
-        for _ in range(28)
-    ]
-    total_mb = sum(w.numel() * 2 for layer in layers for w in layer.values()) / 1e6
-    print(f"stack: 28 layers x 4 GEMMs, {total_mb:.0f} MB of weights")
-    for m in (1, 4, 16, 32):
-        xs = {name: torch.randn(m, k, device="cuda", dtype=DT) for name, (_, k) in SHAPES.items()}
-        row = []
-        for label, fn in (
-            ("cublas", lambda x, w, name: F.linear(x, w)),
-            ("default", lambda x, w, name: skinny_gemm(x, w)),
-            ("best", lambda x, w, name: skinny_gemm(x, w, config=best[name])),
-        ):
-            if m > 16 and label == "best":
-                continue
-
+        # the four GEMMs of every layer interleaved, as the model runs them
+        def step(fn):
             def run():
-                for layer in layers:
-                    for name, w in layer.items():
-                        fn(xs[name], w, name)
+                for i in range(LAYERS):
+                    for name, (_, _, gated) in SHAPES.items():
+                        fn(xs[name], weights[name][i], name, gated)
 
             run()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
                 run()
-            t = us(g.replay)
-            row.append(f"{label} {t:7.1f} us ({total_mb / t:.2f} TB/s)")
-        print(f"  M={m:2d}: " + ", ".join(row))
+            return do_bench(g.replay, warmup=5, rep=40, return_mode="median") * 1e3
+
+        t_step_cublas = step(lambda x, w, name, gated: cublas(x, w, gated))
+        t_step_dflt = step(lambda x, w, name, gated: skinny_gemm(x, w, gated=gated))
+        t_step_best = step(
+            lambda x, w, name, gated: skinny_gemm(x, w, config=best_cfgs[name], gated=gated)
+        )
+        summary.append(
+            (m, tot["cublas"], tot["default"], tot["best"], t_step_cublas, t_step_dflt, t_step_best)
+        )
+    print("\nrows | sum of 4x28 launches: cuBLAS / default / best (us) | step graph: same")
+    for m, a, b, c, d, e, f in summary:
+        print(f"{m:4d} | {a:7.0f} / {b:7.0f} / {c:7.0f} | {d:7.0f} / {e:7.0f} / {f:7.0f}")
 
 
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(0), torch.__version__)
-    stack(sweep())
+    args = sys.argv[1:]
+    main(
+        [int(a) for a in args if a.isdigit()] or [1, 4, 16, 32, 64, 128, 256],
+        "--defaults" not in args,
+    )

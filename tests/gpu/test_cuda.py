@@ -12,6 +12,7 @@ from nv_engine.bench import QWEN3_0_6B_SHAPE
 from nv_kernels import AttentionMetadata, store_kvcache, store_kvcache_ref
 from nv_kernels.torch_attention import decode_ref, prefill_ref
 from nv_kernels.triton_attention import decode_attention, prefill_attention
+from nv_kernels.triton_utils import tile_counters
 
 pytestmark = pytest.mark.cuda
 DEV = "cuda"
@@ -83,6 +84,7 @@ def test_kernels_match_reference(dtype, head_dim, block_size, heads):
     for splits in (None, 1, 7):
         out = decode_attention(qd, k_cache, v_cache, dmeta, scale, num_splits=splits)
         assert (out.float() - ref).norm() / ref.norm() < _tol(dtype), splits
+    assert not tile_counters(qd.device).any()  # the last split of each group reset its counter
 
 
 # ---- the engine in float32 on the GPU, against transformers ------------------------------------
@@ -177,7 +179,7 @@ def test_bf16_logits_qwen3_06b_shape(tmp_path):
         assert err_ours <= 1.5 * err_hf + 1e-3
 
 
-@pytest.mark.parametrize("m", [1, 3, 8, 16])
+@pytest.mark.parametrize("m", [1, 3, 16, 64, 200])
 @pytest.mark.parametrize(
     "n, k", [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (200, 72)]
 )
@@ -191,6 +193,34 @@ def test_skinny_gemm_matches_cublas(m, n, k, dtype):
     b = torch.randn(n, device=DEV, dtype=dtype, generator=g)
     ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
     torch.testing.assert_close(skinny_gemm(x, w, b).float(), ref, rtol=2e-2, atol=2e-2)
+    half = n // 2
+    gated = torch.nn.functional.silu(ref[:, :half]) * ref[:, half:]
+    got = skinny_gemm(x, w, b, gated=True).float()
+    torch.testing.assert_close(got, gated, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_skinny_gemm_split_k_replays_in_a_cuda_graph(split):
+    # the split-K tile counters must be back at zero after every launch, graph replays included
+    from nv_kernels.skinny_gemm import SkinnyConfig, skinny_gemm
+    from nv_kernels.triton_utils import tile_counters
+
+    g = torch.Generator(device=DEV).manual_seed(split)
+    x = torch.randn(4, 2048, device=DEV, dtype=torch.bfloat16, generator=g)
+    w = torch.randn(2048, 2048, device=DEV, dtype=torch.bfloat16, generator=g) * 0.05
+    cfg = SkinnyConfig(16, 128, split)
+    skinny_gemm(x, w, config=cfg, gated=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = skinny_gemm(x, w, config=cfg, gated=True)
+    for _ in range(3):
+        x.copy_(torch.randn(x.shape, device=DEV, generator=g))
+        graph.replay()
+        y = torch.nn.functional.linear(x.float(), w.float())
+        torch.testing.assert_close(
+            out.float(), torch.nn.functional.silu(y[:, :1024]) * y[:, 1024:], rtol=2e-2, atol=2e-2
+        )
+    assert not tile_counters(x.device).any()
 
 
 @pytest.mark.parametrize("norm", [True, False])

@@ -4,10 +4,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nv_kernels.skinny_gemm import SkinnyConfig, default_config, skinny_gemm, use_skinny_gemm
+from nv_kernels.skinny_gemm import (
+    MAX_ROWS,
+    SkinnyConfig,
+    default_config,
+    skinny_gemm,
+    use_skinny_gemm,
+)
+from nv_kernels.triton_utils import tile_counters
 
 
-@pytest.mark.parametrize("m", [1, 5, 16, 33])
+@pytest.mark.parametrize("m", [1, 5, 16, 33, 70])
 @pytest.mark.parametrize(
     "n, k, config",
     [
@@ -25,6 +32,27 @@ def test_skinny_gemm_matches_linear(m, n, k, config, bias):
     b = torch.randn(n, generator=g) if bias else None
     out = skinny_gemm(x, w, b, config)
     torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    assert not tile_counters(x.device).any()  # split K left its counters ready for the next call
+
+
+@pytest.mark.parametrize("m", [1, 7, 65])
+@pytest.mark.parametrize(
+    "n, k, config",
+    [(64, 128, SkinnyConfig(16, 32, 1)), (100, 96, SkinnyConfig(32, 32, 3)), (40, 64, None)],
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_skinny_gemm_is_silu_and_mul(m, n, k, config, bias):
+    # weight [2n, k] = [gate; up]: silu(x Wg^T + bg) * (x Wu^T + bu) in the GEMM's epilogue
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(2 * n, k, generator=g) / k**0.5
+    b = torch.randn(2 * n, generator=g) if bias else None
+    y = F.linear(x, w, b)
+    ref = F.silu(y[:, :n]) * y[:, n:]
+    out = skinny_gemm(x, w, b, config, gated=True)
+    assert out.shape == (m, n)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert not tile_counters(x.device).any()
 
 
 def test_skinny_gemm_strided_rows_and_half_precision():
@@ -40,18 +68,24 @@ def test_skinny_gemm_strided_rows_and_half_precision():
 def test_skinny_gemm_rejects_bad_shapes():
     with pytest.raises(ValueError, match="input features"):
         skinny_gemm(torch.randn(2, 8), torch.randn(4, 16))
-    with pytest.raises(ValueError, match="at most 64 rows"):
-        skinny_gemm(torch.randn(65, 8), torch.randn(4, 8))
+    with pytest.raises(ValueError, match=f"at most {MAX_ROWS} rows"):
+        skinny_gemm(torch.randn(MAX_ROWS + 1, 8), torch.randn(4, 8))
+    with pytest.raises(ValueError, match="even number of rows"):
+        skinny_gemm(torch.randn(2, 8), torch.randn(5, 8), gated=True)
 
 
-def test_default_config_fills_the_sms():
-    # Qwen3-0.6B's decode GEMMs on a 132-SM card: the widest tile with a program for half the
-    # SMs (the narrowest tile where no width gets there), whole K tiles.
-    widths = {(4096, 1024): 32, (1024, 2048): 16, (6144, 1024): 64, (1024, 3072): 16}
-    for (n, k), width in widths.items():
-        c = default_config(n, k, 132)
-        assert c.block_n == width
-        assert k % (c.block_k * c.split_k) == 0
+@pytest.mark.parametrize("m", [1, 16, 64, 256])
+@pytest.mark.parametrize(
+    "n, k", [(4096, 1024), (1024, 2048), (3072, 1024), (1024, 3072), (200, 72)]
+)
+def test_default_config_fills_the_sms(m, n, k):
+    # Qwen3-0.6B's decode GEMMs (gate_up as its 3072 gated outputs) on a 132-SM card: every SM
+    # gets a program unless K cannot be split further; K splits into whole tiles.
+    c = default_config(m, n, k, 132)
+    programs = -(-n // c.block_n) * -(-m // 64) * c.split_k
+    can_split = k % (2 * c.split_k * c.block_k) == 0 and c.split_k < 8
+    assert 2 * programs >= 132 or not can_split
+    assert k % (c.block_k * c.split_k) == 0 or c.split_k == 1
 
 
 def test_dispatch_only_for_small_half_precision_cuda_batches():

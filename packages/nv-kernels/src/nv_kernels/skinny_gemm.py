@@ -1,9 +1,16 @@
-"""y = x W^T for few rows of x (decode at small batch), where the work is reading W.
+"""y = x W^T for a decode batch (up to a few hundred rows), where the work is reading W.
 
-cuBLAS picks tensor-core tiles for these shapes that read a 4-12 MB weight at about 1 TB/s on an
-H200 (a quarter of its bandwidth). This kernel splits W's output features over the SMs; the rows of
-x, padded to 16, ride along in one tensor-core dot per tile. It can also split K (then a second
-small kernel sums the partial products: deterministic, no atomics).
+cuBLAS picks tiles for these shapes that read a 4-12 MB weight at 1-1.3 TB/s on an H200 (a quarter
+of its bandwidth). This kernel splits W's output features over the SMs, and K too when there are
+too few feature tiles to fill them; the rows of x ride along in one tensor-core dot per tile.
+
+Split K is summed in the same launch: each program writes its float32 partial tile and bumps the
+tile's counter, and the program that arrives last adds the partials in split order (the same
+order whichever program is last, so results are deterministic) and writes the output. The counters
+live in `triton_utils.tile_counters`, reset by that last program.
+
+`gated=True` computes a SwiGLU MLP's first half, silu(x Wg^T) * (x Wu^T) with W = [Wg; Wu], in the
+same tile (the activation is applied once the tile's sums are complete).
 """
 
 from __future__ import annotations
@@ -12,9 +19,10 @@ from typing import NamedTuple
 
 import torch
 
-from nv_kernels.triton_utils import num_sms, tl, triton, triton_usable
+from nv_kernels.triton_utils import NUM_COUNTERS, num_sms, tile_counters, tl, triton, triton_usable
 
-MAX_ROWS = 16  # decode batches up to this size take the kernel; larger ones go to cuBLAS
+MAX_ROWS = 256  # the kernel takes at most this many rows (in tiles of up to 64)
+DISPATCH_ROWS = 64  # `use_skinny_gemm`: batches up to this size take the kernel, larger ones cuBLAS
 
 
 class SkinnyConfig(NamedTuple):
@@ -28,17 +36,41 @@ class SkinnyConfig(NamedTuple):
 if triton is not None:
 
     @triton.jit
+    def _mma(x, w, acc, IEEE: tl.constexpr):
+        if IEEE:
+            return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        return tl.dot(x, tl.trans(w), acc)
+
+    @triton.jit
+    def _store_tile(acc, acc_up, bias_ptr, out_ptr, rm, rn, M, N, stride_out, GATED, HAS_BIAS):
+        n_ok = rn < N
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if GATED:
+                acc_up += tl.load(bias_ptr + N + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        dtype = out_ptr.dtype.element_ty
+        if GATED:
+            # rounded like the unfused path's GEMM output, then silu(gate) * up in float32
+            gate = acc.to(dtype).to(tl.float32)
+            acc = gate / (1.0 + tl.exp(-gate)) * acc_up.to(dtype).to(tl.float32)
+        dst = out_ptr + rm[:, None] * stride_out + rn[None, :]
+        tl.store(dst, acc.to(dtype), mask=(rm[:, None] < M) & n_ok[None, :])
+
+    @triton.jit
     def _skinny_gemm_kernel(
         x_ptr,
         w_ptr,
         bias_ptr,
         out_ptr,
+        part_ptr,
+        count_ptr,
         M,
         N,
         K,
         stride_x,
         stride_w,
         stride_out,
+        GATED: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -47,11 +79,13 @@ if triton is not None:
         EVEN_K: tl.constexpr,
         IEEE: tl.constexpr,
     ):
-        # Program (n, s): output features [n * BLOCK_N, +BLOCK_N) over the s-th of SPLIT_K equal
-        # slices of K. With SPLIT_K > 1, out is a float32 [SPLIT_K, M, N] buffer of partials.
+        # Program (n, s, m): rows [m * BLOCK_M, +BLOCK_M) x output features [n * BLOCK_N,
+        # +BLOCK_N), over the s-th of SPLIT_K equal slices of K. With GATED, W has 2N rows (gate
+        # then up) and the program computes both tiles.
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
-        rm = tl.arange(0, BLOCK_M)
+        pid_m = tl.program_id(2)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
@@ -59,74 +93,76 @@ if triton is not None:
         k_hi = tl.minimum(k_lo + k_len, K)
         x_ptrs = x_ptr + rm[:, None] * stride_x + (k_lo + rk)[None, :]
         w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_w + (k_lo + rk)[None, :]
+        u_ptrs = w_ptrs + N * stride_w
         m_ok = rm[:, None] < M
         n_ok = rn[:, None] < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(k_lo, k_hi, BLOCK_K):
             if EVEN_K:
-                x = tl.load(x_ptrs, mask=m_ok, other=0.0)
-                w = tl.load(w_ptrs, mask=n_ok, other=0.0)
+                x_mask = m_ok
+                w_mask = n_ok
             else:
                 k_ok = (k + rk)[None, :] < k_hi
-                x = tl.load(x_ptrs, mask=m_ok & k_ok, other=0.0)
-                w = tl.load(w_ptrs, mask=n_ok & k_ok, other=0.0)
-            if IEEE:
-                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(w))
+                x_mask = m_ok & k_ok
+                w_mask = n_ok & k_ok
+            x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+            acc = _mma(x, tl.load(w_ptrs, mask=w_mask, other=0.0), acc, IEEE)
+            if GATED:
+                acc_up = _mma(x, tl.load(u_ptrs, mask=w_mask, other=0.0), acc_up, IEEE)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        mask = (rm[:, None] < M) & (rn[None, :] < N)
+            u_ptrs += BLOCK_K
         if SPLIT_K == 1:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-            dst = out_ptr + rm[:, None] * stride_out + rn[None, :]
-            tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            _store_tile(acc, acc_up, bias_ptr, out_ptr, rm, rn, M, N, stride_out, GATED, HAS_BIAS)
         else:
-            dst = out_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :]
-            tl.store(dst, acc, mask=mask)
+            # float32 partials [SPLIT_K, 1 + GATED, M, N]
+            part_mask = m_ok & (rn[None, :] < N)
+            part = part_ptr + rm[:, None] * N + rn[None, :]
+            split_stride = (1 + GATED) * M * N
+            tl.store(part + pid_k * split_stride, acc, mask=part_mask)
+            if GATED:
+                tl.store(part + pid_k * split_stride + M * N, acc_up, mask=part_mask)
+            counter = count_ptr + pid_m * tl.num_programs(0) + pid_n
+            # acq_rel: this program's partials are visible before its count is; the last
+            # program sees everyone's partials after reading the count
+            if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for s in tl.static_range(SPLIT_K):
+                    src = part + s * split_stride
+                    acc += tl.load(src, mask=part_mask, other=0.0, cache_modifier=".cg")
+                    if GATED:
+                        acc_up += tl.load(
+                            src + M * N, mask=part_mask, other=0.0, cache_modifier=".cg"
+                        )
+                tl.atomic_xchg(counter, 0)  # ready for the next launch
+                _store_tile(
+                    acc, acc_up, bias_ptr, out_ptr, rm, rn, M, N, stride_out, GATED, HAS_BIAS
+                )
 
-    @triton.jit
-    def _split_k_sum_kernel(
-        part_ptr,
-        bias_ptr,
-        out_ptr,
-        M,
-        N,
-        stride_out,
-        HAS_BIAS: tl.constexpr,
-        SPLIT_K: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < M * N
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in tl.static_range(SPLIT_K):
-            acc += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0)
-        n = offs % N
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
-        dst = out_ptr + (offs // N) * stride_out + n
-        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
-
-def default_config(n: int, k: int, num_sms: int) -> SkinnyConfig:
-    """The widest feature tile that still gives half the SMs a program. On an H200 (132 SMs)
-    `benchmarks/gemm_sweep.py` found splitting K (two kernels) slower than leaving SMs idle at
-    these sizes, so K is not split by default."""
-    block_k = 256 if k % 256 == 0 else 128
-    block_n = next((b for b in (64, 32) if -(-n // b) >= num_sms // 2), 16)
-    return SkinnyConfig(block_n, block_k, 1)
+def default_config(m: int, n: int, k: int, num_sms: int) -> SkinnyConfig:
+    """32-feature tiles, K in 128-wide steps, and K split (in halves) while fewer than half the
+    SMs would get a program. From `benchmarks/gemm_sweep.py` on an H200 (Qwen3-0.6B's four
+    decode GEMMs, 1-64 rows): within ~5 % of the best swept configuration of each."""
+    block_k = 128 if k % 128 == 0 else 64
+    block_n = 32
+    programs = -(-n // block_n) * -(-m // 64)
+    split = 1
+    while 2 * programs * split < num_sms and k % (2 * split * block_k) == 0 and split < 8:
+        split *= 2
+    return SkinnyConfig(block_n, block_k, split)
 
 
 def use_skinny_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `skinny_gemm` should run `F.linear(x, weight)`: a CUDA half-precision matmul with
-    at most MAX_ROWS rows."""
+    at most DISPATCH_ROWS rows."""
     return (
         x.is_cuda
         and triton is not None
         and x.dim() == 2
-        and x.shape[0] <= MAX_ROWS
+        and x.shape[0] <= DISPATCH_ROWS
         and x.dtype in (torch.bfloat16, torch.float16)
         and weight.dtype == x.dtype
         and x.stride(-1) == 1
@@ -139,35 +175,50 @@ def skinny_gemm(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     config: SkinnyConfig | None = None,
+    gated: bool = False,
 ) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for x `[M, K]` with M <= 64, weight `[N, K]` (both with a
-    contiguous last dim). float32 inputs use IEEE products (for the interpreter tests)."""
+    """`F.linear(x, weight, bias)` for x `[M, K]` with M <= MAX_ROWS, weight `[N, K]` (both with
+    a contiguous last dim). With `gated`, weight is `[2N, K]` (and bias `[2N]`) and the result is
+    `silu(y[:, :N]) * y[:, N:]`. float32 inputs use IEEE products (for the interpreter tests)."""
     if not triton_usable(x.device):
         raise RuntimeError("skinny_gemm needs CUDA or TRITON_INTERPRET=1")
     m, k = x.shape
     n, k_w = weight.shape
     if k_w != k:
         raise ValueError(f"weight has {k_w} input features, x has {k}")
-    if m > 64:
-        raise ValueError(f"skinny_gemm takes at most 64 rows, got {m}")
+    if m > MAX_ROWS:
+        raise ValueError(f"skinny_gemm takes at most {MAX_ROWS} rows, got {m}")
+    if gated:
+        if n % 2:
+            raise ValueError(f"gated weight needs an even number of rows, got {n}")
+        n //= 2
     if config is None:
-        config = default_config(n, k, num_sms(x.device, otherwise=132))
-    block_m = max(16, triton.next_power_of_2(m))
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        config = default_config(m, n, k, num_sms(x.device, otherwise=132))
+    block_m = min(64, max(16, triton.next_power_of_2(m)))
+    n_tiles, m_tiles = triton.cdiv(n, config.block_n), triton.cdiv(m, block_m)
     split = config.split_k
-    dst = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    bias_arg = bias if bias is not None else weight  # never read without HAS_BIAS
-    _skinny_gemm_kernel[(triton.cdiv(n, config.block_n), split)](
+    if split > 1 and n_tiles * m_tiles > NUM_COUNTERS:
+        raise ValueError(f"split K needs at most {NUM_COUNTERS} output tiles, got {n_tiles}")
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if split > 1:
+        part = torch.empty(split, 1 + gated, m, n, dtype=torch.float32, device=x.device)
+        counters = tile_counters(x.device)
+    else:
+        part = counters = out  # never touched
+    _skinny_gemm_kernel[(n_tiles, split, m_tiles)](
         x,
         weight,
-        bias_arg,
-        dst,
+        bias if bias is not None else weight,  # never read without HAS_BIAS
+        out,
+        part,
+        counters,
         m,
         n,
         k,
         x.stride(0),
         weight.stride(0),
         out.stride(0),
+        GATED=gated,
         HAS_BIAS=bias is not None,
         BLOCK_M=block_m,
         BLOCK_N=config.block_n,
@@ -178,17 +229,4 @@ def skinny_gemm(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    if split > 1:
-        block = 1024
-        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
-            dst,
-            bias_arg,
-            out,
-            m,
-            n,
-            out.stride(0),
-            HAS_BIAS=bias is not None,
-            SPLIT_K=split,
-            BLOCK=block,
-        )
     return out

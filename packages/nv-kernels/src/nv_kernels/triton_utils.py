@@ -32,3 +32,20 @@ def num_sms(device: torch.device, otherwise: int) -> int:
     if device.type != "cuda":
         return otherwise
     return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+NUM_COUNTERS = 1 << 14
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def tile_counters(device: torch.device) -> torch.Tensor:
+    """A zeroed int32 buffer of NUM_COUNTERS per device, for kernels whose last-arriving program
+    of a group finishes the group's work (split-K sums, split-attention merges). Each kernel sets
+    the counters it used back to zero, so launches must not run concurrently on one device (the
+    engine runs its forward on one stream)."""
+    counters = _counters.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("tile_counters: first use must come before CUDA graph capture")
+        counters = _counters[device] = torch.zeros(NUM_COUNTERS, dtype=torch.int32, device=device)
+    return counters

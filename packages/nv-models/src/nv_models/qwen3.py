@@ -10,12 +10,11 @@ from torch import nn
 
 from nv_kernels import AttentionBackend, AttentionMetadata
 from nv_kernels.rope_store import qk_norm_rope, qk_norm_rope_store, use_qk_norm_rope_store
-from nv_models.layers.activation import SiluAndMul
 from nv_models.layers.attention import Attention
 from nv_models.layers.compile import compile_on_cuda
 from nv_models.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nv_models.layers.layernorm import RMSNorm
-from nv_models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from nv_models.layers.linear import GateUpParallelLinear, QKVParallelLinear, RowParallelLinear
 from nv_models.layers.rotary import RotaryEmbedding
 from nv_models.parallel import TPGroup
 
@@ -102,16 +101,15 @@ class Qwen3MLP(nn.Module):
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_up_proj = MergedColumnParallelLinear(
-            config.hidden_size, [config.intermediate_size] * 2, bias=bias, tp=tp
+        self.gate_up_proj = GateUpParallelLinear(
+            config.hidden_size, config.intermediate_size, bias=bias, tp=tp
         )
         self.down_proj = RowParallelLinear(
             config.intermediate_size, config.hidden_size, bias=bias, tp=tp
         )
-        self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x))  # gate_up_proj applies silu(gate) * up
 
 
 class Qwen3DecoderLayer(nn.Module):

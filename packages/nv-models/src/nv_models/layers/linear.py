@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nv_kernels.skinny_gemm import skinny_gemm, use_skinny_gemm
+from nv_models.layers.activation import silu_and_mul
 from nv_models.parallel import TPGroup, divide
 
 
@@ -77,6 +78,21 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         offset = sum(self.output_sizes[:shard_id]) // self.tp.size
         size = self.output_sizes[shard_id] // self.tp.size
         _copy_checked(param.data.narrow(0, offset, size), self._shard(loaded, 0))
+
+
+class GateUpParallelLinear(MergedColumnParallelLinear):
+    """A SwiGLU MLP's gate_proj and up_proj stacked (shard ids 0 and 1); `forward` returns
+    silu(gate) * up, computed in the GEMM's epilogue where the skinny GEMM runs."""
+
+    def __init__(
+        self, input_size: int, intermediate_size: int, bias: bool = False, tp: TPGroup = TPGroup()
+    ) -> None:
+        super().__init__(input_size, [intermediate_size] * 2, bias, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_skinny_gemm(x, self.weight):
+            return skinny_gemm(x, self.weight, self.bias, gated=True)
+        return silu_and_mul(F.linear(x, self.weight, self.bias))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
