@@ -2,6 +2,8 @@
 decode GEMMs? The four Qwen3-0.6B decode GEMMs of 28 layers (nv's skinny GEMM, default
 configurations, distinct weights) in one CUDA graph, at 1 / 16 / 64 rows, with and without
 prefetch, optionally with a small kernel between GEMMs (as the norms and attention are).
+It did not pay on an H200 (every prefetch variant was slower; see docs/benchmarks.md), so the
+prefetch kernel lives here, not in nv-kernels.
 
     python benchmarks/prefetch_sweep.py
 """
@@ -9,10 +11,56 @@ prefetch, optionally with a small kernel between GEMMs (as the norms and attenti
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 from triton.testing import do_bench
 
-from nv_kernels.prefetch import LANES, l2_prefetch
 from nv_kernels.skinny_gemm import skinny_gemm
+
+LANES = 256  # prefetch instructions per program
+
+
+@triton.jit
+def _l2_prefetch_kernel(
+    base, nbytes, flag_ptr, BULK: tl.constexpr, SPAN: tl.constexpr, LANES: tl.constexpr
+):
+    # BULK: one SPAN (4 KB) bulk prefetch per lane (sm_90); else one 128-byte line per
+    # lane, marked evict-last
+    offs = (tl.program_id(0) * LANES + tl.arange(0, LANES)).to(tl.int64) * SPAN
+    addr = base + tl.minimum(offs, nbytes - SPAN)  # the tail re-fetches the last span
+    if BULK:
+        done = tl.inline_asm_elementwise(
+            "cp.async.bulk.prefetch.L2.global [$1], 4096; mov.u32 $0, 0;",
+            "=r,l",
+            [addr],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+    else:
+        done = tl.inline_asm_elementwise(
+            "prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;",
+            "=r,l",
+            [addr],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+    tl.store(flag_ptr + tl.arange(0, LANES), done, mask=done != 0)  # never stores
+
+
+def l2_prefetch(t: torch.Tensor, flag: torch.Tensor, bulk: bool = True) -> None:
+    """Prefetch contiguous `t` (16-byte aligned) into L2. `flag` is any int32 CUDA tensor of
+    LANES elements (never written)."""
+    span = 4096 if bulk else 128
+    nbytes = t.numel() * t.element_size()
+    if nbytes < span:
+        return
+    grid = (triton.cdiv(triton.cdiv(nbytes, span), LANES),)
+    _l2_prefetch_kernel[grid](
+        t.data_ptr(), nbytes, flag, BULK=bulk, SPAN=span, LANES=LANES, num_warps=4
+    )
+
 
 SHAPES = {  # name: (weight rows, K, gated)
     "qkv": (4096, 1024, False),
