@@ -199,6 +199,28 @@ def test_skinny_gemm_matches_cublas(m, n, k, dtype):
     torch.testing.assert_close(got, gated, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("n, k, gated", [(4096, 1024, False), (6144, 1024, True)])
+def test_skinny_norm_gemm_matches_norm_then_linear(m, n, k, gated):
+    from nv_kernels.skinny_gemm import skinny_norm_gemm
+    from nv_models.layers.activation import silu_and_mul
+    from nv_models.layers.layernorm import add_rms_norm
+
+    g = torch.Generator(device=DEV).manual_seed(m + n)
+    bf = torch.bfloat16
+    x = torch.randn(m, k, device=DEV, dtype=bf, generator=g)
+    r = torch.randn(m, k, device=DEV, dtype=bf, generator=g)
+    norm_w = torch.rand(k, device=DEV, generator=g).to(bf) + 0.5
+    w = torch.randn(n, k, device=DEV, dtype=bf, generator=g) * 0.05
+    normed, h_ref = add_rms_norm(x, r, norm_w, 1e-6)
+    ref = torch.nn.functional.linear(normed, w)
+    if gated:
+        ref = silu_and_mul(ref)
+    out, h = skinny_norm_gemm(x, r, norm_w, 1e-6, w, gated=gated)
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=0)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("split", [1, 2, 4])
 def test_skinny_gemm_split_k_replays_in_a_cuda_graph(split):
     # the split-K tile counters must be back at zero after every launch, graph replays included

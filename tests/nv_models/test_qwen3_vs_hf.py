@@ -51,12 +51,14 @@ def test_greedy_tokens_vary(tiny):
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "triton-fused"])
 def test_prefill_then_decode_through_paged_cache(tiny, backend, monkeypatch):
-    """`triton-fused`: the CUDA layer path (q/k norm + rotary + KV store in one kernel, attention
-    told the cache is written), interpreted on CPU."""
+    """`triton-fused`: the CUDA layer path, interpreted on CPU: every linear layer in the skinny
+    GEMM, each RMSNorm in the prologue of the GEMM after it, SiluAndMul in gate_up's epilogue,
+    q/k norm + rotary + KV store in one kernel and attention told the cache is written."""
+    import nv_models.layers.linear as linear
     import nv_models.qwen3 as qwen3
 
     path, hf = tiny
-    fused_calls = []
+    fused_calls, norm_calls = [], []
     if backend == "triton-fused":
         fused = qwen3.qk_norm_rope_store
         monkeypatch.setattr(
@@ -64,6 +66,11 @@ def test_prefill_then_decode_through_paged_cache(tiny, backend, monkeypatch):
         )
         monkeypatch.setattr(
             qwen3, "qk_norm_rope_store", lambda *a: fused_calls.append(1) or fused(*a)
+        )
+        monkeypatch.setattr(linear, "use_skinny_gemm", lambda x, w: True)
+        norm_gemm = linear.skinny_norm_gemm
+        monkeypatch.setattr(
+            linear, "skinny_norm_gemm", lambda *a, **k: norm_calls.append(1) or norm_gemm(*a, **k)
         )
         backend = "triton"
     ours = load_ours(path, backend)
@@ -93,8 +100,9 @@ def test_prefill_then_decode_through_paged_cache(tiny, backend, monkeypatch):
         for i in range(2):
             assert (logits[i] - refs[i][1][step]).abs().max().item() <= ATOL, (step, i)
             assert logits[i].argmax().item() == refs[i][0][step]
-    if fused_calls:  # one call per layer per forward
+    if fused_calls:  # one call per layer per forward; two fused norms per layer
         assert len(fused_calls) == steps * len(ours.model.layers)
+        assert len(norm_calls) == 2 * len(fused_calls)
 
 
 def test_prefix_hit_and_chunked_prefill(tiny):

@@ -171,6 +171,7 @@ if triton is not None:
         D: tl.constexpr,
         BLOCK_N: tl.constexpr,
         NUM_SPLITS: tl.constexpr,
+        S_PAD: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         # One program per (sequence, KV head, split): the G query heads sharing this KV head
@@ -233,32 +234,24 @@ if triton is not None:
             # acq_rel: each split's partials are visible before its count; the last sees all.
             counter = count_ptr + seq * tl.num_programs(1) + kv_head
             if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
-                m = tl.full([G_PAD], float("-inf"), tl.float32)
-                l_sum = tl.zeros([G_PAD], tl.float32)
-                acc = tl.zeros([G_PAD, D], tl.float32)
-                for s in range(NUM_SPLITS):
-                    lse_s = tl.load(
-                        mid_lse_ptr + row0 + s,
-                        mask=g_mask,
-                        other=float("-inf"),
-                        cache_modifier=".cg",
+                offs_s = tl.arange(0, S_PAD)
+                s_mask = offs_s < NUM_SPLITS
+                for g in tl.static_range(G):  # all splits of a head in one load
+                    rows = (seq * G * tl.num_programs(1) + kv_head * G + g) * NUM_SPLITS + offs_s
+                    lse = tl.load(
+                        mid_lse_ptr + rows, mask=s_mask, other=float("-inf"), cache_modifier=".cg"
                     )
-                    o_s = tl.load(
-                        mid_o_ptr + (row0 + s)[:, None] * D + offs_d[None, :],
-                        mask=g_mask[:, None],
+                    w = tl.where(s_mask, tl.exp2(lse - tl.max(lse, 0)), 0.0)
+                    parts = tl.load(
+                        mid_o_ptr + rows[:, None] * D + offs_d[None, :],
+                        mask=s_mask[:, None],
                         other=0.0,
                         cache_modifier=".cg",
                     )
-                    m_new = tl.maximum(m, lse_s)
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = tl.exp2(m - m_safe)
-                    beta = tl.exp2(lse_s - m_safe)
-                    acc = acc * alpha[:, None] + o_s * beta[:, None]
-                    l_sum = l_sum * alpha + beta
-                    m = m_new
+                    out = tl.sum(w[:, None] * parts, 0) / tl.sum(w, 0)
+                    dst = o_ptr + seq * stride_ot + (kv_head * G + g) * stride_oh + offs_d
+                    tl.store(dst, out.to(o_ptr.dtype.element_ty))
                 tl.atomic_xchg(counter, 0)  # ready for the next launch
-                out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
-                tl.store(out_ptrs, out.to(o_ptr.dtype.element_ty), mask=g_mask[:, None])
 
 
 def _precision(dtype: torch.dtype) -> str | None:
@@ -399,6 +392,7 @@ def decode_attention(
         D=head_dim,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
+        S_PAD=max(2, triton.next_power_of_2(num_splits)),
         PRECISION=_precision(q.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
