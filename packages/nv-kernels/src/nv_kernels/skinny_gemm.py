@@ -37,9 +37,10 @@ if triton is not None:
 
     @triton.jit
     def _mma(x, w, acc, IEEE: tl.constexpr):
+        # w: a [BLOCK_K, BLOCK_N] tile of W^T
         if IEEE:
-            return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-        return tl.dot(x, tl.trans(w), acc)
+            return tl.dot(x, w, acc, input_precision="ieee")
+        return tl.dot(x, w, acc)
 
     @triton.jit
     def _residual_sum(x_ptr, res_ptr, rm, kk, mask, stride_x, stride_res, HAS_RES: tl.constexpr):
@@ -112,10 +113,12 @@ if triton is not None:
         k_lo = pid_k * k_len
         k_hi = tl.minimum(k_lo + k_len, K)
         x_ptrs = x_ptr + rm[:, None] * stride_x + (k_lo + rk)[None, :]
-        w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_w + (k_lo + rk)[None, :]
+        # W^T tiles [BLOCK_K, BLOCK_N] (contiguous along K), so the loads pipeline into shared
+        # memory like the B operand of a plain matmul
+        w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_w + (k_lo + rk)[:, None]
         u_ptrs = w_ptrs + N * stride_w
         m_ok = rm[:, None] < M
-        n_ok = rn[:, None] < N
+        n_ok = rn[None, :] < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         dtype = w_ptr.dtype.element_ty
@@ -140,9 +143,8 @@ if triton is not None:
                 x_mask = m_ok
                 w_mask = n_ok
             else:
-                k_ok = (k + rk)[None, :] < k_hi
-                x_mask = m_ok & k_ok
-                w_mask = n_ok & k_ok
+                x_mask = m_ok & ((k + rk)[None, :] < k_hi)
+                w_mask = n_ok & ((k + rk)[:, None] < k_hi)
             if NORM:
                 # as RMSNorm rounds: weight * (h * rstd).to(dtype), in dtype
                 kk = k + rk
@@ -165,7 +167,7 @@ if triton is not None:
             _store_tile(acc, acc_up, bias_ptr, out_ptr, rm, rn, M, N, stride_out, GATED, HAS_BIAS)
         else:
             # float32 partials [SPLIT_K, 1 + GATED, M, N]
-            part_mask = m_ok & (rn[None, :] < N)
+            part_mask = m_ok & n_ok
             part = part_ptr + rm[:, None] * N + rn[None, :]
             split_stride = (1 + GATED) * M * N
             tl.store(part + pid_k * split_stride, acc, mask=part_mask)

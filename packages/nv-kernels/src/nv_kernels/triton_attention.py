@@ -238,19 +238,19 @@ if triton is not None:
                 s_mask = offs_s < NUM_SPLITS
                 for g in tl.static_range(G):  # all splits of a head in one load
                     rows = (seq * G * tl.num_programs(1) + kv_head * G + g) * NUM_SPLITS + offs_s
-                    lse = tl.load(
+                    lse_s = tl.load(
                         mid_lse_ptr + rows, mask=s_mask, other=float("-inf"), cache_modifier=".cg"
                     )
-                    w = tl.where(s_mask, tl.exp2(lse - tl.max(lse, 0)), 0.0)
+                    w = tl.where(s_mask, tl.exp2(lse_s - tl.max(lse_s, 0)), 0.0)
                     parts = tl.load(
                         mid_o_ptr + rows[:, None] * D + offs_d[None, :],
                         mask=s_mask[:, None],
                         other=0.0,
                         cache_modifier=".cg",
                     )
-                    out = tl.sum(w[:, None] * parts, 0) / tl.sum(w, 0)
+                    merged = tl.sum(w[:, None] * parts, 0) / tl.sum(w, 0)
                     dst = o_ptr + seq * stride_ot + (kv_head * G + g) * stride_oh + offs_d
-                    tl.store(dst, out.to(o_ptr.dtype.element_ty))
+                    tl.store(dst, merged.to(o_ptr.dtype.element_ty))
                 tl.atomic_xchg(counter, 0)  # ready for the next launch
 
 
