@@ -14,7 +14,6 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import gpu_bench
 
-import nv_models.layers.linear as linear_mod
 import nv_models.qwen3 as qwen3_mod
 from nv_engine import SamplingParams
 from nv_kernels import sampler as sampler_mod
@@ -58,8 +57,6 @@ def run(label: str, profile: bool = False, temperature: float = 0.0) -> None:
 def main() -> None:
     run("default (greedy)", profile=True)
     run("default (temperature 0.6)", temperature=0.6)
-    with patched(linear_mod, "FUSE_NORM", False):
-        run("RMSNorms as their own kernels")
     with patched(qwen3_mod, "use_qk_norm_rope_store", lambda *a: False):
         run("no fused rope+store")
     with patched(sampler_mod, "fused_sample", lambda logits, *a: logits.argmax(-1)):

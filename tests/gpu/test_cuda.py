@@ -12,7 +12,6 @@ from nv_engine.bench import QWEN3_0_6B_SHAPE
 from nv_kernels import AttentionMetadata, store_kvcache, store_kvcache_ref
 from nv_kernels.torch_attention import decode_ref, prefill_ref
 from nv_kernels.triton_attention import decode_attention, prefill_attention
-from nv_kernels.triton_utils import tile_counters
 
 pytestmark = pytest.mark.cuda
 DEV = "cuda"
@@ -84,7 +83,6 @@ def test_kernels_match_reference(dtype, head_dim, block_size, heads):
     for splits in (None, 1, 7):
         out = decode_attention(qd, k_cache, v_cache, dmeta, scale, num_splits=splits)
         assert (out.float() - ref).norm() / ref.norm() < _tol(dtype), splits
-    assert not tile_counters(qd.device).any()  # the last split of each group reset its counter
 
 
 # ---- the engine in float32 on the GPU, against transformers ------------------------------------
@@ -197,28 +195,6 @@ def test_skinny_gemm_matches_cublas(m, n, k, dtype):
     gated = torch.nn.functional.silu(ref[:, :half]) * ref[:, half:]
     got = skinny_gemm(x, w, b, gated=True).float()
     torch.testing.assert_close(got, gated, rtol=2e-2, atol=2e-2)
-
-
-@pytest.mark.parametrize("m", [1, 16, 64])
-@pytest.mark.parametrize("n, k, gated", [(4096, 1024, False), (6144, 1024, True)])
-def test_skinny_norm_gemm_matches_norm_then_linear(m, n, k, gated):
-    from nv_kernels.skinny_gemm import skinny_norm_gemm
-    from nv_models.layers.activation import silu_and_mul
-    from nv_models.layers.layernorm import add_rms_norm
-
-    g = torch.Generator(device=DEV).manual_seed(m + n)
-    bf = torch.bfloat16
-    x = torch.randn(m, k, device=DEV, dtype=bf, generator=g)
-    r = torch.randn(m, k, device=DEV, dtype=bf, generator=g)
-    norm_w = torch.rand(k, device=DEV, generator=g).to(bf) + 0.5
-    w = torch.randn(n, k, device=DEV, dtype=bf, generator=g) * 0.05
-    normed, h_ref = add_rms_norm(x, r, norm_w, 1e-6)
-    ref = torch.nn.functional.linear(normed, w)
-    if gated:
-        ref = silu_and_mul(ref)
-    out, h = skinny_norm_gemm(x, r, norm_w, 1e-6, w, gated=gated)
-    torch.testing.assert_close(h, h_ref, rtol=0, atol=0)
-    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("split", [1, 2, 4])

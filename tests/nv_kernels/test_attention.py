@@ -8,7 +8,6 @@ import torch
 from nv_kernels import AttentionMetadata, store_kvcache, store_kvcache_ref
 from nv_kernels.torch_attention import TorchAttentionBackend, decode_ref, prefill_ref
 from nv_kernels.triton_attention import decode_attention, prefill_attention
-from nv_kernels.triton_utils import tile_counters
 
 
 def _random_paged_batch(gen, lens_q, lens_k, block_size, num_kv_heads, head_dim, num_blocks):
@@ -110,7 +109,6 @@ def test_decode_matches_reference(block_size, num_splits, num_heads, num_kv_head
     ref = decode_ref(q, k_cache, v_cache, meta, 0.3)
     out = decode_attention(q, k_cache, v_cache, meta, 0.3, num_splits=num_splits)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert not tile_counters(q.device).any()  # the last split of each group reset its counter
 
 
 def test_torch_backend_writes_cache_then_attends():

@@ -9,7 +9,6 @@ from nv_kernels.skinny_gemm import (
     SkinnyConfig,
     default_config,
     skinny_gemm,
-    skinny_norm_gemm,
     use_skinny_gemm,
 )
 from nv_kernels.triton_utils import tile_counters
@@ -54,36 +53,6 @@ def test_gated_skinny_gemm_is_silu_and_mul(m, n, k, config, bias):
     assert out.shape == (m, n)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert not tile_counters(x.device).any()
-
-
-def _rms_norm(h, weight, eps):  # nv_models' RMSNorm (Hugging Face's order of roundings)
-    x = h.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(h.dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m", [1, 70])
-@pytest.mark.parametrize("config", [SkinnyConfig(16, 32, 1), SkinnyConfig(32, 32, 3), None])
-@pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("residual", [False, True])
-def test_norm_in_the_prologue_is_rms_norm_then_gemm(dtype, m, config, gated, residual):
-    g = torch.Generator().manual_seed(m + 2 * gated + residual)
-    n, k = 48, 96
-    x = torch.randn(m, k, generator=g).to(dtype)
-    r = torch.randn(m, k, generator=g).to(dtype) if residual else None
-    norm_w = (torch.rand(k, generator=g) + 0.5).to(dtype)
-    w = (torch.randn(2 * n if gated else n, k, generator=g) / k**0.5).to(dtype)
-    b = torch.randn(w.shape[0], generator=g).to(dtype)
-    out, h = skinny_norm_gemm(x, r, norm_w, 1e-6, w, b, config, gated)
-    want_h = x + r if residual else x
-    assert torch.equal(h, want_h)  # the new residual, written by the n == 0 programs
-    y = F.linear(_rms_norm(want_h, norm_w, 1e-6).float(), w.float(), b.float())
-    want = F.silu(y[:, :n]) * y[:, n:] if gated else y
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(out.float(), want, rtol=tol, atol=tol)
-    with pytest.raises(ValueError, match="norm_weight"):
-        skinny_norm_gemm(x, r, norm_w[:-1], 1e-6, w, b, config, gated)
 
 
 def test_skinny_gemm_strided_rows_and_half_precision():

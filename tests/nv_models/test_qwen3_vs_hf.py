@@ -52,13 +52,13 @@ def test_greedy_tokens_vary(tiny):
 @pytest.mark.parametrize("backend", ["torch", "triton", "triton-fused"])
 def test_prefill_then_decode_through_paged_cache(tiny, backend, monkeypatch):
     """`triton-fused`: the CUDA layer path, interpreted on CPU: every linear layer in the skinny
-    GEMM, each RMSNorm in the prologue of the GEMM after it, SiluAndMul in gate_up's epilogue,
-    q/k norm + rotary + KV store in one kernel and attention told the cache is written."""
+    GEMM (SiluAndMul in gate_up's epilogue), q/k norm + rotary + KV store in one kernel and
+    attention told the cache is written."""
     import nv_models.layers.linear as linear
     import nv_models.qwen3 as qwen3
 
     path, hf = tiny
-    fused_calls, norm_calls = [], []
+    fused_calls = []
     if backend == "triton-fused":
         fused = qwen3.qk_norm_rope_store
         monkeypatch.setattr(
@@ -68,9 +68,11 @@ def test_prefill_then_decode_through_paged_cache(tiny, backend, monkeypatch):
             qwen3, "qk_norm_rope_store", lambda *a: fused_calls.append(1) or fused(*a)
         )
         monkeypatch.setattr(linear, "use_skinny_gemm", lambda x, w: True)
-        norm_gemm = linear.skinny_norm_gemm
+        gemm = linear.skinny_gemm
         monkeypatch.setattr(
-            linear, "skinny_norm_gemm", lambda *a, **k: norm_calls.append(1) or norm_gemm(*a, **k)
+            linear,
+            "skinny_gemm",
+            lambda *a, **k: fused_calls.append(("gemm", k.get("gated"))) or gemm(*a, **k),
         )
         backend = "triton"
     ours = load_ours(path, backend)
@@ -100,9 +102,9 @@ def test_prefill_then_decode_through_paged_cache(tiny, backend, monkeypatch):
         for i in range(2):
             assert (logits[i] - refs[i][1][step]).abs().max().item() <= ATOL, (step, i)
             assert logits[i].argmax().item() == refs[i][0][step]
-    if fused_calls:  # one call per layer per forward; two fused norms per layer
-        assert len(fused_calls) == steps * len(ours.model.layers)
-        assert len(norm_calls) == 2 * len(fused_calls)
+    if fused_calls:  # per layer per forward: rope+store, 4 GEMMs (gate_up gated)
+        assert len(fused_calls) == 5 * steps * len(ours.model.layers)
+        assert fused_calls.count(("gemm", True)) == steps * len(ours.model.layers)
 
 
 def test_prefix_hit_and_chunked_prefill(tiny):

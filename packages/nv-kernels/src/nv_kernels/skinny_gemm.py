@@ -37,19 +37,9 @@ if triton is not None:
 
     @triton.jit
     def _mma(x, w, acc, IEEE: tl.constexpr):
-        # w: a [BLOCK_K, BLOCK_N] tile of W^T
         if IEEE:
-            return tl.dot(x, w, acc, input_precision="ieee")
-        return tl.dot(x, w, acc)
-
-    @triton.jit
-    def _residual_sum(x_ptr, res_ptr, rm, kk, mask, stride_x, stride_res, HAS_RES: tl.constexpr):
-        # x (+ residual), rounded to x's dtype as the unfused add is; returned in float32
-        h = tl.load(x_ptr + rm[:, None] * stride_x + kk[None, :], mask=mask, other=0.0)
-        if HAS_RES:
-            r = tl.load(res_ptr + rm[:, None] * stride_res + kk[None, :], mask=mask, other=0.0)
-            h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)
-        return h.to(tl.float32)
+            return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        return tl.dot(x, tl.trans(w), acc)
 
     @triton.jit
     def _store_tile(acc, acc_up, bias_ptr, out_ptr, rm, rn, M, N, stride_out, GATED, HAS_BIAS):
@@ -80,11 +70,6 @@ if triton is not None:
         stride_x,
         stride_w,
         stride_out,
-        res_ptr,
-        res_out_ptr,
-        norm_w_ptr,
-        eps,
-        stride_res,
         GATED: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -93,16 +78,10 @@ if triton is not None:
         SPLIT_K: tl.constexpr,
         EVEN_K: tl.constexpr,
         IEEE: tl.constexpr,
-        NORM: tl.constexpr,
-        HAS_RES: tl.constexpr,
-        K_NORM: tl.constexpr,
     ):
         # Program (n, s, m): rows [m * BLOCK_M, +BLOCK_M) x output features [n * BLOCK_N,
         # +BLOCK_N), over the s-th of SPLIT_K equal slices of K. With GATED, W has 2N rows (gate
-        # then up) and the program computes both tiles. With NORM, x is first replaced by
-        # RMSNorm(x + residual) (K_NORM == K): each program finds its rows' rstd over all of K
-        # (an unrolled loop, so its loads overlap), then normalises its tiles as it loads them;
-        # the n == 0 programs also write x + residual to res_out.
+        # then up) and the program computes both tiles.
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -113,50 +92,21 @@ if triton is not None:
         k_lo = pid_k * k_len
         k_hi = tl.minimum(k_lo + k_len, K)
         x_ptrs = x_ptr + rm[:, None] * stride_x + (k_lo + rk)[None, :]
-        # W^T tiles [BLOCK_K, BLOCK_N] (contiguous along K), so the loads pipeline into shared
-        # memory like the B operand of a plain matmul
-        w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_w + (k_lo + rk)[:, None]
+        w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_w + (k_lo + rk)[None, :]
         u_ptrs = w_ptrs + N * stride_w
         m_ok = rm[:, None] < M
-        n_ok = rn[None, :] < N
+        n_ok = rn[:, None] < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        dtype = w_ptr.dtype.element_ty
-        if NORM:
-            sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            for k0 in tl.static_range(0, K_NORM, BLOCK_K):
-                kk = k0 + rk
-                h = _residual_sum(
-                    x_ptr,
-                    res_ptr,
-                    rm,
-                    kk,
-                    m_ok & (kk[None, :] < K_NORM),
-                    stride_x,
-                    stride_res,
-                    HAS_RES,
-                )
-                sumsq += tl.sum(h * h, 1)
-            rstd = tl.rsqrt(sumsq / K_NORM + eps)
         for k in range(k_lo, k_hi, BLOCK_K):
             if EVEN_K:
                 x_mask = m_ok
                 w_mask = n_ok
             else:
-                x_mask = m_ok & ((k + rk)[None, :] < k_hi)
-                w_mask = n_ok & ((k + rk)[:, None] < k_hi)
-            if NORM:
-                # as RMSNorm rounds: weight * (h * rstd).to(dtype), in dtype
-                kk = k + rk
-                h = _residual_sum(x_ptr, res_ptr, rm, kk, x_mask, stride_x, stride_res, HAS_RES)
-                if HAS_RES:  # noqa: SIM102 (HAS_RES is resolved at compile time)
-                    if pid_n == 0:
-                        dst = res_out_ptr + rm[:, None] * stride_res + kk[None, :]
-                        tl.store(dst, h.to(dtype), mask=x_mask)
-                g = tl.load(norm_w_ptr + kk, mask=kk < k_hi, other=0.0).to(tl.float32)
-                x = ((h * rstd[:, None]).to(dtype).to(tl.float32) * g[None, :]).to(dtype)
-            else:
-                x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+                k_ok = (k + rk)[None, :] < k_hi
+                x_mask = m_ok & k_ok
+                w_mask = n_ok & k_ok
+            x = tl.load(x_ptrs, mask=x_mask, other=0.0)
             acc = _mma(x, tl.load(w_ptrs, mask=w_mask, other=0.0), acc, IEEE)
             if GATED:
                 acc_up = _mma(x, tl.load(u_ptrs, mask=w_mask, other=0.0), acc_up, IEEE)
@@ -167,7 +117,7 @@ if triton is not None:
             _store_tile(acc, acc_up, bias_ptr, out_ptr, rm, rn, M, N, stride_out, GATED, HAS_BIAS)
         else:
             # float32 partials [SPLIT_K, 1 + GATED, M, N]
-            part_mask = m_ok & n_ok
+            part_mask = m_ok & (rn[None, :] < N)
             part = part_ptr + rm[:, None] * N + rn[None, :]
             split_stride = (1 + GATED) * M * N
             tl.store(part + pid_k * split_stride, acc, mask=part_mask)
@@ -230,31 +180,6 @@ def skinny_gemm(
     """`F.linear(x, weight, bias)` for x `[M, K]` with M <= MAX_ROWS, weight `[N, K]` (both with
     a contiguous last dim). With `gated`, weight is `[2N, K]` (and bias `[2N]`) and the result is
     `silu(y[:, :N]) * y[:, N:]`. float32 inputs use IEEE products (for the interpreter tests)."""
-    return _launch(x, weight, bias, config, gated, None, None, 0.0)[0]
-
-
-def skinny_norm_gemm(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    norm_weight: torch.Tensor,
-    eps: float,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    config: SkinnyConfig | None = None,
-    gated: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`skinny_gemm(RMSNorm(h), weight, ...)` with h = x + residual (x without a residual), and
-    h: the norm (Hugging Face's roundings) runs in the GEMM's prologue. `residual` like x."""
-    if norm_weight.shape != (x.shape[-1],):
-        raise ValueError(
-            f"norm_weight must have shape ({x.shape[-1]},), got {tuple(norm_weight.shape)}"
-        )
-    if residual is not None and (residual.shape != x.shape or not residual.is_contiguous()):
-        raise ValueError("residual must be contiguous, with x's shape")
-    return _launch(x, weight, bias, config, gated, residual, norm_weight, eps)
-
-
-def _launch(x, weight, bias, config, gated, residual, norm_weight, eps):
     if not triton_usable(x.device):
         raise RuntimeError("skinny_gemm needs CUDA or TRITON_INTERPRET=1")
     m, k = x.shape
@@ -280,8 +205,6 @@ def _launch(x, weight, bias, config, gated, residual, norm_weight, eps):
         counters = tile_counters(x.device)
     else:
         part = counters = out  # never touched
-    norm = norm_weight is not None
-    h = torch.empty_like(x) if residual is not None else x
     _skinny_gemm_kernel[(n_tiles, split, m_tiles)](
         x,
         weight,
@@ -295,11 +218,6 @@ def _launch(x, weight, bias, config, gated, residual, norm_weight, eps):
         x.stride(0),
         weight.stride(0),
         out.stride(0),
-        residual if residual is not None else x,
-        h,
-        norm_weight if norm else x,
-        eps,
-        h.stride(0),
         GATED=gated,
         HAS_BIAS=bias is not None,
         BLOCK_M=block_m,
@@ -308,10 +226,7 @@ def _launch(x, weight, bias, config, gated, residual, norm_weight, eps):
         SPLIT_K=split,
         EVEN_K=k % (split * config.block_k) == 0,
         IEEE=x.dtype == torch.float32,
-        NORM=norm,
-        HAS_RES=residual is not None,
-        K_NORM=k if norm else 0,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    return out, h
+    return out

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from nv_kernels.attention_backend import AttentionBackend
 from nv_kernels.metadata import AttentionMetadata
-from nv_kernels.triton_utils import NUM_COUNTERS, num_sms, tile_counters, tl, triton
+from nv_kernels.triton_utils import num_sms, tl, triton
 
 if triton is not None:
     # The block-table width (stride_bt) changes from step to step; specialising on it (== 1,
@@ -155,7 +155,6 @@ if triton is not None:
         o_ptr,
         mid_o_ptr,
         mid_lse_ptr,
-        count_ptr,
         scale,
         stride_qt,
         stride_qh,
@@ -171,7 +170,6 @@ if triton is not None:
         D: tl.constexpr,
         BLOCK_N: tl.constexpr,
         NUM_SPLITS: tl.constexpr,
-        S_PAD: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         # One program per (sequence, KV head, split): the G query heads sharing this KV head
@@ -215,43 +213,51 @@ if triton is not None:
             )
             keep = n_mask[None, :]
             m_i, l_i, acc = _softmax_tile(q, k, v, keep, m_i, l_i, acc, qk_scale, PRECISION)
-        out_ptrs = o_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
         if NUM_SPLITS == 1:
+            out = acc / l_i[:, None]
             tl.store(
-                out_ptrs, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=g_mask[:, None]
+                o_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                out.to(o_ptr.dtype.element_ty),
+                mask=g_mask[:, None],
             )
         else:
             # Partial result of this split: normalised output and its log-sum-exp (base 2).
             nonempty = l_i > 0
             out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
             lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-            row0 = (seq * G * tl.num_programs(1) + heads) * NUM_SPLITS  # [B, H, S]
-            tl.store(
-                mid_o_ptr + (row0 + split)[:, None] * D + offs_d[None, :], out, mask=g_mask[:, None]
-            )
-            tl.store(mid_lse_ptr + row0 + split, lse, mask=g_mask)
-            # The last split of (seq, kv_head) to finish merges all of them, in split order.
-            # acq_rel: each split's partials are visible before its count; the last sees all.
-            counter = count_ptr + seq * tl.num_programs(1) + kv_head
-            if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
-                offs_s = tl.arange(0, S_PAD)
-                s_mask = offs_s < NUM_SPLITS
-                for g in tl.static_range(G):  # all splits of a head in one load
-                    rows = (seq * G * tl.num_programs(1) + kv_head * G + g) * NUM_SPLITS + offs_s
-                    lse_s = tl.load(
-                        mid_lse_ptr + rows, mask=s_mask, other=float("-inf"), cache_modifier=".cg"
-                    )
-                    w = tl.where(s_mask, tl.exp2(lse_s - tl.max(lse_s, 0)), 0.0)
-                    parts = tl.load(
-                        mid_o_ptr + rows[:, None] * D + offs_d[None, :],
-                        mask=s_mask[:, None],
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
-                    merged = tl.sum(w[:, None] * parts, 0) / tl.sum(w, 0)
-                    dst = o_ptr + seq * stride_ot + (kv_head * G + g) * stride_oh + offs_d
-                    tl.store(dst, merged.to(o_ptr.dtype.element_ty))
-                tl.atomic_xchg(counter, 0)  # ready for the next launch
+            row = (seq * G * tl.num_programs(1) + heads) * NUM_SPLITS + split  # [B, H, S]
+            tl.store(mid_o_ptr + row[:, None] * D + offs_d[None, :], out, mask=g_mask[:, None])
+            tl.store(mid_lse_ptr + row, lse, mask=g_mask)
+
+    @triton.jit
+    def _decode_reduce_kernel(
+        mid_o_ptr,
+        mid_lse_ptr,
+        o_ptr,
+        stride_ot,
+        stride_oh,
+        NUM_SPLITS: tl.constexpr,
+        S_PAD: tl.constexpr,
+        D: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        row0 = (seq * tl.num_programs(1) + head) * NUM_SPLITS
+        offs_s = tl.arange(0, S_PAD)
+        offs_d = tl.arange(0, D)
+        s_mask = offs_s < NUM_SPLITS
+        lse = tl.load(mid_lse_ptr + row0 + offs_s, mask=s_mask, other=float("-inf"))
+        w = tl.exp2(lse - tl.max(lse, 0))
+        w = tl.where(s_mask, w, 0.0)
+        parts = tl.load(
+            mid_o_ptr + (row0 + offs_s)[:, None] * D + offs_d[None, :],
+            mask=s_mask[:, None],
+            other=0.0,
+        )
+        out = tl.sum(w[:, None] * parts, 0) / tl.sum(w, 0)
+        tl.store(
+            o_ptr + seq * stride_ot + head * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty)
+        )
 
 
 def _precision(dtype: torch.dtype) -> str | None:
@@ -362,11 +368,8 @@ def decode_attention(
             num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
         )
         mid_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
-        if num_seqs * num_kv_heads > NUM_COUNTERS:
-            raise ValueError(f"split decode takes at most {NUM_COUNTERS} (sequence, KV head) pairs")
-        counters = tile_counters(q.device)
     else:
-        mid_o = mid_lse = counters = o  # unused
+        mid_o = mid_lse = o  # unused
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -376,7 +379,6 @@ def decode_attention(
         o,
         mid_o,
         mid_lse,
-        counters,
         scale,
         q.stride(0),
         q.stride(1),
@@ -392,11 +394,21 @@ def decode_attention(
         D=head_dim,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
-        S_PAD=max(2, triton.next_power_of_2(num_splits)),
         PRECISION=_precision(q.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            mid_o,
+            mid_lse,
+            o,
+            o.stride(0),
+            o.stride(1),
+            NUM_SPLITS=num_splits,
+            S_PAD=max(2, triton.next_power_of_2(num_splits)),
+            D=head_dim,
+        )
     return o
 
 

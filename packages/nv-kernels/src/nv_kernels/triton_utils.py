@@ -40,7 +40,7 @@ _counters: dict[torch.device, torch.Tensor] = {}
 
 def tile_counters(device: torch.device) -> torch.Tensor:
     """A zeroed int32 buffer of NUM_COUNTERS per device, for kernels whose last-arriving program
-    of a group finishes the group's work (split-K sums, split-attention merges). Each kernel sets
+    of a group finishes the group's work (the skinny GEMM's split-K sums). Each kernel sets
     the counters it used back to zero, so launches must not run concurrently on one device (the
     engine runs its forward on one stream)."""
     counters = _counters.get(device)

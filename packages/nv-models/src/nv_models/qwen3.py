@@ -14,12 +14,7 @@ from nv_models.layers.attention import Attention
 from nv_models.layers.compile import compile_on_cuda
 from nv_models.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nv_models.layers.layernorm import RMSNorm
-from nv_models.layers.linear import (
-    GateUpParallelLinear,
-    QKVParallelLinear,
-    RowParallelLinear,
-    norm_linear,
-)
+from nv_models.layers.linear import GateUpParallelLinear, QKVParallelLinear, RowParallelLinear
 from nv_models.layers.rotary import RotaryEmbedding
 from nv_models.parallel import TPGroup
 
@@ -73,11 +68,11 @@ class Qwen3Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(
-        self, cos_sin: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata
+        self, cos_sin: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        """Attention from `qkv_proj`'s output (the decoder layer runs it, with the input norm
-        fused in), then o_proj. `cos_sin`: the rotary table's rows for this step's positions
-        (one gather per step, made by the model)."""
+        """`cos_sin`: the rotary table's rows for this step's positions (one gather per step,
+        made by the model)."""
+        qkv = self.qkv_proj(x)
         q_w = None if self.q_norm is None else self.q_norm.weight
         k_w = None if self.k_norm is None else self.k_norm.weight
         eps = self.q_norm.eps if self.q_norm is not None else 0.0
@@ -113,10 +108,8 @@ class Qwen3MLP(nn.Module):
             config.intermediate_size, config.hidden_size, bias=bias, tp=tp
         )
 
-    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """From `gate_up_proj`'s output, silu(gate) * up (the decoder layer runs gate_up_proj,
-        with the post-attention norm fused in)."""
-        return self.down_proj(gate_up)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.gate_up_proj(x))  # gate_up_proj applies silu(gate) * up
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -136,13 +129,13 @@ class Qwen3DecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # each norm runs with the GEMM after it (one kernel at small decode batches)
-        qkv, residual = norm_linear(self.input_layernorm, self.self_attn.qkv_proj, x, residual)
-        x = self.self_attn(cos_sin, qkv, meta)
-        gate_up, residual = norm_linear(
-            self.post_attention_layernorm, self.mlp.gate_up_proj, x, residual
-        )
-        return self.mlp(gate_up), residual
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(cos_sin, x, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class Qwen3Model(nn.Module):

@@ -4,9 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nv_kernels.skinny_gemm import skinny_gemm, skinny_norm_gemm, use_skinny_gemm
+from nv_kernels.skinny_gemm import skinny_gemm, use_skinny_gemm
 from nv_models.layers.activation import silu_and_mul
-from nv_models.layers.layernorm import RMSNorm
 from nv_models.parallel import TPGroup, divide
 
 
@@ -16,27 +15,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if use_skinny_gemm(x, weight):
         return skinny_gemm(x, weight, bias)
     return F.linear(x, weight, bias)
-
-
-FUSE_NORM = True  # RMSNorm in the prologue of the skinny GEMM that follows it (benchmarks flip it)
-
-
-def norm_linear(
-    norm: RMSNorm, layer: LinearBase, x: torch.Tensor, residual: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`layer(norm(x + residual))` and the new residual `x + residual` (`x` without one), as in
-    `norm(x, residual)`. Where the skinny GEMM runs (small decode batches on CUDA), one kernel:
-    the norm is the GEMM's prologue. The layer must be replicated or column-parallel (its input
-    is the full hidden state)."""
-    if FUSE_NORM and use_skinny_gemm(x, layer.weight) and x.is_contiguous():
-        return skinny_norm_gemm(
-            x, residual, norm.weight, norm.eps, layer.weight, layer.bias,
-            gated=isinstance(layer, GateUpParallelLinear),
-        )  # fmt: skip
-    if residual is None:
-        return layer(norm(x)), x
-    h, residual = norm(x, residual)
-    return layer(h), residual
 
 
 class LinearBase(nn.Module):
