@@ -1,0 +1,114 @@
+"""Compile nv's Triton kernels for sm_90 (H100/H200) on a machine without a GPU: Triton's front
+end, its optimisation passes and the `ptxas` bundled with it. The interpreter runs kernels as
+numpy and lets some errors through (a variable whose type differs between the two arms of an
+`if`, a layout the compiler cannot build); compiling catches them. Run by
+`test_sm90_compile.py` in a process without TRITON_INTERPRET (jit kernels, not interpreted ones).
+
+    python tests/nv_kernels/sm90_compile.py
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from nv_kernels.rope_store import _qk_norm_rope_store_kernel
+from nv_kernels.sample_kernel import _chunk_best_kernel, _pick_chunk_kernel
+from nv_kernels.skinny_gemm import _skinny_gemm_kernel
+from nv_kernels.store_kvcache import _store_kvcache_kernel
+from nv_kernels.triton_attention import _decode_kernel, _decode_reduce_kernel, _prefill_kernel
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def compile_kernel(kernel, constexprs: dict, types: dict | None = None, **options) -> None:
+    """Arguments named *_ptr are bf16 pointers, the rest int32, unless `types` says otherwise;
+    parameters declared `tl.constexpr` take their value from `constexprs`."""
+    types = types or {}
+    signature = {}
+    for p in kernel.params:
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+        else:
+            signature[p.name] = types.get(p.name, "*bf16" if p.name.endswith("_ptr") else "i32")
+    names = list(signature)
+    missing = [n for n, t in signature.items() if t == "constexpr" and n not in constexprs]
+    if missing:
+        raise ValueError(f"{kernel.fn.__name__}: no value for {missing}")
+    src = ASTSource(
+        kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()}
+    )
+    triton.compile(src, target=TARGET, options={"num_warps": 4, **options})
+
+
+def main() -> int:
+    jobs = []
+    for gated, split, block_m, bias in itertools.product(
+        (False, True), (1, 4), (16, 64), (False, True)
+    ):
+        jobs.append((
+            _skinny_gemm_kernel,
+            dict(GATED=gated, HAS_BIAS=bias, BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=128,
+                 SPLIT_K=split, EVEN_K=split == 1, IEEE=False),
+            dict(part_ptr="*fp32", count_ptr="*i32"),
+            dict(num_stages=4),
+        ))  # fmt: skip
+    for splits, block_size in ((1, 256), (7, 16)):
+        jobs.append((
+            _decode_kernel,
+            dict(G=2, G_PAD=16, BLOCK_SIZE=block_size, D=128, BLOCK_N=64, NUM_SPLITS=splits,
+                 PRECISION=None),
+            dict(block_tables_ptr="*i32", context_lens_ptr="*i32", mid_o_ptr="*fp32",
+                 mid_lse_ptr="*fp32", scale="fp32"),
+            dict(num_stages=4),
+        ))  # fmt: skip
+    jobs.append((
+        _decode_reduce_kernel, dict(NUM_SPLITS=7, S_PAD=8, D=128),
+        dict(mid_o_ptr="*fp32", mid_lse_ptr="*fp32"), {},
+    ))  # fmt: skip
+    for paged in (False, True):
+        jobs.append((
+            _prefill_kernel,
+            dict(G=2, BLOCK_SIZE=256 if paged else 1, D=128, BLOCK_M=64, BLOCK_N=32, PAGED=paged,
+                 PRECISION=None),
+            dict(cu_q_ptr="*i32", cu_k_ptr="*i32", block_tables_ptr="*i32", scale="fp32"),
+            dict(num_stages=2),
+        ))  # fmt: skip
+    jobs.append(
+        (_store_kvcache_kernel, dict(D=1024, BLOCK=1024), dict(slot_mapping_ptr="*i64"), {})
+    )
+    for norm in (False, True):
+        jobs.append((
+            _qk_norm_rope_store_kernel,
+            dict(H=16, HKV=8, H_PAD=16, HKV_PAD=8, HALF=64, HAS_NORM=norm),
+            dict(cos_sin_ptr="*fp32", slot_mapping_ptr="*i64", eps="fp32"),
+            {},
+        ))  # fmt: skip
+    for temps in (False, True):
+        jobs.append((
+            _chunk_best_kernel, dict(HAS_TEMPS=temps, BLOCK=2048),
+            dict(temps_ptr="*fp32", seeds_ptr="*i64", steps_ptr="*i64", best_ptr="*fp32",
+                 index_ptr="*i64"),
+            dict(num_warps=8),
+        ))  # fmt: skip
+    jobs.append((
+        _pick_chunk_kernel, dict(MAX_CHUNKS=128),
+        dict(best_ptr="*fp32", index_ptr="*i64", out_ptr="*i64"), {},
+    ))  # fmt: skip
+    failed = 0
+    for kernel, constexprs, types, options in jobs:
+        try:
+            compile_kernel(kernel, constexprs, types, **options)
+        except Exception as e:  # report every failing variant, not just the first
+            failed += 1
+            print(f"FAILED {kernel.fn.__name__} {constexprs}:\n{e}", file=sys.stderr)
+    print(f"compiled {len(jobs) - failed} of {len(jobs)} kernel variants for sm_90")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
