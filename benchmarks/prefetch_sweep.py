@@ -10,12 +10,17 @@ prefetch kernel lives here, not in nv-kernels.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
 from triton.testing import do_bench
 
 from nv_kernels.skinny_gemm import skinny_gemm
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from gemm_sweep import DT, LAYERS, SHAPES  # the same four decode GEMMs
 
 LANES = 256  # prefetch instructions per program
 
@@ -60,16 +65,6 @@ def l2_prefetch(t: torch.Tensor, flag: torch.Tensor, bulk: bool = True) -> None:
     _l2_prefetch_kernel[grid](
         t.data_ptr(), nbytes, flag, BULK=bulk, SPAN=span, LANES=LANES, num_warps=4
     )
-
-
-SHAPES = {  # name: (weight rows, K, gated)
-    "qkv": (4096, 1024, False),
-    "o_proj": (1024, 2048, False),
-    "gate_up": (6144, 1024, True),
-    "down": (1024, 3072, False),
-}
-LAYERS = 28
-DT = torch.bfloat16
 
 
 def main() -> None:
