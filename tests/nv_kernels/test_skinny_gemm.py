@@ -79,8 +79,8 @@ def test_skinny_gemm_rejects_bad_shapes():
     "n, k", [(4096, 1024), (1024, 2048), (3072, 1024), (1024, 3072), (200, 72)]
 )
 def test_default_config_fills_the_sms(m, n, k):
-    # Qwen3-0.6B's decode GEMMs (gate_up as its 3072 gated outputs) on a 132-SM card: every SM
-    # gets a program unless K cannot be split further; K splits into whole tiles.
+    # Qwen3-0.6B's decode GEMMs (gate_up as its 3072 gated outputs) on a 132-SM card: at least
+    # half the SMs get a program unless K cannot be split further; K splits into whole tiles.
     c = default_config(m, n, k, 132)
     programs = -(-n // c.block_n) * -(-m // 64) * c.split_k
     can_split = k % (2 * c.split_k * c.block_k) == 0 and c.split_k < 8

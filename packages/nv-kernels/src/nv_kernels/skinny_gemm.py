@@ -1,4 +1,5 @@
-"""y = x W^T for a decode batch (up to a few hundred rows), where the work is reading W.
+"""y = x W^T for a decode batch (the engine uses it up to DISPATCH_ROWS rows), where the work is
+reading W.
 
 cuBLAS picks tiles for these shapes that read a 4-12 MB weight at 1-1.3 TB/s on an H200 (a quarter
 of its bandwidth). This kernel splits W's output features over the SMs, and K too when there are
@@ -198,7 +199,9 @@ def skinny_gemm(
     n_tiles, m_tiles = triton.cdiv(n, config.block_n), triton.cdiv(m, block_m)
     split = config.split_k
     if split > 1 and n_tiles * m_tiles > NUM_COUNTERS:
-        raise ValueError(f"split K needs at most {NUM_COUNTERS} output tiles, got {n_tiles}")
+        raise ValueError(
+            f"split K needs at most {NUM_COUNTERS} output tiles, got {n_tiles * m_tiles}"
+        )
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if split > 1:
         part = torch.empty(split, 1 + gated, m, n, dtype=torch.float32, device=x.device)
