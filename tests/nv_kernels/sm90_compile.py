@@ -47,15 +47,15 @@ def compile_kernel(kernel, constexprs: dict, types: dict | None = None, **option
 
 def main() -> int:
     jobs = []
-    for gated, split, block_m, bias in itertools.product(
-        (False, True), (1, 4), (16, 64), (False, True)
+    for gated, split, block_m, bias, pdl in itertools.product(
+        (False, True), (1, 4), (16, 64), (False, True), (False, True)
     ):
         jobs.append((
             _skinny_gemm_kernel,
             dict(GATED=gated, HAS_BIAS=bias, BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=128,
-                 SPLIT_K=split, EVEN_K=split == 1, IEEE=False),
+                 SPLIT_K=split, EVEN_K=split == 1, IEEE=False, PDL=pdl),
             dict(part_ptr="*fp32", count_ptr="*i32"),
-            dict(num_stages=4),
+            dict(num_stages=4, launch_pdl=pdl),
         ))  # fmt: skip
     for splits, block_size in ((1, 256), (7, 16)):
         jobs.append((

@@ -20,7 +20,16 @@ from typing import NamedTuple
 
 import torch
 
-from nv_kernels.triton_utils import NUM_COUNTERS, num_sms, tile_counters, tl, triton, triton_usable
+from nv_kernels.triton_utils import (
+    NUM_COUNTERS,
+    gdc_launch_dependents,
+    gdc_wait,
+    num_sms,
+    tile_counters,
+    tl,
+    triton,
+    triton_usable,
+)
 
 MAX_ROWS = 256  # the kernel takes at most this many rows (in tiles of up to 64)
 DISPATCH_ROWS = 64  # `use_skinny_gemm`: batches up to this size take the kernel, larger ones cuBLAS
@@ -41,6 +50,18 @@ if triton is not None:
         if IEEE:
             return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         return tl.dot(x, tl.trans(w), acc)
+
+    @triton.jit
+    def _load_w(w_ptrs, u_ptrs, n_ok, rk, k, k_hi, EVEN_K: tl.constexpr, GATED: tl.constexpr):
+        """The weight tile at K offset k (and the up half's, with GATED); zeros past k_hi."""
+        if EVEN_K:
+            mask = n_ok
+        else:
+            mask = n_ok & ((k + rk)[None, :] < k_hi)
+        w = tl.load(w_ptrs, mask=mask, other=0.0)
+        if GATED:
+            return w, tl.load(u_ptrs, mask=mask, other=0.0)
+        return w, w
 
     @triton.jit
     def _store_tile(acc, acc_up, bias_ptr, out_ptr, rm, rn, M, N, stride_out, GATED, HAS_BIAS):
@@ -79,6 +100,7 @@ if triton is not None:
         SPLIT_K: tl.constexpr,
         EVEN_K: tl.constexpr,
         IEEE: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         # Program (n, s, m): rows [m * BLOCK_M, +BLOCK_M) x output features [n * BLOCK_N,
         # +BLOCK_N), over the s-th of SPLIT_K equal slices of K. With GATED, W has 2N rows (gate
@@ -99,21 +121,26 @@ if triton is not None:
         n_ok = rn[:, None] < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # The weights are loaded one tile ahead of the dot, and the first tile before waiting on
+        # the kernel that wrote x (PDL): no kernel writes weights, so they may be read early.
+        w, u = _load_w(w_ptrs, u_ptrs, n_ok, rk, k_lo, k_hi, EVEN_K, GATED)
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         for k in range(k_lo, k_hi, BLOCK_K):
             if EVEN_K:
                 x_mask = m_ok
-                w_mask = n_ok
             else:
-                k_ok = (k + rk)[None, :] < k_hi
-                x_mask = m_ok & k_ok
-                w_mask = n_ok & k_ok
+                x_mask = m_ok & ((k + rk)[None, :] < k_hi)
             x = tl.load(x_ptrs, mask=x_mask, other=0.0)
-            acc = _mma(x, tl.load(w_ptrs, mask=w_mask, other=0.0), acc, IEEE)
-            if GATED:
-                acc_up = _mma(x, tl.load(u_ptrs, mask=w_mask, other=0.0), acc_up, IEEE)
-            x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
+            w_next, u_next = _load_w(w_ptrs, u_ptrs, n_ok, rk, k + BLOCK_K, k_hi, False, GATED)
+            acc = _mma(x, w, acc, IEEE)
+            if GATED:
+                acc_up = _mma(x, u, acc_up, IEEE)
+            w, u = w_next, u_next
+            x_ptrs += BLOCK_K
         if SPLIT_K == 1:
             _store_tile(acc, acc_up, bias_ptr, out_ptr, rm, rn, M, N, stride_out, GATED, HAS_BIAS)
         else:
@@ -177,6 +204,7 @@ def skinny_gemm(
     bias: torch.Tensor | None = None,
     config: SkinnyConfig | None = None,
     gated: bool = False,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for x `[M, K]` with M <= MAX_ROWS, weight `[N, K]` (both with
     a contiguous last dim). With `gated`, weight is `[2N, K]` (and bias `[2N]`) and the result is
@@ -229,7 +257,9 @@ def skinny_gemm(
         SPLIT_K=split,
         EVEN_K=k % (split * config.block_k) == 0,
         IEEE=x.dtype == torch.float32,
+        PDL=pdl,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return out

@@ -14,6 +14,11 @@ except ImportError:  # pragma: no cover - platforms without triton
     triton = None
     tl = None
 
+try:  # programmatic dependent launch (Hopper+): the next kernel starts while this one runs
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older triton
+    gdc_launch_dependents = gdc_wait = None
+
 
 def triton_usable(device: str | object) -> bool:
     """Triton runs on CUDA, or anywhere under its interpreter (TRITON_INTERPRET=1)."""

@@ -1,0 +1,171 @@
+"""Programmatic dependent launch (PDL) for the decode layer at small batches, on the GPU.
+
+A PDL kernel may start while the kernel before it still runs: the skinny GEMM loads its first
+weight tile, then waits (`gdc_wait`) for the kernel that wrote its input. Each variant replays
+28 layers of Qwen3-0.6B's decode GEMMs as one CUDA graph, with small row kernels (an RMSNorm) in
+the places the model has its norms and attention kernels:
+
+    norm, qkv, 3 row kernels (rope/attention/reduce stand-ins), o_proj, norm, gate_up, down
+
+Variants: PDL off; PDL on the GEMMs only; PDL on every kernel; and every kernel with PDL plus
+the best per-shape skinny configuration from a PDL sweep (28 PDL launches of one shape back to
+back, block_k up to the whole K slice so that all of a program's weights are loaded before the
+wait; at 1 row only). Outputs are checked against the PDL-off run.
+
+    python benchmarks/pdl_sweep.py [rows ...]
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+from triton.testing import do_bench
+
+from nv_kernels.skinny_gemm import SkinnyConfig, default_config, skinny_gemm
+
+SHAPES = {  # name: (weight rows, K, gated)
+    "qkv": (4096, 1024, False),
+    "o_proj": (1024, 2048, False),
+    "gate_up": (6144, 1024, True),
+    "down": (1024, 3072, False),
+}
+LAYERS = 28
+DT = torch.bfloat16
+SWEEP_ROWS = (1,)  # row counts whose configurations are swept (the others run the defaults)
+
+
+@triton.jit
+def _row_norm_kernel(x_ptr, out_ptr, D, stride_x, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    row = tl.program_id(0)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    cols = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=cols < D, other=0.0).to(tl.float32)
+    y = x * tl.rsqrt(tl.sum(x * x, 0) / D + 1e-6)
+    tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty), mask=cols < D)
+
+
+def row_norm(x: torch.Tensor, d: int, pdl: bool) -> torch.Tensor:
+    out = torch.empty(x.shape[0], d, dtype=x.dtype, device=x.device)
+    kw = {"launch_pdl": True} if pdl else {}
+    _row_norm_kernel[(x.shape[0],)](
+        x, out, d, x.stride(0), BLOCK=triton.next_power_of_2(d), PDL=pdl, **kw
+    )
+    return out
+
+
+def graph_us(run, per: int = 1) -> float:
+    run()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run()
+    return do_bench(g.replay, warmup=5, rep=40, return_mode="median") * 1e3 / per
+
+
+def layers(x, weights, gemm_pdl, norm_pdl, cfgs):
+    h = x
+    for i in range(LAYERS):
+        h = row_norm(h, 1024, norm_pdl)
+        qkv = skinny_gemm(h, weights["qkv"][i], config=cfgs["qkv"], pdl=gemm_pdl)
+        a = row_norm(qkv, 2048, norm_pdl)
+        a = row_norm(a, 2048, norm_pdl)
+        a = row_norm(a, 2048, norm_pdl)
+        o = skinny_gemm(a, weights["o_proj"][i], config=cfgs["o_proj"], pdl=gemm_pdl)
+        h2 = row_norm(o, 1024, norm_pdl)
+        g = skinny_gemm(h2, weights["gate_up"][i], config=cfgs["gate_up"], gated=True, pdl=gemm_pdl)
+        h = skinny_gemm(g, weights["down"][i], config=cfgs["down"], pdl=gemm_pdl)
+    return h
+
+
+def candidates(m: int, n: int, k: int, gated: bool):
+    """Tiles whose weights fit in at most 64 (4 warps) or 128 (8 warps) registers a thread."""
+    for bn, bk, split in itertools.product((16, 32, 64), (128, 256, 512, 1024), (1, 2, 4, 8)):
+        if k % (bk * split) or bk * split > k:
+            continue
+        regs = bn * bk * (1 + gated) * 2 // 4 // 128  # per thread at 4 warps
+        if regs <= 64:
+            yield SkinnyConfig(bn, bk, split, 4, 2)
+        elif regs <= 256:
+            yield SkinnyConfig(bn, bk, split, 8, 2)
+
+
+def main(rows: list[int]) -> None:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    weights = {
+        name: [torch.randn(n, k, device="cuda", dtype=DT) * 0.05 for _ in range(LAYERS)]
+        for name, (n, k, _) in SHAPES.items()
+    }
+    table = []
+    for m in rows:
+        x = torch.randn(m, 1024, device="cuda", dtype=DT)
+        dflt = {
+            name: default_config(m, n // 2 if gated else n, k, sms)
+            for name, (n, k, gated) in SHAPES.items()
+        }
+        # per-shape sweep with PDL: LAYERS launches of one shape back to back
+        best = {}
+        for name, (n, k, gated) in SHAPES.items():
+            xs = torch.randn(m, k, device="cuda", dtype=DT)
+            ws = weights[name]
+            results = []
+            swept = list(candidates(m, n, k, gated)) if m in SWEEP_ROWS else []
+            for pdl, cfgs in ((False, [dflt[name]]), (True, [dflt[name], *swept])):
+                for cfg in cfgs:
+                    try:
+                        ref = skinny_gemm(xs, ws[0], config=dflt[name], gated=gated)
+                        out = skinny_gemm(xs, ws[0], config=cfg, gated=gated, pdl=pdl)
+                        err = (out.float() - ref.float()).abs().max().item()
+                        assert err <= 2e-2 * ref.float().abs().max().item() + 1e-2, err
+                        t = graph_us(
+                            lambda: [
+                                skinny_gemm(xs, w, config=cfg, gated=gated, pdl=pdl) for w in ws
+                            ],
+                            LAYERS,
+                        )
+                        results.append((t, pdl, cfg))
+                    except Exception as e:
+                        print(f"  M={m} {name} {cfg} pdl={pdl}: {type(e).__name__} {str(e)[:100]}")
+            base = results[0][0]
+            pdl_dflt = results[1][0] if len(results) > 1 else float("nan")
+            results_pdl = sorted(r for r in results[1:])
+            best[name] = results_pdl[0][2]
+            print(
+                f"M={m:3d} {name:7s} per launch: no PDL {base:5.2f} us | "
+                f"PDL default {pdl_dflt:5.2f} "
+                f"| PDL best {results_pdl[0][0]:5.2f} {tuple(results_pdl[0][2])}"
+            )
+            for t, _, cfg in results_pdl[1:4]:
+                print(f"      next {t:5.2f} {tuple(cfg)}")
+
+        ref = layers(x, weights, False, False, dflt)
+        variants = {
+            "no PDL": (False, False, dflt),
+            "PDL GEMMs": (True, False, dflt),
+            "PDL all": (True, True, dflt),
+            "PDL all + best cfg": (True, True, best),
+        }
+        row = [m]
+        for vname, (gp, npdl, cfgs) in variants.items():
+            out = layers(x, weights, gp, npdl, cfgs)
+            err = (out.float() - ref.float()).abs().max().item()
+            ok = err <= 5e-2 * ref.float().abs().max().item() + 1e-2
+            t = graph_us(lambda: layers(x, weights, gp, npdl, cfgs))
+            row.append(t)
+            verdict = "ok" if ok else "MISMATCH"
+            print(f"M={m:3d} {vname:20s} {t:7.1f} us per 28 layers, max err {err:.3g} {verdict}")
+        table.append(row)
+    print("\nrows | 28 layers (4 GEMMs + 6 row kernels each), us: " + " / ".join(variants))
+    for r in table:
+        print(f"{r[0]:4d} | " + " / ".join(f"{t:7.1f}" for t in r[1:]))
+
+
+if __name__ == "__main__":
+    print(torch.cuda.get_device_name(0), torch.__version__, triton.__version__)
+    main([int(a) for a in sys.argv[1:]] or [1, 16, 64])
