@@ -64,6 +64,19 @@ if triton is not None:
         return w, w
 
     @triton.jit
+    def _tile_mma(x_ptrs, m_ok, rk, k, k_hi, w, u, acc, acc_up, EVEN_K, GATED, IEEE):
+        """acc (+)= x_tile w^T (and acc_up with u) for the K tile at offset k."""
+        if EVEN_K:
+            x_mask = m_ok
+        else:
+            x_mask = m_ok & ((k + rk)[None, :] < k_hi)
+        x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+        acc = _mma(x, w, acc, IEEE)
+        if GATED:
+            acc_up = _mma(x, u, acc_up, IEEE)
+        return acc, acc_up
+
+    @triton.jit
     def _store_tile(acc, acc_up, bias_ptr, out_ptr, rm, rn, M, N, stride_out, GATED, HAS_BIAS):
         n_ok = rn < N
         if HAS_BIAS:
@@ -121,26 +134,24 @@ if triton is not None:
         n_ok = rn[:, None] < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        # The weights are loaded one tile ahead of the dot, and the first tile before waiting on
-        # the kernel that wrote x (PDL): no kernel writes weights, so they may be read early.
+        # The first K tile's weights are loaded before waiting on the kernel that wrote x (PDL):
+        # no kernel writes weights, so they may be read while that kernel still runs. The loop
+        # over the other tiles is left to the compiler's software pipelining.
         w, u = _load_w(w_ptrs, u_ptrs, n_ok, rk, k_lo, k_hi, EVEN_K, GATED)
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
-        for k in range(k_lo, k_hi, BLOCK_K):
-            if EVEN_K:
-                x_mask = m_ok
-            else:
-                x_mask = m_ok & ((k + rk)[None, :] < k_hi)
-            x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+        acc, acc_up = _tile_mma(
+            x_ptrs, m_ok, rk, k_lo, k_hi, w, u, acc, acc_up, EVEN_K, GATED, IEEE
+        )
+        for k in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
+            x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
-            w_next, u_next = _load_w(w_ptrs, u_ptrs, n_ok, rk, k + BLOCK_K, k_hi, False, GATED)
-            acc = _mma(x, w, acc, IEEE)
-            if GATED:
-                acc_up = _mma(x, u, acc_up, IEEE)
-            w, u = w_next, u_next
-            x_ptrs += BLOCK_K
+            w, u = _load_w(w_ptrs, u_ptrs, n_ok, rk, k, k_hi, EVEN_K, GATED)
+            acc, acc_up = _tile_mma(
+                x_ptrs, m_ok, rk, k, k_hi, w, u, acc, acc_up, EVEN_K, GATED, IEEE
+            )
         if SPLIT_K == 1:
             _store_tile(acc, acc_up, bias_ptr, out_ptr, rm, rn, M, N, stride_out, GATED, HAS_BIAS)
         else:
