@@ -1,7 +1,7 @@
 """GPU benchmarks for docs/benchmarks.md, in one process so one device call covers them all.
 
     python benchmarks/gpu_bench.py [sections...]   # default: all
-sections: env bandwidth kernels a a16 batch1 p trace kprofile hf
+sections: env bandwidth kernels a a16 batch1 batch1-nopdl p trace kprofile hf
 Prints one JSON line per result and a summary table last.
 """
 
@@ -216,10 +216,17 @@ def workload_a(bw: float, block_size: int = 256, tag: str = "A") -> None:
     )
 
 
-def batch1(bw: float) -> None:
+def batch1(bw: float, pdl: bool = True) -> None:
     from nv_engine import SamplingParams
+    from nv_engine.cuda_graphs import DecodeGraphs
 
-    with make_llm(kvcache_block_size=256) as llm:
+    default_rows = DecodeGraphs.PDL_MAX_BATCH
+    DecodeGraphs.PDL_MAX_BATCH = default_rows if pdl else 0
+    try:
+        llm = make_llm(kvcache_block_size=256)
+    finally:
+        DecodeGraphs.PDL_MAX_BATCH = default_rows
+    with llm:
         prompt = list(range(1000, 1128))
         p = SamplingParams(temperature=0.0, max_tokens=1024, ignore_eos=True)
         llm.generate([prompt], SamplingParams(max_tokens=8), use_tqdm=False)
@@ -234,7 +241,10 @@ def batch1(bw: float) -> None:
         ms = (time.perf_counter() - t) / steps * 1e3
     floor_ms = weight_bytes(QWEN3_06B) / bw * 1e3
     report(
-        "batch1_decode", ms_per_token=round(ms, 3), weight_floor_ms=round(floor_ms, 3), steps=steps
+        "batch1_decode" if pdl else "batch1_decode_no_pdl",
+        ms_per_token=round(ms, 3),
+        weight_floor_ms=round(floor_ms, 3),
+        steps=steps,
     )
 
 
@@ -470,7 +480,7 @@ def main() -> None:
     ]
     bw = None  # measured by the `bandwidth` section, or on first need: floors use this card's own
     for s in sections:
-        if bw is None and s in ("kernels", "a", "a16", "batch1"):
+        if bw is None and s in ("kernels", "a", "a16", "batch1", "batch1-nopdl"):
             bw = bandwidth()
         t = time.perf_counter()
         try:
@@ -486,6 +496,8 @@ def main() -> None:
                 workload_a(bw, 16, "A_block16")
             elif s == "batch1":
                 batch1(bw)
+            elif s == "batch1-nopdl":  # the decode graphs with plain launches
+                batch1(bw, pdl=False)
             elif s == "p":
                 workload_p()
             elif s == "trace":

@@ -276,3 +276,68 @@ def test_tp2_nccl_matches_hf(fp32_model):
         outs = llm.generate(prompts, params, use_tqdm=False)
         assert [o["token_ids"] for o in outs] == refs
     assert not any(p.is_alive() for p in procs)
+
+
+def test_pdl_chain_in_a_graph_equals_plain_launches():
+    # skinny GEMMs and RMSNorms launched with programmatic dependent launch (each starts while
+    # the one before runs) inside a CUDA graph: bit for bit the plain launches' result
+    from nv_kernels.rms_norm import rms_norm_triton
+    from nv_kernels.skinny_gemm import default_config, skinny_gemm
+    from nv_kernels.triton_utils import overlapped_launches, pdl_supported
+
+    if not pdl_supported(torch.device(DEV)):
+        pytest.skip("PDL needs a Hopper or newer GPU")
+    g = torch.Generator(device=DEV).manual_seed(0)
+    ws = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16, generator=g) * 0.05
+          for n, k in ((4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072))] * 4  # fmt: skip
+    norm_w = torch.rand(1024, device=DEV, generator=g).bfloat16() + 0.5
+    x = torch.randn(3, 1024, device=DEV, dtype=torch.bfloat16, generator=g)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cfgs = [default_config(3, 3072 if i % 4 == 2 else w.shape[0], w.shape[1], sms, pdl=True,
+                           gated=i % 4 == 2) for i, w in enumerate(ws)]  # fmt: skip
+
+    def chain():
+        h, res = x, torch.zeros_like(x)
+        for i in range(0, len(ws), 4):
+            a, res = rms_norm_triton(h, norm_w, 1e-6, res)
+            qkv = skinny_gemm(a, ws[i], config=cfgs[i])
+            o = skinny_gemm(qkv[:, :2048], ws[i + 1], config=cfgs[i + 1])
+            a, res = rms_norm_triton(o, norm_w, 1e-6, res)
+            h = skinny_gemm(skinny_gemm(a, ws[i + 2], config=cfgs[i + 2], gated=True),
+                            ws[i + 3], config=cfgs[i + 3])  # fmt: skip
+        return h + res
+
+    want = chain()
+    with overlapped_launches():
+        chain()  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain()
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        assert torch.equal(out, want)
+
+
+def test_pdl_decode_graphs_give_the_same_tokens(tmp_path, monkeypatch):
+    # bf16 engine with CUDA graphs (skinny GEMMs, Triton norms, rope+store and decode attention
+    # all in the PDL chain up to 64 rows) against the same engine with plain launches
+    from nv_engine import LLM, SamplingParams
+    from nv_engine.cuda_graphs import DecodeGraphs
+
+    save_tiny_qwen3(tmp_path, seed=3, hidden_size=256, intermediate_size=768,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=64)  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 500, (int(n),), generator=g).tolist()
+               for n in torch.randint(1, 300, (40,), generator=g)]  # fmt: skip
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    results = []
+    for pdl_rows in (64, 0):
+        monkeypatch.setattr(DecodeGraphs, "PDL_MAX_BATCH", pdl_rows)
+        with LLM(str(tmp_path), dtype="bfloat16", kvcache_block_size=16, max_num_seqs=64) as llm:
+            results.append([o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)])
+            one = llm.generate(prompts[:1], params, use_tqdm=False)[0]["token_ids"]
+            results.append(one)  # batch 1 (the 1-row graph)
+            bm = llm.scheduler.block_manager
+            assert bm.num_free_blocks == bm.num_blocks
+    assert results[:2] == results[2:]

@@ -16,6 +16,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from nv_kernels.rms_norm import _rms_norm_kernel
 from nv_kernels.rope_store import _qk_norm_rope_store_kernel
 from nv_kernels.sample_kernel import _chunk_best_kernel, _pick_chunk_kernel
 from nv_kernels.skinny_gemm import _skinny_gemm_kernel
@@ -57,19 +58,25 @@ def main() -> int:
             dict(part_ptr="*fp32", count_ptr="*i32"),
             dict(num_stages=4, launch_pdl=pdl),
         ))  # fmt: skip
-    for splits, block_size in ((1, 256), (7, 16)):
+    for (splits, block_size), pdl in itertools.product(((1, 256), (7, 16)), (False, True)):
         jobs.append((
             _decode_kernel,
             dict(G=2, G_PAD=16, BLOCK_SIZE=block_size, D=128, BLOCK_N=64, NUM_SPLITS=splits,
-                 PRECISION=None),
+                 PRECISION=None, PDL=pdl),
             dict(block_tables_ptr="*i32", context_lens_ptr="*i32", mid_o_ptr="*fp32",
                  mid_lse_ptr="*fp32", scale="fp32"),
-            dict(num_stages=4),
+            dict(num_stages=4, launch_pdl=pdl),
         ))  # fmt: skip
-    jobs.append((
-        _decode_reduce_kernel, dict(NUM_SPLITS=7, S_PAD=8, D=128),
-        dict(mid_o_ptr="*fp32", mid_lse_ptr="*fp32"), {},
-    ))  # fmt: skip
+    for pdl in (False, True):
+        jobs.append((
+            _decode_reduce_kernel, dict(NUM_SPLITS=7, S_PAD=8, D=128, PDL=pdl),
+            dict(mid_o_ptr="*fp32", mid_lse_ptr="*fp32"), dict(launch_pdl=pdl),
+        ))  # fmt: skip
+        for res in (False, True):
+            jobs.append((
+                _rms_norm_kernel, dict(BLOCK=1024, HAS_RES=res, PDL=pdl), dict(eps="fp32"),
+                dict(launch_pdl=pdl),
+            ))  # fmt: skip
     for paged in (False, True):
         jobs.append((
             _prefill_kernel,
@@ -81,12 +88,12 @@ def main() -> int:
     jobs.append(
         (_store_kvcache_kernel, dict(D=1024, BLOCK=1024), dict(slot_mapping_ptr="*i64"), {})
     )
-    for norm in (False, True):
+    for norm, pdl in itertools.product((False, True), (False, True)):
         jobs.append((
             _qk_norm_rope_store_kernel,
-            dict(H=16, HKV=8, H_PAD=16, HKV_PAD=8, HALF=64, HAS_NORM=norm),
+            dict(H=16, HKV=8, H_PAD=16, HKV_PAD=8, HALF=64, HAS_NORM=norm, PDL=pdl),
             dict(cos_sin_ptr="*fp32", slot_mapping_ptr="*i64", eps="fp32"),
-            {},
+            dict(launch_pdl=pdl),
         ))  # fmt: skip
     for temps in (False, True):
         jobs.append((

@@ -74,17 +74,20 @@ def test_skinny_gemm_rejects_bad_shapes():
         skinny_gemm(torch.randn(2, 8), torch.randn(5, 8), gated=True)
 
 
+@pytest.mark.parametrize("pdl", [False, True])
 @pytest.mark.parametrize("m", [1, 16, 64, 256])
 @pytest.mark.parametrize(
     "n, k", [(4096, 1024), (1024, 2048), (3072, 1024), (1024, 3072), (200, 72)]
 )
-def test_default_config_fills_the_sms(m, n, k):
+def test_default_config_fills_the_sms(m, n, k, pdl):
     # Qwen3-0.6B's decode GEMMs (gate_up as its 3072 gated outputs) on a 132-SM card: at least
-    # half the SMs get a program unless K cannot be split further; K splits into whole tiles.
-    c = default_config(m, n, k, 132)
+    # half the SMs get a program (a quarter with PDL at <= 16 rows, whose programs each load
+    # more) unless K cannot be split further; K splits into whole tiles.
+    c = default_config(m, n, k, 132, pdl=pdl, gated=n == 3072)
     programs = -(-n // c.block_n) * -(-m // 64) * c.split_k
     can_split = k % (2 * c.split_k * c.block_k) == 0 and c.split_k < 8
-    assert 2 * programs >= 132 or not can_split
+    share = 4 if pdl and m <= 16 else 2
+    assert share * programs >= 132 or not can_split
     assert k % (c.block_k * c.split_k) == 0 or c.split_k == 1
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from nv_kernels.store_kvcache import store_kvcache_ref
-from nv_kernels.triton_utils import tl, triton
+from nv_kernels.triton_utils import pdl_kwargs, pdl_wait, tl, triton, use_pdl
 
 
 def _norm_rotate_torch(
@@ -119,7 +119,9 @@ if triton is not None:
         HKV_PAD: tl.constexpr,
         HALF: tl.constexpr,
         HAS_NORM: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        pdl_wait(PDL)
         # Program (t, 0): token t's H query heads; (t, 1): its HKV key and value heads (two
         # programs per token keep the dependent chain short when a decode step has few tokens).
         t = tl.program_id(0).to(tl.int64)
@@ -214,6 +216,7 @@ def qk_norm_rope_store(
             HALF=head_dim // 2,
             HAS_NORM=q_weight is not None,
             num_warps=4,
+            **pdl_kwargs(use_pdl(qkv.device)),
         )
     return _split(qkv, num_heads, num_kv_heads, head_dim)
 

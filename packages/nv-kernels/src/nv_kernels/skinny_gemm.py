@@ -22,13 +22,14 @@ import torch
 
 from nv_kernels.triton_utils import (
     NUM_COUNTERS,
-    gdc_launch_dependents,
-    gdc_wait,
     num_sms,
+    pdl_kwargs,
+    pdl_wait,
     tile_counters,
     tl,
     triton,
     triton_usable,
+    use_pdl,
 )
 
 MAX_ROWS = 256  # the kernel takes at most this many rows (in tiles of up to 64)
@@ -138,9 +139,7 @@ if triton is not None:
         # no kernel writes weights, so they may be read while that kernel still runs. The loop
         # over the other tiles is left to the compiler's software pipelining.
         w, u = _load_w(w_ptrs, u_ptrs, n_ok, rk, k_lo, k_hi, EVEN_K, GATED)
-        if PDL:
-            gdc_launch_dependents()
-            gdc_wait()
+        pdl_wait(PDL)
         acc, acc_up = _tile_mma(
             x_ptrs, m_ok, rk, k_lo, k_hi, w, u, acc, acc_up, EVEN_K, GATED, IEEE
         )
@@ -181,17 +180,32 @@ if triton is not None:
                 )
 
 
-def default_config(m: int, n: int, k: int, num_sms: int) -> SkinnyConfig:
-    """32-feature tiles, K in 128-wide steps, and K split (in halves) while fewer than half the
-    SMs would get a program. From `benchmarks/gemm_sweep.py` on an H200 (Qwen3-0.6B's four
-    decode GEMMs, 1-64 rows): within ~5 % of the best swept configuration of each."""
-    block_k = 128 if k % 128 == 0 else 64
-    block_n = 32
+def default_config(
+    m: int, n: int, k: int, num_sms: int, pdl: bool = False, gated: bool = False
+) -> SkinnyConfig:
+    """From `benchmarks/gemm_sweep.py` and `benchmarks/pdl_sweep.py` on an H200 (Qwen3-0.6B's
+    four decode GEMMs); within ~5 % of the best swept configuration of each. n counts output
+    features (half the weight's rows when gated).
+
+    Plain launches: 32-feature tiles, K in 128-wide steps, and K split (in halves) while fewer
+    than half the SMs would get a program. PDL launches of up to 16 rows: 64-feature tiles (32
+    when gated, which loads two) and 256-wide K steps, so that the first tile, loaded before the
+    wait, is a large share of a program's weights; K split while fewer than a quarter of the SMs
+    would get a program."""
+    stages = 4
+    if pdl and m <= 16:
+        block_k = 256 if k % 256 == 0 else 128 if k % 128 == 0 else 64
+        block_n, share = (32 if gated else 64), 4
+    else:
+        block_k = 128 if k % 128 == 0 else 64
+        block_n, share = 32, 2
     programs = -(-n // block_n) * -(-m // 64)
     split = 1
-    while 2 * programs * split < num_sms and k % (2 * split * block_k) == 0 and split < 8:
+    while share * programs * split < num_sms and k % (2 * split * block_k) == 0 and split < 8:
         split *= 2
-    return SkinnyConfig(block_n, block_k, split)
+    if pdl and k <= split * block_k:
+        stages = 2  # one K tile per program: nothing to pipeline
+    return SkinnyConfig(block_n, block_k, split, 4, stages)
 
 
 def use_skinny_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -215,11 +229,12 @@ def skinny_gemm(
     bias: torch.Tensor | None = None,
     config: SkinnyConfig | None = None,
     gated: bool = False,
-    pdl: bool = False,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for x `[M, K]` with M <= MAX_ROWS, weight `[N, K]` (both with
     a contiguous last dim). With `gated`, weight is `[2N, K]` (and bias `[2N]`) and the result is
-    `silu(y[:, :N]) * y[:, N:]`. float32 inputs use IEEE products (for the interpreter tests)."""
+    `silu(y[:, :N]) * y[:, N:]`. float32 inputs use IEEE products (for the interpreter tests).
+    `pdl`: launch with programmatic dependent launch (default: inside `overlapped_launches`)."""
     if not triton_usable(x.device):
         raise RuntimeError("skinny_gemm needs CUDA or TRITON_INTERPRET=1")
     m, k = x.shape
@@ -232,8 +247,10 @@ def skinny_gemm(
         if n % 2:
             raise ValueError(f"gated weight needs an even number of rows, got {n}")
         n //= 2
+    if pdl is None:
+        pdl = use_pdl(x.device)
     if config is None:
-        config = default_config(m, n, k, num_sms(x.device, otherwise=132))
+        config = default_config(m, n, k, num_sms(x.device, otherwise=132), pdl, gated)
     block_m = min(64, max(16, triton.next_power_of_2(m)))
     n_tiles, m_tiles = triton.cdiv(n, config.block_n), triton.cdiv(m, block_m)
     split = config.split_k
@@ -268,9 +285,8 @@ def skinny_gemm(
         SPLIT_K=split,
         EVEN_K=k % (split * config.block_k) == 0,
         IEEE=x.dtype == torch.float32,
-        PDL=pdl,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-        **({"launch_pdl": True} if pdl else {}),
+        **pdl_kwargs(pdl),
     )
     return out

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from nv_kernels.attention_backend import AttentionBackend
 from nv_kernels.metadata import AttentionMetadata
-from nv_kernels.triton_utils import num_sms, tl, triton
+from nv_kernels.triton_utils import num_sms, pdl_kwargs, pdl_wait, tl, triton, use_pdl
 
 if triton is not None:
     # The block-table width (stride_bt) changes from step to step; specialising on it (== 1,
@@ -171,7 +171,9 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         NUM_SPLITS: tl.constexpr,
         PRECISION: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        pdl_wait(PDL)
         # One program per (sequence, KV head, split): the G query heads sharing this KV head
         # are the rows of one tile, so each K/V tile is read once for all of them.
         seq = tl.program_id(0)
@@ -239,7 +241,9 @@ if triton is not None:
         NUM_SPLITS: tl.constexpr,
         S_PAD: tl.constexpr,
         D: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        pdl_wait(PDL)
         seq = tl.program_id(0)
         head = tl.program_id(1)
         row0 = (seq * tl.num_programs(1) + head) * NUM_SPLITS
@@ -362,6 +366,7 @@ def decode_attention(
     if num_splits is None:
         max_context = meta.block_tables.shape[1] * block_size
         num_splits = decode_num_splits(num_seqs, num_kv_heads, max_context, q.device, block_n)
+    pdl = use_pdl(q.device)
     o = torch.empty_like(q)
     if num_splits > 1:
         mid_o = torch.empty(
@@ -397,6 +402,7 @@ def decode_attention(
         PRECISION=_precision(q.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
+        **pdl_kwargs(pdl),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
@@ -408,6 +414,7 @@ def decode_attention(
             NUM_SPLITS=num_splits,
             S_PAD=max(2, triton.next_power_of_2(num_splits)),
             D=head_dim,
+            **pdl_kwargs(pdl),
         )
     return o
 

@@ -1,0 +1,80 @@
+"""RMSNorm, optionally after adding the residual, in one Triton kernel (one program per row).
+
+Rounded like Hugging Face's RMSNorm in the input dtype: the residual sum is rounded to the dtype,
+normalised in float32, rounded, then multiplied by the weight and rounded again. The kernel joins
+the decode graphs' programmatic-dependent-launch chain (`triton_utils.overlapped_launches`):
+the weight is loaded before waiting on the kernel that wrote x.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nv_kernels.triton_utils import pdl_kwargs, pdl_wait, tl, triton, triton_usable, use_pdl
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(
+        x_ptr,
+        res_ptr,
+        w_ptr,
+        out_ptr,
+        res_out_ptr,
+        D,
+        stride_x,
+        stride_r,
+        eps,
+        BLOCK: tl.constexpr,
+        HAS_RES: tl.constexpr,
+        PDL: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < D
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        pdl_wait(PDL)
+        dtype = out_ptr.dtype.element_ty
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_RES:
+            r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
+            tl.store(res_out_ptr + row * D + cols, x, mask=mask)
+        x = x.to(tl.float32)
+        y = (x * tl.rsqrt(tl.sum(x * x, 0) / D + eps)).to(dtype).to(tl.float32)
+        tl.store(out_ptr + row * D + cols, (w * y).to(dtype), mask=mask)
+
+
+def rms_norm_triton(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of x `[T, D]` (rows may be strided); with `residual`, of `residual + x`, and then
+    also returns that sum (the next layer's residual)."""
+    if not triton_usable(x.device):
+        raise RuntimeError("rms_norm_triton needs CUDA or TRITON_INTERPRET=1")
+    if x.dim() != 2 or x.stride(-1) != 1:
+        raise ValueError(f"x must be [T, D] with a contiguous last dim, got {tuple(x.shape)}")
+    t, d = x.shape
+    if weight.shape != (d,):
+        raise ValueError(f"weight must be [{d}], got {tuple(weight.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.stride(-1) != 1):
+        raise ValueError(f"residual must be {tuple(x.shape)} with a contiguous last dim")
+    out = torch.empty(t, d, dtype=x.dtype, device=x.device)
+    res_out = torch.empty_like(out) if residual is not None else out
+    if t:
+        _rms_norm_kernel[(t,)](
+            x,
+            residual if residual is not None else x,
+            weight,
+            out,
+            res_out,
+            d,
+            x.stride(0),
+            residual.stride(0) if residual is not None else 0,
+            eps,
+            BLOCK=triton.next_power_of_2(d),
+            HAS_RES=residual is not None,
+            num_warps=4 if d <= 4096 else 8,
+            **pdl_kwargs(use_pdl(x.device)),
+        )
+    return out if residual is None else (out, res_out)
