@@ -1,7 +1,8 @@
 """GPU benchmarks for docs/benchmarks.md, in one process so one device call covers them all.
 
     python benchmarks/gpu_bench.py [sections...]   # default: all
-sections: env bandwidth kernels a a16 batch1 batch1-nopdl p trace kprofile hf
+sections: env bandwidth kernels a a-pdl-all a-pdl-skinny128 a16 batch1 batch1-nopdl p trace
+          kprofile hf
 Prints one JSON line per result and a summary table last.
 """
 
@@ -199,11 +200,33 @@ def compile_log():
             JITFunction._do_compile = orig
 
 
-def workload_a(bw: float, block_size: int = 256, tag: str = "A") -> None:
+@contextlib.contextmanager
+def launch_settings(pdl_rows: int | None = None, skinny_rows: int | None = None):
+    """Variants for an experiment: PDL in the decode graphs up to `pdl_rows` rows, the skinny
+    GEMM up to `skinny_rows` rows (defaults: the engine's)."""
+    from nv_engine.cuda_graphs import DecodeGraphs
+    from nv_kernels import skinny_gemm
+
+    saved = DecodeGraphs.PDL_MAX_BATCH, skinny_gemm.DISPATCH_ROWS
+    if pdl_rows is not None:
+        DecodeGraphs.PDL_MAX_BATCH = pdl_rows
+    if skinny_rows is not None:
+        skinny_gemm.DISPATCH_ROWS = skinny_rows
+    try:
+        yield
+    finally:
+        DecodeGraphs.PDL_MAX_BATCH, skinny_gemm.DISPATCH_ROWS = saved
+
+
+def workload_a(bw: float, block_size: int = 256, tag: str = "A", **settings) -> None:
     from nv_engine.bench import nano_vllm_workload, run_benchmark
 
     prompts, params = nano_vllm_workload()
-    with make_llm(kvcache_block_size=block_size) as llm, compile_log():
+    with (
+        launch_settings(**settings),
+        make_llm(kvcache_block_size=block_size) as llm,
+        compile_log(),
+    ):
         r = run_benchmark(llm, prompts, params)
     fl = floor_seconds(QWEN3_06B, prompts, params, bw)
     report(
@@ -480,7 +503,7 @@ def main() -> None:
     ]
     bw = None  # measured by the `bandwidth` section, or on first need: floors use this card's own
     for s in sections:
-        if bw is None and s in ("kernels", "a", "a16", "batch1", "batch1-nopdl"):
+        if bw is None and (s.startswith("a") or s in ("kernels", "batch1", "batch1-nopdl")):
             bw = bandwidth()
         t = time.perf_counter()
         try:
@@ -492,6 +515,10 @@ def main() -> None:
                 kernels(bw)
             elif s == "a":
                 workload_a(bw, 256)
+            elif s == "a-pdl-all":  # PDL in every decode graph (GEMMs above 64 rows: cuBLAS)
+                workload_a(bw, 256, "A_pdl_all", pdl_rows=1 << 30)
+            elif s == "a-pdl-skinny128":  # PDL and the skinny GEMM up to 128 rows
+                workload_a(bw, 256, "A_pdl_skinny128", pdl_rows=128, skinny_rows=128)
             elif s == "a16":
                 workload_a(bw, 16, "A_block16")
             elif s == "batch1":
