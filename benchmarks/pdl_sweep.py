@@ -7,13 +7,14 @@ the places the model has its norms and attention kernels:
 
     norm, qkv, 3 row kernels (rope/attention/reduce stand-ins), o_proj, norm, gate_up, down
 
-Variants: PDL off; PDL on the GEMMs only; PDL on every kernel; and every kernel with PDL plus
-the best per-shape skinny configuration from a PDL sweep (28 PDL launches of one shape back to
-back, block_k up to the whole K slice so that all of a program's weights are loaded before the
-wait; at 1 and 16 rows). Outputs are checked against the PDL-off run with the same
+Variants: PDL off; PDL on every kernel (with the plain-launch tile defaults, then with the
+engine's PDL defaults); the best per-shape configuration from a PDL sweep (28 PDL launches of
+one shape back to back, block_k up to the whole K slice so that all of a program's weights are
+loaded before the wait; at 1 and 16 rows, unless --no-sweep) without PDL, with PDL on the GEMMs
+only, and with PDL on every kernel. Outputs are checked against the PDL-off run with the same
 configurations: they must be equal bit for bit.
 
-    python benchmarks/pdl_sweep.py [rows ...]
+    python benchmarks/pdl_sweep.py [--no-sweep] [rows ...]
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def candidates(m: int, n: int, k: int, gated: bool):
             yield SkinnyConfig(bn, bk, split, 8, stages)
 
 
-def main(rows: list[int]) -> None:
+def main(rows: list[int], sweep_rows: tuple[int, ...] = SWEEP_ROWS) -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     weights = {
         name: [torch.randn(n, k, device="cuda", dtype=DT) * 0.05 for _ in range(LAYERS)]
@@ -117,7 +118,7 @@ def main(rows: list[int]) -> None:
             xs = torch.randn(m, k, device="cuda", dtype=DT)
             ws = weights[name]
             results = []
-            swept = list(candidates(m, n, k, gated)) if m in SWEEP_ROWS else []
+            swept = list(candidates(m, n, k, gated)) if m in sweep_rows else []
             for pdl, cfgs in ((False, [dflt[name]]), (True, [dflt[name], *swept])):
                 for cfg in cfgs:
                     try:
@@ -146,15 +147,21 @@ def main(rows: list[int]) -> None:
             for t, _, cfg in results_pdl[1:4]:
                 print(f"      next {t:5.2f} {tuple(cfg)}")
 
+        engine = {  # what skinny_gemm picks inside overlapped_launches
+            name: default_config(m, n // 2 if gated else n, k, sms, pdl=True, gated=gated)
+            for name, (n, k, gated) in SHAPES.items()
+        }
         variants = {
             "no PDL": (False, False, dflt),
             "PDL all": (True, True, dflt),
+            "PDL all, engine cfg": (True, True, engine),
             "no PDL, best cfg": (False, False, best),
             "PDL GEMMs, best cfg": (True, False, best),
             "PDL all, best cfg": (True, True, best),
         }
         refs = {id(dflt): layers(x, weights, False, False, dflt)}
         refs[id(best)] = layers(x, weights, False, False, best)
+        refs[id(engine)] = layers(x, weights, False, False, engine)
         row = [m]
         for vname, (gp, npdl, cfgs) in variants.items():
             out = layers(x, weights, gp, npdl, cfgs)
@@ -171,4 +178,8 @@ def main(rows: list[int]) -> None:
 
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(0), torch.__version__, triton.__version__)
-    main([int(a) for a in sys.argv[1:]] or [1, 16, 64])
+    args = sys.argv[1:]
+    main(
+        [int(a) for a in args if a.isdigit()] or [1, 16, 64],
+        () if "--no-sweep" in args else SWEEP_ROWS,
+    )

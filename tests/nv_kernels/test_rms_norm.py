@@ -36,3 +36,14 @@ def test_rms_norm_rejects_bad_shapes():
         rms_norm_triton(torch.randn(2, 8), torch.ones(8), 1e-6, torch.randn(3, 8))
     with pytest.raises(ValueError, match="x must be"):
         rms_norm_triton(torch.randn(2, 3, 8), torch.ones(8), 1e-6)
+
+
+def test_overlapped_launches_are_plain_off_hopper():
+    # the interpreter (and CPU tensors) never launch with PDL: same result inside the block
+    from nv_kernels.triton_utils import overlapped_launches, use_pdl
+
+    x, w = torch.randn(3, 32), torch.rand(32) + 0.5
+    want = rms_norm_triton(x, w, 1e-6)
+    with overlapped_launches():
+        assert not use_pdl(x.device)
+        torch.testing.assert_close(rms_norm_triton(x, w, 1e-6), want, rtol=0, atol=0)

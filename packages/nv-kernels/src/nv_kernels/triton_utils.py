@@ -84,19 +84,17 @@ def use_pdl(device: torch.device) -> bool:
 
 
 def pdl_supported(device: torch.device) -> bool:
-    """PDL needs a Hopper or newer GPU and a Triton with `gdc_wait` (never the interpreter)."""
-    return (
-        device.type == "cuda"
-        and gdc_wait is not None
-        and os.environ.get("TRITON_INTERPRET") != "1"
-        and _capability(device.index if device.index is not None else torch.cuda.current_device())
-        >= (9, 0)
-    )
+    """PDL needs a Hopper or newer GPU, CUDA 12.3+ (PDL edges in captured graphs) and a Triton
+    with `gdc_wait`; never the interpreter."""
+    if device.type != "cuda" or gdc_wait is None or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def _pdl_capable(index: int) -> bool:
+    cuda = tuple(int(p) for p in (torch.version.cuda or "0.0").split(".")[:2])
+    return cuda >= (12, 3) and torch.cuda.get_device_capability(index) >= (9, 0)
 
 
 def pdl_kwargs(pdl: bool) -> dict:
