@@ -12,6 +12,11 @@ live in `triton_utils.tile_counters`, reset by that last program.
 
 `gated=True` computes a SwiGLU MLP's first half, silu(x Wg^T) * (x Wu^T) with W = [Wg; Wu], in the
 same tile (the activation is applied once the tile's sums are complete).
+
+Under programmatic dependent launch (`triton_utils.overlapped_launches`, the decode graphs at
+small batches) a program loads its first weight tile before waiting for the kernel that wrote
+x, and the PDL tile defaults make that tile large and the grid smaller than the GPU, so the next
+GEMM's programs load their weights on the idle SMs while this one finishes.
 """
 
 from __future__ import annotations
