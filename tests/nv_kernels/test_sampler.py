@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from nv_kernels import SamplingTensors, sample
-from nv_kernels.sampler import chunked_argmax, exponential_noise, vocab_keys
+from nv_kernels.sampler import (
+    chunked_argmax,
+    exponential_noise,
+    uniform_from_bits,
+    vocab_keys,
+)
 
 
 def _st(n, temperature=1.0, top_k=None, top_p=None, min_p=None, seeds=None, steps=None, v=0):
@@ -45,6 +50,14 @@ def test_seeded_draws_ignore_batch_composition():
         for s in range(40)
     ]
     assert len(set(draws)) > 1  # the step moves the draw
+
+
+def test_uniform_is_open_interval():
+    # the extreme hash values must not give u = 1 (noise 0: an infinite score) or u = 0
+    u = uniform_from_bits(torch.tensor([0, 1, 511, 512, 0xFFFFFFFE, 0xFFFFFFFF]))
+    assert (u > 0).all() and (u < 1).all()
+    assert (-torch.log(u) > 0).all() and torch.isfinite(torch.log(-torch.log(u))).all()
+    assert u[0] == u[2] < u[3]  # the top 23 bits, each bucket at its centre
 
 
 def test_noise_is_exponential():

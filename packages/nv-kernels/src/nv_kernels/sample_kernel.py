@@ -78,7 +78,8 @@ if triton is not None:
             if HAS_TEMPS:  # noqa: SIM102
                 if t > 0:
                     bits = _mix32(_mix32((offs.to(tl.uint32) * 0x9E3779B9) ^ lo) ^ hi)
-                    u = ((bits >> 8) + 1).to(tl.float32) * (1.0 / (1 << 24))  # in (0, 1]
+                    # in (0, 1), as sampler.uniform_from_bits: never 1, so -log(u) > 0
+                    u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / (1 << 23))
                     # argmax(probs / E) with E = -log(u) ~ Exp(1), in log space
                     x = x / t - tl.log(-tl.log(u))
             x = tl.where(mask, x, float("-inf"))
