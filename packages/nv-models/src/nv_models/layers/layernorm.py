@@ -38,8 +38,12 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if x.is_cuda and triton is not None and x.dim() == 2 and x.stride(-1) == 1:
+        if _rows_for_triton(x) and (residual is None or _rows_for_triton(residual)):
             return rms_norm_triton(x, self.weight, self.eps, residual)
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         return add_rms_norm(x, residual, self.weight, self.eps)
+
+
+def _rows_for_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda and triton is not None and t.dim() == 2 and t.stride(-1) == 1
