@@ -320,3 +320,17 @@ def test_stop_strings_decode_only_the_tail_each_step(llm):
     assert out["finish_reason"] == "length" and len(out["token_ids"]) == 40
     assert len(lengths) >= 39  # a check on every sampled token
     assert sorted(lengths)[-2] <= 3 + 8  # all but the final text: at most the tail
+
+
+def test_model_without_tokenizer_files(tmp_path):
+    # transformers builds an empty tokenizer for a bare Qwen3 directory (text -> no tokens, EOS
+    # id 0): the engine must treat that as no tokenizer, so token 0 is not taken for EOS and a
+    # text prompt gets an error that says what is missing
+    save_tiny_qwen3(tmp_path, seed=2)
+    with LLM(str(tmp_path), device="cpu", kvcache_block_size=4, num_kvcache_blocks=64) as llm:
+        assert llm.tokenizer is None
+        assert 0 not in llm.scheduler.eos_token_ids
+        with pytest.raises(ValueError, match="no tokenizer"):
+            llm.generate(["hello"], SamplingParams(max_tokens=2), use_tqdm=False)
+        out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3), use_tqdm=False)[0]
+        assert len(out["token_ids"]) == 3 and out["text"] == ""

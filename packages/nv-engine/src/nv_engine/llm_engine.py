@@ -289,12 +289,20 @@ def _load_tokenizer(config: Config):
 
     path = config.tokenizer or config.model
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:
         if config.tokenizer is not None:
             raise ValueError(f"tokenizer: cannot load a tokenizer from {path!r}: {e}") from e
+        tokenizer = None
+    # From a directory without tokenizer files, transformers may build a tokenizer with no
+    # vocabulary (it encodes text to nothing and names token 0 its EOS): treat it as none.
+    if tokenizer is not None and not tokenizer.encode("hello world", add_special_tokens=False):
+        if config.tokenizer is not None:
+            raise ValueError(f"tokenizer: the tokenizer in {path!r} has no vocabulary")
+        tokenizer = None
+    if tokenizer is None:
         logger.warning("no tokenizer in %s: prompts must be token ids, texts will be empty", path)
-        return None
+    return tokenizer
 
 
 def _eos_token_ids(config: Config, tokenizer: Any) -> set[int]:
