@@ -184,6 +184,9 @@ def test_bad_prompts_rejected_and_next_request_succeeds(llm):
         with pytest.raises(exc, match=msg):
             llm.add_request(prompt)
         assert llm.is_finished()
+    with pytest.raises(TypeError, match="sampling_params must be SamplingParams or a list"):
+        llm.generate([PROMPTS[0]], {"max_tokens": 3}, use_tqdm=False)
+    assert llm.is_finished()
     out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
     assert len(out[0]["token_ids"]) == 3
 

@@ -237,6 +237,11 @@ class LLMEngine:
         prompts = list(prompts)
         if isinstance(sampling_params, SamplingParams) or sampling_params is None:
             sampling_params = [sampling_params] * len(prompts)
+        elif not isinstance(sampling_params, (list, tuple)):
+            raise TypeError(
+                "sampling_params must be SamplingParams or a list of them, "
+                f"got {type(sampling_params).__name__}"
+            )
         sampling_params = list(sampling_params)
         if len(sampling_params) != len(prompts):
             raise ValueError(
