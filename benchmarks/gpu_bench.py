@@ -201,30 +201,28 @@ def compile_log():
 
 
 @contextlib.contextmanager
-def launch_settings(pdl_rows: int | None = None, skinny_rows: int | None = None):
-    """Variants for an experiment: PDL in the decode graphs up to `pdl_rows` rows, the skinny
-    GEMM up to `skinny_rows` rows (defaults: the engine's)."""
-    from nv_engine.cuda_graphs import DecodeGraphs
+def skinny_rows(rows: int | None):
+    """The skinny GEMM up to `rows` rows (None: the engine's DISPATCH_ROWS), for experiments."""
     from nv_kernels import skinny_gemm
 
-    saved = DecodeGraphs.PDL_MAX_BATCH, skinny_gemm.DISPATCH_ROWS
-    if pdl_rows is not None:
-        DecodeGraphs.PDL_MAX_BATCH = pdl_rows
-    if skinny_rows is not None:
-        skinny_gemm.DISPATCH_ROWS = skinny_rows
+    saved = skinny_gemm.DISPATCH_ROWS
+    if rows is not None:
+        skinny_gemm.DISPATCH_ROWS = rows
     try:
         yield
     finally:
-        DecodeGraphs.PDL_MAX_BATCH, skinny_gemm.DISPATCH_ROWS = saved
+        skinny_gemm.DISPATCH_ROWS = saved
 
 
-def workload_a(bw: float, block_size: int = 256, tag: str = "A", **settings) -> None:
+def workload_a(
+    bw: float, block_size: int = 256, tag: str = "A", skinny: int | None = None, **config
+) -> None:
     from nv_engine.bench import nano_vllm_workload, run_benchmark
 
     prompts, params = nano_vllm_workload()
     with (
-        launch_settings(**settings),
-        make_llm(kvcache_block_size=block_size) as llm,
+        skinny_rows(skinny),
+        make_llm(kvcache_block_size=block_size, **config) as llm,
         compile_log(),
     ):
         r = run_benchmark(llm, prompts, params)
@@ -241,15 +239,8 @@ def workload_a(bw: float, block_size: int = 256, tag: str = "A", **settings) -> 
 
 def batch1(bw: float, pdl: bool = True) -> None:
     from nv_engine import SamplingParams
-    from nv_engine.cuda_graphs import DecodeGraphs
 
-    default_rows = DecodeGraphs.PDL_MAX_BATCH
-    DecodeGraphs.PDL_MAX_BATCH = default_rows if pdl else 0
-    try:
-        llm = make_llm(kvcache_block_size=256)
-    finally:
-        DecodeGraphs.PDL_MAX_BATCH = default_rows
-    with llm:
+    with make_llm(kvcache_block_size=256, **({} if pdl else {"pdl_max_batch_size": 0})) as llm:
         prompt = list(range(1000, 1128))
         p = SamplingParams(temperature=0.0, max_tokens=1024, ignore_eos=True)
         llm.generate([prompt], SamplingParams(max_tokens=8), use_tqdm=False)
@@ -516,9 +507,9 @@ def main() -> None:
             elif s == "a":
                 workload_a(bw, 256)
             elif s == "a-pdl-all":  # PDL in every decode graph (GEMMs above 64 rows: cuBLAS)
-                workload_a(bw, 256, "A_pdl_all", pdl_rows=1 << 30)
+                workload_a(bw, 256, "A_pdl_all", pdl_max_batch_size=1 << 30)
             elif s == "a-pdl-skinny128":  # PDL and the skinny GEMM up to 128 rows
-                workload_a(bw, 256, "A_pdl_skinny128", pdl_rows=128, skinny_rows=128)
+                workload_a(bw, 256, "A_pdl_skinny128", skinny=128, pdl_max_batch_size=128)
             elif s == "a16":
                 workload_a(bw, 16, "A_block16")
             elif s == "batch1":

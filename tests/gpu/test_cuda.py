@@ -319,11 +319,10 @@ def test_pdl_chain_in_a_graph_equals_plain_launches():
         assert torch.equal(out, want)
 
 
-def test_pdl_decode_graphs_give_the_same_tokens(tmp_path, monkeypatch):
+def test_pdl_decode_graphs_give_the_same_tokens(tmp_path):
     # bf16 engine with CUDA graphs (skinny GEMMs, Triton norms, rope+store and decode attention
     # all in the PDL chain up to 64 rows) against the same engine with plain launches
     from nv_engine import LLM, SamplingParams
-    from nv_engine.cuda_graphs import DecodeGraphs
 
     save_tiny_qwen3(tmp_path, seed=3, hidden_size=256, intermediate_size=768,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=64)  # fmt: skip
@@ -333,8 +332,8 @@ def test_pdl_decode_graphs_give_the_same_tokens(tmp_path, monkeypatch):
     params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
     results = []
     for pdl_rows in (64, 0):
-        monkeypatch.setattr(DecodeGraphs, "PDL_MAX_BATCH", pdl_rows)
-        with LLM(str(tmp_path), dtype="bfloat16", kvcache_block_size=16, max_num_seqs=64) as llm:
+        with LLM(str(tmp_path), dtype="bfloat16", kvcache_block_size=16, max_num_seqs=64,
+                 pdl_max_batch_size=pdl_rows) as llm:  # fmt: skip
             results.append([o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)])
             one = llm.generate(prompts[:1], params, use_tqdm=False)[0]["token_ids"]
             results.append(one)  # batch 1 (the 1-row graph)

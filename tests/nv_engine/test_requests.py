@@ -217,6 +217,12 @@ def test_bad_model_dirs(tmp_path, text_model):
         LLM(str(text_model), max_num_seqs=0)
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         LLM(str(text_model), gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="pdl_max_batch_size must be >= 0"):
+        LLM(str(text_model), pdl_max_batch_size=-1)
+    with pytest.raises(TypeError, match="pdl_max_batch_size must be an int"):
+        LLM(str(text_model), pdl_max_batch_size="64")
+    with LLM(str(text_model), device="cpu", pdl_max_batch_size=0) as llm:  # 0: PDL off
+        assert len(llm.generate(["ok"], SamplingParams(max_tokens=2), use_tqdm=False)) == 1
     with LLM(str(text_model), device="cpu") as llm:  # a valid one still works
         assert len(llm.generate(["ok"], SamplingParams(max_tokens=2), use_tqdm=False)) == 1
 

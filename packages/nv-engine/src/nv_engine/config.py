@@ -50,6 +50,9 @@ class Config:
     attention_backend: str = "auto"  # auto | torch | triton | flash-attn
     load_format: str = "auto"  # auto: safetensors in `model`; dummy: random weights (benchmarks)
     cuda_graph_batch_sizes: tuple[int, ...] = DEFAULT_CUDA_GRAPH_BATCH_SIZES
+    # Decode graphs of up to this many rows launch nv's kernels with programmatic dependent
+    # launch (Hopper and newer; 0: never). benchmarks/pdl_sweep.py: it pays up to 64 rows.
+    pdl_max_batch_size: int = 64
     cpu_kvcache_bytes: int = 1 << 30  # KV budget on CPU when num_kvcache_blocks is None
     cuda_graph_reserve_bytes: int = 1 << 30  # kept free for CUDA graphs and the allocator
     seed: int = 0  # seeds requests that set no seed of their own (deterministically, in order)
@@ -86,6 +89,7 @@ class Config:
         if self.num_kvcache_blocks is not None:
             _positive_int("num_kvcache_blocks", self.num_kvcache_blocks)
         _positive_int("cpu_kvcache_bytes", self.cpu_kvcache_bytes)
+        _positive_int("pdl_max_batch_size", self.pdl_max_batch_size, low=0)
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not (
             0 < self.gpu_memory_utilization <= 1
         ):
@@ -153,8 +157,8 @@ class Config:
         return ckpt if ckpt in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
-def _positive_int(name: str, value: object) -> None:
+def _positive_int(name: str, value: object, low: int = 1) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")

@@ -16,12 +16,10 @@ class DecodeGraphs:
     smallest graph that holds it; padding rows write no KV (slot -1) and read one cached token.
     Batches above the largest size run eagerly.
 
-    Graphs of up to PDL_MAX_BATCH rows launch nv's kernels with programmatic dependent launch
-    (`overlapped_launches`, Hopper and newer): each kernel starts, and loads its weights, while
-    the one before it finishes. `benchmarks/pdl_sweep.py` measured 916 -> 681 us for 28 layers'
-    GEMMs and row kernels at 1 row on an H200; larger batches gain less."""
-
-    PDL_MAX_BATCH = 64
+    Graphs of up to `config.pdl_max_batch_size` rows launch nv's kernels with programmatic
+    dependent launch (`overlapped_launches`, Hopper and newer): each kernel starts, and loads its
+    weights, while the one before it finishes. `benchmarks/pdl_sweep.py` measured 912 -> 677 us
+    for 28 layers' GEMMs and row kernels at 1 row on an H200; larger batches gain less."""
 
     def __init__(self, model: nn.Module, device: torch.device, config: Config) -> None:
         self.model = model
@@ -30,6 +28,7 @@ class DecodeGraphs:
         if not sizes or sizes[-1] < config.max_num_seqs:
             sizes.append(min(config.max_num_seqs, config.cuda_graph_batch_sizes[-1]))
         self.sizes = sorted(set(sizes))
+        self.pdl_max_batch_size = config.pdl_max_batch_size
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def can_run(self, batch_size: int) -> bool:
@@ -62,7 +61,7 @@ class DecodeGraphs:
         meta = AttentionMetadata(
             False, self.slot_mapping[:b], self.context_lens[:b], self.block_tables[:b]
         )
-        with overlapped_launches(b <= self.PDL_MAX_BATCH):
+        with overlapped_launches(b <= self.pdl_max_batch_size):
             hidden = self.model(self.input_ids[:b], self.positions[:b], meta)
             return self.model.compute_logits(hidden)
 
