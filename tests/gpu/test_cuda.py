@@ -281,9 +281,9 @@ def test_tp2_nccl_matches_hf(fp32_model):
 def test_pdl_chain_in_a_graph_equals_plain_launches():
     # skinny GEMMs and RMSNorms launched with programmatic dependent launch (each starts while
     # the one before runs) inside a CUDA graph: bit for bit the plain launches' result
+    from nv_kernels.pdl import overlapped_launches, pdl_supported
     from nv_kernels.rms_norm import rms_norm_triton
     from nv_kernels.skinny_gemm import default_config, skinny_gemm
-    from nv_kernels.triton_utils import overlapped_launches, pdl_supported
 
     if not pdl_supported(torch.device(DEV)):
         pytest.skip("PDL needs a Hopper or newer GPU")

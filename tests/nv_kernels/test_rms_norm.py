@@ -40,7 +40,7 @@ def test_rms_norm_rejects_bad_shapes():
 
 def test_overlapped_launches_are_plain_off_hopper():
     # the interpreter (and CPU tensors) never launch with PDL: same result inside the block
-    from nv_kernels.triton_utils import overlapped_launches, use_pdl
+    from nv_kernels.pdl import overlapped_launches, use_pdl
 
     x, w = torch.randn(3, 32), torch.rand(32) + 0.5
     want = rms_norm_triton(x, w, 1e-6)

@@ -7,7 +7,7 @@ from torch import nn
 
 from nv_engine.config import Config
 from nv_kernels import AttentionMetadata
-from nv_kernels.triton_utils import overlapped_launches
+from nv_kernels.pdl import overlapped_launches
 
 
 class DecodeGraphs:

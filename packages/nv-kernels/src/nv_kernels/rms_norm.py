@@ -2,7 +2,7 @@
 
 Rounded like Hugging Face's RMSNorm in the input dtype: the residual sum is rounded to the dtype,
 normalised in float32, rounded, then multiplied by the weight and rounded again. The kernel joins
-the decode graphs' programmatic-dependent-launch chain (`triton_utils.overlapped_launches`):
+the decode graphs' programmatic-dependent-launch chain (`pdl.overlapped_launches`):
 the weight is loaded before waiting on the kernel that wrote x.
 """
 
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from nv_kernels.triton_utils import pdl_kwargs, pdl_wait, tl, triton, triton_usable, use_pdl
+from nv_kernels.pdl import pdl_kwargs, pdl_wait, use_pdl
+from nv_kernels.triton_utils import tl, triton, triton_usable
 
 if triton is not None:
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from nv_kernels.pdl import pdl_kwargs, pdl_wait, use_pdl
 from nv_kernels.store_kvcache import store_kvcache_ref
-from nv_kernels.triton_utils import pdl_kwargs, pdl_wait, tl, triton, use_pdl
+from nv_kernels.triton_utils import tl, triton
 
 
 def _norm_rotate_torch(

@@ -13,7 +13,7 @@ live in `triton_utils.tile_counters`, reset by that last program.
 `gated=True` computes a SwiGLU MLP's first half, silu(x Wg^T) * (x Wu^T) with W = [Wg; Wu], in the
 same tile (the activation is applied once the tile's sums are complete).
 
-Under programmatic dependent launch (`triton_utils.overlapped_launches`, the decode graphs at
+Under programmatic dependent launch (`pdl.overlapped_launches`, the decode graphs at
 small batches) a program loads its first weight tile before waiting for the kernel that wrote
 x, and the PDL tile defaults make that tile large and the grid smaller than the GPU, so the next
 GEMM's programs load their weights on the idle SMs while this one finishes.
@@ -25,16 +25,14 @@ from typing import NamedTuple
 
 import torch
 
+from nv_kernels.pdl import pdl_kwargs, pdl_wait, use_pdl
 from nv_kernels.triton_utils import (
     NUM_COUNTERS,
     num_sms,
-    pdl_kwargs,
-    pdl_wait,
     tile_counters,
     tl,
     triton,
     triton_usable,
-    use_pdl,
 )
 
 MAX_ROWS = 256  # the kernel takes at most this many rows (in tiles of up to 64)

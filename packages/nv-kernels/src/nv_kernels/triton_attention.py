@@ -8,7 +8,8 @@ from torch import Tensor
 
 from nv_kernels.attention_backend import AttentionBackend
 from nv_kernels.metadata import AttentionMetadata
-from nv_kernels.triton_utils import num_sms, pdl_kwargs, pdl_wait, tl, triton, use_pdl
+from nv_kernels.pdl import pdl_kwargs, pdl_wait, use_pdl
+from nv_kernels.triton_utils import num_sms, tl, triton
 
 if triton is not None:
     # The block-table width (stride_bt) changes from step to step; specialising on it (== 1,
