@@ -331,6 +331,27 @@ def test_stop_strings_decode_only_the_tail_each_step(llm):
     assert sorted(lengths)[-2] <= 3 + 8  # all but the final text: at most the tail
 
 
+def test_vllm_prompt_forms(llm):
+    # {"prompt": text}, {"prompt_token_ids": ids} (vLLM's TextPrompt / TokensPrompt), and ids as
+    # a numpy array or tensor: all the same request as the plain forms
+    import numpy as np
+
+    p = SamplingParams(temperature=0, max_tokens=4)
+    ids = llm.tokenizer.encode(PROMPTS[0])
+    want = llm.generate([PROMPTS[0]], p, use_tqdm=False)[0]["token_ids"]
+    forms = [{"prompt": PROMPTS[0]}, {"prompt_token_ids": ids}, np.array(ids), torch.tensor(ids)]
+    outs = llm.generate(forms, p, use_tqdm=False)
+    assert [o["token_ids"] for o in outs] == [want] * 4
+    assert llm.generate({"prompt_token_ids": ids}, p, use_tqdm=False)[0]["token_ids"] == want
+    with pytest.raises(ValueError, match="one of 'prompt'"):
+        llm.generate([{"prompt": "a", "prompt_token_ids": [1]}], p, use_tqdm=False)
+    with pytest.raises(ValueError, match="one of 'prompt'"):
+        llm.generate([{"text": "a"}], p, use_tqdm=False)
+    with pytest.raises(TypeError, match="1-D"):
+        llm.generate([torch.tensor(3)], p, use_tqdm=False)
+    assert llm.is_finished()
+
+
 def test_model_without_tokenizer_files(tmp_path):
     # transformers builds an empty tokenizer for a bare Qwen3 directory (text -> no tokens, EOS
     # id 0): the engine must treat that as no tokenizer, so token 0 is not taken for EOS and a

@@ -19,7 +19,8 @@ from nv_engine.workers import ExternalWorkers, WorkerPool
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | list[int]
+# text, token ids, or vLLM's prompt dicts: {"prompt": text} / {"prompt_token_ids": ids}
+Prompt = str | list[int] | dict[str, Any]
 _SEED_MASK = (1 << 63) - 1
 _STOP_TAIL_MARGIN = 8  # tokens decoded beyond a stop string's length in characters
 
@@ -92,6 +93,18 @@ class LLMEngine:
 
     def _token_ids(self, prompt: Prompt, index: int | None = None) -> list[int]:
         where = "prompt" if index is None else f"prompts[{index}]"
+        if isinstance(prompt, dict):
+            keys = set(prompt) & {"prompt", "prompt_token_ids"}
+            if len(keys) != 1:
+                raise ValueError(
+                    f"{where} must hold one of 'prompt' (text) or 'prompt_token_ids', "
+                    f"got keys {sorted(prompt)}"
+                )
+            prompt = prompt[keys.pop()]
+        if hasattr(prompt, "tolist") and not isinstance(prompt, (str, list, tuple)):
+            prompt = prompt.tolist()  # a 1-D numpy array or tensor of token ids
+            if not isinstance(prompt, list):
+                raise TypeError(f"{where} must be a 1-D sequence of token ids")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(
@@ -229,8 +242,10 @@ class LLMEngine:
     ) -> list[dict[str, Any]]:
         """Generate for every prompt; returns one dict per prompt, in input order, with `text`,
         `token_ids` (output tokens), `finish_reason` ("stop" or "length"), `prompt_token_ids`
-        and `num_cached_tokens`. Every prompt is validated before any is queued."""
-        if isinstance(prompts, str) or (
+        and `num_cached_tokens`. A prompt is text, token ids (a list, or a 1-D numpy array or
+        tensor), or vLLM's {"prompt": text} / {"prompt_token_ids": ids}. Every prompt is
+        validated before any is queued."""
+        if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]
