@@ -13,8 +13,7 @@ from __future__ import annotations
 import statistics
 import time
 
-import torch
-from gpu_bench import QWEN3_06B, make_llm
+from gpu_bench import QWEN3_06B, make_llm, ms_per_step_to_end
 
 from nv_engine import SamplingParams
 from nv_engine import staging as staging_mod
@@ -54,15 +53,9 @@ def main() -> None:
             llm.add_request(list(range(1000, 1128)), p)
             for _ in range(50):
                 llm.step()
-            torch.cuda.synchronize()
             for v in logs.values():
                 v.clear()
-            t = time.perf_counter()
-            steps = 0
-            while not llm.is_finished():
-                llm.step()
-                steps += 1
-            wall = (time.perf_counter() - t) / steps * 1e3
+            wall, _ = ms_per_step_to_end(llm)
             staging_mod.SampledTokens.tolist = tolist
             for name in ("schedule", "launch", "postprocess"):
                 delattr(llm.scheduler if name != "launch" else llm.model_runner, name)

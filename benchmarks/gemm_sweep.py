@@ -31,13 +31,14 @@ DT = torch.bfloat16
 SMEM = 200 * 1024  # bytes of shared memory the pipeline may use
 
 
-def graph_us(run) -> float:
-    """Per-launch time of `run` (LAYERS launches) captured once and replayed."""
+def graph_us(run, launches: int = LAYERS) -> float:
+    """Time of `run` captured once as a CUDA graph and replayed, µs per launch (`run` makes
+    `launches` of them; 1: per replay)."""
     run()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         run()
-    return do_bench(g.replay, warmup=5, rep=40, return_mode="median") * 1e3 / LAYERS
+    return do_bench(g.replay, warmup=5, rep=40, return_mode="median") * 1e3 / launches
 
 
 def candidates(m: int, k: int, gated: bool):
@@ -113,11 +114,7 @@ def main(rows: list[int], sweep: bool) -> None:
                     for name, (_, _, gated) in SHAPES.items():
                         fn(xs[name], weights[name][i], name, gated)
 
-            run()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                run()
-            return do_bench(g.replay, warmup=5, rep=40, return_mode="median") * 1e3
+            return graph_us(run, launches=1)
 
         t_step_cublas = step(lambda x, w, name, gated: cublas(x, w, gated))
         t_step_dflt = step(lambda x, w, name, gated: skinny_gemm(x, w, gated=gated))

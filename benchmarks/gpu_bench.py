@@ -246,13 +246,7 @@ def batch1(bw: float, pdl: bool = True) -> None:
         llm.generate([prompt], SamplingParams(max_tokens=8), use_tqdm=False)
         llm.add_request(prompt, p)
         llm.step()  # prefill + first token
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        steps = 0
-        while not llm.is_finished():
-            llm.step()
-            steps += 1
-        ms = (time.perf_counter() - t) / steps * 1e3
+        ms, steps = ms_per_step_to_end(llm)
     floor_ms = weight_bytes(QWEN3_06B) / bw * 1e3
     report(
         "batch1_decode" if pdl else "batch1_decode_no_pdl",
@@ -291,6 +285,18 @@ def start_decoding(llm, num_seqs: int, prompt_len: int, max_tokens: int) -> None
         s.num_computed_tokens < s.num_prefill_tokens for s in llm.scheduler.running
     ):
         llm.step()
+
+
+def ms_per_step_to_end(llm) -> tuple[float, int]:
+    """Wall milliseconds per `llm.step()` from now until every request has finished, and the
+    number of steps."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    steps = 0
+    while not llm.is_finished():
+        llm.step()
+        steps += 1
+    return (time.perf_counter() - t) / steps * 1e3, steps
 
 
 def ms_per_step(llm, warmup: int, steps: int) -> float:

@@ -3,7 +3,7 @@
 A PDL kernel may start while the kernel before it still runs: the skinny GEMM loads its first
 weight tile, then waits (`gdc_wait`) for the kernel that wrote its input. Each variant replays
 28 layers of Qwen3-0.6B's decode GEMMs as one CUDA graph, with small row kernels (an RMSNorm) in
-the places the model has its norms and attention kernels:
+the places the model has its norms and attention kernels (nv's RMSNorm kernel):
 
     norm, qkv, 3 row kernels (rope/attention/reduce stand-ins), o_proj, norm, gate_up, down
 
@@ -24,51 +24,21 @@ import sys
 
 import torch
 import triton
-import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-from triton.testing import do_bench
 
+from nv_kernels.pdl import overlapped_launches
+from nv_kernels.rms_norm import rms_norm_triton
 from nv_kernels.skinny_gemm import SkinnyConfig, default_config, skinny_gemm
 
-SHAPES = {  # name: (weight rows, K, gated)
-    "qkv": (4096, 1024, False),
-    "o_proj": (1024, 2048, False),
-    "gate_up": (6144, 1024, True),
-    "down": (1024, 3072, False),
-}
-LAYERS = 28
-DT = torch.bfloat16
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from gemm_sweep import DT, LAYERS, SHAPES, graph_us  # the same four decode GEMMs
+
 SWEEP_ROWS = (1, 16)  # row counts whose configurations are swept (the others run the defaults)
 
 
-@triton.jit
-def _row_norm_kernel(x_ptr, out_ptr, D, stride_x, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    row = tl.program_id(0)
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    cols = tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + row * stride_x + cols, mask=cols < D, other=0.0).to(tl.float32)
-    y = x * tl.rsqrt(tl.sum(x * x, 0) / D + 1e-6)
-    tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty), mask=cols < D)
-
-
 def row_norm(x: torch.Tensor, d: int, pdl: bool) -> torch.Tensor:
-    out = torch.empty(x.shape[0], d, dtype=x.dtype, device=x.device)
-    kw = {"launch_pdl": True} if pdl else {}
-    _row_norm_kernel[(x.shape[0],)](
-        x, out, d, x.stride(0), BLOCK=triton.next_power_of_2(d), PDL=pdl, **kw
-    )
-    return out
-
-
-def graph_us(run, per: int = 1) -> float:
-    run()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        run()
-    return do_bench(g.replay, warmup=5, rep=40, return_mode="median") * 1e3 / per
+    """nv's RMSNorm of x's first d columns (unit weight), launched with PDL or not."""
+    with overlapped_launches(pdl):
+        return rms_norm_triton(x[:, :d], torch.ones(d, dtype=x.dtype, device=x.device), 1e-6)
 
 
 def layers(x, weights, gemm_pdl, norm_pdl, cfgs):
@@ -129,8 +99,7 @@ def main(rows: list[int], sweep_rows: tuple[int, ...] = SWEEP_ROWS) -> None:
                         t = graph_us(
                             lambda: [
                                 skinny_gemm(xs, w, config=cfg, gated=gated, pdl=pdl) for w in ws
-                            ],
-                            LAYERS,
+                            ]
                         )
                         results.append((t, pdl, cfg))
                     except Exception as e:
@@ -166,7 +135,7 @@ def main(rows: list[int], sweep_rows: tuple[int, ...] = SWEEP_ROWS) -> None:
         for vname, (gp, npdl, cfgs) in variants.items():
             out = layers(x, weights, gp, npdl, cfgs)
             same = torch.equal(out, refs[id(cfgs)])
-            t = graph_us(lambda: layers(x, weights, gp, npdl, cfgs))
+            t = graph_us(lambda: layers(x, weights, gp, npdl, cfgs), launches=1)
             row.append(t)
             verdict = "equal to no PDL" if same else "DIFFERS from no PDL"
             print(f"M={m:3d} {vname:20s} {t:7.1f} us per 28 layers, {verdict}")

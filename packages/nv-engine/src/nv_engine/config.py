@@ -89,7 +89,7 @@ class Config:
         if self.num_kvcache_blocks is not None:
             _positive_int("num_kvcache_blocks", self.num_kvcache_blocks)
         _positive_int("cpu_kvcache_bytes", self.cpu_kvcache_bytes)
-        _positive_int("pdl_max_batch_size", self.pdl_max_batch_size, low=0)
+        _int_at_least("pdl_max_batch_size", self.pdl_max_batch_size, 0)
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not (
             0 < self.gpu_memory_utilization <= 1
         ):
@@ -157,7 +157,11 @@ class Config:
         return ckpt if ckpt in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
-def _positive_int(name: str, value: object, low: int = 1) -> None:
+def _positive_int(name: str, value: object) -> None:
+    _int_at_least(name, value, 1)
+
+
+def _int_at_least(name: str, value: object, low: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < low:

@@ -13,6 +13,16 @@ import torch
 from nv_kernels.pdl import pdl_kwargs, pdl_wait, use_pdl
 from nv_kernels.triton_utils import tl, triton, triton_usable
 
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim in float32, the weight applied after casting back (Hugging
+    Face's order). The torch path off CUDA (and the q/k norms' reference); the kernel's rounding."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
 if triton is not None:
 
     @triton.jit

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from nv_kernels.pdl import pdl_kwargs, pdl_wait, use_pdl
+from nv_kernels.rms_norm import rms_norm_ref
 from nv_kernels.store_kvcache import store_kvcache_ref
 from nv_kernels.triton_utils import tl, triton
 
@@ -17,9 +18,8 @@ from nv_kernels.triton_utils import tl, triton
 def _norm_rotate_torch(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
-    if weight is not None:  # RMSNorm in float32, weight applied in x's dtype (Hugging Face)
-        xf = x.float()
-        x = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    if weight is not None:
+        x = rms_norm_ref(x, weight, eps)
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 

@@ -3,18 +3,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nv_kernels.rms_norm import rms_norm_triton
+from nv_kernels.rms_norm import rms_norm_ref, rms_norm_triton
 from nv_kernels.triton_utils import triton
 from nv_models.layers.compile import compile_on_cuda
 
-
-@compile_on_cuda
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm in float32, weight applied after casting back (Hugging Face's order)."""
-    dtype = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(dtype)
+rms_norm = compile_on_cuda(rms_norm_ref)
 
 
 @compile_on_cuda
@@ -22,7 +15,7 @@ def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     x = residual + x
-    return rms_norm.__wrapped__(x, weight, eps), x
+    return rms_norm_ref(x, weight, eps), x
 
 
 class RMSNorm(nn.Module):
