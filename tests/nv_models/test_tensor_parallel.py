@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
+from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from nv_testing import free_port, load_ours, save_tiny_qwen3
+from nv_testing import load_ours, save_tiny_qwen3
 
 from nv_kernels import AttentionMetadata
 from nv_models import TPGroup
@@ -28,9 +28,10 @@ def _meta(ids, cu):
 
 
 def _worker(rank, world, port, path, ids, pos, cu, out_file):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # Both ranks are clients of a store the test process owns (as nv_engine.workers does), so
+    # neither rank's exit takes the rendezvous away from the other, and no port is guessed.
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
         model = load_ours(path, tp=TPGroup(rank, world, dist.group.WORLD))
         with torch.no_grad():
@@ -54,9 +55,12 @@ def test_tp2_matches_tp1(tmp_path, tied):
     with torch.no_grad():
         ref = model.compute_logits(model(ids, pos, _meta(ids, cu)))
     out_file = tmp_path / "tp2.pt"
+    store = dist.TCPStore(
+        "127.0.0.1", 0, 2, is_master=True, timeout=timedelta(seconds=60), wait_for_workers=False
+    )
     mp.start_processes(
         _worker,
-        args=(2, free_port(), tmp_path, ids, pos, cu, out_file),
+        args=(2, store.port, tmp_path, ids, pos, cu, out_file),
         nprocs=2,
         join=True,
         start_method="spawn",
