@@ -5,7 +5,8 @@ the gated form (cuBLAS + the compiled silu_and_mul, as the model runs it without
 Every time is per launch, from 28 launches on distinct weights (so nothing stays in L2) replayed
 as one CUDA graph; the last table adds the four GEMMs of all 28 layers interleaved, as in a step.
 
-    python benchmarks/gemm_sweep.py [--defaults] [rows ...]   (--defaults: no sweep)
+    python benchmarks/gemm_sweep.py [--defaults | --wide] [rows ...]
+        --defaults: no sweep; --wide: sweep 64-128-row tiles (for 65-256 rows)
 """
 
 from __future__ import annotations
@@ -53,6 +54,19 @@ def candidates(m: int, k: int, gated: bool):
             yield SkinnyConfig(bn, bk, split, w, stages)
 
 
+def candidates_wide(m: int, k: int, gated: bool, n_tiles_64: int):
+    """Compute-shaped tiles for 65-256 rows: 64-128 rows x 64-128 features, K in 64/128 steps;
+    K split only where too few tiles fill the SMs (`n_tiles_64`: 64-wide feature tiles)."""
+    shapes = [(64, 64, 4), (64, 128, 4), (64, 128, 8), (128, 64, 4), (128, 64, 8), (128, 128, 8)]
+    splits = (1, 2) if n_tiles_64 >= 64 else (1, 2, 4)
+    for (bm, bn, w), bk, split in itertools.product(shapes, (64, 128), splits):
+        stages = 4 if bk == 64 else 3
+        if (bm + bn * (1 + gated)) * bk * 2 * stages > SMEM:
+            stages -= 1
+        if k % (bk * split) == 0:
+            yield SkinnyConfig(bn, bk, split, w, stages, bm)
+
+
 def cublas(x, w, gated):
     return silu_and_mul(F.linear(x, w)) if gated else F.linear(x, w)
 
@@ -63,7 +77,7 @@ def check(out, ref) -> None:
     assert err <= 2e-2 * scale + 1e-2, (err, scale)
 
 
-def main(rows: list[int], sweep: bool) -> None:
+def main(rows: list[int], sweep: bool, wide: bool = False) -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     weights = {
         name: [torch.randn(n, k, device="cuda", dtype=DT) * 0.05 for _ in range(LAYERS)]
@@ -85,7 +99,13 @@ def main(rows: list[int], sweep: bool) -> None:
             check(skinny_gemm(x, ws[0], gated=gated), ref)
             t_dflt = graph_us(lambda: [skinny_gemm(x, w, gated=gated) for w in ws])
             results = []
-            for cfg in candidates(m, k, gated) if sweep else [dflt]:
+            if not sweep:
+                cands = [dflt]
+            elif wide:
+                cands = candidates_wide(m, k, gated, -(-n_out // 64))
+            else:
+                cands = candidates(m, k, gated)
+            for cfg in cands:
                 try:
                     check(skinny_gemm(x, ws[0], config=cfg, gated=gated), ref)
                     t = graph_us(lambda: [skinny_gemm(x, w, config=cfg, gated=gated) for w in ws])
@@ -135,4 +155,5 @@ if __name__ == "__main__":
     main(
         [int(a) for a in args if a.isdigit()] or [1, 4, 16, 32, 64, 128, 256],
         "--defaults" not in args,
+        "--wide" in args,
     )

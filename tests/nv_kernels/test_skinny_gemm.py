@@ -21,6 +21,7 @@ from nv_kernels.triton_utils import tile_counters
         (64, 128, SkinnyConfig(16, 32, 1)),  # even K, one slice
         (100, 96, SkinnyConfig(32, 32, 3)),  # ragged N, three K slices
         (48, 80, SkinnyConfig(16, 32, 2)),  # K not a multiple of the slices' tiles
+        (48, 64, SkinnyConfig(16, 32, 2, block_m=32)),  # rows in fixed 32-row tiles
         (40, 64, None),  # the default heuristic
     ],
 )

@@ -64,13 +64,56 @@ def test_logits_and_greedy_match_hf(tmp_path, cls, config_cls, arch, kw):
     assert out["token_ids"] == ref
 
 
+LLAMA3 = dict(
+    rope_type="llama3",
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=64,
+)
+YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=128)
+
+
+@pytest.mark.parametrize(
+    "cls,config_cls,arch,scaling",
+    [
+        (LlamaForCausalLM, LlamaConfig, "LlamaForCausalLM", LLAMA3),
+        (LlamaForCausalLM, LlamaConfig, "LlamaForCausalLM", dict(rope_type="linear", factor=2.0)),
+        (Qwen3ForCausalLM, Qwen3Config, "Qwen3ForCausalLM", YARN),
+        (Qwen3ForCausalLM, Qwen3Config, "Qwen3ForCausalLM", dict(YARN, mscale=2, mscale_all_dim=1)),
+    ],
+    ids=["llama3", "linear", "yarn", "yarn-mscale"],
+)
+def test_rope_scaling_matches_hf(tmp_path, cls, config_cls, arch, scaling):
+    hf = _save(tmp_path, cls, config_cls, arch, head_dim=16, rope_scaling=dict(scaling))
+    ours = load_ours(tmp_path)
+    default = torch.arange(0, 16, 2).float() / 16
+    default_table = torch.outer(torch.arange(512).float(), 1.0 / 10000.0**default).cos()
+    assert not torch.allclose(ours.model.rotary_emb.cos_sin_cache[:, :8], default_table)
+    n = 90  # past the llama3 / yarn original context, so every frequency band is exercised
+    prompt = torch.randint(3, 512, (n,), generator=torch.Generator().manual_seed(2)).tolist()
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    meta = AttentionMetadata(True, torch.full((n,), -1), None, None, cu, cu, n, n)
+    with torch.no_grad():
+        logits = ours.compute_logits(ours(torch.tensor(prompt), torch.arange(n), meta))
+    assert (logits - hf_logits(hf, prompt)).abs().max().item() <= 1e-4
+    ref = hf.generate(
+        torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0
+    )[0, n:].tolist()
+    with LLM(str(tmp_path), device="cpu", kvcache_block_size=16) as llm:
+        out = llm.generate(
+            [prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False
+        )[0]
+    assert out["token_ids"] == ref
+
+
 def test_unsupported_rope_scaling_is_a_clear_error(tmp_path):
     _save(
         tmp_path,
         LlamaForCausalLM,
         LlamaConfig,
         "LlamaForCausalLM",
-        rope_scaling={"rope_type": "linear", "factor": 2.0},
+        rope_scaling={"rope_type": "dynamic", "factor": 2.0},
     )
-    with pytest.raises(ValueError, match="rope scaling type 'linear'"):
+    with pytest.raises(ValueError, match="rope scaling type 'dynamic'"):
         load_ours(tmp_path)

@@ -45,6 +45,7 @@ class SkinnyConfig(NamedTuple):
     split_k: int
     num_warps: int = 4
     num_stages: int = 4
+    block_m: int = 0  # rows per tile; 0: the batch rounded up to a power of two, 16 to 64
 
 
 if triton is not None:
@@ -254,7 +255,7 @@ def skinny_gemm(
         pdl = use_pdl(x.device)
     if config is None:
         config = default_config(m, n, k, num_sms(x.device, otherwise=132), pdl, gated)
-    block_m = min(64, max(16, triton.next_power_of_2(m)))
+    block_m = config.block_m or min(64, max(16, triton.next_power_of_2(m)))
     n_tiles, m_tiles = triton.cdiv(n, config.block_n), triton.cdiv(m, block_m)
     split = config.split_k
     if split > 1 and n_tiles * m_tiles > NUM_COUNTERS:

@@ -15,23 +15,12 @@ from nv_models.layers.compile import compile_on_cuda
 from nv_models.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nv_models.layers.layernorm import RMSNorm
 from nv_models.layers.linear import GateUpParallelLinear, QKVParallelLinear, RowParallelLinear
-from nv_models.layers.rotary import RotaryEmbedding
+from nv_models.layers.rotary import RotaryEmbedding, rope_inv_freq
 from nv_models.parallel import TPGroup
 
 
 def head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def rope_theta(config: Any) -> float:
-    theta = getattr(config, "rope_theta", None)
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-    if isinstance(params, dict):
-        rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type not in (None, "default"):
-            raise ValueError(f"rope scaling type {rope_type!r} is not supported")
-        theta = params.get("rope_theta", theta)
-    return float(theta if theta is not None else 10000.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,8 +133,9 @@ class Qwen3Model(nn.Module):
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        inv_freq, scale = rope_inv_freq(config, head_dim(config))
         self.rotary_emb = RotaryEmbedding(
-            head_dim(config), config.max_position_embeddings, rope_theta(config)
+            head_dim(config), config.max_position_embeddings, inv_freq, scale
         )
         self.layers = nn.ModuleList(
             Qwen3DecoderLayer(config, tp, backend, spec) for _ in range(config.num_hidden_layers)
