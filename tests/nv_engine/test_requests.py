@@ -160,6 +160,9 @@ def test_streaming_api(llm):
         (dict(stop=[""]), "stop"),
         (dict(stop_token_ids=[-1]), "stop_token_ids"),
         (dict(seed=1.5), "seed"),
+        (dict(min_tokens=-1), "min_tokens"),
+        (dict(min_tokens=9, max_tokens=8), "min_tokens"),
+        (dict(min_tokens=2.0), "min_tokens"),
     ],
 )
 def test_invalid_sampling_params_name_the_field(kwargs, field):
@@ -364,3 +367,56 @@ def test_model_without_tokenizer_files(tmp_path):
             llm.generate(["hello"], SamplingParams(max_tokens=2), use_tqdm=False)
         out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3), use_tqdm=False)[0]
         assert len(out["token_ids"]) == 3 and out["text"] == ""
+
+
+def test_min_tokens_matches_hf_min_new_tokens(text_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    prompt = PROMPTS[2]
+    with LLM(str(text_model), device="cpu", kvcache_block_size=4) as llm:
+        ids = llm.tokenizer.encode(prompt)
+        base = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    first, second = base[0]["token_ids"][:2]
+    # The same weights with greedy decoding's first token declared EOS: it would stop at once.
+    copy = tmp_path / "m"
+    shutil.copytree(text_model, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["eos_token_id"] = first
+    (copy / "config.json").write_text(json.dumps(cfg))
+    extra = [second] if second != first else []
+    p = SamplingParams(temperature=0, max_tokens=12, min_tokens=5, stop_token_ids=extra)
+    with LLM(str(copy), device="cpu", kvcache_block_size=4) as llm:
+        early = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+        late = llm.generate([prompt, PROMPTS[0]], p, use_tqdm=False)[0]
+        stops = sorted(llm.scheduler.eos_token_ids | set(extra))  # the config's and tokenizer's
+        bm = llm.scheduler.block_manager
+        assert bm.num_free_blocks == bm.num_blocks
+    hf = AutoModelForCausalLM.from_pretrained(copy, dtype=torch.float32).eval()
+    ref = hf.generate(
+        torch.tensor([ids]),
+        max_new_tokens=12,
+        min_new_tokens=5,
+        do_sample=False,
+        eos_token_id=stops,
+        pad_token_id=0,
+    )[0, len(ids) :].tolist()
+    assert early[0]["token_ids"] == [first] and early[0]["finish_reason"] == "stop"
+    assert len(late["token_ids"]) >= 5
+    assert not {first, *extra} & set(late["token_ids"][:5])
+    assert late["token_ids"] == ref
+
+
+def test_min_tokens_defers_stop_strings(llm):
+    p = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    base = llm.generate([PROMPTS[3]], p, use_tqdm=False)[0]
+    text, toks = base["text"], base["token_ids"]
+    assert len(text) == len(toks)  # one character per token (the character tokenizer)
+    stop = text[1]
+    later = text.find(stop, 5)  # counts once it ends in the 6th token or later
+    p.stop, p.min_tokens = [stop], 6
+    out = llm.generate([PROMPTS[3]], p, use_tqdm=False)[0]
+    if later < 0:  # the stop character never comes back: the output runs to max_tokens
+        assert out["finish_reason"] == "length" and out["text"] == text
+    else:
+        assert out["finish_reason"] == "stop" and out["text"] == text[:later]
+        assert out["token_ids"] == toks[: later + 1]

@@ -73,18 +73,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
         ignore_eos=a.ignore_eos,
     )
     with LLM(model, **_engine_kwargs(a)) as llm:
-        prompts: list[Any] = list(a.prompt)
         if a.chat:
             tok = llm.tokenizer
             if tok is None or not getattr(tok, "chat_template", None):
                 raise SystemExit("--chat: this tokenizer has no chat template")
-            prompts = [
-                tok.apply_chat_template(
-                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-                )
-                for p in prompts
-            ]
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+            conversations = [[{"role": "user", "content": p}] for p in a.prompt]
+            outputs = llm.chat(conversations, params, use_tqdm=False)
+        else:
+            outputs = llm.generate(list(a.prompt), params, use_tqdm=False)
     for prompt, out in zip(a.prompt, outputs, strict=True):
         print(
             f"Prompt: {prompt!r}\nCompletion ({out['finish_reason']}, "

@@ -181,7 +181,13 @@ class LLMEngine:
         finished = self.scheduler.postprocess(plan, tokens)
         for s in plan.seqs if self._num_with_stop_strings else ():
             seq = self.scheduler.seqs.get(s.seq_id)  # None once finished
-            if s.sample and seq is not None and seq.params.stop and self._check_stop_strings(seq):
+            if (
+                s.sample
+                and seq is not None
+                and seq.params.stop
+                and len(seq.output_token_ids) >= seq.params.min_tokens
+                and self._check_stop_strings(seq)
+            ):
                 finished.append(seq)
         return [self._output(seq) for seq in finished]
 
@@ -207,7 +213,10 @@ class LLMEngine:
         if not any(s in tail_text for s in stop):
             return False
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+        # with min_tokens, only a stop string that ends in the min_tokens-th token or later counts
+        before = max(seq.params.min_tokens - 1, 0)
+        floor = len(self.tokenizer.decode(ids[:before], skip_special_tokens=True)) if before else 0
+        hits = [i for i in (text.find(s, max(0, floor - len(s) + 1)) for s in stop) if i >= 0]
         if not hits:
             return False
         seq.text = text[: min(hits)]
@@ -294,6 +303,42 @@ class LLMEngine:
                 if rid not in outputs:
                     self.abort_request(rid)
         return [outputs[rid] for rid in ids]
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | Seq[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
+        """vLLM's `LLM.chat`: one conversation (a list of {"role": ..., "content": ...} dicts) or
+        a list of them, each rendered with the tokenizer's chat template and generated from
+        (`chat_template_kwargs` go to the template, e.g. {"enable_thinking": False} for Qwen3).
+        Returns what `generate` returns, one dict per conversation."""
+        tok = self.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise ValueError("chat needs a tokenizer with a chat template")
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise TypeError("messages must be a conversation (a list of dicts) or a list of them")
+        single = isinstance(messages[0], dict)
+        conversations = [messages] if single else list(messages)
+        prompts = []
+        for i, conv in enumerate(conversations):
+            where = "messages" if single else f"messages[{i}]"
+            if not isinstance(conv, (list, tuple)) or not all(
+                isinstance(m, dict) and "role" in m and "content" in m for m in conv
+            ):
+                raise ValueError(f"{where} must be a list of dicts with 'role' and 'content'")
+            text = tok.apply_chat_template(
+                list(conv),
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                **(chat_template_kwargs or {}),
+            )
+            # the template writes the special tokens (BOS included) itself
+            prompts.append({"prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm)
 
 
 def _checked_params(params: SamplingParams | None) -> SamplingParams:

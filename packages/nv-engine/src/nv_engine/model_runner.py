@@ -221,9 +221,21 @@ class ModelRunner:
             self._last_sampled = None
             return None
         # one logits row per sampled row (prefill projects only those)
+        if any(s.banned_token_ids for s in rows):
+            logits = self._mask_banned(logits, rows)
         sampled = self.sampler(logits, st)
         self._last_sampled = (sampled, rows)
         return self._readback.send(sampled)
+
+    def _mask_banned(self, logits: torch.Tensor, rows: list[ScheduledSeq]) -> torch.Tensor:
+        """logits with each row's banned tokens at -inf (a copy: graph outputs stay intact)."""
+        pairs = [
+            (i, t) for i, s in enumerate(rows) for t in s.banned_token_ids if t < self.vocab_size
+        ]
+        if not pairs:
+            return logits
+        index = torch.tensor(pairs, dtype=torch.int64).T.to(logits.device, non_blocking=True)
+        return logits.index_put(tuple(index), torch.tensor(float("-inf"), device=logits.device))
 
     def _pending_inputs(self, plan: StepPlan) -> list[int] | None:
         """For each row, the index of its input token among the previous step's sampled tokens,
@@ -310,7 +322,7 @@ class ModelRunner:
         if not rows:
             return lambda parts: None
         v = self.vocab_size
-        temps, top_k, top_p, min_p, seeds, steps = list(zip(*rows, strict=True))[5:]
+        temps, top_k, top_p, min_p, seeds, steps = list(zip(*rows, strict=True))[5:11]
         if max(temps) == 0:
             return lambda parts: None
         top_k = [k if 0 < k < v else v for k in top_k]

@@ -25,6 +25,7 @@ class ScheduledSeq(NamedTuple):
     min_p: float = 0.0
     seed: int = 0
     output_index: int = 0
+    banned_token_ids: tuple[int, ...] = ()  # masked out of this sample (min_tokens not reached)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,8 +9,9 @@ class SamplingParams:
 
     temperature 0 is greedy. top_k 0 or -1 disables top-k; top_p 1 and min_p 0 disable theirs.
     `stop` strings end generation and are not included in the text; `stop_token_ids` end it
-    (the token is kept in token_ids). `seed` makes this request's samples reproducible whatever
-    else is batched with it.
+    (the token is kept in token_ids). `min_tokens`: no EOS or stop token id is sampled, and no
+    stop string ends the output, before that many tokens. `seed` makes this request's samples
+    reproducible whatever else is batched with it.
     """
 
     temperature: float = 1.0
@@ -23,6 +24,7 @@ class SamplingParams:
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
     cache_salt: str | None = field(default=None)
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         _check_number("temperature", self.temperature, float)
@@ -31,6 +33,11 @@ class SamplingParams:
         _check_number("max_tokens", self.max_tokens, int)
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        _check_number("min_tokens", self.min_tokens, int)
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
+            )
         _check_number("top_k", self.top_k, int)
         if self.top_k < -1:
             raise ValueError(f"top_k must be -1, 0 (disabled) or >= 1, got {self.top_k}")

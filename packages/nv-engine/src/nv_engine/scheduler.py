@@ -53,6 +53,11 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.check_prompt(len(seq))
+        p = seq.params
+        if p.min_tokens:
+            seq.min_tokens_banned = tuple(
+                sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids))
+            )
         self.seqs[seq.seq_id] = seq
         self.waiting.append(seq)
 
@@ -137,6 +142,7 @@ class Scheduler:
             sample,
             *seq.sampling,
             seq.num_output_tokens,
+            seq.min_tokens_banned if seq.num_output_tokens < seq.params.min_tokens else (),
         )
         seq.num_computed_tokens = start + len(token_ids)
         if sample:
@@ -181,6 +187,8 @@ class Scheduler:
 
     def _stop_reason(self, seq: Sequence, token: int, length: int) -> str | None:
         p = seq.params
+        if length - seq.num_prompt_tokens < p.min_tokens:
+            return None  # min_tokens <= max_tokens, so not "length" either
         if not p.ignore_eos and token in self.eos_token_ids:
             return "stop"
         if token in p.stop_token_ids:

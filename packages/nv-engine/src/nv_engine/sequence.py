@@ -35,6 +35,8 @@ class Sequence:
         self.seed = seed
         # what every scheduled step of this request carries to the sampler
         self.sampling = (params.temperature, params.top_k, params.top_p, params.min_p, seed)
+        # EOS and stop token ids, kept from being sampled before min_tokens (set by the scheduler)
+        self.min_tokens_banned: tuple[int, ...] = ()
         self.block_table: list[int] = []  # the BlockManager's live table while running
         self.finish_reason: str | None = None
         self.text: str | None = None  # set only when a stop string cut the output

@@ -1,0 +1,63 @@
+"""LLM.chat: conversations through the tokenizer's chat template, against Hugging Face."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from nv_engine import LLM, SamplingParams
+from nv_engine.demo import build_demo_model
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("demo")
+    build_demo_model(path)
+    return path
+
+
+def test_chat_renders_the_template_and_matches_hf(demo_dir):
+    tok = AutoTokenizer.from_pretrained(demo_dir)
+    hf = AutoModelForCausalLM.from_pretrained(demo_dir, dtype=torch.float32).eval()
+    conversations = [
+        [{"role": "user", "content": "Hello there"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Yo"},
+            {"role": "user", "content": "Again?"},
+        ],
+    ]
+    with LLM(str(demo_dir), device="cpu") as llm:
+        outs = llm.chat(conversations, GREEDY, use_tqdm=False)
+        single = llm.chat(conversations[0], GREEDY, use_tqdm=False)
+    assert len(outs) == 2 and len(single) == 1
+    assert single[0]["token_ids"] == outs[0]["token_ids"]
+    for conv, out in zip(conversations, outs, strict=True):
+        text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        assert text.endswith("<|im_start|>assistant\n")
+        ids = tok.encode(text, add_special_tokens=False)
+        assert out["prompt_token_ids"] == ids
+        ref = hf.generate(
+            torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None
+        )[0, len(ids) :].tolist()
+        assert out["token_ids"] == ref
+
+
+def test_chat_bad_input_is_a_clear_error(demo_dir, tmp_path):
+    with LLM(str(demo_dir), device="cpu") as llm:
+        with pytest.raises(ValueError, match=r"messages\[1\] must be a list of dicts"):
+            llm.chat([[{"role": "user", "content": "a"}], [{"content": "no role"}]], GREEDY)
+        with pytest.raises(TypeError, match="messages must be"):
+            llm.chat("not a conversation", GREEDY)
+        assert llm.chat([{"role": "user", "content": "ok"}], GREEDY, use_tqdm=False)[0]["text"]
+        assert llm.scheduler.block_manager.num_free_blocks == llm.scheduler.block_manager.num_blocks
+    # no tokenizer (token-id-only model directory): chat cannot render anything
+    for f in demo_dir.iterdir():
+        if f.name in ("config.json", "model.safetensors"):
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    with LLM(str(tmp_path), device="cpu") as llm, pytest.raises(ValueError, match="chat template"):
+        llm.chat([{"role": "user", "content": "a"}], GREEDY)
