@@ -163,6 +163,8 @@ def test_streaming_api(llm):
         (dict(min_tokens=-1), "min_tokens"),
         (dict(min_tokens=9, max_tokens=8), "min_tokens"),
         (dict(min_tokens=2.0), "min_tokens"),
+        (dict(logprobs=-1), "logprobs"),
+        (dict(logprobs=True), "logprobs"),
     ],
 )
 def test_invalid_sampling_params_name_the_field(kwargs, field):
@@ -420,3 +422,33 @@ def test_min_tokens_defers_stop_strings(llm):
     else:
         assert out["finish_reason"] == "stop" and out["text"] == text[:later]
         assert out["token_ids"] == toks[: later + 1]
+
+
+def test_logprobs_match_hf(text_model, llm):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(text_model, dtype=torch.float32).eval()
+    prompts = [PROMPTS[0], PROMPTS[3]]
+    params = [
+        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3),
+        SamplingParams(temperature=0.8, max_tokens=6, ignore_eos=True, logprobs=0, seed=5),
+    ]
+    outs = llm.generate(prompts + [PROMPTS[1]], params + [SamplingParams(max_tokens=4)], False)
+    assert outs[2]["logprobs"] is None and outs[2]["cumulative_logprob"] is None
+    for prompt, p, out in zip(prompts, params, outs, strict=False):
+        ids = llm.tokenizer.encode(prompt)
+        with torch.no_grad():  # the raw distribution at every output position, by teacher forcing
+            logits = hf(torch.tensor([ids + out["token_ids"]])).logits[0, len(ids) - 1 : -1]
+        ref = logits.log_softmax(-1)
+        assert len(out["logprobs"]) == len(out["token_ids"]) == 6
+        total = 0.0
+        for i, (tok, entry) in enumerate(zip(out["token_ids"], out["logprobs"], strict=True)):
+            top = ref[i].topk(p.logprobs)
+            assert next(iter(entry)) == tok  # the sampled token first
+            assert set(entry) == {tok, *top.indices.tolist()}
+            for t, lp in entry.items():
+                assert abs(lp - ref[i, t].item()) <= 1e-4
+            total += ref[i, tok].item()
+        assert abs(out["cumulative_logprob"] - total) <= 1e-3
+    greedy = outs[0]["logprobs"]
+    assert all(max(e.values()) == e[t] for e, t in zip(greedy, outs[0]["token_ids"], strict=True))

@@ -178,7 +178,8 @@ class LLMEngine:
             return []
         plan, sampled = done
         tokens = self._run(sampled.tolist) if sampled is not None else []
-        finished = self.scheduler.postprocess(plan, tokens)
+        logprobs = sampled.logprobs() if sampled is not None else None
+        finished = self.scheduler.postprocess(plan, tokens, logprobs)
         for s in plan.seqs if self._num_with_stop_strings else ():
             seq = self.scheduler.seqs.get(s.seq_id)  # None once finished
             if (
@@ -239,6 +240,8 @@ class LLMEngine:
             "finish_reason": seq.finish_reason,
             "prompt_token_ids": seq.token_ids[: seq.num_prompt_tokens],
             "num_cached_tokens": seq.num_cached_tokens,
+            "logprobs": seq.logprobs,
+            "cumulative_logprob": None if seq.logprobs is None else seq.cumulative_logprob,
         }
 
     # ---- batch API -----------------------------------------------------------------------------
@@ -250,10 +253,12 @@ class LLMEngine:
         use_tqdm: bool = True,
     ) -> list[dict[str, Any]]:
         """Generate for every prompt; returns one dict per prompt, in input order, with `text`,
-        `token_ids` (output tokens), `finish_reason` ("stop" or "length"), `prompt_token_ids`
-        and `num_cached_tokens`. A prompt is text, token ids (a list, or a 1-D numpy array or
-        tensor), or vLLM's {"prompt": text} / {"prompt_token_ids": ids}. Every prompt is
-        validated before any is queued."""
+        `token_ids` (output tokens), `finish_reason` ("stop" or "length"), `prompt_token_ids`,
+        `num_cached_tokens`, and `logprobs` (per output token, {token id: logprob}) and
+        `cumulative_logprob` where SamplingParams.logprobs asked for them, else None.
+        A prompt is text, token ids (a list, or a 1-D numpy array or tensor), or vLLM's
+        {"prompt": text} / {"prompt_token_ids": ids}. Every prompt is validated before any is
+        queued."""
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):

@@ -15,6 +15,7 @@ from nv_engine.sequence import PENDING
 from nv_engine.staging import DeviceToHost, HostToDevice, SampledTokens
 from nv_engine.workers import local_device_index
 from nv_kernels import AttentionMetadata, Sampler, SamplingTensors, get_attention_backend
+from nv_kernels.sampler import token_logprobs
 from nv_models import TPGroup, build_model, init_random_weights, load_weights
 
 logger = logging.getLogger(__name__)
@@ -221,11 +222,15 @@ class ModelRunner:
             self._last_sampled = None
             return None
         # one logits row per sampled row (prefill projects only those)
+        raw = logits
         if any(s.banned_token_ids for s in rows):
             logits = self._mask_banned(logits, rows)
         sampled = self.sampler(logits, st)
         self._last_sampled = (sampled, rows)
-        return self._readback.send(sampled)
+        logprobs = None
+        if any(s.logprobs is not None for s in rows):
+            logprobs = token_logprobs(raw, sampled, max(s.logprobs or 0 for s in rows))
+        return self._readback.send(sampled, logprobs)
 
     def _mask_banned(self, logits: torch.Tensor, rows: list[ScheduledSeq]) -> torch.Tensor:
         """logits with each row's banned tokens at -inf (a copy: graph outputs stay intact)."""

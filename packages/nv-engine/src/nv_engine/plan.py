@@ -26,6 +26,7 @@ class ScheduledSeq(NamedTuple):
     seed: int = 0
     output_index: int = 0
     banned_token_ids: tuple[int, ...] = ()  # masked out of this sample (min_tokens not reached)
+    logprobs: int | None = None  # top log-probabilities to return with the sample (None: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,3 +40,12 @@ class StepPlan:
     @property
     def num_tokens(self) -> int:
         return sum(len(s.token_ids) for s in self.seqs)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """Log-probabilities for one step's sampled rows (host lists, one row per sampled row)."""
+
+    sampled: list[float]  # the sampled token's
+    top_ids: list[list[int]]  # the k most likely tokens, most likely first
+    top: list[list[float]]  # their log-probabilities

@@ -11,7 +11,9 @@ class SamplingParams:
     `stop` strings end generation and are not included in the text; `stop_token_ids` end it
     (the token is kept in token_ids). `min_tokens`: no EOS or stop token id is sampled, and no
     stop string ends the output, before that many tokens. `seed` makes this request's samples
-    reproducible whatever else is batched with it.
+    reproducible whatever else is batched with it. `logprobs`: return, for each output token,
+    the log-probabilities (of the model's raw distribution, as vLLM) of the sampled token and of
+    the `logprobs` most likely ones (0: the sampled token's only).
     """
 
     temperature: float = 1.0
@@ -25,6 +27,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     cache_salt: str | None = field(default=None)
     min_tokens: int = 0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _check_number("temperature", self.temperature, float)
@@ -63,6 +66,10 @@ class SamplingParams:
             raise ValueError(
                 f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}"
             )
+        if self.logprobs is not None:
+            _check_number("logprobs", self.logprobs, int)
+            if self.logprobs < 0:
+                raise ValueError(f"logprobs must be >= 0 (or None), got {self.logprobs}")
         if self.cache_salt is not None and not isinstance(self.cache_salt, str):
             raise TypeError("cache_salt must be a str")
 

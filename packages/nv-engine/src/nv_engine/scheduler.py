@@ -3,7 +3,7 @@ from __future__ import annotations
 from collections import deque
 
 from nv_engine.config import Config
-from nv_engine.plan import ScheduledSeq, StepPlan
+from nv_engine.plan import ScheduledSeq, StepPlan, TokenLogprobs
 from nv_engine.sequence import PENDING, Sequence, SequenceStatus
 from nv_kvcache import BlockManager
 
@@ -143,6 +143,7 @@ class Scheduler:
             *seq.sampling,
             seq.num_output_tokens,
             seq.min_tokens_banned if seq.num_output_tokens < seq.params.min_tokens else (),
+            seq.params.logprobs,
         )
         seq.num_computed_tokens = start + len(token_ids)
         if sample:
@@ -151,22 +152,31 @@ class Scheduler:
 
     # ---- after the step --------------------------------------------------------------------------
 
-    def postprocess(self, plan: StepPlan, sampled: list[int]) -> list[Sequence]:
-        """Record the step's results; `sampled` has one token per scheduled seq with sample=True.
-        Returns the sequences that finished. Rows of sequences finished or aborted since the
-        step was scheduled are ignored."""
+    def postprocess(
+        self, plan: StepPlan, sampled: list[int], logprobs: TokenLogprobs | None = None
+    ) -> list[Sequence]:
+        """Record the step's results; `sampled` has one token per scheduled seq with sample=True
+        (and `logprobs` one row each, when some asked). Returns the sequences that finished.
+        Rows of sequences finished or aborted since the step was scheduled are ignored."""
         finished = []
-        tokens = iter(sampled)
         bm = self.block_manager
+        j = -1  # index among the sampled rows
         for s in plan.seqs:
             if not s.sample:
                 continue
-            token = next(tokens)
+            j += 1
+            token = sampled[j]
             seq = self.seqs.get(s.seq_id)
             if seq is None:
                 continue
             end = s.start_pos + len(s.token_ids)  # index of the sampled token
             seq.token_ids[end] = token
+            if s.logprobs is not None and logprobs is not None:
+                entry = {token: logprobs.sampled[j]}
+                for t, lp in zip(logprobs.top_ids[j][: s.logprobs], logprobs.top[j], strict=False):
+                    entry.setdefault(t, lp)
+                seq.logprobs.append(entry)
+                seq.cumulative_logprob += logprobs.sampled[j]
             if seq.status is SequenceStatus.RUNNING:  # not preempted since
                 if bm.num_tokens(seq.seq_id) > end:  # step t+1 already holds its slot
                     bm.set_token(seq.seq_id, end, token)

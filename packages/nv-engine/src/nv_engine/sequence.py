@@ -37,6 +37,9 @@ class Sequence:
         self.sampling = (params.temperature, params.top_k, params.top_p, params.min_p, seed)
         # EOS and stop token ids, kept from being sampled before min_tokens (set by the scheduler)
         self.min_tokens_banned: tuple[int, ...] = ()
+        # per output token, {token id: logprob} (the sampled token first), when asked for
+        self.logprobs: list[dict[int, float]] | None = None if params.logprobs is None else []
+        self.cumulative_logprob = 0.0
         self.block_table: list[int] = []  # the BlockManager's live table while running
         self.finish_reason: str | None = None
         self.text: str | None = None  # set only when a stop string cut the output

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from nv_engine.plan import TokenLogprobs
+
 
 @dataclass
 class _Slot:
@@ -67,16 +69,31 @@ class HostToDevice:
 
 
 class SampledTokens:
-    """A step's sampled tokens on their way to the host; `tolist()` waits for them."""
+    """A step's sampled tokens (and log-probabilities, when asked for) on their way to the
+    host; `tolist()` and `logprobs()` wait for them."""
 
-    def __init__(self, host: torch.Tensor, event: torch.cuda.Event | None) -> None:
+    def __init__(
+        self,
+        host: torch.Tensor,
+        event: torch.cuda.Event | None,
+        logprobs: tuple[torch.Tensor, ...] | None = None,
+    ) -> None:
         self._host = host
         self._event = event
+        self._logprobs = logprobs
 
     def tolist(self) -> list[int]:
         if self._event is not None:
             self._event.synchronize()
         return self._host.tolist()
+
+    def logprobs(self) -> TokenLogprobs | None:
+        if self._logprobs is None:
+            return None
+        if self._event is not None:
+            self._event.synchronize()
+        sampled, top_ids, top = (t.tolist() for t in self._logprobs)
+        return TokenLogprobs(sampled, top_ids, top)
 
 
 class DeviceToHost:
@@ -89,7 +106,10 @@ class DeviceToHost:
         self._events = [torch.cuda.Event() if pinned else None for _ in range(depth)]
         self._i = 0
 
-    def send(self, tokens: torch.Tensor) -> SampledTokens:
+    def send(
+        self, tokens: torch.Tensor, logprobs: tuple[torch.Tensor, ...] | None = None
+    ) -> SampledTokens:
+        """`logprobs`: device tensors to bring along (rarely asked for: fresh pinned copies)."""
         n = tokens.shape[0]
         self._i = (self._i + 1) % len(self._bufs)
         buf, event = self._bufs[self._i], self._events[self._i]
@@ -99,9 +119,16 @@ class DeviceToHost:
             )
         host = buf[:n]
         host.copy_(tokens, non_blocking=event is not None)
+        if logprobs is not None:
+            logprobs = tuple(
+                torch.empty(t.shape, dtype=t.dtype, pin_memory=event is not None).copy_(
+                    t, non_blocking=event is not None
+                )
+                for t in logprobs
+            )
         if event is not None:
             event.record()
-        return SampledTokens(host, event)
+        return SampledTokens(host, event, logprobs)
 
 
 _NP = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}

@@ -132,6 +132,16 @@ def sample(
     return chunked_argmax(scores)
 
 
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities under softmax(logits) `[B, V]`: of each row's token `[B]` (float32),
+    and the k largest per row, with their token ids `[B, k]` (most likely first)."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    top, top_ids = logprobs.topk(k, dim=-1)
+    return logprobs.gather(1, tokens[:, None]).squeeze(1), top_ids, top
+
+
 ARGMAX_CHUNKS = 64
 
 
