@@ -165,6 +165,7 @@ def test_streaming_api(llm):
         (dict(min_tokens=2.0), "min_tokens"),
         (dict(logprobs=-1), "logprobs"),
         (dict(logprobs=True), "logprobs"),
+        (dict(n=0), "n must"),
     ],
 )
 def test_invalid_sampling_params_name_the_field(kwargs, field):
@@ -452,3 +453,28 @@ def test_logprobs_match_hf(text_model, llm):
         assert abs(out["cumulative_logprob"] - total) <= 1e-3
     greedy = outs[0]["logprobs"]
     assert all(max(e.values()) == e[t] for e, t in zip(greedy, outs[0]["token_ids"], strict=True))
+
+
+def test_n_completions_per_prompt(llm):
+    p = SamplingParams(temperature=1.0, max_tokens=8, seed=7, n=3, logprobs=1)
+    outs = llm.generate([PROMPTS[0], PROMPTS[1]], p, use_tqdm=False)
+    assert len(outs) == 2
+    for prompt, out in zip(PROMPTS, outs, strict=False):
+        assert len(out["outputs"]) == 3
+        assert out["token_ids"] == out["outputs"][0]["token_ids"]
+        for i, c in enumerate(out["outputs"]):
+            # the i-th completion is the request seeded with seed + i
+            alone = SamplingParams(temperature=1.0, max_tokens=8, seed=7 + i, logprobs=1)
+            ref = llm.generate([prompt], alone, use_tqdm=False)[0]
+            assert c["token_ids"] == ref["token_ids"] and c["text"] == ref["text"]
+            assert c["finish_reason"] == "length"
+            for got, want in zip(c["logprobs"], ref["logprobs"], strict=True):
+                assert got.keys() == want.keys()  # values differ by the batch's rounding only
+                assert all(abs(got[t] - want[t]) <= 1e-4 for t in got)
+        assert len({tuple(c["token_ids"]) for c in out["outputs"]}) > 1
+    greedy = llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=5, n=2), False)[0]
+    assert greedy["outputs"][0]["token_ids"] == greedy["outputs"][1]["token_ids"]
+    one = llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=5), False)[0]
+    assert one["outputs"] == [{k: one[k] for k in one["outputs"][0]}]
+    with pytest.raises(ValueError, match="n=1"):
+        llm.add_request(PROMPTS[0], SamplingParams(n=2))

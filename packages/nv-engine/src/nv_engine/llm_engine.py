@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 import random
@@ -136,7 +137,10 @@ class LLMEngine:
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> int:
         """Queue one request; returns its id. Raises ValueError/TypeError (and queues nothing)
         for a bad prompt or parameters."""
-        return self._add(self._token_ids(prompt), _checked_params(sampling_params))
+        params = _checked_params(sampling_params)
+        if params.n != 1:
+            raise ValueError(f"add_request takes n=1 (got n={params.n}); generate() takes n > 1")
+        return self._add(self._token_ids(prompt), params)
 
     def _add(self, token_ids: list[int], params: SamplingParams) -> int:
         seed = (
@@ -255,7 +259,8 @@ class LLMEngine:
         """Generate for every prompt; returns one dict per prompt, in input order, with `text`,
         `token_ids` (output tokens), `finish_reason` ("stop" or "length"), `prompt_token_ids`,
         `num_cached_tokens`, and `logprobs` (per output token, {token id: logprob}) and
-        `cumulative_logprob` where SamplingParams.logprobs asked for them, else None.
+        `cumulative_logprob` where SamplingParams.logprobs asked for them, else None; and
+        `outputs`, a list of the n completions (SamplingParams.n), each with those fields.
         A prompt is text, token ids (a list, or a 1-D numpy array or tensor), or vLLM's
         {"prompt": text} / {"prompt_token_ids": ids}. Every prompt is validated before any is
         queued."""
@@ -278,10 +283,13 @@ class LLMEngine:
             )
         token_ids = [self._token_ids(p, i) for i, p in enumerate(prompts)]
         sampling_params = [_checked_params(p) for p in sampling_params]
-        ids = []
+        ids: list[int] = []
+        groups: list[list[int]] = []  # the request ids of each prompt's n completions
         outputs: dict[int, dict[str, Any]] = {}
         try:
-            ids = [self._add(t, p) for t, p in zip(token_ids, sampling_params, strict=True)]
+            for t, p in zip(token_ids, sampling_params, strict=True):
+                groups.append([self._add(t, child) for child in _children(p)])
+                ids += groups[-1]
             pending = set(ids)
             bar = tqdm(total=len(ids), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
             prefill_tps = decode_tps = 0.0
@@ -307,7 +315,7 @@ class LLMEngine:
             for rid in ids:
                 if rid not in outputs:
                     self.abort_request(rid)
-        return [outputs[rid] for rid in ids]
+        return [_grouped([outputs[rid] for rid in group]) for group in groups]
 
     def chat(
         self,
@@ -344,6 +352,26 @@ class LLMEngine:
             # the template writes the special tokens (BOS included) itself
             prompts.append({"prompt_token_ids": tok.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm)
+
+
+_COMPLETION_KEYS = ("text", "token_ids", "finish_reason", "logprobs", "cumulative_logprob")
+
+
+def _grouped(outs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One prompt's result: the first completion's fields, and `outputs` with every completion
+    (vLLM's RequestOutput.outputs)."""
+    return {**outs[0], "outputs": [{k: o[k] for k in _COMPLETION_KEYS} for o in outs]}
+
+
+def _children(params: SamplingParams) -> list[SamplingParams]:
+    """The n single-completion requests of `params` (the i-th seeded with seed + i)."""
+    if params.n == 1:
+        return [params]
+    seed = params.seed
+    return [
+        dataclasses.replace(params, n=1, seed=None if seed is None else seed + i)
+        for i in range(params.n)
+    ]
 
 
 def _checked_params(params: SamplingParams | None) -> SamplingParams:

@@ -13,7 +13,8 @@ class SamplingParams:
     stop string ends the output, before that many tokens. `seed` makes this request's samples
     reproducible whatever else is batched with it. `logprobs`: return, for each output token,
     the log-probabilities (of the model's raw distribution, as vLLM) of the sampled token and of
-    the `logprobs` most likely ones (0: the sampled token's only).
+    the `logprobs` most likely ones (0: the sampled token's only). `n`: completions per prompt
+    (`LLM.generate`/`chat`), the i-th seeded with seed + i when a seed is given.
     """
 
     temperature: float = 1.0
@@ -28,11 +29,15 @@ class SamplingParams:
     cache_salt: str | None = field(default=None)
     min_tokens: int = 0
     logprobs: int | None = None
+    n: int = 1
 
     def __post_init__(self) -> None:
         _check_number("temperature", self.temperature, float)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        _check_number("n", self.n, int)
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
         _check_number("max_tokens", self.max_tokens, int)
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
