@@ -1,4 +1,4 @@
-"""Qwen2, Llama and biased variants against Hugging Face, fp32 on CPU."""
+"""Qwen2, Llama, Mistral and biased variants against Hugging Face, fp32 on CPU."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from nv_testing import TINY, hf_logits, load_ours
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -38,8 +40,9 @@ def _save(path, cls, config_cls, arch, **kw):
         (LlamaForCausalLM, LlamaConfig, "LlamaForCausalLM", dict(head_dim=16)),
         (LlamaForCausalLM, LlamaConfig, "LlamaForCausalLM", dict(attention_bias=True)),
         (Qwen3ForCausalLM, Qwen3Config, "Qwen3ForCausalLM", dict(attention_bias=True, head_dim=16)),
+        (MistralForCausalLM, MistralConfig, "MistralForCausalLM", dict(sliding_window=None)),
     ],
-    ids=["qwen2", "llama", "llama-bias", "qwen3-bias"],
+    ids=["qwen2", "llama", "llama-bias", "qwen3-bias", "mistral"],
 )
 def test_logits_and_greedy_match_hf(tmp_path, cls, config_cls, arch, kw):
     hf = _save(tmp_path, cls, config_cls, arch, **kw)
@@ -117,3 +120,24 @@ def test_unsupported_rope_scaling_is_a_clear_error(tmp_path):
     )
     with pytest.raises(ValueError, match="rope scaling type 'dynamic'"):
         load_ours(tmp_path)
+
+
+def test_sliding_window_caps_max_model_len(tmp_path):
+    hf = _save(tmp_path, MistralForCausalLM, MistralConfig, "MistralForCausalLM", sliding_window=24)
+    prompt = torch.randint(3, 512, (10,), generator=torch.Generator().manual_seed(3)).tolist()
+    with LLM(str(tmp_path), device="cpu", kvcache_block_size=4) as llm:
+        assert llm.config.max_model_len == 24  # full attention equals the window's up to here
+        out = llm.generate(
+            [prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False
+        )[0]
+        with pytest.raises(ValueError, match="max_model_len=24"):
+            llm.generate([prompt * 3], SamplingParams(max_tokens=1), use_tqdm=False)
+    assert out["finish_reason"] == "length" and len(out["token_ids"]) == 14
+    ref = hf.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=14,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )[0, 10:].tolist()
+    assert out["token_ids"] == ref

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ DEFAULT_CUDA_GRAPH_BATCH_SIZES = (
     512,
 )
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -133,6 +135,17 @@ class Config:
         max_pos = getattr(self.hf_config, "max_position_embeddings", None)
         if max_pos is not None:
             self.max_model_len = min(self.max_model_len, max_pos)
+        from nv_models import attention_window
+
+        window = attention_window(self.hf_config)
+        if window is not None and window < self.max_model_len:
+            logger.warning(
+                "sliding-window attention (%d tokens) is computed as full attention, which is "
+                "the same up to the window: max_model_len lowered from %d",
+                window,
+                self.max_model_len,
+            )
+            self.max_model_len = window
 
     def resolved_device(self) -> str:
         import torch

@@ -3,7 +3,7 @@
 from nv_models.loader import WeightLoadError, init_random_weights, load_weights
 from nv_models.parallel import TPGroup
 from nv_models.qwen3 import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
-from nv_models.registry import MODEL_REGISTRY, build_model
+from nv_models.registry import MODEL_REGISTRY, attention_window, build_model
 
 __all__ = [
     "MODEL_REGISTRY",
@@ -12,6 +12,7 @@ __all__ = [
     "Qwen3ForCausalLM",
     "TPGroup",
     "WeightLoadError",
+    "attention_window",
     "build_model",
     "init_random_weights",
     "load_weights",

@@ -200,7 +200,7 @@ class Qwen2ForCausalLM(Qwen3ForCausalLM):
 
 
 class LlamaForCausalLM(Qwen3ForCausalLM):
-    """Llama with plain RoPE (no rope scaling)."""
+    """Llama (and Mistral): no q/k norm, biases where `attention_bias` says."""
 
     @staticmethod
     def attention_spec(config: Any) -> AttentionSpec:
