@@ -166,6 +166,9 @@ def test_streaming_api(llm):
         (dict(logprobs=-1), "logprobs"),
         (dict(logprobs=True), "logprobs"),
         (dict(n=0), "n must"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(frequency_penalty=2.5), "frequency_penalty"),
+        (dict(presence_penalty="x"), "presence_penalty"),
     ],
 )
 def test_invalid_sampling_params_name_the_field(kwargs, field):
@@ -478,3 +481,52 @@ def test_n_completions_per_prompt(llm):
     assert one["outputs"] == [{k: one[k] for k in one["outputs"][0]}]
     with pytest.raises(ValueError, match="n=1"):
         llm.add_request(PROMPTS[0], SamplingParams(n=2))
+
+
+class _OpenAIPenalties:
+    """A transformers logits processor: frequency and presence penalties on generated tokens."""
+
+    def __init__(self, prompt_len: int, frequency: float, presence: float) -> None:
+        self.prompt_len, self.frequency, self.presence = prompt_len, frequency, presence
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        for t, c in zip(*input_ids[0, self.prompt_len :].unique(return_counts=True), strict=True):
+            scores[0, t] -= self.frequency * c + self.presence
+        return scores
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_penalties_match_hf(text_model, async_scheduling):
+    from transformers import AutoModelForCausalLM, LogitsProcessorList
+
+    hf = AutoModelForCausalLM.from_pretrained(text_model, dtype=torch.float32).eval()
+    cases = [
+        dict(repetition_penalty=1.8),
+        dict(frequency_penalty=1.5, presence_penalty=0.5),
+        dict(repetition_penalty=0.7, presence_penalty=-1.0),
+    ]
+    prompts = [PROMPTS[3], PROMPTS[0], PROMPTS[1]]
+    params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, **c) for c in cases]
+    plain = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    kw = dict(device="cpu", kvcache_block_size=4, async_scheduling=async_scheduling)
+    with LLM(str(text_model), **kw) as llm:
+        outs = llm.generate(prompts + prompts[:1], params + [plain], use_tqdm=False)
+        ids = [llm.tokenizer.encode(p) for p in prompts]
+        bm = llm.scheduler.block_manager
+        assert bm.num_free_blocks == bm.num_blocks
+    assert outs[0]["token_ids"] != outs[3]["token_ids"]  # the penalty changed the output
+    for prompt_ids, case, out in zip(ids, cases, outs, strict=False):
+        extra = _OpenAIPenalties(
+            len(prompt_ids), case.get("frequency_penalty", 0.0), case.get("presence_penalty", 0.0)
+        )
+        ref = hf.generate(
+            torch.tensor([prompt_ids]),
+            max_new_tokens=16,
+            do_sample=False,
+            repetition_penalty=case.get("repetition_penalty", 1.0),
+            logits_processor=LogitsProcessorList([extra]),
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt_ids) :].tolist()
+        assert out["token_ids"] == ref, case

@@ -5,6 +5,7 @@ import torch
 
 from nv_kernels import SamplingTensors, sample
 from nv_kernels.sampler import (
+    apply_penalties,
     chunked_argmax,
     exponential_noise,
     uniform_from_bits,
@@ -183,3 +184,31 @@ def test_sampler_routes_filters_to_torch_and_the_rest_to_the_kernel(monkeypatch)
     calls.clear()
     plain(logits, None)
     assert not calls
+
+
+def test_apply_penalties_matches_a_loop():
+    g = torch.Generator().manual_seed(0)
+    b, v = 3, 11
+    logits = torch.randn(b, v, generator=g) * 3
+    prompts = [[1, 2, 2], [], [5]]
+    outputs = [[2, 3, 3, 3], [7, 7], []]
+    rep, freq, pres = [1.5, 1.0, 0.5], [0.5, -1.0, 2.0], [1.0, 0.25, -0.5]
+    ref = logits.clone()
+    for i in range(b):
+        for t in set(prompts[i]) | set(outputs[i]):
+            x = ref[i, t]
+            ref[i, t] = x / rep[i] if x > 0 else x * rep[i]
+        for t in set(outputs[i]):
+            ref[i, t] -= freq[i] * outputs[i].count(t) + pres[i]
+    in_prompt = torch.zeros(b, v, dtype=torch.bool)
+    counts = torch.zeros(b, v)
+    for i in range(b):
+        in_prompt[i, prompts[i]] = True
+        for t in outputs[i]:
+            counts[i, t] += 1
+    out = apply_penalties(
+        logits, in_prompt, counts, torch.tensor(rep), torch.tensor(freq), torch.tensor(pres)
+    )
+    torch.testing.assert_close(out, ref)
+    neutral = apply_penalties(logits, in_prompt, counts, *torch.tensor([[1.0, 0, 0]] * b).T)
+    assert torch.equal(neutral, logits)

@@ -15,7 +15,7 @@ from nv_engine.sequence import PENDING
 from nv_engine.staging import DeviceToHost, HostToDevice, SampledTokens
 from nv_engine.workers import local_device_index
 from nv_kernels import AttentionMetadata, Sampler, SamplingTensors, get_attention_backend
-from nv_kernels.sampler import token_logprobs
+from nv_kernels.sampler import apply_penalties, token_logprobs
 from nv_models import TPGroup, build_model, init_random_weights, load_weights
 
 logger = logging.getLogger(__name__)
@@ -223,6 +223,8 @@ class ModelRunner:
             return None
         # one logits row per sampled row (prefill projects only those)
         raw = logits
+        if any(s.penalties is not None for s in rows):
+            logits = self._penalized(logits, rows, None if plan.is_prefill else ids)
         if any(s.banned_token_ids for s in rows):
             logits = self._mask_banned(logits, rows)
         sampled = self.sampler(logits, st)
@@ -231,6 +233,44 @@ class ModelRunner:
         if any(s.logprobs is not None for s in rows):
             logprobs = token_logprobs(raw, sampled, max(s.logprobs or 0 for s in rows))
         return self._readback.send(sampled, logprobs)
+
+    def _penalized(
+        self, logits: torch.Tensor, rows: list[ScheduledSeq], inputs: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`apply_penalties` for the rows that ask. A decode row whose input token is still
+        PENDING on the host counts it from `inputs`, the step's input ids on the device."""
+        r, v = logits.shape
+        factors = [[1.0, 0.0, 0.0] for _ in range(r)]
+        prompt_at: tuple[list[int], list[int]] = ([], [])
+        output_at: tuple[list[int], list[int]] = ([], [])
+        pending = []
+        for i, s in enumerate(rows):
+            p = s.penalties
+            if p is None:
+                continue
+            factors[i] = [p.repetition, p.frequency, p.presence]
+            prompt_at[0].extend([i] * len(p.prompt_ids))
+            prompt_at[1].extend(p.prompt_ids)
+            output_at[0].extend([i] * len(p.output_ids))
+            output_at[1].extend(p.output_ids)
+            if inputs is not None and s.token_ids[0] == PENDING:
+                pending.append(i)
+        dev = logits.device
+
+        def on_device(data: list) -> torch.Tensor:
+            return torch.tensor(data, dtype=torch.int64).to(dev, non_blocking=True)
+
+        in_prompt = torch.zeros(r, v, dtype=torch.bool, device=dev)
+        in_prompt[on_device(prompt_at[0]), on_device(prompt_at[1])] = True
+        counts = torch.zeros(r, v, dtype=torch.float32, device=dev)
+        ones = torch.ones(len(output_at[0]), device=dev)
+        counts.index_put_((on_device(output_at[0]), on_device(output_at[1])), ones, True)
+        if pending:
+            rows_t = on_device(pending)
+            ones = torch.ones(len(pending), device=dev)
+            counts.index_put_((rows_t, inputs[rows_t]), ones, True)
+        f = torch.tensor(factors, dtype=torch.float32).to(dev, non_blocking=True)
+        return apply_penalties(logits, in_prompt, counts, f[:, 0], f[:, 1], f[:, 2])
 
     def _mask_banned(self, logits: torch.Tensor, rows: list[ScheduledSeq]) -> torch.Tensor:
         """logits with each row's banned tokens at -inf (a copy: graph outputs stay intact)."""

@@ -4,6 +4,17 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 
+class PenaltyInputs(NamedTuple):
+    """What a penalized row's sampling needs: SamplingParams' penalties and the tokens they look
+    at (only requests that use penalties carry their history in the plan)."""
+
+    repetition: float
+    frequency: float
+    presence: float
+    prompt_ids: tuple[int, ...]
+    output_ids: tuple[int, ...]  # sampled so far, without a token still being sampled
+
+
 class ScheduledSeq(NamedTuple):
     """One sequence's share of a step: compute the KV of `token_ids`, which sit at positions
     start_pos.., through `block_table`; if `sample`, produce the next token from the last one.
@@ -27,6 +38,7 @@ class ScheduledSeq(NamedTuple):
     output_index: int = 0
     banned_token_ids: tuple[int, ...] = ()  # masked out of this sample (min_tokens not reached)
     logprobs: int | None = None  # top log-probabilities to return with the sample (None: none)
+    penalties: PenaltyInputs | None = None
 
 
 @dataclass(frozen=True, slots=True)

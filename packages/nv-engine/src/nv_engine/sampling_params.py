@@ -15,6 +15,10 @@ class SamplingParams:
     the log-probabilities (of the model's raw distribution, as vLLM) of the sampled token and of
     the `logprobs` most likely ones (0: the sampled token's only). `n`: completions per prompt
     (`LLM.generate`/`chat`), the i-th seeded with seed + i when a seed is given.
+    Penalties act on the logits before temperature: `repetition_penalty` (1: off) divides
+    positive and multiplies negative logits of tokens in the prompt or output, as transformers
+    does; `frequency_penalty` subtracts itself times a token's count in the output and
+    `presence_penalty` once for any output token (OpenAI's).
     """
 
     temperature: float = 1.0
@@ -30,6 +34,9 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     n: int = 1
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         _check_number("temperature", self.temperature, float)
@@ -75,8 +82,24 @@ class SamplingParams:
             _check_number("logprobs", self.logprobs, int)
             if self.logprobs < 0:
                 raise ValueError(f"logprobs must be >= 0 (or None), got {self.logprobs}")
+        _check_number("repetition_penalty", self.repetition_penalty, float)
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            _check_number(name, value, float)
+            if not -2 <= value <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
         if self.cache_salt is not None and not isinstance(self.cache_salt, str):
             raise TypeError("cache_salt must be a str")
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1
+            or self.frequency_penalty != 0
+            or self.presence_penalty != 0
+        )
 
 
 def _check_number(name: str, value: object, kind: type) -> None:

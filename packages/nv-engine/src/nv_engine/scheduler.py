@@ -3,7 +3,7 @@ from __future__ import annotations
 from collections import deque
 
 from nv_engine.config import Config
-from nv_engine.plan import ScheduledSeq, StepPlan, TokenLogprobs
+from nv_engine.plan import PenaltyInputs, ScheduledSeq, StepPlan, TokenLogprobs
 from nv_engine.sequence import PENDING, Sequence, SequenceStatus
 from nv_kvcache import BlockManager
 
@@ -144,11 +144,25 @@ class Scheduler:
             seq.num_output_tokens,
             seq.min_tokens_banned if seq.num_output_tokens < seq.params.min_tokens else (),
             seq.params.logprobs,
+            self._penalty_inputs(seq) if sample and seq.params.has_penalties else None,
         )
         seq.num_computed_tokens = start + len(token_ids)
         if sample:
             seq.token_ids.append(PENDING)
         return row
+
+    @staticmethod
+    def _penalty_inputs(seq: Sequence) -> PenaltyInputs:
+        p = seq.params
+        if seq.prompt_ids is None:
+            seq.prompt_ids = tuple(seq.token_ids[: seq.num_prompt_tokens])
+        return PenaltyInputs(
+            p.repetition_penalty,
+            p.frequency_penalty,
+            p.presence_penalty,
+            seq.prompt_ids,
+            tuple(seq.output_token_ids),
+        )
 
     # ---- after the step --------------------------------------------------------------------------
 

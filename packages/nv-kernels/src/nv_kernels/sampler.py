@@ -132,6 +132,26 @@ def sample(
     return chunked_argmax(scores)
 
 
+def apply_penalties(
+    logits: torch.Tensor,
+    in_prompt: torch.Tensor,
+    output_counts: torch.Tensor,
+    repetition: torch.Tensor,
+    frequency: torch.Tensor,
+    presence: torch.Tensor,
+) -> torch.Tensor:
+    """float32 logits `[B, V]` after vLLM's penalties, per row: `repetition` divides positive and
+    multiplies negative logits of tokens seen in the prompt (`in_prompt`, bool `[B, V]`) or the
+    output (`output_counts` > 0, `[B, V]`), as transformers does; then `frequency` times each
+    output count and `presence` once per output token are subtracted. Neutral values (1, 0, 0)
+    leave a row as it is."""
+    logits = logits.float()
+    in_output = output_counts > 0
+    factor = torch.where(in_prompt | in_output, repetition[:, None], 1.0)
+    logits = torch.where(logits > 0, logits / factor, logits * factor)
+    return logits - frequency[:, None] * output_counts - presence[:, None] * in_output
+
+
 def token_logprobs(
     logits: torch.Tensor, tokens: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
