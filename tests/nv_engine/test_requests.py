@@ -530,3 +530,26 @@ def test_penalties_match_hf(text_model, async_scheduling):
             pad_token_id=0,
         )[0, len(prompt_ids) :].tolist()
         assert out["token_ids"] == ref, case
+
+
+def test_default_sampling_params_from_generation_config(text_model, tmp_path, caplog):
+    copy = tmp_path / "m"
+    shutil.copytree(text_model, copy)
+    gen = json.loads((copy / "generation_config.json").read_text())
+    gen.update(do_sample=True, temperature=0.6, top_k=20, top_p=0.95, max_new_tokens=7)
+    (copy / "generation_config.json").write_text(json.dumps(gen))
+    with LLM(str(copy), device="cpu", kvcache_block_size=4) as llm:
+        d = llm.get_default_sampling_params()
+        assert (d.temperature, d.top_k, d.top_p, d.max_tokens) == (0.6, 20, 0.95, 7)
+        assert d.min_p == 0.0 and d.repetition_penalty == 1.0  # not in the file: ours
+        out = llm.generate([PROMPTS[0]], use_tqdm=False)[0]
+        assert len(out["token_ids"]) == 7 or out["finish_reason"] == "stop"
+        explicit = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=3), use_tqdm=False)[0]
+        assert len(explicit["token_ids"]) <= 3
+    gen["top_p"] = 1.5  # invalid: warned about and ignored
+    (copy / "generation_config.json").write_text(json.dumps(gen))
+    with LLM(str(copy), device="cpu", kvcache_block_size=4) as llm:
+        assert llm.get_default_sampling_params() == SamplingParams()
+    assert "sampling defaults" in caplog.text
+    with LLM(str(text_model), device="cpu", kvcache_block_size=4) as llm:  # only bos/eos/pad
+        assert llm.get_default_sampling_params() == SamplingParams()

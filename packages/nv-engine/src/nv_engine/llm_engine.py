@@ -59,7 +59,10 @@ class LLMEngine:
                 config.max_model_len,
             )
             config.max_model_len = capacity
-        self.scheduler = Scheduler(config, num_blocks, _eos_token_ids(config, self.tokenizer))
+        generation_config = _generation_config(config)
+        self.default_sampling = _sampling_defaults(generation_config)
+        eos_token_ids = _eos_token_ids(config, generation_config, self.tokenizer)
+        self.scheduler = Scheduler(config, num_blocks, eos_token_ids)
         self._seed_rng = random.Random(config.seed)
         self._num_with_stop_strings = 0  # skip the per-step stop-string scan when none
         self.last_step: tuple[bool, int] = (False, 0)  # (was prefill, tokens computed)
@@ -89,6 +92,12 @@ class LLMEngine:
             self.close()
         except Exception:
             pass
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What requests given no sampling_params use (vLLM's): SamplingParams' defaults, with
+        the model's generation_config.json setting temperature, top_k, top_p, min_p,
+        repetition_penalty and max_tokens (its max_new_tokens) where it gives them."""
+        return SamplingParams(**self.default_sampling)
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -137,7 +146,7 @@ class LLMEngine:
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> int:
         """Queue one request; returns its id. Raises ValueError/TypeError (and queues nothing)
         for a bad prompt or parameters."""
-        params = _checked_params(sampling_params)
+        params = _checked_params(sampling_params, self.default_sampling)
         if params.n != 1:
             raise ValueError(f"add_request takes n=1 (got n={params.n}); generate() takes n > 1")
         return self._add(self._token_ids(prompt), params)
@@ -282,7 +291,7 @@ class LLMEngine:
                 f"got {len(prompts)} prompts but {len(sampling_params)} sampling_params"
             )
         token_ids = [self._token_ids(p, i) for i, p in enumerate(prompts)]
-        sampling_params = [_checked_params(p) for p in sampling_params]
+        sampling_params = [_checked_params(p, self.default_sampling) for p in sampling_params]
         ids: list[int] = []
         groups: list[list[int]] = []  # the request ids of each prompt's n completions
         outputs: dict[int, dict[str, Any]] = {}
@@ -374,9 +383,9 @@ def _children(params: SamplingParams) -> list[SamplingParams]:
     ]
 
 
-def _checked_params(params: SamplingParams | None) -> SamplingParams:
+def _checked_params(params: SamplingParams | None, defaults: dict[str, Any]) -> SamplingParams:
     if params is None:
-        return SamplingParams()
+        return SamplingParams(**defaults)
     if not isinstance(params, SamplingParams):
         raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
     return params
@@ -403,7 +412,45 @@ def _load_tokenizer(config: Config):
     return tokenizer
 
 
-def _eos_token_ids(config: Config, tokenizer: Any) -> set[int]:
+def _generation_config(config: Config) -> Any:
+    """The model's generation_config.json (transformers' GenerationConfig), or None."""
+    try:
+        from transformers import GenerationConfig
+
+        return GenerationConfig.from_pretrained(config.model)
+    except Exception:
+        return None  # no generation_config.json
+
+
+# generation_config.json keys that become SamplingParams defaults (vLLM's list)
+_GENERATION_DEFAULTS = {
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def _sampling_defaults(generation_config: Any) -> dict[str, Any]:
+    """What the model's generation_config.json sets of `_GENERATION_DEFAULTS` (only what it
+    sets: transformers' own defaults are not the model's), as SamplingParams keywords."""
+    if generation_config is None:
+        return {}
+    diff = generation_config.to_diff_dict()
+    defaults = {
+        ours: diff[key] for key, ours in _GENERATION_DEFAULTS.items() if diff.get(key) is not None
+    }
+    try:
+        SamplingParams(**defaults)
+    except (TypeError, ValueError) as e:
+        logger.warning("generation_config.json: sampling defaults %s ignored: %s", defaults, e)
+        return {}
+    return defaults
+
+
+def _eos_token_ids(config: Config, generation_config: Any, tokenizer: Any) -> set[int]:
     ids: set[int] = set()
 
     def add(value: Any) -> None:
@@ -413,12 +460,8 @@ def _eos_token_ids(config: Config, tokenizer: Any) -> set[int]:
             ids.update(v for v in value if isinstance(v, int))
 
     add(getattr(config.hf_config, "eos_token_id", None))
-    try:
-        from transformers import GenerationConfig
-
-        add(GenerationConfig.from_pretrained(config.model).eos_token_id)
-    except Exception:
-        pass  # no generation_config.json
+    if generation_config is not None:
+        add(generation_config.eos_token_id)
     if tokenizer is not None:
         add(tokenizer.eos_token_id)
     return ids
