@@ -102,3 +102,29 @@ def test_triton_backend_interpreted(model_dir):
         for o, r in zip(outs, refs, strict=False):
             assert o["token_ids"] == r[:4]
         assert_pool_whole(llm)
+
+
+@OVERLAP
+def test_logprobs_survive_preemption(model_dir, async_scheduling):
+    path, prompts, refs = model_dir
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=n, logprobs=1, prompt_logprobs=1)
+        for n in MAX_NEW
+    ]
+    outs = {}
+    for blocks in (24, None):  # preempted (recomputed from scratch), and not
+        kw = dict(
+            kvcache_block_size=4, num_kvcache_blocks=blocks, async_scheduling=async_scheduling
+        )
+        with LLM(str(path), device="cpu", **kw) as llm:
+            outs[blocks] = llm.generate(prompts, params, use_tqdm=False)
+            assert (llm.scheduler.num_preemptions > 0) == (blocks is not None)
+            assert_pool_whole(llm)
+    for small, big, prompt, ref in zip(outs[24], outs[None], prompts, refs, strict=True):
+        assert small["token_ids"] == big["token_ids"] == ref
+        assert len(small["logprobs"]) == len(ref) and len(small["prompt_logprobs"]) == len(prompt)
+        pairs = list(zip(small["prompt_logprobs"][1:], big["prompt_logprobs"][1:], strict=True))
+        pairs += list(zip(small["logprobs"], big["logprobs"], strict=True))
+        for a, b in pairs:
+            assert a.keys() == b.keys()
+            assert all(abs(a[t] - b[t]) <= 1e-4 for t in a)

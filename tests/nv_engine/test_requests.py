@@ -165,6 +165,7 @@ def test_streaming_api(llm):
         (dict(min_tokens=2.0), "min_tokens"),
         (dict(logprobs=-1), "logprobs"),
         (dict(logprobs=True), "logprobs"),
+        (dict(prompt_logprobs=-2), "prompt_logprobs"),
         (dict(n=0), "n must"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
         (dict(frequency_penalty=2.5), "frequency_penalty"),
@@ -553,3 +554,34 @@ def test_default_sampling_params_from_generation_config(text_model, tmp_path, ca
     assert "sampling defaults" in caplog.text
     with LLM(str(text_model), device="cpu", kvcache_block_size=4) as llm:  # only bos/eos/pad
         assert llm.get_default_sampling_params() == SamplingParams()
+
+
+@pytest.mark.parametrize("chunk", [8, 4096])
+def test_prompt_logprobs_match_hf(text_model, chunk):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(text_model, dtype=torch.float32).eval()
+    prompt = PROMPTS[3] + " and " + PROMPTS[1]
+    p = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2)
+    kw = dict(device="cpu", kvcache_block_size=4, max_num_batched_tokens=chunk)
+    with LLM(str(text_model), **kw) as llm:
+        ids = llm.tokenizer.encode(prompt)
+        plain = SamplingParams(temperature=0, max_tokens=3)
+        warm = llm.generate([prompt], plain, use_tqdm=False)[0]  # fills the prefix cache
+        hit = llm.generate([prompt], plain, use_tqdm=False)[0]
+        outs = llm.generate([prompt, PROMPTS[0]], [p, plain], use_tqdm=False)
+        bm = llm.scheduler.block_manager
+        assert bm.num_free_blocks == bm.num_blocks
+    assert hit["num_cached_tokens"] > 0  # a plain request reads the cache ...
+    out = outs[0]
+    assert out["num_cached_tokens"] == 0  # ... one asking for prompt logprobs computes it all
+    assert out["token_ids"] == warm["token_ids"] and outs[1]["prompt_logprobs"] is None
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].log_softmax(-1)
+    got = out["prompt_logprobs"]
+    assert len(got) == len(ids) and got[0] is None
+    for i in range(1, len(ids)):
+        entry = got[i]
+        assert next(iter(entry)) == ids[i]
+        assert set(entry) == {ids[i], *ref[i - 1].topk(2).indices.tolist()}
+        assert all(abs(v - ref[i - 1, t].item()) <= 1e-4 for t, v in entry.items())

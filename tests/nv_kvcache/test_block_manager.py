@@ -50,6 +50,19 @@ def test_prefix_hit_requires_computed_blocks():
     assert bm.block_table("d")[:3] == bm.block_table("a")
 
 
+def test_read_cache_false_takes_fresh_blocks_and_still_publishes():
+    bm = BlockManager(16, 4)
+    prompt = toks(100, 12)
+    bm.allocate("a", prompt)
+    bm.mark_computed("a", 12)
+    assert bm.allocate("b", prompt + [1], read_cache=False) == 0
+    assert bm.block_table("b") == [3, 4, 5, 6]  # none shared with a's [0, 1, 2]
+    assert all(bm.blocks[i].ref_count == 1 for i in range(7))
+    bm.mark_computed("b", 13)  # same hashes as a's blocks: the map keeps a's entries
+    assert bm.allocate("c", prompt + [2]) == 12
+    assert bm.block_table("c")[:3] == [0, 1, 2]
+
+
 def test_last_prompt_token_block_never_cached():
     bm = BlockManager(16, 4)
     prompt = toks(0, 8)  # exactly 2 blocks

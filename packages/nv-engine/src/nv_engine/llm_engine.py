@@ -191,8 +191,10 @@ class LLMEngine:
             return []
         plan, sampled = done
         tokens = self._run(sampled.tolist) if sampled is not None else []
-        logprobs = sampled.logprobs() if sampled is not None else None
-        finished = self.scheduler.postprocess(plan, tokens, logprobs)
+        logprobs = prompt_logprobs = None
+        if sampled is not None:
+            logprobs, prompt_logprobs = sampled.logprobs(), sampled.prompt_logprobs()
+        finished = self.scheduler.postprocess(plan, tokens, logprobs, prompt_logprobs)
         for s in plan.seqs if self._num_with_stop_strings else ():
             seq = self.scheduler.seqs.get(s.seq_id)  # None once finished
             if (
@@ -255,6 +257,7 @@ class LLMEngine:
             "num_cached_tokens": seq.num_cached_tokens,
             "logprobs": seq.logprobs,
             "cumulative_logprob": None if seq.logprobs is None else seq.cumulative_logprob,
+            "prompt_logprobs": seq.prompt_logprobs,
         }
 
     # ---- batch API -----------------------------------------------------------------------------
@@ -269,7 +272,8 @@ class LLMEngine:
         `token_ids` (output tokens), `finish_reason` ("stop" or "length"), `prompt_token_ids`,
         `num_cached_tokens`, and `logprobs` (per output token, {token id: logprob}) and
         `cumulative_logprob` where SamplingParams.logprobs asked for them, else None; and
-        `outputs`, a list of the n completions (SamplingParams.n), each with those fields.
+        `outputs`, a list of the n completions (SamplingParams.n), each with those fields;
+        `prompt_logprobs` (None for the first prompt token) where asked for.
         A prompt is text, token ids (a list, or a 1-D numpy array or tensor), or vLLM's
         {"prompt": text} / {"prompt_token_ids": ids}. Every prompt is validated before any is
         queued."""

@@ -31,6 +31,11 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
+# prompt_logprobs: positions projected onto the vocabulary at once (bounds the [rows, vocab]
+# float32 logits: ~0.3 GB at Qwen3's 151,936 tokens)
+PROMPT_LOGPROBS_ROWS = 512
+
+
 class ModelRunner:
     """One tensor-parallel rank: the model, its shard of the paged KV cache, the decode CUDA
     graphs, and (rank 0) the sampler. `execute(plan)` runs one step; on rank 0 it returns the
@@ -207,9 +212,13 @@ class ModelRunner:
         later. Decode rows whose input token is still `PENDING` take it, on the device, from the
         previous step's sampled tokens."""
         rows = [s for s in plan.seqs if s.sample] if self.sampler is not None else []
+        prompt_logprobs = None
         if plan.is_prefill:
             ids, pos, meta, logits_indices, st = self._prepare_prefill(plan, rows)
-            logits = self.model.compute_logits(self.model(ids, pos, meta), logits_indices)
+            hidden = self.model(ids, pos, meta)
+            logits = self.model.compute_logits(hidden, logits_indices)
+            if any(s.prompt_logprobs is not None for s in plan.seqs):
+                prompt_logprobs = self._prompt_logprobs(hidden, plan)
         else:
             use_graph = self.graphs is not None and self.graphs.can_run(len(plan.seqs))
             padded = self.graphs.padded_size(len(plan.seqs)) if use_graph else len(plan.seqs)
@@ -220,7 +229,10 @@ class ModelRunner:
                 logits = self.model.compute_logits(self.model(ids, pos, meta))
         if not rows:  # not rank 0, or a prefill step of unfinished chunks only
             self._last_sampled = None
-            return None
+            if prompt_logprobs is None or self.sampler is None:
+                return None
+            no_tokens = torch.empty(0, dtype=torch.int64, device=self.device)
+            return self._readback.send(no_tokens, prompt_logprobs=prompt_logprobs)
         # one logits row per sampled row (prefill projects only those)
         raw = logits
         if any(s.penalties is not None for s in rows):
@@ -232,7 +244,35 @@ class ModelRunner:
         logprobs = None
         if any(s.logprobs is not None for s in rows):
             logprobs = token_logprobs(raw, sampled, max(s.logprobs or 0 for s in rows))
-        return self._readback.send(sampled, logprobs)
+        return self._readback.send(sampled, logprobs, prompt_logprobs)
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, plan: StepPlan
+    ) -> tuple[torch.Tensor, ...] | None:
+        """`token_logprobs` of the prompt targets of the chunks that ask (rank 0; every rank
+        joins the LM head's gather), projected PROMPT_LOGPROBS_ROWS positions at a time."""
+        positions: list[int] = []
+        targets: list[int] = []
+        k, offset = 0, 0
+        for s in plan.seqs:
+            if s.prompt_logprobs is not None:
+                k = max(k, s.prompt_logprobs.k)
+                n = len(s.prompt_logprobs.targets)
+                positions += range(offset, offset + n)
+                targets += s.prompt_logprobs.targets
+            offset += len(s.token_ids)
+        dev = hidden.device
+        pos_t = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
+        tgt_t = torch.tensor(targets, dtype=torch.int64).to(dev, non_blocking=True)
+        parts = []
+        for lo in range(0, len(positions), PROMPT_LOGPROBS_ROWS):
+            hi = lo + PROMPT_LOGPROBS_ROWS
+            logits = self.model.compute_logits(hidden, pos_t[lo:hi])
+            if self.sampler is not None:
+                parts.append(token_logprobs(logits, tgt_t[lo:hi], k))
+        if not parts:
+            return None
+        return tuple(torch.cat(column) for column in zip(*parts, strict=True))
 
     def _penalized(
         self, logits: torch.Tensor, rows: list[ScheduledSeq], inputs: torch.Tensor | None

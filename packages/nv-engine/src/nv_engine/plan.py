@@ -15,6 +15,14 @@ class PenaltyInputs(NamedTuple):
     output_ids: tuple[int, ...]  # sampled so far, without a token still being sampled
 
 
+class PromptLogprobsInputs(NamedTuple):
+    """A prefill chunk's share of prompt_logprobs: the chunk's first len(targets) positions
+    each predict the prompt token in `targets`; `k` most likely tokens come along."""
+
+    k: int
+    targets: tuple[int, ...]
+
+
 class ScheduledSeq(NamedTuple):
     """One sequence's share of a step: compute the KV of `token_ids`, which sit at positions
     start_pos.., through `block_table`; if `sample`, produce the next token from the last one.
@@ -39,6 +47,7 @@ class ScheduledSeq(NamedTuple):
     banned_token_ids: tuple[int, ...] = ()  # masked out of this sample (min_tokens not reached)
     logprobs: int | None = None  # top log-probabilities to return with the sample (None: none)
     penalties: PenaltyInputs | None = None
+    prompt_logprobs: PromptLogprobsInputs | None = None  # prefill chunks that ask only
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,9 @@ class SamplingParams:
     stop string ends the output, before that many tokens. `seed` makes this request's samples
     reproducible whatever else is batched with it. `logprobs`: return, for each output token,
     the log-probabilities (of the model's raw distribution, as vLLM) of the sampled token and of
-    the `logprobs` most likely ones (0: the sampled token's only). `n`: completions per prompt
+    the `logprobs` most likely ones (0: the sampled token's only); `prompt_logprobs` the same
+    for every prompt token after the first (such a request computes its whole prompt: no
+    prefix-cache hits). `n`: completions per prompt
     (`LLM.generate`/`chat`), the i-th seeded with seed + i when a seed is given.
     Penalties act on the logits before temperature: `repetition_penalty` (1: off) divides
     positive and multiplies negative logits of tokens in the prompt or output, as transformers
@@ -33,6 +35,7 @@ class SamplingParams:
     cache_salt: str | None = field(default=None)
     min_tokens: int = 0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     n: int = 1
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
@@ -78,10 +81,12 @@ class SamplingParams:
             raise ValueError(
                 f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}"
             )
-        if self.logprobs is not None:
-            _check_number("logprobs", self.logprobs, int)
-            if self.logprobs < 0:
-                raise ValueError(f"logprobs must be >= 0 (or None), got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_number(name, value, int)
+                if value < 0:
+                    raise ValueError(f"{name} must be >= 0 (or None), got {value}")
         _check_number("repetition_penalty", self.repetition_penalty, float)
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")

@@ -3,7 +3,13 @@ from __future__ import annotations
 from collections import deque
 
 from nv_engine.config import Config
-from nv_engine.plan import PenaltyInputs, ScheduledSeq, StepPlan, TokenLogprobs
+from nv_engine.plan import (
+    PenaltyInputs,
+    PromptLogprobsInputs,
+    ScheduledSeq,
+    StepPlan,
+    TokenLogprobs,
+)
 from nv_engine.sequence import PENDING, Sequence, SequenceStatus
 from nv_kvcache import BlockManager
 
@@ -79,7 +85,12 @@ class Scheduler:
                 budget -= len(scheduled[-1].token_ids)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            cached = self.block_manager.allocate(seq.seq_id, seq.token_ids, seq.params.cache_salt)
+            cached = self.block_manager.allocate(
+                seq.seq_id,
+                seq.token_ids,
+                seq.params.cache_salt,
+                read_cache=seq.params.prompt_logprobs is None,  # those need every prompt token
+            )
             if cached is None:
                 break  # the pool is full; running sequences will free blocks
             self.waiting.popleft()
@@ -145,6 +156,7 @@ class Scheduler:
             seq.min_tokens_banned if seq.num_output_tokens < seq.params.min_tokens else (),
             seq.params.logprobs,
             self._penalty_inputs(seq) if sample and seq.params.has_penalties else None,
+            self._prompt_logprobs_inputs(seq, start, start + len(token_ids)),
         )
         seq.num_computed_tokens = start + len(token_ids)
         if sample:
@@ -164,14 +176,34 @@ class Scheduler:
             tuple(seq.output_token_ids),
         )
 
+    @staticmethod
+    def _prompt_logprobs_inputs(seq: Sequence, start: int, end: int) -> PromptLogprobsInputs | None:
+        """For a chunk [start, end) of a request with prompt_logprobs still to collect: the
+        prompt tokens its positions predict (position p predicts token p + 1)."""
+        done = seq.prompt_logprobs
+        if done is None or len(done) == seq.num_prompt_tokens:  # (all collected: a recompute)
+            return None
+        last = min(end, seq.num_prompt_tokens - 1)  # the last position with a prompt target
+        if last <= start:
+            return None
+        targets = tuple(seq.token_ids[start + 1 : last + 1])
+        return PromptLogprobsInputs(seq.params.prompt_logprobs, targets)
+
     # ---- after the step --------------------------------------------------------------------------
 
     def postprocess(
-        self, plan: StepPlan, sampled: list[int], logprobs: TokenLogprobs | None = None
+        self,
+        plan: StepPlan,
+        sampled: list[int],
+        logprobs: TokenLogprobs | None = None,
+        prompt_logprobs: TokenLogprobs | None = None,
     ) -> list[Sequence]:
         """Record the step's results; `sampled` has one token per scheduled seq with sample=True
-        (and `logprobs` one row each, when some asked). Returns the sequences that finished.
-        Rows of sequences finished or aborted since the step was scheduled are ignored."""
+        (and `logprobs` one row each, when some asked; `prompt_logprobs` one row per target of
+        the chunks that asked). Returns the sequences that finished. Rows of sequences finished
+        or aborted since the step was scheduled are ignored."""
+        if prompt_logprobs is not None:
+            self._record_prompt_logprobs(plan, prompt_logprobs)
         finished = []
         bm = self.block_manager
         j = -1  # index among the sampled rows
@@ -202,6 +234,23 @@ class Scheduler:
                 self.finish(seq, reason)
                 finished.append(seq)
         return finished
+
+    def _record_prompt_logprobs(self, plan: StepPlan, lp: TokenLogprobs) -> None:
+        row = 0
+        for s in plan.seqs:
+            if s.prompt_logprobs is None:
+                continue
+            seq = self.seqs.get(s.seq_id)
+            k, targets = s.prompt_logprobs
+            for i, target in enumerate(targets):
+                j = row + i
+                # entry for token start + i + 1; a recomputed chunk (after preemption) adds nothing
+                if seq is not None and len(seq.prompt_logprobs) == s.start_pos + i + 1:
+                    entry = {target: lp.sampled[j]}
+                    for t, v in zip(lp.top_ids[j][:k], lp.top[j], strict=False):
+                        entry.setdefault(t, v)
+                    seq.prompt_logprobs.append(entry)
+            row += len(targets)
 
     def _is_done(self, seq: Sequence, length: int) -> bool:
         """Whether a sequence of `length` tokens has reached max_tokens or max_model_len."""

@@ -40,6 +40,10 @@ class Sequence:
         # per output token, {token id: logprob} (the sampled token first), when asked for
         self.logprobs: list[dict[int, float]] | None = None if params.logprobs is None else []
         self.cumulative_logprob = 0.0
+        # per prompt token, as logprobs (None for the first), when asked for
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            None if params.prompt_logprobs is None else [None]
+        )
         self.prompt_ids: tuple[int, ...] | None = None  # made once, for penalties
         self.block_table: list[int] = []  # the BlockManager's live table while running
         self.finish_reason: str | None = None

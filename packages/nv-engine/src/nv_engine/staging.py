@@ -77,10 +77,12 @@ class SampledTokens:
         host: torch.Tensor,
         event: torch.cuda.Event | None,
         logprobs: tuple[torch.Tensor, ...] | None = None,
+        prompt_logprobs: tuple[torch.Tensor, ...] | None = None,
     ) -> None:
         self._host = host
         self._event = event
         self._logprobs = logprobs
+        self._prompt_logprobs = prompt_logprobs
 
     def tolist(self) -> list[int]:
         if self._event is not None:
@@ -88,12 +90,17 @@ class SampledTokens:
         return self._host.tolist()
 
     def logprobs(self) -> TokenLogprobs | None:
-        if self._logprobs is None:
+        return self._lists(self._logprobs)
+
+    def prompt_logprobs(self) -> TokenLogprobs | None:
+        return self._lists(self._prompt_logprobs)
+
+    def _lists(self, tensors: tuple[torch.Tensor, ...] | None) -> TokenLogprobs | None:
+        if tensors is None:
             return None
         if self._event is not None:
             self._event.synchronize()
-        sampled, top_ids, top = (t.tolist() for t in self._logprobs)
-        return TokenLogprobs(sampled, top_ids, top)
+        return TokenLogprobs(*(t.tolist() for t in tensors))
 
 
 class DeviceToHost:
@@ -107,9 +114,13 @@ class DeviceToHost:
         self._i = 0
 
     def send(
-        self, tokens: torch.Tensor, logprobs: tuple[torch.Tensor, ...] | None = None
+        self,
+        tokens: torch.Tensor,
+        logprobs: tuple[torch.Tensor, ...] | None = None,
+        prompt_logprobs: tuple[torch.Tensor, ...] | None = None,
     ) -> SampledTokens:
-        """`logprobs`: device tensors to bring along (rarely asked for: fresh pinned copies)."""
+        """`logprobs`, `prompt_logprobs`: device tensors to bring along (rarely asked for:
+        fresh pinned copies)."""
         n = tokens.shape[0]
         self._i = (self._i + 1) % len(self._bufs)
         buf, event = self._bufs[self._i], self._events[self._i]
@@ -119,16 +130,20 @@ class DeviceToHost:
             )
         host = buf[:n]
         host.copy_(tokens, non_blocking=event is not None)
-        if logprobs is not None:
-            logprobs = tuple(
-                torch.empty(t.shape, dtype=t.dtype, pin_memory=event is not None).copy_(
-                    t, non_blocking=event is not None
-                )
-                for t in logprobs
+        pinned = event is not None
+
+        def to_host(tensors: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...] | None:
+            if tensors is None:
+                return None
+            return tuple(
+                torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned).copy_(t, non_blocking=pinned)
+                for t in tensors
             )
+
+        logprobs, prompt_logprobs = to_host(logprobs), to_host(prompt_logprobs)
         if event is not None:
             event.record()
-        return SampledTokens(host, event, logprobs)
+        return SampledTokens(host, event, logprobs, prompt_logprobs)
 
 
 _NP = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}

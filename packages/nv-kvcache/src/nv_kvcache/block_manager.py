@@ -111,8 +111,10 @@ class BlockManager:
         seq_id: Hashable,
         token_ids: Sequence[int],
         cache_salt: int | str | bytes | None = None,
+        read_cache: bool = True,
     ) -> int | None:
-        """Give `seq_id` blocks for all of `token_ids`, reusing the longest verified cached prefix.
+        """Give `seq_id` blocks for all of `token_ids`, reusing the longest verified cached prefix
+        (none with `read_cache=False`: every token is computed, and its blocks still published).
 
         Returns the number of leading tokens whose KV is already cached (a multiple of
         block_size, always < len(token_ids)), or None, changing nothing, when the pool is short.
@@ -125,7 +127,7 @@ class BlockManager:
         seed = salt_hash(cache_salt)
         cached: list[Block] = []
         last_hash = seed
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and read_cache:
             # The block holding the last token is never taken from the cache, so at least one
             # token is always left to compute (its logits are needed).
             for i in range((len(token_ids) - 1) // bs):
