@@ -91,7 +91,34 @@ def test_max_num_seqs_one(model_dir):
 
 @pytest.mark.slow
 def test_tensor_parallel_2_gloo(model_dir):
-    run_greedy(model_dir, tensor_parallel_size=2, kvcache_block_size=8)
+    llm = run_greedy(model_dir, tensor_parallel_size=2, kvcache_block_size=8)
+    assert llm.model_runner is None  # closed: the workers are gone too
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_logprobs_and_penalties(model_dir):
+    # prompt logprobs make every rank join extra LM-head gathers; penalties ride in the plan
+    path, prompts, _ = model_dir
+    params = SamplingParams(
+        temperature=0.0, max_tokens=6, logprobs=2, prompt_logprobs=1, repetition_penalty=1.3
+    )
+    outs = []
+    for tp in (1, 2):
+        kw = dict(device="cpu", tensor_parallel_size=tp, max_num_batched_tokens=16)
+        with LLM(str(path), **kw) as llm:
+            outs.append(llm.generate(prompts[:3], params, use_tqdm=False))
+            assert_pool_whole(llm)
+    for one, two in zip(*outs, strict=True):
+        assert one["token_ids"] == two["token_ids"]
+        assert len(two["prompt_logprobs"]) == len(one["prompt_logprobs"])
+        pairs = zip(
+            one["prompt_logprobs"][1:] + one["logprobs"],
+            two["prompt_logprobs"][1:] + two["logprobs"],
+            strict=True,
+        )
+        for a, b in pairs:
+            assert a.keys() == b.keys()
+            assert all(abs(a[t] - b[t]) <= 1e-4 for t in a)
 
 
 def test_triton_backend_interpreted(model_dir):
