@@ -166,6 +166,8 @@ def test_streaming_api(llm):
         (dict(logprobs=-1), "logprobs"),
         (dict(logprobs=True), "logprobs"),
         (dict(prompt_logprobs=-2), "prompt_logprobs"),
+        (dict(skip_special_tokens=1), "skip_special_tokens"),
+        (dict(include_stop_str_in_output="yes"), "include_stop_str_in_output"),
         (dict(n=0), "n must"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
         (dict(frequency_penalty=2.5), "frequency_penalty"),
@@ -585,3 +587,23 @@ def test_prompt_logprobs_match_hf(text_model, chunk):
         assert next(iter(entry)) == ids[i]
         assert set(entry) == {ids[i], *ref[i - 1].topk(2).indices.tolist()}
         assert all(abs(v - ref[i - 1, t].item()) <= 1e-4 for t, v in entry.items())
+
+
+def test_include_stop_str_and_special_tokens_in_text(llm):
+    greedy = dict(temperature=0, max_tokens=30, ignore_eos=True)
+    base = llm.generate([PROMPTS[3]], SamplingParams(**greedy), use_tqdm=False)[0]["text"]
+    stop = base[5:7]
+    cut = base.find(stop)
+    p = SamplingParams(**greedy, stop=[stop], include_stop_str_in_output=True)
+    out = llm.generate([PROMPTS[3]], p, use_tqdm=False)[0]
+    assert out["finish_reason"] == "stop" and out["text"] == base[: cut + len(stop)]
+    # "Hello there" greedily emits <|im_end|>, a special token: in the text only if asked
+    tok = llm.tokenizer
+    special = tok.convert_tokens_to_ids("<|im_end|>")
+    kept = llm.generate(
+        [PROMPTS[0]], SamplingParams(**greedy, skip_special_tokens=False), use_tqdm=False
+    )[0]
+    dropped = llm.generate([PROMPTS[0]], SamplingParams(**greedy), use_tqdm=False)[0]
+    assert special in kept["token_ids"] and kept["token_ids"] == dropped["token_ids"]
+    assert "<|im_end|>" in kept["text"] and "<|im_end|>" not in dropped["text"]
+    assert kept["text"] == tok.decode(kept["token_ids"], skip_special_tokens=False)

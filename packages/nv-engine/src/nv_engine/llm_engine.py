@@ -220,22 +220,25 @@ class LLMEngine:
         if self.tokenizer is None:
             return False
         ids = seq.output_token_ids
-        stop = seq.params.stop
+        p = seq.params
+        stop, skip = p.stop, p.skip_special_tokens
         # A stop string shows up first in the step whose token completes it, so only the last
         # few tokens are decoded each step (decoding the whole output every step would be
         # quadratic in its length); a hit is then confirmed and cut on the whole text.
         tail = ids[-(max(map(len, stop)) + _STOP_TAIL_MARGIN) :]
-        tail_text = self.tokenizer.decode(tail, skip_special_tokens=True)
+        tail_text = self.tokenizer.decode(tail, skip_special_tokens=skip)
         if not any(s in tail_text for s in stop):
             return False
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(ids, skip_special_tokens=skip)
         # with min_tokens, only a stop string that ends in the min_tokens-th token or later counts
-        before = max(seq.params.min_tokens - 1, 0)
-        floor = len(self.tokenizer.decode(ids[:before], skip_special_tokens=True)) if before else 0
-        hits = [i for i in (text.find(s, max(0, floor - len(s) + 1)) for s in stop) if i >= 0]
+        before = max(p.min_tokens - 1, 0)
+        floor = len(self.tokenizer.decode(ids[:before], skip_special_tokens=skip)) if before else 0
+        hits = [(text.find(s, max(0, floor - len(s) + 1)), len(s)) for s in stop]
+        hits = [h for h in hits if h[0] >= 0]
         if not hits:
             return False
-        seq.text = text[: min(hits)]
+        start, length = min(hits)
+        seq.text = text[: start + length] if p.include_stop_str_in_output else text[:start]
         self.scheduler.finish(seq, "stop")
         return True
 
@@ -246,7 +249,9 @@ class LLMEngine:
             text = (
                 ""
                 if self.tokenizer is None
-                else self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+                else self.tokenizer.decode(
+                    seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens
+                )
             )
         return {
             "request_id": seq.seq_id,

@@ -7,20 +7,22 @@ from dataclasses import dataclass, field
 class SamplingParams:
     """How one request samples and when it stops (vLLM's fields and meanings).
 
-    temperature 0 is greedy. top_k 0 or -1 disables top-k; top_p 1 and min_p 0 disable theirs.
-    `stop` strings end generation and are not included in the text; `stop_token_ids` end it
-    (the token is kept in token_ids). `min_tokens`: no EOS or stop token id is sampled, and no
-    stop string ends the output, before that many tokens. `seed` makes this request's samples
-    reproducible whatever else is batched with it. `logprobs`: return, for each output token,
-    the log-probabilities (of the model's raw distribution, as vLLM) of the sampled token and of
-    the `logprobs` most likely ones (0: the sampled token's only); `prompt_logprobs` the same
-    for every prompt token after the first (such a request computes its whole prompt: no
-    prefix-cache hits). `n`: completions per prompt
-    (`LLM.generate`/`chat`), the i-th seeded with seed + i when a seed is given.
-    Penalties act on the logits before temperature: `repetition_penalty` (1: off) divides
-    positive and multiplies negative logits of tokens in the prompt or output, as transformers
-    does; `frequency_penalty` subtracts itself times a token's count in the output and
-    `presence_penalty` once for any output token (OpenAI's).
+    - Sampling: `temperature` 0 is greedy. `top_k` 0 or -1, `top_p` 1 and `min_p` 0 disable
+      theirs. `seed` makes this request's samples the same whatever else is batched with it.
+    - Penalties act on the logits before temperature. `repetition_penalty` (1: off) divides
+      positive and multiplies negative logits of tokens in the prompt or output, as
+      transformers does. `frequency_penalty` subtracts itself times a token's count in the
+      output, `presence_penalty` itself once for any output token (OpenAI's).
+    - Stopping: `stop` strings end the output and are left out of its text (unless
+      `include_stop_str_in_output`). `stop_token_ids` end it, the token kept in token_ids.
+      Before `min_tokens`, no EOS or stop token id is sampled and no stop string ends it.
+    - Output: `logprobs` returns, per output token, the log-probabilities (of the model's raw
+      distribution, as vLLM) of the sampled token and of the `logprobs` most likely (0: the
+      sampled one only). `prompt_logprobs` does the same for every prompt token after the
+      first; such a request computes its whole prompt (no prefix-cache hits).
+      `skip_special_tokens` leaves special tokens out of the text.
+    - `n` completions per prompt (`LLM.generate` / `chat`), the i-th seeded with seed + i when
+      a seed is given.
     """
 
     temperature: float = 1.0
@@ -37,6 +39,8 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     n: int = 1
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
@@ -67,8 +71,9 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.seed is not None:
             _check_number("seed", self.seed, int)
-        if not isinstance(self.ignore_eos, bool):
-            raise TypeError(f"ignore_eos must be a bool, got {type(self.ignore_eos).__name__}")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
