@@ -145,19 +145,18 @@ class Scheduler:
     ) -> ScheduledSeq:
         """The plan's row for `seq`; the sequence's progress moves on now, and a token to be
         sampled gets its PENDING slot."""
+        num_out = seq.num_output_tokens
         row = ScheduledSeq(
-            seq.seq_id,
-            token_ids,
-            start,
-            seq.block_table,
-            sample,
-            *seq.sampling,
-            seq.num_output_tokens,
-            seq.min_tokens_banned if seq.num_output_tokens < seq.params.min_tokens else (),
-            seq.params.logprobs,
-            self._penalty_inputs(seq) if sample and seq.params.has_penalties else None,
-            self._prompt_logprobs_inputs(seq, start, start + len(token_ids)),
+            seq.seq_id, token_ids, start, seq.block_table, sample, *seq.sampling, num_out
         )
+        if seq.has_extras:  # the per-step work of rarer parameters, only where they are set
+            p = seq.params
+            row = row._replace(
+                banned_token_ids=seq.min_tokens_banned if num_out < p.min_tokens else (),
+                logprobs=p.logprobs,
+                penalties=self._penalty_inputs(seq) if sample and p.has_penalties else None,
+                prompt_logprobs=self._prompt_logprobs_inputs(seq, start, start + len(token_ids)),
+            )
         seq.num_computed_tokens = start + len(token_ids)
         if sample:
             seq.token_ids.append(PENDING)
@@ -217,7 +216,7 @@ class Scheduler:
                 continue
             end = s.start_pos + len(s.token_ids)  # index of the sampled token
             seq.token_ids[end] = token
-            if s.logprobs is not None and logprobs is not None:
+            if logprobs is not None and s.logprobs is not None:
                 entry = {token: logprobs.sampled[j]}
                 for t, lp in zip(logprobs.top_ids[j][: s.logprobs], logprobs.top[j], strict=False):
                     entry.setdefault(t, lp)

@@ -45,6 +45,13 @@ class Sequence:
             None if params.prompt_logprobs is None else [None]
         )
         self.prompt_ids: tuple[int, ...] | None = None  # made once, for penalties
+        # any of the parameters whose plan fields are set per step (the rest take defaults)
+        self.has_extras = bool(
+            params.min_tokens
+            or params.logprobs is not None
+            or params.prompt_logprobs is not None
+            or params.has_penalties
+        )
         self.block_table: list[int] = []  # the BlockManager's live table while running
         self.finish_reason: str | None = None
         self.text: str | None = None  # set only when a stop string cut the output
