@@ -12,6 +12,12 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from nv_engine.config import Config
+from nv_engine.model_files import (
+    collect_eos_token_ids,
+    load_generation_config,
+    load_tokenizer,
+    sampling_defaults,
+)
 from nv_engine.model_runner import ModelRunner
 from nv_engine.sampling_params import SamplingParams
 from nv_engine.scheduler import Scheduler
@@ -36,7 +42,7 @@ class LLMEngine:
 
     def __init__(self, model: str | Path, **kwargs: Any) -> None:
         self.config = config = Config.from_kwargs(model, **kwargs)
-        self.tokenizer = _load_tokenizer(config)
+        self.tokenizer = load_tokenizer(config)
         self._workers: WorkerPool | ExternalWorkers | None = None
         try:
             tp = None
@@ -59,9 +65,9 @@ class LLMEngine:
                 config.max_model_len,
             )
             config.max_model_len = capacity
-        generation_config = _generation_config(config)
-        self.default_sampling = _sampling_defaults(generation_config)
-        eos_token_ids = _eos_token_ids(config, generation_config, self.tokenizer)
+        generation = load_generation_config(config)
+        self.default_sampling = sampling_defaults(generation)
+        eos_token_ids = collect_eos_token_ids(config, generation, self.tokenizer)
         self.scheduler = Scheduler(config, num_blocks, eos_token_ids)
         self._seed_rng = random.Random(config.seed)
         self._num_with_stop_strings = 0  # skip the per-step stop-string scan when none
@@ -398,79 +404,3 @@ def _checked_params(params: SamplingParams | None, defaults: dict[str, Any]) -> 
     if not isinstance(params, SamplingParams):
         raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
     return params
-
-
-def _load_tokenizer(config: Config):
-    from transformers import AutoTokenizer
-
-    path = config.tokenizer or config.model
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as e:
-        if config.tokenizer is not None:
-            raise ValueError(f"tokenizer: cannot load a tokenizer from {path!r}: {e}") from e
-        tokenizer = None
-    # From a directory without tokenizer files, transformers may build a tokenizer with no
-    # vocabulary (it encodes text to nothing and names token 0 its EOS): treat it as none.
-    if tokenizer is not None and not tokenizer.encode("hello world", add_special_tokens=False):
-        if config.tokenizer is not None:
-            raise ValueError(f"tokenizer: the tokenizer in {path!r} has no vocabulary")
-        tokenizer = None
-    if tokenizer is None:
-        logger.warning("no tokenizer in %s: prompts must be token ids, texts will be empty", path)
-    return tokenizer
-
-
-def _generation_config(config: Config) -> Any:
-    """The model's generation_config.json (transformers' GenerationConfig), or None."""
-    try:
-        from transformers import GenerationConfig
-
-        return GenerationConfig.from_pretrained(config.model)
-    except Exception:
-        return None  # no generation_config.json
-
-
-# generation_config.json keys that become SamplingParams defaults (vLLM's list)
-_GENERATION_DEFAULTS = {
-    "temperature": "temperature",
-    "top_k": "top_k",
-    "top_p": "top_p",
-    "min_p": "min_p",
-    "repetition_penalty": "repetition_penalty",
-    "max_new_tokens": "max_tokens",
-}
-
-
-def _sampling_defaults(generation_config: Any) -> dict[str, Any]:
-    """What the model's generation_config.json sets of `_GENERATION_DEFAULTS` (only what it
-    sets: transformers' own defaults are not the model's), as SamplingParams keywords."""
-    if generation_config is None:
-        return {}
-    diff = generation_config.to_diff_dict()
-    defaults = {
-        ours: diff[key] for key, ours in _GENERATION_DEFAULTS.items() if diff.get(key) is not None
-    }
-    try:
-        SamplingParams(**defaults)
-    except (TypeError, ValueError) as e:
-        logger.warning("generation_config.json: sampling defaults %s ignored: %s", defaults, e)
-        return {}
-    return defaults
-
-
-def _eos_token_ids(config: Config, generation_config: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-
-    def add(value: Any) -> None:
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(v for v in value if isinstance(v, int))
-
-    add(getattr(config.hf_config, "eos_token_id", None))
-    if generation_config is not None:
-        add(generation_config.eos_token_id)
-    if tokenizer is not None:
-        add(tokenizer.eos_token_id)
-    return ids

@@ -10,12 +10,13 @@ import torch.distributed as dist
 
 from nv_engine.config import Config
 from nv_engine.cuda_graphs import DecodeGraphs
+from nv_engine.logits_processors import mask_banned, penalized, prompt_logprobs
 from nv_engine.plan import ScheduledSeq, StepPlan
 from nv_engine.sequence import PENDING
 from nv_engine.staging import DeviceToHost, HostToDevice, SampledTokens
 from nv_engine.workers import local_device_index
 from nv_kernels import AttentionMetadata, Sampler, SamplingTensors, get_attention_backend
-from nv_kernels.sampler import apply_penalties, token_logprobs
+from nv_kernels.sampler import token_logprobs
 from nv_models import TPGroup, build_model, init_random_weights, load_weights
 
 logger = logging.getLogger(__name__)
@@ -29,11 +30,6 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(old)
-
-
-# prompt_logprobs: positions projected onto the vocabulary at once (bounds the [rows, vocab]
-# float32 logits: ~0.3 GB at Qwen3's 151,936 tokens)
-PROMPT_LOGPROBS_ROWS = 512
 
 
 class ModelRunner:
@@ -212,13 +208,13 @@ class ModelRunner:
         later. Decode rows whose input token is still `PENDING` take it, on the device, from the
         previous step's sampled tokens."""
         rows = [s for s in plan.seqs if s.sample] if self.sampler is not None else []
-        prompt_logprobs = None
+        prompt_lps = None
         if plan.is_prefill:
             ids, pos, meta, logits_indices, st = self._prepare_prefill(plan, rows)
             hidden = self.model(ids, pos, meta)
             logits = self.model.compute_logits(hidden, logits_indices)
             if any(s.prompt_logprobs is not None for s in plan.seqs):
-                prompt_logprobs = self._prompt_logprobs(hidden, plan)
+                prompt_lps = prompt_logprobs(self.model, hidden, plan, self.sampler is not None)
         else:
             use_graph = self.graphs is not None and self.graphs.can_run(len(plan.seqs))
             padded = self.graphs.padded_size(len(plan.seqs)) if use_graph else len(plan.seqs)
@@ -229,98 +225,22 @@ class ModelRunner:
                 logits = self.model.compute_logits(self.model(ids, pos, meta))
         if not rows:  # not rank 0, or a prefill step of unfinished chunks only
             self._last_sampled = None
-            if prompt_logprobs is None or self.sampler is None:
+            if prompt_lps is None:
                 return None
             no_tokens = torch.empty(0, dtype=torch.int64, device=self.device)
-            return self._readback.send(no_tokens, prompt_logprobs=prompt_logprobs)
+            return self._readback.send(no_tokens, prompt_logprobs=prompt_lps)
         # one logits row per sampled row (prefill projects only those)
         raw = logits
         if any(s.penalties is not None for s in rows):
-            logits = self._penalized(logits, rows, None if plan.is_prefill else ids)
+            logits = penalized(logits, rows, None if plan.is_prefill else ids)
         if any(s.banned_token_ids for s in rows):
-            logits = self._mask_banned(logits, rows)
+            logits = mask_banned(logits, rows)
         sampled = self.sampler(logits, st)
         self._last_sampled = (sampled, rows)
         logprobs = None
         if any(s.logprobs is not None for s in rows):
             logprobs = token_logprobs(raw, sampled, max(s.logprobs or 0 for s in rows))
-        return self._readback.send(sampled, logprobs, prompt_logprobs)
-
-    def _prompt_logprobs(
-        self, hidden: torch.Tensor, plan: StepPlan
-    ) -> tuple[torch.Tensor, ...] | None:
-        """`token_logprobs` of the prompt targets of the chunks that ask (rank 0; every rank
-        joins the LM head's gather), projected PROMPT_LOGPROBS_ROWS positions at a time."""
-        positions: list[int] = []
-        targets: list[int] = []
-        k, offset = 0, 0
-        for s in plan.seqs:
-            if s.prompt_logprobs is not None:
-                k = max(k, s.prompt_logprobs.k)
-                n = len(s.prompt_logprobs.targets)
-                positions += range(offset, offset + n)
-                targets += s.prompt_logprobs.targets
-            offset += len(s.token_ids)
-        dev = hidden.device
-        pos_t = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
-        tgt_t = torch.tensor(targets, dtype=torch.int64).to(dev, non_blocking=True)
-        parts = []
-        for lo in range(0, len(positions), PROMPT_LOGPROBS_ROWS):
-            hi = lo + PROMPT_LOGPROBS_ROWS
-            logits = self.model.compute_logits(hidden, pos_t[lo:hi])
-            if self.sampler is not None:
-                parts.append(token_logprobs(logits, tgt_t[lo:hi], k))
-        if not parts:
-            return None
-        return tuple(torch.cat(column) for column in zip(*parts, strict=True))
-
-    def _penalized(
-        self, logits: torch.Tensor, rows: list[ScheduledSeq], inputs: torch.Tensor | None
-    ) -> torch.Tensor:
-        """`apply_penalties` for the rows that ask. A decode row whose input token is still
-        PENDING on the host counts it from `inputs`, the step's input ids on the device."""
-        r, v = logits.shape
-        factors = [[1.0, 0.0, 0.0] for _ in range(r)]
-        prompt_at: tuple[list[int], list[int]] = ([], [])
-        output_at: tuple[list[int], list[int]] = ([], [])
-        pending = []
-        for i, s in enumerate(rows):
-            p = s.penalties
-            if p is None:
-                continue
-            factors[i] = [p.repetition, p.frequency, p.presence]
-            prompt_at[0].extend([i] * len(p.prompt_ids))
-            prompt_at[1].extend(p.prompt_ids)
-            output_at[0].extend([i] * len(p.output_ids))
-            output_at[1].extend(p.output_ids)
-            if inputs is not None and s.token_ids[0] == PENDING:
-                pending.append(i)
-        dev = logits.device
-
-        def on_device(data: list) -> torch.Tensor:
-            return torch.tensor(data, dtype=torch.int64).to(dev, non_blocking=True)
-
-        in_prompt = torch.zeros(r, v, dtype=torch.bool, device=dev)
-        in_prompt[on_device(prompt_at[0]), on_device(prompt_at[1])] = True
-        counts = torch.zeros(r, v, dtype=torch.float32, device=dev)
-        ones = torch.ones(len(output_at[0]), device=dev)
-        counts.index_put_((on_device(output_at[0]), on_device(output_at[1])), ones, True)
-        if pending:
-            rows_t = on_device(pending)
-            ones = torch.ones(len(pending), device=dev)
-            counts.index_put_((rows_t, inputs[rows_t]), ones, True)
-        f = torch.tensor(factors, dtype=torch.float32).to(dev, non_blocking=True)
-        return apply_penalties(logits, in_prompt, counts, f[:, 0], f[:, 1], f[:, 2])
-
-    def _mask_banned(self, logits: torch.Tensor, rows: list[ScheduledSeq]) -> torch.Tensor:
-        """logits with each row's banned tokens at -inf (a copy: graph outputs stay intact)."""
-        pairs = [
-            (i, t) for i, s in enumerate(rows) for t in s.banned_token_ids if t < self.vocab_size
-        ]
-        if not pairs:
-            return logits
-        index = torch.tensor(pairs, dtype=torch.int64).T.to(logits.device, non_blocking=True)
-        return logits.index_put(tuple(index), torch.tensor(float("-inf"), device=logits.device))
+        return self._readback.send(sampled, logprobs, prompt_lps)
 
     def _pending_inputs(self, plan: StepPlan) -> list[int] | None:
         """For each row, the index of its input token among the previous step's sampled tokens,
