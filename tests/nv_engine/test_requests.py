@@ -607,3 +607,31 @@ def test_include_stop_str_and_special_tokens_in_text(llm):
     assert special in kept["token_ids"] and kept["token_ids"] == dropped["token_ids"]
     assert "<|im_end|>" in kept["text"] and "<|im_end|>" not in dropped["text"]
     assert kept["text"] == tok.decode(kept["token_ids"], skip_special_tokens=False)
+
+
+def test_every_sampling_feature_in_bfloat16(text_model):
+    # the GPU's dtype: logits processors and logprobs must take bf16 logits
+    p = SamplingParams(
+        temperature=0.7,
+        seed=1,
+        max_tokens=8,
+        min_tokens=4,
+        top_k=20,
+        logprobs=2,
+        prompt_logprobs=1,
+        repetition_penalty=1.2,
+        presence_penalty=0.5,
+        n=2,
+    )
+    kw = dict(device="cpu", dtype="bfloat16", kvcache_block_size=4)
+    with LLM(str(text_model), **kw) as llm:
+        assert llm.model_runner.dtype == torch.bfloat16
+        outs = llm.generate(PROMPTS, p, use_tqdm=False)
+        bm = llm.scheduler.block_manager
+        assert bm.num_free_blocks == bm.num_blocks
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        assert len(out["outputs"]) == 2
+        for c in out["outputs"]:
+            assert 4 <= len(c["token_ids"]) == len(c["logprobs"]) <= 8
+            assert all(lp <= 0 for e in c["logprobs"] for lp in e.values())
+        assert len(out["prompt_logprobs"]) == len(llm.tokenizer.encode(prompt))

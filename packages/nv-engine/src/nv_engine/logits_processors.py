@@ -64,7 +64,8 @@ def mask_banned(logits: torch.Tensor, rows: list[ScheduledSeq]) -> torch.Tensor:
     if not pairs:
         return logits
     index = torch.tensor(pairs, dtype=torch.int64).T.to(logits.device, non_blocking=True)
-    return logits.index_put(tuple(index), torch.tensor(float("-inf"), device=logits.device))
+    ninf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+    return logits.index_put(tuple(index), ninf)
 
 
 def prompt_logprobs(

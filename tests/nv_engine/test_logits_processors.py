@@ -1,0 +1,43 @@
+"""The per-request logits processors on their own, in the dtypes the GPU gives them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nv_engine.logits_processors import mask_banned, penalized
+from nv_engine.plan import PenaltyInputs, ScheduledSeq
+from nv_engine.sequence import PENDING
+
+
+def _row(token, banned=(), penalties=None):
+    return ScheduledSeq(0, [token], 0, [0], True, banned_token_ids=banned, penalties=penalties)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_mask_banned_keeps_dtype_and_the_input(dtype):
+    logits = torch.randn(3, 10).to(dtype)
+    before = logits.clone()
+    out = mask_banned(logits, [_row(1, (2, 5)), _row(1), _row(1, (0, 99))])  # 99: past vocab
+    assert out.dtype == dtype and torch.equal(logits, before)  # a copy
+    assert out[0, [2, 5]].isinf().all() and out[2, 0].isinf()
+    assert out.isinf().sum() == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_penalized_counts_a_pending_input_from_the_device(dtype):
+    v = 8
+    logits = torch.full((2, v), 2.0).to(dtype)
+    pen = PenaltyInputs(1.0, 1.0, 0.0, (), (3, 3))
+    rows = [_row(PENDING, penalties=pen), _row(5)]  # row 0's input is still being sampled
+    inputs = torch.tensor([4, 5])  # ... and is token 4 on the device
+    out = penalized(logits, rows, inputs)
+    assert out.dtype == torch.float32
+    want = torch.full((2, v), 2.0)
+    want[0, 3] -= 2  # counted twice in the host's history
+    want[0, 4] -= 1  # the pending token
+    torch.testing.assert_close(out, want)
+    # a prefill step (no inputs): only the host's history counts
+    out = penalized(logits, rows, None)
+    want[0, 4] = 2.0
+    torch.testing.assert_close(out, want)
