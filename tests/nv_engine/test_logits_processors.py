@@ -41,3 +41,14 @@ def test_penalized_counts_a_pending_input_from_the_device(dtype):
     out = penalized(logits, rows, None)
     want[0, 4] = 2.0
     torch.testing.assert_close(out, want)
+
+
+def test_memory_profile_of_the_logits_processors_runs(tmp_path):
+    # on CUDA it runs inside the KV-cache sizing; here it is called directly
+    from nv_testing import save_tiny_qwen3
+
+    from nv_engine import LLM
+
+    save_tiny_qwen3(tmp_path)
+    with LLM(str(tmp_path), device="cpu", max_num_seqs=4, dtype="bfloat16") as llm:
+        llm.model_runner._profile_logits_processors()

@@ -11,9 +11,9 @@ from nv_engine.plan import ScheduledSeq, StepPlan
 from nv_engine.sequence import PENDING
 from nv_kernels.sampler import apply_penalties, token_logprobs
 
-# prompt_logprobs: positions projected onto the vocabulary at once (bounds the [rows, vocab]
-# float32 logits: ~0.3 GB at Qwen3's 151,936 tokens)
-PROMPT_LOGPROBS_ROWS = 512
+# prompt_logprobs: positions projected onto the vocabulary at once (ModelRunner's memory
+# profile makes room for [rows, vocab] temporaries of this many rows)
+PROMPT_LOGPROBS_ROWS = 256
 
 
 def _on_device(data: list, device: torch.device) -> torch.Tensor:

@@ -10,8 +10,13 @@ import torch.distributed as dist
 
 from nv_engine.config import Config
 from nv_engine.cuda_graphs import DecodeGraphs
-from nv_engine.logits_processors import mask_banned, penalized, prompt_logprobs
-from nv_engine.plan import ScheduledSeq, StepPlan
+from nv_engine.logits_processors import (
+    PROMPT_LOGPROBS_ROWS,
+    mask_banned,
+    penalized,
+    prompt_logprobs,
+)
+from nv_engine.plan import PenaltyInputs, ScheduledSeq, StepPlan
 from nv_engine.sequence import PENDING
 from nv_engine.staging import DeviceToHost, HostToDevice, SampledTokens
 from nv_engine.workers import local_device_index
@@ -157,7 +162,17 @@ class ModelRunner:
         self.model(ids, pos, meta)
         if self.sampler is not None:  # every filter on: the sampler's largest footprint
             self._sample_random(c.max_num_seqs, temperature=1.0, top_k=5, top_p=0.9, min_p=0.1)
+            self._profile_logits_processors()
         torch.cuda.synchronize(self.device)
+
+    def _profile_logits_processors(self) -> None:
+        """Penalties and logprobs on every row of the largest batch (or of a prompt-logprobs
+        chunk): their [rows, vocab] temporaries, the largest footprint of the rarer work."""
+        n = max(self.config.max_num_seqs, PROMPT_LOGPROBS_ROWS)
+        row = ScheduledSeq(0, [0], 0, [0], True, penalties=PenaltyInputs(1.1, 0.1, 0.1, (0,), (0,)))
+        logits = torch.randn(n, self.vocab_size, device=self.device, dtype=self.dtype)
+        logits = penalized(logits, [row] * n, None)
+        token_logprobs(logits, torch.zeros(n, dtype=torch.int64, device=self.device), 20)
 
     @torch.inference_mode()
     def _warm_up_prefill_with_context(self) -> None:
