@@ -207,3 +207,19 @@ def test_external_backend_needs_the_rendezvous_env(tmp_path, monkeypatch):
             tensor_parallel_size=2,
             distributed_executor_backend="external",
         )
+
+
+@pytest.mark.slow
+def test_failed_start_raises_its_own_error_and_leaves_no_worker(tmp_path, monkeypatch):
+    import nv_engine.workers as workers
+
+    def broken(config, rank, store):  # rank 0 fails to join, after its workers were spawned
+        raise RuntimeError("rank 0 could not join")
+
+    save_tiny_qwen3(tmp_path, seed=1)
+    monkeypatch.setattr(workers, "init_distributed", broken)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 0 could not join"):
+        LLM(str(tmp_path), device="cpu", tensor_parallel_size=2, distributed_timeout_s=20)
+    assert not mp.active_children()  # the spawned worker was terminated, not left behind
+    assert time.monotonic() - started < 60

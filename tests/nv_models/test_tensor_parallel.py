@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from datetime import timedelta
 
 import pytest
@@ -41,6 +43,11 @@ def _worker(rank, world, port, path, ids, pos, cu, out_file):
         dist.barrier()  # leave together: a rank tearing down early can abort its peer
     finally:
         dist.destroy_process_group()
+    # After a clean destroy, torch's gloo (2.13, CPU) still aborts in a few % of runs during
+    # the interpreter's teardown ("terminate called without an active exception"): the logits
+    # are saved, so leave without that teardown.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 @pytest.mark.slow

@@ -137,6 +137,27 @@ def cmd_worker(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from nv_engine import LLM
+    from nv_engine.server import EngineLoop, OpenAIServer
+
+    llm = LLM(a.model, **_engine_kwargs(a))
+    loop = EngineLoop(llm)
+    loop.start()
+    server = OpenAIServer((a.host, a.port), loop, a.served_model_name or a.model)
+    host, port = server.server_address[:2]
+    print(f"[nv] serving {a.model} at http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        loop.stop()
+        llm.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nv-engine", description="nv inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -171,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--" + name.replace("_", "-"), type=int, default=workload[name].default)
     _engine_args(b)
     b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, chat)")
+    s.add_argument("--model", required=True, help="Hugging Face model dir")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    s.add_argument("--served-model-name", default=None, help="the model's name in the API")
+    _engine_args(s)
+    s.set_defaults(func=cmd_serve)
 
     w = sub.add_parser(
         "worker",

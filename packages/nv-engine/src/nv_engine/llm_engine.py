@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import dataclasses
 import logging
 import operator
 import random
@@ -19,7 +18,7 @@ from nv_engine.model_files import (
     sampling_defaults,
 )
 from nv_engine.model_runner import ModelRunner
-from nv_engine.sampling_params import SamplingParams
+from nv_engine.sampling_params import SamplingParams, expand_n
 from nv_engine.scheduler import Scheduler
 from nv_engine.sequence import Sequence
 from nv_engine.workers import ExternalWorkers, WorkerPool
@@ -107,7 +106,9 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------------
 
-    def _token_ids(self, prompt: Prompt, index: int | None = None) -> list[int]:
+    def prompt_token_ids(self, prompt: Prompt, index: int | None = None) -> list[int]:
+        """A prompt's token ids, validated (ids in the vocabulary, the length schedulable);
+        `index` names it in errors as prompts[index]."""
         where = "prompt" if index is None else f"prompts[{index}]"
         if isinstance(prompt, dict):
             keys = set(prompt) & {"prompt", "prompt_token_ids"}
@@ -155,7 +156,7 @@ class LLMEngine:
         params = _checked_params(sampling_params, self.default_sampling)
         if params.n != 1:
             raise ValueError(f"add_request takes n=1 (got n={params.n}); generate() takes n > 1")
-        return self._add(self._token_ids(prompt), params)
+        return self._add(self.prompt_token_ids(prompt), params)
 
     def _add(self, token_ids: list[int], params: SamplingParams) -> int:
         seed = (
@@ -305,14 +306,14 @@ class LLMEngine:
             raise ValueError(
                 f"got {len(prompts)} prompts but {len(sampling_params)} sampling_params"
             )
-        token_ids = [self._token_ids(p, i) for i, p in enumerate(prompts)]
+        token_ids = [self.prompt_token_ids(p, i) for i, p in enumerate(prompts)]
         sampling_params = [_checked_params(p, self.default_sampling) for p in sampling_params]
         ids: list[int] = []
         groups: list[list[int]] = []  # the request ids of each prompt's n completions
         outputs: dict[int, dict[str, Any]] = {}
         try:
             for t, p in zip(token_ids, sampling_params, strict=True):
-                groups.append([self._add(t, child) for child in _children(p)])
+                groups.append([self._add(t, child) for child in expand_n(p)])
                 ids += groups[-1]
             pending = set(ids)
             bar = tqdm(total=len(ids), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
@@ -353,29 +354,46 @@ class LLMEngine:
         a list of them, each rendered with the tokenizer's chat template and generated from
         (`chat_template_kwargs` go to the template, e.g. {"enable_thinking": False} for Qwen3).
         Returns what `generate` returns, one dict per conversation."""
-        tok = self.tokenizer
-        if tok is None or not getattr(tok, "chat_template", None):
-            raise ValueError("chat needs a tokenizer with a chat template")
         if not isinstance(messages, (list, tuple)) or not messages:
             raise TypeError("messages must be a conversation (a list of dicts) or a list of them")
         single = isinstance(messages[0], dict)
         conversations = [messages] if single else list(messages)
-        prompts = []
-        for i, conv in enumerate(conversations):
-            where = "messages" if single else f"messages[{i}]"
-            if not isinstance(conv, (list, tuple)) or not all(
-                isinstance(m, dict) and "role" in m and "content" in m for m in conv
-            ):
-                raise ValueError(f"{where} must be a list of dicts with 'role' and 'content'")
-            text = tok.apply_chat_template(
-                list(conv),
-                tokenize=False,
-                add_generation_prompt=add_generation_prompt,
-                **(chat_template_kwargs or {}),
-            )
-            # the template writes the special tokens (BOS included) itself
-            prompts.append({"prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+        prompts = [
+            {
+                "prompt_token_ids": self.chat_prompt_ids(
+                    conv,
+                    add_generation_prompt,
+                    chat_template_kwargs,
+                    where="messages" if single else f"messages[{i}]",
+                )
+            }
+            for i, conv in enumerate(conversations)
+        ]
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def chat_prompt_ids(
+        self,
+        conversation: Seq[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        where: str = "messages",
+    ) -> list[int]:
+        """One conversation rendered with the tokenizer's chat template, as token ids (the
+        template writes the special tokens, BOS included, itself)."""
+        tok = self.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise ValueError("chat needs a tokenizer with a chat template")
+        if not isinstance(conversation, (list, tuple)) or not all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in conversation
+        ):
+            raise ValueError(f"{where} must be a list of dicts with 'role' and 'content'")
+        text = tok.apply_chat_template(
+            list(conversation),
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **(chat_template_kwargs or {}),
+        )
+        return tok.encode(text, add_special_tokens=False)
 
 
 _COMPLETION_KEYS = ("text", "token_ids", "finish_reason", "logprobs", "cumulative_logprob")
@@ -385,17 +403,6 @@ def _grouped(outs: list[dict[str, Any]]) -> dict[str, Any]:
     """One prompt's result: the first completion's fields, and `outputs` with every completion
     (vLLM's RequestOutput.outputs)."""
     return {**outs[0], "outputs": [{k: o[k] for k in _COMPLETION_KEYS} for o in outs]}
-
-
-def _children(params: SamplingParams) -> list[SamplingParams]:
-    """The n single-completion requests of `params` (the i-th seeded with seed + i)."""
-    if params.n == 1:
-        return [params]
-    seed = params.seed
-    return [
-        dataclasses.replace(params, n=1, seed=None if seed is None else seed + i)
-        for i in range(params.n)
-    ]
 
 
 def _checked_params(params: SamplingParams | None, defaults: dict[str, Any]) -> SamplingParams:

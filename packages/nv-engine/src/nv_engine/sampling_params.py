@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -110,6 +111,17 @@ class SamplingParams:
             or self.frequency_penalty != 0
             or self.presence_penalty != 0
         )
+
+
+def expand_n(params: SamplingParams) -> list[SamplingParams]:
+    """The n single-completion requests of `params` (the i-th seeded with seed + i)."""
+    if params.n == 1:
+        return [params]
+    seed = params.seed
+    return [
+        dataclasses.replace(params, n=1, seed=None if seed is None else seed + i)
+        for i in range(params.n)
+    ]
 
 
 def _check_number(name: str, value: object, kind: type) -> None:

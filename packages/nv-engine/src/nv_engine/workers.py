@@ -217,14 +217,16 @@ class WorkerPool:
         self.channel.send(plan, self.check_alive)
 
     def close(self) -> None:
-        if self.channel is not None:
+        if self.channel is not None and self.procs:
             try:
                 if all(p.is_alive() for p in self.procs):
                     self.channel.send(_EXIT, self.check_alive)
-                    dist.barrier()
+                    if dist.is_initialized():  # not when start() failed before joining
+                        dist.barrier()
             except (WorkerError, RuntimeError):
                 pass  # a worker died meanwhile: it is terminated below
-        deadline = time.monotonic() + 10
+        # workers that never joined rank 0 (start() failed) cannot leave by themselves
+        deadline = time.monotonic() + (10 if dist.is_initialized() else 0)
         for proc in self.procs:
             proc.join(max(0.1, deadline - time.monotonic()))
             if proc.is_alive():
