@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import torch
+
 from nv_engine.llm_engine import LLMEngine
 from nv_engine.sampling_params import SamplingParams, expand_n
 
@@ -80,6 +82,9 @@ class EngineLoop:
         return future
 
     def _run(self) -> None:
+        device = self.engine.model_runner.device
+        if device.type == "cuda":  # a new thread's current device is cuda:0 (Triton uses it)
+            torch.cuda.set_device(device)
         while not self._stop.is_set():
             self._take_submissions(wait=self.engine.is_finished())
             if self.engine.is_finished():
