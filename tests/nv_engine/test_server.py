@@ -160,3 +160,24 @@ def test_serve_command(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
+
+
+def test_a_failed_step_fails_waiting_and_later_requests(tmp_path):
+    from nv_testing import save_tiny_qwen3
+
+    save_tiny_qwen3(tmp_path)
+    with LLM(str(tmp_path), device="cpu") as llm:
+
+        def broken_step():
+            raise RuntimeError("device lost")
+
+        llm.step = broken_step
+        loop = EngineLoop(llm)
+        loop.start()
+        first = loop.submit(lambda e: [e.add_request([5, 6], SamplingParams(max_tokens=2))])
+        with pytest.raises(RuntimeError, match="device lost"):
+            first.result(timeout=60)
+        later = loop.submit(lambda e: [])
+        with pytest.raises(RuntimeError, match="device lost"):
+            later.result(timeout=60)  # answered, not left hanging
+        loop.stop()

@@ -60,13 +60,15 @@ class _Group:
 class EngineLoop:
     """Steps `engine` on its own thread. `submit(add)` runs `add(engine)` on that thread (it
     queues requests and returns their ids) and returns a Future of their outputs; an error in
-    `add` (a bad prompt or parameter) becomes the Future's exception, queueing nothing."""
+    `add` (a bad prompt or parameter) becomes the Future's exception, queueing nothing. If a
+    step fails, the engine is done: every waiting and later submission gets that error."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self._inbox: queue.Queue[tuple[AddRequests, Future]] = queue.Queue()
         self._groups: dict[int, _Group] = {}  # by request id
         self._stop = threading.Event()
+        self.error: Exception | None = None  # what stopped the engine
         self._thread = threading.Thread(target=self._run, name="nv-engine-loop", daemon=True)
 
     def start(self) -> None:
@@ -79,6 +81,8 @@ class EngineLoop:
     def submit(self, add: AddRequests) -> Future:
         future: Future = Future()
         self._inbox.put((add, future))
+        if self.error is not None:  # (after the put: the loop may be draining the inbox)
+            self._fail_inbox(self.error)
         return future
 
     def _run(self) -> None:
@@ -91,11 +95,13 @@ class EngineLoop:
                 continue
             try:
                 done = self.engine.step()
-            except Exception as e:  # the engine cannot go on: fail everything waiting
+            except Exception as e:  # the engine cannot go on
+                self.error = e
                 for group in {id(g): g for g in self._groups.values()}.values():
                     group.future.set_exception(e)
                 self._groups.clear()
-                raise
+                self._fail_inbox(e)
+                return
             for out in done:
                 group = self._groups.pop(out["request_id"], None)
                 if group is None:
@@ -103,6 +109,15 @@ class EngineLoop:
                 group.outputs[out["request_id"]] = out
                 if len(group.outputs) == len(group.ids):
                     group.future.set_result([group.outputs[i] for i in group.ids])
+
+    def _fail_inbox(self, error: Exception) -> None:
+        while True:
+            try:
+                _, future = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if not future.done():
+                future.set_exception(error)
 
     def _take_submissions(self, wait: bool) -> None:
         try:
