@@ -70,3 +70,11 @@ class TokenLogprobs:
     sampled: list[float]  # the sampled token's
     top_ids: list[list[int]]  # the k most likely tokens, most likely first
     top: list[list[float]]  # their log-probabilities
+
+    def entry(self, row: int, token: int, k: int) -> dict[int, float]:
+        """Row `row` as {token id: logprob}: `token` (the sampled or target one) first, then
+        the k most likely (computed for the step's largest k; trimmed to this request's)."""
+        entry = {token: self.sampled[row]}
+        for t, v in zip(self.top_ids[row][:k], self.top[row], strict=False):
+            entry.setdefault(t, v)
+        return entry

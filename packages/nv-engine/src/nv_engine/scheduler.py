@@ -217,10 +217,7 @@ class Scheduler:
             end = s.start_pos + len(s.token_ids)  # index of the sampled token
             seq.token_ids[end] = token
             if logprobs is not None and s.logprobs is not None:
-                entry = {token: logprobs.sampled[j]}
-                for t, lp in zip(logprobs.top_ids[j][: s.logprobs], logprobs.top[j], strict=False):
-                    entry.setdefault(t, lp)
-                seq.logprobs.append(entry)
+                seq.logprobs.append(logprobs.entry(j, token, s.logprobs))
                 seq.cumulative_logprob += logprobs.sampled[j]
             if seq.status is SequenceStatus.RUNNING:  # not preempted since
                 if bm.num_tokens(seq.seq_id) > end:  # step t+1 already holds its slot
@@ -235,6 +232,8 @@ class Scheduler:
         return finished
 
     def _record_prompt_logprobs(self, plan: StepPlan, lp: TokenLogprobs) -> None:
+        """Append each asking chunk's entries to its request's prompt_logprobs (`lp` holds
+        them chunk after chunk, in plan order)."""
         row = 0
         for s in plan.seqs:
             if s.prompt_logprobs is None:
@@ -245,10 +244,7 @@ class Scheduler:
                 j = row + i
                 # entry for token start + i + 1; a recomputed chunk (after preemption) adds nothing
                 if seq is not None and len(seq.prompt_logprobs) == s.start_pos + i + 1:
-                    entry = {target: lp.sampled[j]}
-                    for t, v in zip(lp.top_ids[j][:k], lp.top[j], strict=False):
-                        entry.setdefault(t, v)
-                    seq.prompt_logprobs.append(entry)
+                    seq.prompt_logprobs.append(lp.entry(j, target, k))
             row += len(targets)
 
     def _is_done(self, seq: Sequence, length: int) -> bool:
