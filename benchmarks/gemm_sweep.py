@@ -77,12 +77,17 @@ def check(out, ref) -> None:
     assert err <= 2e-2 * scale + 1e-2, (err, scale)
 
 
-def main(rows: list[int], sweep: bool, wide: bool = False) -> None:
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    weights = {
+def layer_weights() -> dict[str, list[torch.Tensor]]:
+    """Distinct random weights of every layer for each of SHAPES (on the GPU)."""
+    return {
         name: [torch.randn(n, k, device="cuda", dtype=DT) * 0.05 for _ in range(LAYERS)]
         for name, (n, k, _) in SHAPES.items()
     }
+
+
+def main(rows: list[int], sweep: bool, wide: bool = False) -> None:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    weights = layer_weights()
     summary = []
     for m in rows:
         xs = {

@@ -30,7 +30,7 @@ from nv_kernels.rms_norm import rms_norm_triton
 from nv_kernels.skinny_gemm import SkinnyConfig, default_config, skinny_gemm
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from gemm_sweep import DT, LAYERS, SHAPES, graph_us  # the same four decode GEMMs
+from gemm_sweep import DT, LAYERS, SHAPES, graph_us, layer_weights  # the same decode GEMMs
 
 SWEEP_ROWS = (1, 16)  # row counts whose configurations are swept (the others run the defaults)
 
@@ -71,10 +71,7 @@ def candidates(m: int, n: int, k: int, gated: bool):
 
 def main(rows: list[int], sweep_rows: tuple[int, ...] = SWEEP_ROWS) -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    weights = {
-        name: [torch.randn(n, k, device="cuda", dtype=DT) * 0.05 for _ in range(LAYERS)]
-        for name, (n, k, _) in SHAPES.items()
-    }
+    weights = layer_weights()
     table = []
     for m in rows:
         x = torch.randn(m, 1024, device="cuda", dtype=DT)

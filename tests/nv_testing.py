@@ -156,8 +156,11 @@ def shared_prefix_prompts(lens: list[int], seed: int = 11, vocab: int = 512) -> 
 
 
 @torch.no_grad()
-def hf_greedy(hf, prompts: list[list[int]], max_new: list[int], eos: int) -> list[list[int]]:
-    """transformers' greedy `generate`, one prompt at a time, cut after the first EOS."""
+def hf_greedy(
+    hf, prompts: list[list[int]], max_new: list[int], eos: int | None = None
+) -> list[list[int]]:
+    """transformers' greedy `generate`, one prompt at a time, cut after the first EOS (None:
+    no EOS, every prompt runs to its max_new)."""
     device = next(hf.parameters()).device
     refs = []
     for p, n in zip(prompts, max_new, strict=True):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from nv_testing import hf_greedy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nv_engine import LLM, SamplingParams
@@ -41,10 +42,7 @@ def test_chat_renders_the_template_and_matches_hf(demo_dir):
         assert text.endswith("<|im_start|>assistant\n")
         ids = tok.encode(text, add_special_tokens=False)
         assert out["prompt_token_ids"] == ids
-        ref = hf.generate(
-            torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None
-        )[0, len(ids) :].tolist()
-        assert out["token_ids"] == ref
+        assert [out["token_ids"]] == hf_greedy(hf, [ids], [6])
 
 
 def test_chat_bad_input_is_a_clear_error(demo_dir, tmp_path):

@@ -233,6 +233,10 @@ def test_bad_model_dirs(tmp_path, text_model):
         LLM(str(text_model), pdl_max_batch_size=-1)
     with pytest.raises(TypeError, match="pdl_max_batch_size must be an int"):
         LLM(str(text_model), pdl_max_batch_size="64")
+    with pytest.raises(ValueError, match="max_logprobs must be >= 0"):
+        LLM(str(text_model), max_logprobs=-1)
+    with pytest.raises(ValueError, match="prompt_logprobs_chunk must be >= 1"):
+        LLM(str(text_model), prompt_logprobs_chunk=0)
     with LLM(str(text_model), device="cpu", pdl_max_batch_size=0) as llm:  # 0: PDL off
         assert len(llm.generate(["ok"], SamplingParams(max_tokens=2), use_tqdm=False)) == 1
     with LLM(str(text_model), device="cpu") as llm:  # a valid one still works
@@ -546,7 +550,8 @@ def test_default_sampling_params_from_generation_config(text_model, tmp_path, ca
         assert (d.temperature, d.top_k, d.top_p, d.max_tokens) == (0.6, 20, 0.95, 7)
         assert d.min_p == 0.0 and d.repetition_penalty == 1.0  # not in the file: ours
         out = llm.generate([PROMPTS[0]], use_tqdm=False)[0]
-        assert len(out["token_ids"]) == 7 or out["finish_reason"] == "stop"
+        n = len(out["token_ids"])
+        assert n == 7 if out["finish_reason"] == "length" else n < 7  # max_new_tokens=7
         explicit = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=3), use_tqdm=False)[0]
         assert len(explicit["token_ids"]) <= 3
     gen["top_p"] = 1.5  # invalid: warned about and ignored
@@ -635,3 +640,26 @@ def test_every_sampling_feature_in_bfloat16(text_model):
             assert 4 <= len(c["token_ids"]) == len(c["logprobs"]) <= 8
             assert all(lp <= 0 for e in c["logprobs"] for lp in e.values())
         assert len(out["prompt_logprobs"]) == len(llm.tokenizer.encode(prompt))
+
+
+def test_logprobs_above_max_logprobs_rejected_and_chunked_prompt_logprobs(text_model):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(text_model, dtype=torch.float32).eval()
+    kw = dict(device="cpu", kvcache_block_size=4, max_logprobs=3, prompt_logprobs_chunk=5)
+    with LLM(str(text_model), **kw) as llm:
+        for name in ("logprobs", "prompt_logprobs"):
+            with pytest.raises(ValueError, match=f"{name}=4 is more than max_logprobs=3"):
+                llm.generate(["a"], SamplingParams(max_tokens=2, **{name: 4}), use_tqdm=False)
+        p = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3)
+        out = llm.generate([PROMPTS[3]], p, use_tqdm=False)[0]  # projected 5 positions at a time
+        bm = llm.scheduler.block_manager
+        assert bm.num_free_blocks == bm.num_blocks
+    ids = out["prompt_token_ids"]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].log_softmax(-1)
+    got = out["prompt_logprobs"]
+    assert len(got) == len(ids) > 5 * 3
+    for i in range(1, len(ids)):
+        assert set(got[i]) == {ids[i], *ref[i - 1].topk(3).indices.tolist()}
+        assert abs(got[i][ids[i]] - ref[i - 1, ids[i]].item()) <= 1e-4

@@ -218,8 +218,6 @@ def test_failed_start_raises_its_own_error_and_leaves_no_worker(tmp_path, monkey
 
     save_tiny_qwen3(tmp_path, seed=1)
     monkeypatch.setattr(workers, "init_distributed", broken)
-    started = time.monotonic()
     with pytest.raises(RuntimeError, match="rank 0 could not join"):
         LLM(str(tmp_path), device="cpu", tensor_parallel_size=2, distributed_timeout_s=20)
     assert not mp.active_children()  # the spawned worker was terminated, not left behind
-    assert time.monotonic() - started < 60

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nv_testing import TINY, hf_logits, load_ours
+from nv_testing import TINY, hf_greedy, hf_logits, load_ours
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -33,6 +33,26 @@ def _save(path, cls, config_cls, arch, **kw):
     return model
 
 
+def _assert_matches_hf(hf, path, prompt: list[int], max_new: int, block_size: int) -> None:
+    """Our logits for `prompt` (one packed prefill) within 1e-4 of HF's, and the engine's greedy
+    tokens equal to HF's `generate`."""
+    ours = load_ours(path)
+    n = len(prompt)
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    meta = AttentionMetadata(True, torch.full((n,), -1), None, None, cu, cu, n, n)
+    with torch.no_grad():
+        logits = ours.compute_logits(ours(torch.tensor(prompt), torch.arange(n), meta))
+    assert (logits - hf_logits(hf, prompt)).abs().max().item() <= 1e-4
+    (ref,) = hf_greedy(hf, [prompt], [max_new])
+    with LLM(str(path), device="cpu", kvcache_block_size=block_size) as llm:
+        out = llm.generate(
+            [prompt],
+            SamplingParams(temperature=0, max_tokens=max_new, ignore_eos=True),
+            use_tqdm=False,
+        )[0]
+    assert out["token_ids"] == ref
+
+
 @pytest.mark.parametrize(
     "cls,config_cls,arch,kw",
     [
@@ -46,25 +66,8 @@ def _save(path, cls, config_cls, arch, **kw):
 )
 def test_logits_and_greedy_match_hf(tmp_path, cls, config_cls, arch, kw):
     hf = _save(tmp_path, cls, config_cls, arch, **kw)
-    ours = load_ours(tmp_path)
     prompt = torch.randint(3, 512, (13,), generator=torch.Generator().manual_seed(1)).tolist()
-    cu = torch.tensor([0, 13], dtype=torch.int32)
-    meta = AttentionMetadata(True, torch.full((13,), -1), None, None, cu, cu, 13, 13)
-    with torch.no_grad():
-        logits = ours.compute_logits(ours(torch.tensor(prompt), torch.arange(13), meta))
-    assert (logits - hf_logits(hf, prompt)).abs().max().item() <= 1e-4
-    ref = hf.generate(
-        torch.tensor([prompt]),
-        max_new_tokens=12,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )[0, 13:].tolist()
-    with LLM(str(tmp_path), device="cpu", kvcache_block_size=4) as llm:
-        out = llm.generate(
-            [prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False
-        )[0]
-    assert out["token_ids"] == ref
+    _assert_matches_hf(hf, tmp_path, prompt, max_new=12, block_size=4)
 
 
 LLAMA3 = dict(
@@ -89,25 +92,13 @@ YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=128)
 )
 def test_rope_scaling_matches_hf(tmp_path, cls, config_cls, arch, scaling):
     hf = _save(tmp_path, cls, config_cls, arch, head_dim=16, rope_scaling=dict(scaling))
-    ours = load_ours(tmp_path)
     default = torch.arange(0, 16, 2).float() / 16
     default_table = torch.outer(torch.arange(512).float(), 1.0 / 10000.0**default).cos()
-    assert not torch.allclose(ours.model.rotary_emb.cos_sin_cache[:, :8], default_table)
-    n = 90  # past the llama3 / yarn original context, so every frequency band is exercised
-    prompt = torch.randint(3, 512, (n,), generator=torch.Generator().manual_seed(2)).tolist()
-    cu = torch.tensor([0, n], dtype=torch.int32)
-    meta = AttentionMetadata(True, torch.full((n,), -1), None, None, cu, cu, n, n)
-    with torch.no_grad():
-        logits = ours.compute_logits(ours(torch.tensor(prompt), torch.arange(n), meta))
-    assert (logits - hf_logits(hf, prompt)).abs().max().item() <= 1e-4
-    ref = hf.generate(
-        torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0
-    )[0, n:].tolist()
-    with LLM(str(tmp_path), device="cpu", kvcache_block_size=16) as llm:
-        out = llm.generate(
-            [prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False
-        )[0]
-    assert out["token_ids"] == ref
+    table = load_ours(tmp_path).model.rotary_emb.cos_sin_cache
+    assert not torch.allclose(table[:, :8], default_table)  # the scaling changes the table
+    # 90 tokens: past the llama3 / yarn original context, so every frequency band is exercised
+    prompt = torch.randint(3, 512, (90,), generator=torch.Generator().manual_seed(2)).tolist()
+    _assert_matches_hf(hf, tmp_path, prompt, max_new=8, block_size=16)
 
 
 def test_unsupported_rope_scaling_is_a_clear_error(tmp_path):
@@ -133,11 +124,4 @@ def test_sliding_window_caps_max_model_len(tmp_path):
         with pytest.raises(ValueError, match="max_model_len=24"):
             llm.generate([prompt * 3], SamplingParams(max_tokens=1), use_tqdm=False)
     assert out["finish_reason"] == "length" and len(out["token_ids"]) == 14
-    ref = hf.generate(
-        torch.tensor([prompt]),
-        max_new_tokens=14,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )[0, 10:].tolist()
-    assert out["token_ids"] == ref
+    assert [out["token_ids"]] == hf_greedy(hf, [prompt], [14])

@@ -55,6 +55,12 @@ class Config:
     # Decode graphs of up to this many rows launch nv's kernels with programmatic dependent
     # launch (Hopper and newer; 0: never). benchmarks/pdl_sweep.py: it pays up to 64 rows.
     pdl_max_batch_size: int = 64
+    # SamplingParams.logprobs / prompt_logprobs ask for at most this many top tokens (vLLM's
+    # max_logprobs); the memory profile makes room for that many on the largest batch
+    max_logprobs: int = 20
+    # prompt_logprobs: prompt positions projected onto the vocabulary at once (bounds their
+    # [positions, vocab] float32 temporaries, which the memory profile makes room for)
+    prompt_logprobs_chunk: int = 256
     cpu_kvcache_bytes: int = 1 << 30  # KV budget on CPU when num_kvcache_blocks is None
     cuda_graph_reserve_bytes: int = 1 << 30  # kept free for CUDA graphs and the allocator
     seed: int = 0  # seeds requests that set no seed of their own (deterministically, in order)
@@ -92,6 +98,8 @@ class Config:
             _positive_int("num_kvcache_blocks", self.num_kvcache_blocks)
         _positive_int("cpu_kvcache_bytes", self.cpu_kvcache_bytes)
         _int_at_least("pdl_max_batch_size", self.pdl_max_batch_size, 0)
+        _int_at_least("max_logprobs", self.max_logprobs, 0)
+        _positive_int("prompt_logprobs_chunk", self.prompt_logprobs_chunk)
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not (
             0 < self.gpu_memory_utilization <= 1
         ):

@@ -153,10 +153,24 @@ class LLMEngine:
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> int:
         """Queue one request; returns its id. Raises ValueError/TypeError (and queues nothing)
         for a bad prompt or parameters."""
-        params = _checked_params(sampling_params, self.default_sampling)
+        params = self._checked_params(sampling_params)
         if params.n != 1:
             raise ValueError(f"add_request takes n=1 (got n={params.n}); generate() takes n > 1")
         return self._add(self.prompt_token_ids(prompt), params)
+
+    def _checked_params(self, params: SamplingParams | None) -> SamplingParams:
+        """`params`, or the model's defaults for None; a TypeError for another type, a ValueError
+        for more logprobs than Config.max_logprobs."""
+        if params is None:
+            return SamplingParams(**self.default_sampling)
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        limit = self.config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > limit:
+                raise ValueError(f"{name}={k} is more than max_logprobs={limit} (a Config field)")
+        return params
 
     def _add(self, token_ids: list[int], params: SamplingParams) -> int:
         seed = (
@@ -204,13 +218,7 @@ class LLMEngine:
         finished = self.scheduler.postprocess(plan, tokens, logprobs, prompt_logprobs)
         for s in plan.seqs if self._num_with_stop_strings else ():
             seq = self.scheduler.seqs.get(s.seq_id)  # None once finished
-            if (
-                s.sample
-                and seq is not None
-                and seq.params.stop
-                and len(seq.output_token_ids) >= seq.params.min_tokens
-                and self._check_stop_strings(seq)
-            ):
+            if s.sample and seq is not None and seq.params.stop and self._check_stop_strings(seq):
                 finished.append(seq)
         return [self._output(seq) for seq in finished]
 
@@ -228,6 +236,8 @@ class LLMEngine:
             return False
         ids = seq.output_token_ids
         p = seq.params
+        if len(ids) < p.min_tokens:
+            return False
         stop, skip = p.stop, p.skip_special_tokens
         # A stop string shows up first in the step whose token completes it, so only the last
         # few tokens are decoded each step (decoding the whole output every step would be
@@ -307,7 +317,7 @@ class LLMEngine:
                 f"got {len(prompts)} prompts but {len(sampling_params)} sampling_params"
             )
         token_ids = [self.prompt_token_ids(p, i) for i, p in enumerate(prompts)]
-        sampling_params = [_checked_params(p, self.default_sampling) for p in sampling_params]
+        sampling_params = [self._checked_params(p) for p in sampling_params]
         ids: list[int] = []
         groups: list[list[int]] = []  # the request ids of each prompt's n completions
         outputs: dict[int, dict[str, Any]] = {}
@@ -403,11 +413,3 @@ def _grouped(outs: list[dict[str, Any]]) -> dict[str, Any]:
     """One prompt's result: the first completion's fields, and `outputs` with every completion
     (vLLM's RequestOutput.outputs)."""
     return {**outs[0], "outputs": [{k: o[k] for k in _COMPLETION_KEYS} for o in outs]}
-
-
-def _checked_params(params: SamplingParams | None, defaults: dict[str, Any]) -> SamplingParams:
-    if params is None:
-        return SamplingParams(**defaults)
-    if not isinstance(params, SamplingParams):
-        raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-    return params

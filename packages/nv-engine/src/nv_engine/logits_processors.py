@@ -11,10 +11,6 @@ from nv_engine.plan import ScheduledSeq, StepPlan
 from nv_engine.sequence import PENDING
 from nv_kernels.sampler import apply_penalties, token_logprobs
 
-# prompt_logprobs: positions projected onto the vocabulary at once (ModelRunner's memory
-# profile makes room for [rows, vocab] temporaries of this many rows)
-PROMPT_LOGPROBS_ROWS = 256
-
 
 def _on_device(data: list, device: torch.device) -> torch.Tensor:
     return torch.tensor(data, dtype=torch.int64).to(device, non_blocking=True)
@@ -69,10 +65,10 @@ def mask_banned(logits: torch.Tensor, rows: list[ScheduledSeq]) -> torch.Tensor:
 
 
 def prompt_logprobs(
-    model: nn.Module, hidden: torch.Tensor, plan: StepPlan, on_rank0: bool
+    model: nn.Module, hidden: torch.Tensor, plan: StepPlan, chunk: int, on_rank0: bool
 ) -> tuple[torch.Tensor, ...] | None:
     """`token_logprobs` of the prompt targets of the prefill chunks that ask, from the step's
-    hidden states `[num_tokens, hidden]`, PROMPT_LOGPROBS_ROWS positions at a time. Every rank
+    hidden states `[num_tokens, hidden]`, `chunk` positions at a time. Every rank
     calls it (the LM head gathers across ranks); rank 0 gets the result, the others None."""
     positions: list[int] = []
     targets: list[int] = []
@@ -86,8 +82,8 @@ def prompt_logprobs(
         offset += len(s.token_ids)
     pos_t, tgt_t = _on_device(positions, hidden.device), _on_device(targets, hidden.device)
     parts = []
-    for lo in range(0, len(positions), PROMPT_LOGPROBS_ROWS):
-        hi = lo + PROMPT_LOGPROBS_ROWS
+    for lo in range(0, len(positions), chunk):
+        hi = lo + chunk
         logits = model.compute_logits(hidden, pos_t[lo:hi])
         if on_rank0:
             parts.append(token_logprobs(logits, tgt_t[lo:hi], k))

@@ -10,12 +10,7 @@ import torch.distributed as dist
 
 from nv_engine.config import Config
 from nv_engine.cuda_graphs import DecodeGraphs
-from nv_engine.logits_processors import (
-    PROMPT_LOGPROBS_ROWS,
-    mask_banned,
-    penalized,
-    prompt_logprobs,
-)
+from nv_engine.logits_processors import mask_banned, penalized, prompt_logprobs
 from nv_engine.plan import PenaltyInputs, ScheduledSeq, StepPlan
 from nv_engine.sequence import PENDING
 from nv_engine.staging import DeviceToHost, HostToDevice, SampledTokens
@@ -168,11 +163,14 @@ class ModelRunner:
     def _profile_logits_processors(self) -> None:
         """Penalties and logprobs on every row of the largest batch (or of a prompt-logprobs
         chunk): their [rows, vocab] temporaries, the largest footprint of the rarer work."""
-        n = max(self.config.max_num_seqs, PROMPT_LOGPROBS_ROWS)
+        c = self.config
+        n = max(c.max_num_seqs, c.prompt_logprobs_chunk)
         row = ScheduledSeq(0, [0], 0, [0], True, penalties=PenaltyInputs(1.1, 0.1, 0.1, (0,), (0,)))
         logits = torch.randn(n, self.vocab_size, device=self.device, dtype=self.dtype)
         logits = penalized(logits, [row] * n, None)
-        token_logprobs(logits, torch.zeros(n, dtype=torch.int64, device=self.device), 20)
+        token_logprobs(
+            logits, torch.zeros(n, dtype=torch.int64, device=self.device), c.max_logprobs
+        )
 
     @torch.inference_mode()
     def _warm_up_prefill_with_context(self) -> None:
@@ -228,8 +226,11 @@ class ModelRunner:
             ids, pos, meta, logits_indices, st = self._prepare_prefill(plan, rows)
             hidden = self.model(ids, pos, meta)
             logits = self.model.compute_logits(hidden, logits_indices)
-            if any(s.prompt_logprobs is not None for s in plan.seqs):
-                prompt_lps = prompt_logprobs(self.model, hidden, plan, self.sampler is not None)
+            if plan.has_extras and any(s.prompt_logprobs is not None for s in plan.seqs):
+                chunk = self.config.prompt_logprobs_chunk
+                prompt_lps = prompt_logprobs(
+                    self.model, hidden, plan, chunk, self.sampler is not None
+                )
         else:
             use_graph = self.graphs is not None and self.graphs.can_run(len(plan.seqs))
             padded = self.graphs.padded_size(len(plan.seqs)) if use_graph else len(plan.seqs)
@@ -246,14 +247,15 @@ class ModelRunner:
             return self._readback.send(no_tokens, prompt_logprobs=prompt_lps)
         # one logits row per sampled row (prefill projects only those)
         raw = logits
-        if any(s.penalties is not None for s in rows):
-            logits = penalized(logits, rows, None if plan.is_prefill else ids)
-        if any(s.banned_token_ids for s in rows):
-            logits = mask_banned(logits, rows)
+        if plan.has_extras:  # the rows' per-request fields are looked at only then
+            if any(s.penalties is not None for s in rows):
+                logits = penalized(logits, rows, None if plan.is_prefill else ids)
+            if any(s.banned_token_ids for s in rows):
+                logits = mask_banned(logits, rows)
         sampled = self.sampler(logits, st)
         self._last_sampled = (sampled, rows)
         logprobs = None
-        if any(s.logprobs is not None for s in rows):
+        if plan.has_extras and any(s.logprobs is not None for s in rows):
             logprobs = token_logprobs(raw, sampled, max(s.logprobs or 0 for s in rows))
         return self._readback.send(sampled, logprobs, prompt_lps)
 

@@ -57,6 +57,9 @@ class StepPlan:
 
     is_prefill: bool
     seqs: tuple[ScheduledSeq, ...]
+    # some row asks for per-request logits work (min_tokens bans, penalties, logprobs): the
+    # runner looks at the rows' fields only then
+    has_extras: bool = False
 
     @property
     def num_tokens(self) -> int:

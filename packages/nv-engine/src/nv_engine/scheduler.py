@@ -40,6 +40,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self._has_extras = False
 
     def is_finished(self) -> bool:
         return not self.waiting and not self.running
@@ -70,6 +71,7 @@ class Scheduler:
     # ---- scheduling ----------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan | None:
+        self._has_extras = False  # set by _scheduled for a row with per-request logits work
         plan = self._schedule_prefill()
         return plan if plan is not None else self._schedule_decode()
 
@@ -105,7 +107,7 @@ class Scheduler:
         # run after this one on the device); not earlier, or this step could hit its own blocks.
         for s in scheduled:
             self.block_manager.mark_computed(s.seq_id, s.start_pos + len(s.token_ids))
-        return StepPlan(True, tuple(scheduled)) if scheduled else None
+        return StepPlan(True, tuple(scheduled), self._has_extras) if scheduled else None
 
     def _prefill_chunk(self, seq: Sequence, budget: int) -> ScheduledSeq:
         start = seq.num_computed_tokens
@@ -131,7 +133,7 @@ class Scheduler:
             else:
                 scheduled.append(self._scheduled(seq, seq.token_ids[-1:], len(seq) - 1, True))
                 i += 1
-        return StepPlan(False, tuple(scheduled)) if scheduled else None
+        return StepPlan(False, tuple(scheduled), self._has_extras) if scheduled else None
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq.seq_id)
@@ -150,6 +152,7 @@ class Scheduler:
             seq.seq_id, token_ids, start, seq.block_table, sample, *seq.sampling, num_out
         )
         if seq.has_extras:  # the per-step work of rarer parameters, only where they are set
+            self._has_extras = True
             p = seq.params
             row = row._replace(
                 banned_token_ids=seq.min_tokens_banned if num_out < p.min_tokens else (),

@@ -212,7 +212,7 @@ class OpenAIServer(ThreadingHTTPServer):
         kwargs = body.get("chat_template_kwargs") or {}
 
         def add(engine: LLMEngine) -> list[int]:
-            ids = engine.prompt_token_ids(engine.chat_prompt_ids(messages, True, kwargs))
+            ids = engine.chat_prompt_ids(messages, True, kwargs)  # add_request validates them
             p = params
             if not has_max:  # as vLLM: up to the model's length
                 room = max(1, engine.config.max_model_len - len(ids))

@@ -130,20 +130,21 @@ class DeviceToHost:
             )
         host = buf[:n]
         host.copy_(tokens, non_blocking=event is not None)
-        pinned = event is not None
-
-        def to_host(tensors: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...] | None:
-            if tensors is None:
-                return None
-            return tuple(
-                torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned).copy_(t, non_blocking=pinned)
-                for t in tensors
-            )
-
-        logprobs, prompt_logprobs = to_host(logprobs), to_host(prompt_logprobs)
+        if logprobs is not None:
+            logprobs = _to_host(logprobs, event is not None)
+        if prompt_logprobs is not None:
+            prompt_logprobs = _to_host(prompt_logprobs, event is not None)
         if event is not None:
             event.record()
         return SampledTokens(host, event, logprobs, prompt_logprobs)
+
+
+def _to_host(tensors: tuple[torch.Tensor, ...], pinned: bool) -> tuple[torch.Tensor, ...]:
+    """Fresh host copies (pinned, and not waited for, on CUDA)."""
+    return tuple(
+        torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned).copy_(t, non_blocking=pinned)
+        for t in tensors
+    )
 
 
 _NP = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}

@@ -55,14 +55,14 @@ def rope_inv_freq(config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
         )
     if p.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError("partial_rotary_factor != 1 is not supported")
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-    inv_freq = 1.0 / (base**exponents)
+    pos_freqs = base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    inv_freq = 1.0 / pos_freqs
     if rope_type == "linear":
         return inv_freq / p["factor"], 1.0
     if rope_type == "llama3":
         return _llama3(inv_freq, p), 1.0
     if rope_type == "yarn":
-        return _yarn(config, base, exponents, head_dim, p)
+        return _yarn(config, base, pos_freqs, head_dim, p)
     return inv_freq, 1.0
 
 
@@ -79,7 +79,7 @@ def _llama3(inv_freq: torch.Tensor, p: dict[str, Any]) -> torch.Tensor:
 
 
 def _yarn(
-    config: Any, base: float, exponents: torch.Tensor, dim: int, p: dict[str, Any]
+    config: Any, base: float, pos_freqs: torch.Tensor, dim: int, p: dict[str, Any]
 ) -> tuple[torch.Tensor, float]:
     """YaRN: interpolated (slowed) low frequencies, extrapolated high ones, a linear ramp
     between, and cos/sin scaled by the attention factor."""
@@ -108,7 +108,6 @@ def _yarn(
         hi += 0.001  # no zero-width ramp
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
     extrapolation = 1 - ramp  # 1: keep the frequency, 0: interpolate it
-    pos_freqs = base**exponents
     interpolated, extrapolated = 1.0 / (factor * pos_freqs), 1.0 / pos_freqs
     inv_freq = interpolated * (1 - extrapolation) + extrapolated * extrapolation
     return inv_freq, float(attention_factor)
