@@ -138,13 +138,22 @@ def test_eos_and_ignore_eos(text_model, tmp_path):
 
 
 def test_streaming_api(llm):
-    ids = [llm.add_request(p, SamplingParams(temperature=0, max_tokens=5)) for p in PROMPTS[:2]]
-    done = {}
+    params = SamplingParams(temperature=0, max_tokens=5)
+    ids = [llm.add_request(p, params) for p in PROMPTS[:2]]
+    done, deltas, delta_ids = {}, {i: "" for i in ids}, {i: [] for i in ids}
     while not llm.is_finished():
         for out in llm.step():
-            done[out["request_id"]] = out
+            assert not done.get(out.request_id)  # nothing after the final output
+            deltas[out.request_id] += out.delta_text
+            delta_ids[out.request_id] += out.delta_token_ids
+            assert out.token_ids == delta_ids[out.request_id]
+            done[out.request_id] = out.finished and out
     assert sorted(done) == sorted(ids)
-    assert all(len(o["token_ids"]) == 5 for o in done.values())
+    ref = llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    for rid, r in zip(ids, ref, strict=True):
+        assert done[rid].token_ids == r["token_ids"] and len(r["token_ids"]) == 5
+        assert deltas[rid] == done[rid].text == r["text"]
+        assert done[rid].finish_reason == "length"
 
 
 @pytest.mark.parametrize(
@@ -314,10 +323,11 @@ def test_abort_while_a_step_is_in_flight(llm):
     done = {}
     while not llm.is_finished():
         for out in llm.step():
-            done[out["request_id"]] = out
+            if out.finished:
+                done[out.request_id] = out
     assert list(done) == [keep]
     ref = llm.generate(["Hello there"], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
-    assert done[keep]["token_ids"] == ref[0]["token_ids"]
+    assert done[keep].token_ids == ref[0]["token_ids"]
 
 
 def test_async_scheduling_config(text_model):

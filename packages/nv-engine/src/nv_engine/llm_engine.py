@@ -18,6 +18,8 @@ from nv_engine.model_files import (
     sampling_defaults,
 )
 from nv_engine.model_runner import ModelRunner
+from nv_engine.output_processor import OutputProcessor
+from nv_engine.outputs import RequestOutput
 from nv_engine.sampling_params import SamplingParams, expand_n
 from nv_engine.scheduler import Scheduler
 from nv_engine.sequence import Sequence
@@ -28,14 +30,14 @@ logger = logging.getLogger(__name__)
 # text, token ids, or vLLM's prompt dicts: {"prompt": text} / {"prompt_token_ids": ids}
 Prompt = str | list[int] | dict[str, Any]
 _SEED_MASK = (1 << 63) - 1
-_STOP_TAIL_MARGIN = 8  # tokens decoded beyond a stop string's length in characters
 
 
 class LLMEngine:
     """The engine behind `LLM`: tokenizer, scheduler, rank-0 model runner, TP workers.
 
-    Streaming use: `add_request()` then `step()` until `is_finished()`; each `step()` returns the
-    requests that finished in it. `generate()` does all of that for a batch. `close()` (or a
+    Streaming use: `add_request()` then `step()` until `is_finished()`; each `step()` returns a
+    `RequestOutput` for every request that produced a token in it (with `stream=False`, only
+    once the request finishes). `generate()` does all of that for a batch. `close()` (or a
     `with` block) stops the workers and frees the GPU memory.
     """
 
@@ -68,8 +70,10 @@ class LLMEngine:
         self.default_sampling = sampling_defaults(generation)
         eos_token_ids = collect_eos_token_ids(config, generation, self.tokenizer)
         self.scheduler = Scheduler(config, num_blocks, eos_token_ids)
+        self.output_processor = OutputProcessor(
+            self.tokenizer, eos_token_ids, config.max_model_len, self.scheduler.finish
+        )
         self._seed_rng = random.Random(config.seed)
-        self._num_with_stop_strings = 0  # skip the per-step stop-string scan when none
         self.last_step: tuple[bool, int] = (False, 0)  # (was prefill, tokens computed)
         # async_scheduling: the step queued on the device, postprocessed by the next step()
         self._in_flight: tuple[Any, Any] | None = None
@@ -150,15 +154,18 @@ class LLMEngine:
         self.scheduler.check_prompt(len(token_ids))
         return token_ids
 
-    def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> int:
+    def add_request(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None, stream: bool = True
+    ) -> int:
         """Queue one request; returns its id. Raises ValueError/TypeError (and queues nothing)
-        for a bad prompt or parameters."""
-        params = self._checked_params(sampling_params)
+        for a bad prompt or parameters. `stream`: `step()` returns its output after every step
+        that adds a token (else only the final one)."""
+        params = self.checked_params(sampling_params)
         if params.n != 1:
             raise ValueError(f"add_request takes n=1 (got n={params.n}); generate() takes n > 1")
-        return self._add(self.prompt_token_ids(prompt), params)
+        return self._add(self.prompt_token_ids(prompt), params, stream)
 
-    def _checked_params(self, params: SamplingParams | None) -> SamplingParams:
+    def checked_params(self, params: SamplingParams | None) -> SamplingParams:
         """`params`, or the model's defaults for None; a TypeError for another type, a ValueError
         for more logprobs than Config.max_logprobs."""
         if params is None:
@@ -172,28 +179,39 @@ class LLMEngine:
                 raise ValueError(f"{name}={k} is more than max_logprobs={limit} (a Config field)")
         return params
 
-    def _add(self, token_ids: list[int], params: SamplingParams) -> int:
+    def _add(self, token_ids: list[int], params: SamplingParams, stream: bool) -> int:
         seed = (
             params.seed & _SEED_MASK if params.seed is not None else self._seed_rng.getrandbits(63)
         )
         seq = Sequence(token_ids, params, seed)
         self.scheduler.add(seq)
-        self._num_with_stop_strings += bool(params.stop)
+        self.output_processor.add(seq, stream)
         return seq.seq_id
 
-    def abort_request(self, request_id: int) -> None:
-        """End an unfinished request and free its blocks; unknown or finished ids are ignored."""
+    def abort_request(self, request_id: int) -> RequestOutput | None:
+        """End an unfinished request and free its blocks; unknown or finished ids are ignored.
+        Returns the final output (finish_reason "abort") of a streaming request."""
         seq = self.scheduler.seqs.get(request_id)
-        if seq is not None:
-            self.scheduler.finish(seq, "abort")
-            self._num_with_stop_strings -= bool(seq.params.stop)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return self.output_processor.abort(seq)
 
     def is_finished(self) -> bool:
         return self.scheduler.is_finished() and self._in_flight is None
 
-    def step(self) -> list[dict[str, Any]]:
-        """Run one scheduled step; returns the outputs of requests that finished in it. With
-        async_scheduling, the step scheduled here is only queued on the device, and the
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.scheduler.seqs)
+
+    def check_health(self) -> None:
+        """Raise if a tensor-parallel worker has died (WorkerError names the rank)."""
+        if self._workers is not None:
+            self._workers.check_alive()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; returns the outputs it produced (see the class docstring).
+        With async_scheduling, the step scheduled here is only queued on the device, and the
         outputs are those of the step before it."""
         if self.model_runner is None:
             raise RuntimeError("the engine is closed")
@@ -215,12 +233,8 @@ class LLMEngine:
         logprobs = prompt_logprobs = None
         if sampled is not None:
             logprobs, prompt_logprobs = sampled.logprobs(), sampled.prompt_logprobs()
-        finished = self.scheduler.postprocess(plan, tokens, logprobs, prompt_logprobs)
-        for s in plan.seqs if self._num_with_stop_strings else ():
-            seq = self.scheduler.seqs.get(s.seq_id)  # None once finished
-            if s.sample and seq is not None and seq.params.stop and self._check_stop_strings(seq):
-                finished.append(seq)
-        return [self._output(seq) for seq in finished]
+        updated = self.scheduler.postprocess(plan, tokens, logprobs, prompt_logprobs)
+        return self.output_processor.process(updated)
 
     def _run(self, fn, *args):
         try:
@@ -230,57 +244,6 @@ class LLMEngine:
             if self._workers is not None:
                 self._workers.wait_for_failure()  # name the dead worker rather than gloo/NCCL
             raise
-
-    def _check_stop_strings(self, seq: Sequence) -> bool:
-        if self.tokenizer is None:
-            return False
-        ids = seq.output_token_ids
-        p = seq.params
-        if len(ids) < p.min_tokens:
-            return False
-        stop, skip = p.stop, p.skip_special_tokens
-        # A stop string shows up first in the step whose token completes it, so only the last
-        # few tokens are decoded each step (decoding the whole output every step would be
-        # quadratic in its length); a hit is then confirmed and cut on the whole text.
-        tail = ids[-(max(map(len, stop)) + _STOP_TAIL_MARGIN) :]
-        tail_text = self.tokenizer.decode(tail, skip_special_tokens=skip)
-        if not any(s in tail_text for s in stop):
-            return False
-        text = self.tokenizer.decode(ids, skip_special_tokens=skip)
-        # with min_tokens, only a stop string that ends in the min_tokens-th token or later counts
-        before = max(p.min_tokens - 1, 0)
-        floor = len(self.tokenizer.decode(ids[:before], skip_special_tokens=skip)) if before else 0
-        hits = [(text.find(s, max(0, floor - len(s) + 1)), len(s)) for s in stop]
-        hits = [h for h in hits if h[0] >= 0]
-        if not hits:
-            return False
-        start, length = min(hits)
-        seq.text = text[: start + length] if p.include_stop_str_in_output else text[:start]
-        self.scheduler.finish(seq, "stop")
-        return True
-
-    def _output(self, seq: Sequence) -> dict[str, Any]:
-        self._num_with_stop_strings -= bool(seq.params.stop)
-        text = seq.text  # set when a stop string cut it
-        if text is None:
-            text = (
-                ""
-                if self.tokenizer is None
-                else self.tokenizer.decode(
-                    seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens
-                )
-            )
-        return {
-            "request_id": seq.seq_id,
-            "text": text,
-            "token_ids": seq.output_token_ids,
-            "finish_reason": seq.finish_reason,
-            "prompt_token_ids": seq.token_ids[: seq.num_prompt_tokens],
-            "num_cached_tokens": seq.num_cached_tokens,
-            "logprobs": seq.logprobs,
-            "cumulative_logprob": None if seq.logprobs is None else seq.cumulative_logprob,
-            "prompt_logprobs": seq.prompt_logprobs,
-        }
 
     # ---- batch API -----------------------------------------------------------------------------
 
@@ -317,13 +280,13 @@ class LLMEngine:
                 f"got {len(prompts)} prompts but {len(sampling_params)} sampling_params"
             )
         token_ids = [self.prompt_token_ids(p, i) for i, p in enumerate(prompts)]
-        sampling_params = [self._checked_params(p) for p in sampling_params]
+        sampling_params = [self.checked_params(p) for p in sampling_params]
         ids: list[int] = []
         groups: list[list[int]] = []  # the request ids of each prompt's n completions
-        outputs: dict[int, dict[str, Any]] = {}
+        outputs: dict[int, RequestOutput] = {}
         try:
             for t, p in zip(token_ids, sampling_params, strict=True):
-                groups.append([self._add(t, child) for child in expand_n(p)])
+                groups.append([self._add(t, child, stream=False) for child in expand_n(p)])
                 ids += groups[-1]
             pending = set(ids)
             bar = tqdm(total=len(ids), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
@@ -341,16 +304,16 @@ class LLMEngine:
                     decode_tps = num_tokens / dt
                 bar.set_postfix(prefill=f"{prefill_tps:.0f}tok/s", decode=f"{decode_tps:.0f}tok/s")
                 for out in done:
-                    if out["request_id"] in pending:
-                        pending.discard(out["request_id"])
-                        outputs[out["request_id"]] = out
+                    if out.finished and out.request_id in pending:
+                        pending.discard(out.request_id)
+                        outputs[out.request_id] = out
                         bar.update(1)
             bar.close()
         finally:
             for rid in ids:
                 if rid not in outputs:
                     self.abort_request(rid)
-        return [_grouped([outputs[rid] for rid in group]) for group in groups]
+        return [merge_n([outputs[rid] for rid in group]).to_dict() for group in groups]
 
     def chat(
         self,
@@ -406,10 +369,20 @@ class LLMEngine:
         return tok.encode(text, add_special_tokens=False)
 
 
-_COMPLETION_KEYS = ("text", "token_ids", "finish_reason", "logprobs", "cumulative_logprob")
-
-
-def _grouped(outs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One prompt's result: the first completion's fields, and `outputs` with every completion
-    (vLLM's RequestOutput.outputs)."""
-    return {**outs[0], "outputs": [{k: o[k] for k in _COMPLETION_KEYS} for o in outs]}
+def merge_n(outs: list[RequestOutput]) -> RequestOutput:
+    """One prompt's n completions (each its own request) as one RequestOutput, completion i at
+    index i (vLLM's RequestOutput.outputs)."""
+    if len(outs) == 1:
+        return outs[0]
+    completions = [o.outputs[0] for o in outs]
+    for i, c in enumerate(completions):
+        c.index = i
+    first = outs[0]
+    return RequestOutput(
+        request_id=first.request_id,
+        prompt_token_ids=first.prompt_token_ids,
+        outputs=completions,
+        finished=all(o.finished for o in outs),
+        num_cached_tokens=first.num_cached_tokens,
+        prompt_logprobs=first.prompt_logprobs,
+    )

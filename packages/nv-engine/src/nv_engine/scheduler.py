@@ -23,12 +23,14 @@ class Scheduler:
     preempted: its blocks are freed and it is recomputed later (usually from the prefix cache).
 
     A step's plan is final when `schedule()` returns it: the sequences' progress moves on then,
-    and every token to be sampled gets a `PENDING` slot. `postprocess()` fills those slots in and
-    finishes sequences. The engine may schedule step t+1 before step t's postprocess (overlapped
-    scheduling); the scheduler then learns of EOS one step late, and the extra token is dropped.
+    and every token to be sampled gets a `PENDING` slot. `postprocess()` fills those slots in;
+    the output stage (OutputProcessor) decides which sequences stop and calls `finish()`. The
+    engine may schedule step t+1 before step t's postprocess (overlapped scheduling); a stop is
+    then learnt one step late, and the extra token is dropped.
     """
 
     def __init__(self, config: Config, num_blocks: int, eos_token_ids: set[int]) -> None:
+        # eos_token_ids: banned from sampling before min_tokens
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = config.max_model_len
@@ -199,14 +201,15 @@ class Scheduler:
         sampled: list[int],
         logprobs: TokenLogprobs | None = None,
         prompt_logprobs: TokenLogprobs | None = None,
-    ) -> list[Sequence]:
+    ) -> list[tuple[Sequence, int]]:
         """Record the step's results; `sampled` has one token per scheduled seq with sample=True
         (and `logprobs` one row each, when some asked; `prompt_logprobs` one row per target of
-        the chunks that asked). Returns the sequences that finished. Rows of sequences finished
-        or aborted since the step was scheduled are ignored."""
+        the chunks that asked). Returns each (sequence, its new token), for the output stage to
+        decide stops on. Rows of sequences finished or aborted since the step was scheduled
+        are ignored."""
         if prompt_logprobs is not None:
             self._record_prompt_logprobs(plan, prompt_logprobs)
-        finished = []
+        updated = []
         bm = self.block_manager
         j = -1  # index among the sampled rows
         for s in plan.seqs:
@@ -227,12 +230,8 @@ class Scheduler:
                     bm.set_token(seq.seq_id, end, token)
                 if not plan.is_prefill:
                     bm.mark_computed(seq.seq_id, end)
-            reason = self._stop_reason(seq, token, end + 1)
-            if reason is not None:
-                del seq.token_ids[end + 1 :]  # a later step's slot, if scheduled already
-                self.finish(seq, reason)
-                finished.append(seq)
-        return finished
+            updated.append((seq, token))
+        return updated
 
     def _record_prompt_logprobs(self, plan: StepPlan, lp: TokenLogprobs) -> None:
         """Append each asking chunk's entries to its request's prompt_logprobs (`lp` holds
@@ -251,25 +250,17 @@ class Scheduler:
             row += len(targets)
 
     def _is_done(self, seq: Sequence, length: int) -> bool:
-        """Whether a sequence of `length` tokens has reached max_tokens or max_model_len."""
+        """Whether a sequence of `length` tokens has reached max_tokens or max_model_len: no
+        slot for a further token is scheduled (the output stage says "length")."""
         return (
             length - seq.num_prompt_tokens >= seq.params.max_tokens or length >= self.max_model_len
         )
 
-    def _stop_reason(self, seq: Sequence, token: int, length: int) -> str | None:
-        p = seq.params
-        if length - seq.num_prompt_tokens < p.min_tokens:
-            return None  # min_tokens <= max_tokens, so not "length" either
-        if not p.ignore_eos and token in self.eos_token_ids:
-            return "stop"
-        if token in p.stop_token_ids:
-            return "stop"
-        if self._is_done(seq, length):
-            return "length"
-        return None
-
     def finish(self, seq: Sequence, reason: str) -> None:
-        """End a sequence (also for stop strings, found by the engine) and free its blocks."""
+        """End a sequence (the output stage decides when) and free its blocks; a slot
+        scheduled for a next token (overlapped scheduling) is dropped."""
+        if seq.token_ids[-1] == PENDING:
+            seq.token_ids.pop()
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
             self.block_manager.free(seq.seq_id)

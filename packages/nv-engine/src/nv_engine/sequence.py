@@ -54,7 +54,6 @@ class Sequence:
         )
         self.block_table: list[int] = []  # the BlockManager's live table while running
         self.finish_reason: str | None = None
-        self.text: str | None = None  # set only when a stop string cut the output
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -62,6 +61,11 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_sampled_tokens(self) -> int:
+        """Output tokens sampled so far (without a slot still being sampled)."""
+        return len(self.token_ids) - self.num_prompt_tokens - (self.token_ids[-1] == PENDING)
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -1,0 +1,93 @@
+"""What the engine gives back per request (vLLM's `RequestOutput` / `CompletionOutput` names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    """One completion of a request, as of the step that produced this output.
+
+    `text` and `token_ids` are everything so far; `delta_text` and `delta_token_ids` what this
+    step added (a streaming client concatenates the deltas: their sum is `text`). `text` stops
+    short of the last characters while they may still turn out to be a stop string, or while
+    their UTF-8 bytes are incomplete; the final output holds it all.
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    delta_text: str
+    delta_token_ids: list[int]
+    finish_reason: str | None = None  # "stop", "length", "abort"
+    # what stopped it: the stop string or stop token id (None for EOS, length or abort)
+    stop_reason: str | int | None = None
+    logprobs: list[dict[int, float]] | None = None  # per output token so far, when asked for
+    delta_logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """A request's state after one engine step: its prompt and its completions. `finished` once
+    every completion has a finish_reason."""
+
+    request_id: Any
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    # the first completion's fields, for the common n=1 case
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def delta_text(self) -> str:
+        return self.outputs[0].delta_text
+
+    @property
+    def delta_token_ids(self) -> list[int]:
+        return self.outputs[0].delta_token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nano-vLLM's result dict (what `LLM.generate` returns): the first completion's
+        `text`, `token_ids`, `finish_reason`, `logprobs`, `cumulative_logprob`; the prompt's
+        fields; and `outputs`, every completion as such a dict."""
+        completions = [
+            {
+                "text": c.text,
+                "token_ids": c.token_ids,
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+                "logprobs": c.logprobs,
+                "cumulative_logprob": c.cumulative_logprob,
+            }
+            for c in self.outputs
+        ]
+        return {
+            "request_id": self.request_id,
+            **completions[0],
+            "prompt_token_ids": self.prompt_token_ids,
+            "num_cached_tokens": self.num_cached_tokens,
+            "prompt_logprobs": self.prompt_logprobs,
+            "outputs": completions,
+        }
