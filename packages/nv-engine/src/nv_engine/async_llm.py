@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
@@ -67,19 +68,13 @@ class AsyncLLM:
     frees the engine.
     """
 
-    def __init__(
-        self,
-        model: str | Path | Config,
-        *,
-        stat_logger: Callable[[RequestOutput, RequestTimes, int], None] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        """`stat_logger(output, times, num_new_tokens)` is called on the event loop for each
-        output, before it is yielded (the server's metrics use it)."""
+    def __init__(self, model: str | Path | Config, **kwargs: Any) -> None:
         self.engine = LLMEngine(model, **kwargs)
         self.config = self.engine.config
         self.tokenizer = self.engine.tokenizer
-        self._stat_logger = stat_logger
+        # each called as f(output, times, num_new_tokens) on the event loop, for every output
+        # before it is yielded (the server's metrics are one)
+        self.stat_loggers: list[Callable[[RequestOutput, RequestTimes, int], None]] = []
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._streams: dict[str, _Stream] = {}  # open streams, by request id (event loop side)
         self._seqs: dict[int, tuple[_Stream, int]] = {}  # engine thread: seq id -> (stream, i)
@@ -120,6 +115,14 @@ class AsyncLLM:
         return await self._in_pool(
             self.engine.chat_prompt_ids, messages, add_generation_prompt, chat_template_kwargs
         )
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The tokenizer's ids for `text`, unchecked (on the tokenizer pool)."""
+        encode = functools.partial(self.tokenizer.encode, add_special_tokens=add_special_tokens)
+        return await self._in_pool(encode, text)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        return await self._in_pool(self.tokenizer.decode, token_ids)
 
     async def _in_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
@@ -309,8 +312,8 @@ class AsyncLLM:
             if isinstance(item, RequestOutput):
                 num_new = sum(len(c.delta_token_ids) for c in item.outputs)
                 times = stream.times
-                if self._stat_logger is not None:
-                    self._stat_logger(item, times, num_new)
+                for log in self.stat_loggers:
+                    log(item, times, num_new)
                 if num_new:
                     if times.first_token is None:
                         times.first_token = now

@@ -25,17 +25,31 @@ QWEN3_0_6B_SHAPE: dict[str, Any] = dict(
 
 
 def nano_vllm_workload(
-    num_seqs: int = 256, max_input_len: int = 1024, max_output_len: int = 1024
+    num_seqs: int = 256,
+    max_input_len: int = 1024,
+    max_output_len: int = 1024,
+    vocab_size: int = 10001,
 ) -> tuple[list[list[int]], list[SamplingParams]]:
-    """Prompt lengths and tokens drawn first, then max_tokens, all from random.seed(0)."""
+    """Prompt lengths and tokens drawn first, then max_tokens, all from random.seed(0) (token
+    ids below min(vocab_size, 10001); lengths from min(100, max) up to max)."""
+    for name, value in (
+        ("num_seqs", num_seqs),
+        ("max_input_len", max_input_len),
+        ("max_output_len", max_output_len),
+    ):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     rng = random.Random(0)
+    top = min(vocab_size, 10001) - 1
     prompts = [
-        [rng.randint(0, 10000) for _ in range(rng.randint(100, max_input_len))]
+        [rng.randint(0, top) for _ in range(rng.randint(min(100, max_input_len), max_input_len))]
         for _ in range(num_seqs)
     ]
     params = [
         SamplingParams(
-            temperature=0.6, ignore_eos=True, max_tokens=rng.randint(100, max_output_len)
+            temperature=0.6,
+            ignore_eos=True,
+            max_tokens=rng.randint(min(100, max_output_len), max_output_len),
         )
         for _ in range(num_seqs)
     ]
@@ -43,12 +57,17 @@ def nano_vllm_workload(
 
 
 def shared_prefix_workload(
-    num_seqs: int = 256, prefix_len: int = 2048, own_len: int = 128, output_len: int = 128
+    num_seqs: int = 256,
+    prefix_len: int = 2048,
+    own_len: int = 128,
+    output_len: int = 128,
+    vocab: int = 10001,
 ) -> tuple[list[list[int]], list[SamplingParams]]:
     """Workload P: one shared prefix plus each request's own tokens."""
     rng = random.Random(0)
-    prefix = [rng.randint(0, 10000) for _ in range(prefix_len)]
-    prompts = [prefix + [rng.randint(0, 10000) for _ in range(own_len)] for _ in range(num_seqs)]
+    top = min(vocab, 10001) - 1
+    prefix = [rng.randint(0, top) for _ in range(prefix_len)]
+    prompts = [prefix + [rng.randint(0, top) for _ in range(own_len)] for _ in range(num_seqs)]
     params = [
         SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=output_len)
         for _ in range(num_seqs)

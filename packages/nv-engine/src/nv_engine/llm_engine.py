@@ -41,8 +41,15 @@ class LLMEngine:
     `with` block) stops the workers and frees the GPU memory.
     """
 
-    def __init__(self, model: str | Path, **kwargs: Any) -> None:
-        self.config = config = Config.from_kwargs(model, **kwargs)
+    def __init__(self, model: str | Path | Config, **kwargs: Any) -> None:
+        """`model`: a model directory, with Config's fields as keywords; or a Config."""
+        if isinstance(model, Config):
+            if kwargs:
+                raise TypeError("give a Config or a model directory with keywords, not both")
+            config = model
+        else:
+            config = Config.from_kwargs(model, **kwargs)
+        self.config = config
         self.tokenizer = load_tokenizer(config)
         self._workers: WorkerPool | ExternalWorkers | None = None
         try:
@@ -356,17 +363,40 @@ class LLMEngine:
         tok = self.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise ValueError("chat needs a tokenizer with a chat template")
-        if not isinstance(conversation, (list, tuple)) or not all(
-            isinstance(m, dict) and "role" in m and "content" in m for m in conversation
-        ):
-            raise ValueError(f"{where} must be a list of dicts with 'role' and 'content'")
+        if not isinstance(conversation, (list, tuple)) or not conversation:
+            raise ValueError(f"{where} must be a non-empty list of {{'role', 'content'}} dicts")
+        messages = [_chat_message(m, f"{where}[{i}]") for i, m in enumerate(conversation)]
         text = tok.apply_chat_template(
-            list(conversation),
+            messages,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
             **(chat_template_kwargs or {}),
         )
         return tok.encode(text, add_special_tokens=False)
+
+
+def _chat_message(message: Any, where: str) -> dict[str, Any]:
+    """A chat message with text content: a string, or a list of {"type": "text", "text": ...}
+    parts (joined by newlines, as vLLM does); an assistant's content may be None."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise ValueError(f"{where} must be a dict with a string 'role' and a 'content'")
+    content = message.get("content")
+    if content is None and message["role"] == "assistant":
+        content = ""
+    elif isinstance(content, list):
+        texts = []
+        for i, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(
+                    f"{where}.content[{i}]: only {{'type': 'text', 'text': str}} parts are "
+                    f"supported, got {kind!r}"
+                )
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    elif not isinstance(content, str):
+        raise ValueError(f"{where}.content must be a string or a list of text parts")
+    return {**message, "content": content}
 
 
 def merge_n(outs: list[RequestOutput]) -> RequestOutput:
