@@ -70,7 +70,15 @@ def build_demo_model(path: Path, seed: int = 0) -> None:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Qwen3ForCausalLM(config).float()
-    model.save_pretrained(path, safe_serialization=True)
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar in a CLI's output
+    try:
+        model.save_pretrained(path, safe_serialization=True)
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(path)
     (path / "README.txt").write_text(
         "nv demo model: a tiny Qwen3 with RANDOM weights and a character tokenizer.\n"

@@ -8,10 +8,12 @@ import contextlib
 import json
 import logging
 import secrets
+import signal
 import socket
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -225,6 +227,24 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
     return app
 
 
+class _Server(uvicorn.Server):
+    """uvicorn, but SIGTERM/SIGINT end the process with status 0 after the graceful shutdown
+    (uvicorn re-raises the signal once shut down, which a supervisor reads as a crash)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
 def run_server(engine: AsyncLLM, config: ServerConfig) -> int:
     """Serve until SIGTERM/SIGINT (exit 0: in-flight requests get shutdown_timeout_s, then the
     engine is freed) or, with exit_on_engine_death, until the engine dies (exit 1, after
@@ -258,7 +278,7 @@ def run_server(engine: AsyncLLM, config: ServerConfig) -> int:
         timeout_graceful_shutdown=config.shutdown_timeout_s,
         lifespan="on",
     )
-    server = uvicorn.Server(uv_config)
+    server = _Server(uv_config)
     print(
         f"[nv] serving {config.model_name} at http://{host}:{port}/v1", file=sys.stderr, flush=True
     )

@@ -1,0 +1,171 @@
+"""AsyncLLM on CPU: streams equal LLM.generate, requests from many coroutines batch, leaving a
+stream frees its blocks, and a failed step kills every stream with EngineDeadError."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from nv_engine import LLM, AsyncLLM, EngineDeadError, RequestOutput, SamplingParams
+from nv_engine.demo import build_demo_model
+
+PROMPTS = ["Hello", "The quick brown fox", "1, 2, 3,", "Once upon a time"]
+ENGINE = dict(device="cpu", kvcache_block_size=16, num_kvcache_blocks=128)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("demo")
+    build_demo_model(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    with LLM(str(model_dir), **ENGINE) as llm:
+        greedy = SamplingParams(temperature=0, max_tokens=12)
+        return llm.generate(PROMPTS, greedy, use_tqdm=False)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    engine = AsyncLLM(str(model_dir), **ENGINE)
+    yield engine
+    engine.shutdown()
+
+
+def _all_free(engine: AsyncLLM) -> bool:
+    bm = engine.engine.scheduler.block_manager
+    return not engine.engine.scheduler.seqs and bm.num_free_blocks == bm.num_blocks
+
+
+async def _wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def _run(engine: AsyncLLM, prompt, params, request_id=None) -> list[RequestOutput]:
+    return [out async for out in engine.generate(prompt, params, request_id)]
+
+
+def test_concurrent_streams_equal_llm_generate(engine, reference):
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+
+    async def main():
+        return await asyncio.gather(*(_run(engine, p, greedy) for p in PROMPTS * 4))
+
+    runs = asyncio.run(main())
+    for outs, ref in zip(runs, reference * 4, strict=True):
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+        assert len(outs) == len(ref["token_ids"])  # one output per step that added a token
+        assert "".join(o.delta_text for o in outs) == outs[-1].text == ref["text"]
+        assert [t for o in outs for t in o.delta_token_ids] == ref["token_ids"]
+        assert outs[-1].finish_reason == ref["finish_reason"]
+    assert _all_free(engine)
+
+
+def test_n_completions_and_logprobs(engine):
+    params = SamplingParams(temperature=1.0, seed=5, n=3, max_tokens=6, logprobs=2, ignore_eos=True)
+
+    async def main():
+        return await _run(engine, "Hi", params)
+
+    outs = asyncio.run(main())
+    final: dict[int, object] = {}
+    for o in outs:
+        for c in o.outputs:
+            final[c.index] = c
+            assert len(c.delta_logprobs) == len(c.delta_token_ids)
+    assert sorted(final) == [0, 1, 2] and outs[-1].finished
+    assert all(len(c.token_ids) == 6 and len(c.logprobs) == 6 for c in final.values())
+    assert len({tuple(c.token_ids) for c in final.values()}) > 1  # seeds seed, seed+1, ...
+
+
+def test_leaving_a_stream_aborts_its_request(engine):
+    params = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+
+    async def main():
+        stream = engine.generate("Hello", params)
+        first = await anext(stream)
+        assert not first.finished
+        await stream.aclose()  # what a client that went away does
+        await _wait_until(lambda: _all_free(engine))
+
+        async def consume():
+            async for _ in engine.generate("Hello", params):
+                pass
+
+        task = asyncio.create_task(consume())
+        await _wait_until(lambda: engine.engine.scheduler.running)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await _wait_until(lambda: _all_free(engine))
+
+    asyncio.run(main())
+
+
+def test_abort_ends_the_stream(engine):
+    params = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+
+    async def main():
+        outs = []
+        async for out in engine.generate("Hello", params, request_id="r1"):
+            outs.append(out)
+            if len(outs) == 2:
+                await engine.abort("r1")
+        return outs
+
+    outs = asyncio.run(main())
+    assert outs[-1].finished and outs[-1].finish_reason == "abort"
+    assert outs[-1].request_id == "r1" and len(outs[-1].token_ids) < 500
+    assert _all_free(engine)
+
+
+def test_bad_input_names_the_field(engine):
+    async def main():
+        with pytest.raises(ValueError, match="outside"):
+            await _run(engine, [1, 10**6], SamplingParams())
+        with pytest.raises(TypeError, match="sampling_params"):
+            await _run(engine, "x", {"temperature": 0})
+        with pytest.raises(ValueError, match="max_logprobs"):
+            await _run(engine, "x", SamplingParams(logprobs=10**3))
+
+    asyncio.run(main())
+    assert _all_free(engine) and engine.is_healthy()
+
+
+def test_a_failed_step_kills_every_stream(model_dir):
+    engine = AsyncLLM(str(model_dir), **ENGINE)
+    runner = engine.engine.model_runner
+    launch = runner.launch
+    calls = {"n": 0}
+
+    def failing(plan):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise RuntimeError("device on fire")
+        return launch(plan)
+
+    runner.launch = failing
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+    async def main():
+        results = await asyncio.gather(
+            *(_run(engine, p, params) for p in PROMPTS), return_exceptions=True
+        )
+        assert all(isinstance(r, EngineDeadError) for r in results)
+        assert "device on fire" in str(results[0])
+        assert not engine.is_healthy()
+        t = time.monotonic()
+        with pytest.raises(EngineDeadError, match="device on fire"):
+            await _run(engine, "Hello", params)
+        assert time.monotonic() - t < 1.0  # refused at once
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
