@@ -177,7 +177,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         exit_on_engine_death=a.exit_on_engine_death,
         shutdown_timeout_s=a.shutdown_timeout,
     )
-    engine = AsyncLLM(model, **_engine_kwargs(a))
+    engine = AsyncLLM(model, load_format=a.load_format, **_engine_kwargs(a))
     return run_server(engine, config)
 
 
@@ -246,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="exit_on_engine_death",
         action="store_false",
         help="keep answering 503s once the engine died (the default exits with status 1)",
+    )
+    s.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "dummy"],
+        help="dummy: random weights (benchmarks)",
     )
     s.add_argument(
         "--shutdown-timeout",
