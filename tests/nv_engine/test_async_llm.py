@@ -61,7 +61,7 @@ def test_concurrent_streams_equal_llm_generate(engine, reference):
     runs = asyncio.run(main())
     for outs, ref in zip(runs, reference * 4, strict=True):
         assert outs[-1].finished and not any(o.finished for o in outs[:-1])
-        assert len(outs) == len(ref["token_ids"])  # one output per step that added a token
+        assert 1 <= len(outs) <= len(ref["token_ids"])  # per step (merged if the reader lags)
         assert "".join(o.delta_text for o in outs) == outs[-1].text == ref["text"]
         assert [t for o in outs for t in o.delta_token_ids] == ref["token_ids"]
         assert outs[-1].finish_reason == ref["finish_reason"]

@@ -47,7 +47,7 @@ def test_chat_renders_the_template_and_matches_hf(demo_dir):
 
 def test_chat_bad_input_is_a_clear_error(demo_dir, tmp_path):
     with LLM(str(demo_dir), device="cpu") as llm:
-        with pytest.raises(ValueError, match=r"messages\[1\] must be a list of dicts"):
+        with pytest.raises(ValueError, match=r"messages\[1\]\[0\] must be a dict"):
             llm.chat([[{"role": "user", "content": "a"}], [{"content": "no role"}]], GREEDY)
         with pytest.raises(TypeError, match="messages must be"):
             llm.chat("not a conversation", GREEDY)

@@ -151,6 +151,9 @@ class AsyncLLM:
             self._raise_if_dead()  # (after the put: the dead engine thread fails it anyway)
             while not finished:
                 item = await stream.queue.get()
+                while not isinstance(item, BaseException) and not stream.queue.empty():
+                    nxt = stream.queue.get_nowait()  # a consumer behind: one merged output
+                    item = nxt if isinstance(nxt, BaseException) else _coalesce(item, nxt)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -319,3 +322,19 @@ class AsyncLLM:
                         times.first_token = now
                     times.last_token = now
             stream.queue.put_nowait(item)
+
+
+def _coalesce(old: RequestOutput, new: RequestOutput) -> RequestOutput:
+    """`new` with the deltas of `old` (an earlier step's output not yet consumed) before its
+    own: a consumer slower than the engine gets one output per wake-up, not one per step."""
+    merged = {c.index: c for c in old.outputs}
+    for c in new.outputs:
+        prev = merged.get(c.index)
+        if prev is not None:
+            c.delta_text = prev.delta_text + c.delta_text
+            c.delta_token_ids = prev.delta_token_ids + c.delta_token_ids
+            if c.delta_logprobs is not None:
+                c.delta_logprobs = prev.delta_logprobs + c.delta_logprobs
+        merged[c.index] = c
+    new.outputs = sorted(merged.values(), key=lambda c: c.index)
+    return new

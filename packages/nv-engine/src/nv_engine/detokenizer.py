@@ -22,14 +22,18 @@ class IncrementalDetokenizer:
     def __init__(
         self, tokenizer: Any, prompt_token_ids: list[int], skip_special_tokens: bool = True
     ) -> None:
-        self._tokenizer = tokenizer
+        # the Rust tokenizer's decode skips transformers' Python layers (5x faster per call);
+        # not where transformers cleans up spaces after decoding, which it alone does
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        fast = backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", 0)
+        self._decode_ids = backend.decode if fast else tokenizer.decode
         self._skip = skip_special_tokens
         self._ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self._prefix = 0  # ids[prefix:read]: already emitted, decoded again as context
         self._read = len(self._ids)
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip) if ids else ""
+        return self._decode_ids(ids, skip_special_tokens=self._skip) if ids else ""
 
     def step(self, new_token_ids: list[int]) -> str:
         self._ids += new_token_ids

@@ -17,6 +17,7 @@ class _RequestState:
     and of its logprobs was given out. The tokens themselves stay on the Sequence."""
 
     seq: Sequence
+    prompt_token_ids: list[int]  # one copy, shared by every output
     stream: bool  # an output every step (else only the final one)
     detokenizer: IncrementalDetokenizer | None  # None: the text is decoded once, at the end
     hold: int  # trailing characters withheld from a delta: they may start a stop string
@@ -65,7 +66,8 @@ class OutputProcessor:
             else None
         )
         hold = max(map(len, p.stop)) - 1 if p.stop and not p.include_stop_str_in_output else 0
-        self._states[seq.seq_id] = _RequestState(seq, stream, detokenizer, hold)
+        prompt = seq.token_ids[: seq.num_prompt_tokens]
+        self._states[seq.seq_id] = _RequestState(seq, prompt, stream, detokenizer, hold)
 
     def has_unfinished(self) -> bool:
         return bool(self._states)
@@ -155,29 +157,34 @@ class OutputProcessor:
         end = max(end, state.num_sent_chars)
         delta_text = state.text[state.num_sent_chars : end]
         state.num_sent_chars = end
-        token_ids = seq.output_token_ids
-        delta_token_ids = token_ids[state.num_sent_tokens :]
-        state.num_sent_tokens = len(token_ids)
-        logprobs = delta_logprobs = None
+        start = seq.num_prompt_tokens
+        num_tokens = seq.num_sampled_tokens
+        delta_token_ids = seq.token_ids[start + state.num_sent_tokens : start + num_tokens]
+        state.num_sent_tokens = num_tokens
+        delta_logprobs = None
+        num_logprobs = 0
         if seq.logprobs is not None:
-            logprobs = list(seq.logprobs)
-            delta_logprobs = logprobs[state.num_sent_logprobs :]
-            state.num_sent_logprobs = len(logprobs)
+            num_logprobs = len(seq.logprobs)
+            delta_logprobs = seq.logprobs[state.num_sent_logprobs : num_logprobs]
+            state.num_sent_logprobs = num_logprobs
         completion = CompletionOutput(
             index=0,
             text=state.text[:end],
-            token_ids=token_ids,
             delta_text=delta_text,
             delta_token_ids=delta_token_ids,
             finish_reason=reason,
             stop_reason=state.stop_reason if reason == "stop" else None,
-            logprobs=logprobs,
             delta_logprobs=delta_logprobs,
             cumulative_logprob=None if seq.logprobs is None else seq.cumulative_logprob,
+            _tokens=seq.token_ids,
+            _start=start,
+            _end=start + num_tokens,
+            _logprobs=seq.logprobs,
+            _num_logprobs=num_logprobs,
         )
         return RequestOutput(
             request_id=seq.seq_id,
-            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            prompt_token_ids=state.prompt_token_ids,
             outputs=[completion],
             finished=reason is not None,
             num_cached_tokens=seq.num_cached_tokens,

@@ -14,19 +14,35 @@ class CompletionOutput:
     step added (a streaming client concatenates the deltas: their sum is `text`). `text` stops
     short of the last characters while they may still turn out to be a stop string, or while
     their UTF-8 bytes are incomplete; the final output holds it all.
+
+    `token_ids` and `logprobs` are read, when asked for, from the request's own history (which
+    only grows), as it was at this step: an output costs O(new tokens), not O(all tokens).
     """
 
     index: int
     text: str
-    token_ids: list[int]
     delta_text: str
     delta_token_ids: list[int]
     finish_reason: str | None = None  # "stop", "length", "abort"
     # what stopped it: the stop string or stop token id (None for EOS, length or abort)
     stop_reason: str | int | None = None
-    logprobs: list[dict[int, float]] | None = None  # per output token so far, when asked for
-    delta_logprobs: list[dict[int, float]] | None = None
+    delta_logprobs: list[dict[int, float]] | None = None  # per new token, when asked for
     cumulative_logprob: float | None = None
+    # the history these outputs are views of: tokens[start:end], logprobs[:num_logprobs]
+    _tokens: list[int] = field(default_factory=list, repr=False)
+    _start: int = 0
+    _end: int = 0
+    _logprobs: list[dict[int, float]] | None = field(default=None, repr=False)
+    _num_logprobs: int = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._tokens[self._start : self._end]
+
+    @property
+    def logprobs(self) -> list[dict[int, float]] | None:
+        """Per output token so far, {token id: logprob} (the token first), when asked for."""
+        return None if self._logprobs is None else self._logprobs[: self._num_logprobs]
 
     @property
     def finished(self) -> bool:

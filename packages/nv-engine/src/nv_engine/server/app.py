@@ -251,6 +251,9 @@ def run_server(engine: AsyncLLM, config: ServerConfig) -> int:
     engine_death_grace_s of 503s). Prints the address it listens on."""
     app = build_app(engine, config)
     exit_code = 0
+    # The engine's thread and the event loop share the GIL; the engine thread, back from
+    # waiting on the GPU, should not wait the default 5 ms for a busy event loop to yield it.
+    sys.setswitchinterval(0.001)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
