@@ -1,15 +1,22 @@
 """AsyncLLM on CPU: streams equal LLM.generate, requests from many coroutines batch, leaving a
-stream frees its blocks, and a failed step kills every stream with EngineDeadError."""
+stream frees its blocks, and a failed step or a dead core kills every stream with
+EngineDeadError."""
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing as mp
+import os
+import signal
+import threading
 import time
 
 import pytest
 
 from nv_engine import LLM, AsyncLLM, EngineDeadError, RequestOutput, SamplingParams
 from nv_engine.demo import build_demo_model
+from nv_engine.engine_core import _Core
+from nv_engine.llm_engine import LLMEngine
 
 PROMPTS = ["Hello", "The quick brown fox", "1, 2, 3,", "Once upon a time"]
 ENGINE = dict(device="cpu", kvcache_block_size=16, num_kvcache_blocks=128)
@@ -37,8 +44,10 @@ def engine(model_dir):
 
 
 def _all_free(engine: AsyncLLM) -> bool:
-    bm = engine.engine.scheduler.block_manager
-    return not engine.engine.scheduler.seqs and bm.num_free_blocks == bm.num_blocks
+    s = engine.stats  # the core's, as of its latest message (None: it never had a request)
+    if s is None:
+        return True
+    return not s.num_running and not s.num_waiting and s.num_free_blocks == s.num_blocks
 
 
 async def _wait_until(predicate, timeout: float = 10.0) -> None:
@@ -100,7 +109,7 @@ def test_leaving_a_stream_aborts_its_request(engine):
                 pass
 
         task = asyncio.create_task(consume())
-        await _wait_until(lambda: engine.engine.scheduler.running)
+        await _wait_until(lambda: engine.stats and engine.stats.num_running)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await _wait_until(lambda: _all_free(engine))
@@ -135,13 +144,37 @@ def test_bad_input_names_the_field(engine):
             await _run(engine, "x", SamplingParams(logprobs=10**3))
 
     asyncio.run(main())
-    assert _all_free(engine) and engine.is_healthy()
+    assert _all_free(engine), engine.stats
+    assert engine.is_healthy(), engine.dead_error
 
 
-def test_a_failed_step_kills_every_stream(model_dir):
+def test_a_dead_core_kills_every_stream(model_dir):
     engine = AsyncLLM(str(model_dir), **ENGINE)
-    runner = engine.engine.model_runner
-    launch = runner.launch
+    params = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
+
+    async def main():
+        tasks = [asyncio.create_task(_run(engine, p, params)) for p in PROMPTS]
+        await _wait_until(lambda: engine.stats and engine.stats.num_running == len(PROMPTS))
+        os.kill(engine._proc.pid, signal.SIGKILL)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, EngineDeadError) for r in results), results
+        assert "engine core process exited" in str(results[0])
+        assert not engine.is_healthy()
+        t = time.monotonic()
+        with pytest.raises(EngineDeadError, match="exited"):
+            await _run(engine, "Hello", params)
+        assert time.monotonic() - t < 1.0  # refused at once
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
+def test_the_core_reports_a_failed_step(model_dir):
+    """The core's loop, in this process: a step that raises is reported as "dead"."""
+    engine = LLMEngine(str(model_dir), **ENGINE)
+    launch = engine.model_runner.launch
     calls = {"n": 0}
 
     def failing(plan):
@@ -150,22 +183,21 @@ def test_a_failed_step_kills_every_stream(model_dir):
             raise RuntimeError("device on fire")
         return launch(plan)
 
-    runner.launch = failing
-    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
-
-    async def main():
-        results = await asyncio.gather(
-            *(_run(engine, p, params) for p in PROMPTS), return_exceptions=True
-        )
-        assert all(isinstance(r, EngineDeadError) for r in results)
-        assert "device on fire" in str(results[0])
-        assert not engine.is_healthy()
-        t = time.monotonic()
-        with pytest.raises(EngineDeadError, match="device on fire"):
-            await _run(engine, "Hello", params)
-        assert time.monotonic() - t < 1.0  # refused at once
-
+    engine.model_runner.launch = failing
+    ours, theirs = mp.Pipe()
+    core = threading.Thread(target=_Core(engine, theirs, os.getppid()).run)
+    core.start()
     try:
-        asyncio.run(main())
+        ids = engine.prompt_token_ids("Hello")
+        ours.send(("add", 7, ids, SamplingParams(max_tokens=50, ignore_eos=True)))
+        kinds = []
+        while not kinds or kinds[-1][0] == "outputs":
+            assert ours.poll(30)
+            kinds.append(ours.recv())
+        assert kinds[-1] == ("dead", "RuntimeError: device on fire")
+        deltas = [d for m in kinds[:-1] for d in m[1]]
+        assert {d.request_id for d in deltas} == {7}
+        assert sum(len(d.delta_token_ids) for d in deltas) >= 1
     finally:
-        engine.shutdown()
+        core.join(10)
+        engine.close()

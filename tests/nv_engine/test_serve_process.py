@@ -67,9 +67,10 @@ class _Serve:
             assert time.monotonic() < deadline
             time.sleep(0.1)
 
-    def children(self) -> list[int]:
-        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        return [int(p) for p in path.read_text().split()] if path.exists() else []
+    def tp_workers(self) -> list[int]:
+        """The tensor-parallel workers: processes the engine core process spawned."""
+        (core,) = _spawned(self.proc.pid)
+        return _spawned(core)
 
     def wait(self, timeout: float = 60) -> str:
         out, _ = self.proc.communicate(timeout=timeout)
@@ -81,16 +82,30 @@ class _Serve:
             self.proc.wait()
 
 
+def _spawned(pid: int) -> list[int]:
+    """Child processes of `pid` started by multiprocessing's spawn (not its resource tracker)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    children = [int(p) for p in path.read_text().split()] if path.exists() else []
+    return [
+        c
+        for c in children
+        if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()
+        and b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()
+    ]
+
+
 def test_sigterm_finishes_and_exits_zero(model_dir):
     served = _Serve(model_dir)
     try:
         client = openai.OpenAI(base_url=served.base + "/v1", api_key="x", max_retries=0)
         r = client.completions.create(model=str(model_dir), prompt="Hello", max_tokens=4)
         assert r.usage.completion_tokens >= 1
+        (core,) = _spawned(served.proc.pid)
         served.proc.send_signal(signal.SIGTERM)
         log = served.wait()
         assert served.proc.returncode == 0, log
         assert "Traceback" not in log
+        assert not Path(f"/proc/{core}").exists()  # the engine core process is gone too
     finally:
         served.kill()
 
@@ -98,7 +113,7 @@ def test_sigterm_finishes_and_exits_zero(model_dir):
 def test_a_killed_worker_kills_the_engine_and_the_server_exits(model_dir):
     served = _Serve(model_dir, "-tp", "2", "--served-model-name", "m")
     try:
-        workers = served.children()
+        workers = served.tp_workers()
         assert workers, "no tensor-parallel worker process"
         client = openai.OpenAI(base_url=served.base + "/v1", api_key="x", max_retries=0)
         assert client.completions.create(model="m", prompt="Hi", max_tokens=3).choices

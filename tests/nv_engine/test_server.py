@@ -16,6 +16,7 @@ import uvicorn
 
 from nv_engine import LLM, AsyncLLM, SamplingParams
 from nv_engine.demo import build_demo_model
+from nv_engine.inputs import chat_prompt_ids
 from nv_engine.server import ServerConfig, build_app
 
 ENGINE = dict(device="cpu", kvcache_block_size=16, num_kvcache_blocks=128)
@@ -81,8 +82,7 @@ def base(engine, expected):
     served = _Served(engine, ServerConfig(NAME, max_request_body_bytes=1 << 20))
     yield served.base
     served.close()
-    bm = engine.engine.scheduler.block_manager
-    assert bm.num_free_blocks == bm.num_blocks  # every request's blocks came back
+    _wait_for(lambda: engine.stats.num_free_blocks == engine.stats.num_blocks)  # all came back
 
 
 @pytest.fixture
@@ -369,9 +369,9 @@ def test_routes_methods_and_bodies(base):
 def test_tokenize_and_detokenize(base, engine):
     r = httpx.post(base + "/tokenize", json={"prompt": "Hello"}).json()
     assert r["tokens"] == engine.tokenizer.encode("Hello")
-    assert r["count"] == len(r["tokens"]) and r["max_model_len"] == engine.config.max_model_len
+    assert r["count"] == len(r["tokens"]) and r["max_model_len"] == engine.max_model_len
     chat = httpx.post(base + "/tokenize", json={"messages": CHAT}).json()
-    assert chat["tokens"] == engine.engine.chat_prompt_ids(CHAT)
+    assert chat["tokens"] == chat_prompt_ids(engine.tokenizer, CHAT)
     back = httpx.post(base + "/detokenize", json={"tokens": r["tokens"]}).json()
     assert back == {"prompt": engine.tokenizer.decode(r["tokens"])}
     _error(httpx.post(base + "/detokenize", json={"tokens": [-1]}), 400, "tokens")
@@ -434,8 +434,7 @@ def test_a_client_that_disconnects_is_aborted(base, engine, stream, caplog):
             with pytest.raises(httpx.ReadTimeout):
                 http.post(base + "/v1/completions", json=body, timeout=1.0)
     _wait_for(lambda: _metric(base, "nv:num_requests_running") == 0)
-    bm = engine.engine.scheduler.block_manager
-    _wait_for(lambda: bm.num_free_blocks == bm.num_blocks)
+    _wait_for(lambda: engine.stats.num_free_blocks == engine.stats.num_blocks)
     assert "Traceback" not in caplog.text
 
 

@@ -1,33 +1,36 @@
-"""`AsyncLLM`: the engine behind an asyncio API (vLLM's shape), stepped on its own thread."""
+"""`AsyncLLM`: the engine behind an asyncio API (vLLM's shape), its core in its own process."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
-import queue
+import multiprocessing as mp
+import os
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from nv_engine.config import Config
-from nv_engine.llm_engine import LLMEngine, Prompt
+from nv_engine.engine_core import EngineInfo, EngineStats, OutputDelta, run_engine_core
+from nv_engine.inputs import Prompt, chat_prompt_ids, check_prompt_length, prompt_token_ids
+from nv_engine.model_files import load_tokenizer
 from nv_engine.outputs import CompletionOutput, RequestOutput
-from nv_engine.sampling_params import SamplingParams, expand_n
+from nv_engine.sampling_params import SamplingParams, check_logprobs, expand_n
 
 logger = logging.getLogger(__name__)
 
 
 class EngineDeadError(RuntimeError):
-    """The engine cannot serve any more: a step raised, a tensor-parallel worker died, or it
-    was shut down. The message names the cause."""
+    """The engine cannot serve any more: a step raised, a tensor-parallel worker or the engine
+    core process died, or it was shut down. The message names the cause."""
 
 
 @dataclass(slots=True)
@@ -39,6 +42,16 @@ class RequestTimes:
     last_token: float | None = None
 
 
+@dataclass(slots=True)
+class _Completion:
+    """One completion's totals, built from the core's deltas."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] | None = None
+
+
 @dataclass(eq=False, slots=True)
 class _Stream:
     """One `generate()` call: its n engine requests and the queue its outputs arrive on."""
@@ -48,47 +61,98 @@ class _Stream:
     queue: asyncio.Queue
     prompt_token_ids: list[int]
     times: RequestTimes
-    seq_ids: list[int] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)  # the core's requests, one per completion
     num_finished: int = 0
+    num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 class AsyncLLM:
     """`async for out in llm.generate(prompt, params, request_id)` yields a `RequestOutput`
     after every engine step that advanced the request (its `outputs` hold the completions that
-    step advanced, each with its delta and its text so far); the last has `finished` set.
+    step advanced, each with its delta and its totals so far); the last has `finished` set. A
+    reader slower than the engine gets the outputs that queued up merged into one.
 
-    One thread owns the `LLMEngine` and runs its steps back to back while there is work, so
-    the GPU never waits for the event loop; prompts are tokenized on a thread pool, neither
-    on the event loop nor on the engine's thread. Requests from every coroutine batch together.
+    The engine (scheduler, model runner, output stage) runs in a process of its own, stepping
+    back to back while there is work: HTTP, tokenization and streaming here never hold its
+    GIL. Prompts are tokenized on a thread pool, off the event loop. Requests from every
+    coroutine batch together. As with tensor parallelism, a script that makes an AsyncLLM
+    needs `if __name__ == "__main__":` (the core process is spawned).
 
     Leaving the `async for` early (a `break`, or the task cancelled because the client went
-    away) aborts the request: the engine thread frees its KV blocks before its next step.
-    If a step raises or a tensor-parallel worker dies, every open stream and every later call
-    raises `EngineDeadError`, and `is_healthy()` is False. `shutdown()` stops the thread and
-    frees the engine.
+    away) aborts the request: the core frees its KV blocks before its next step. If a step
+    raises, a tensor-parallel worker or the core process dies, every open stream and every
+    later call raises `EngineDeadError`, and `is_healthy()` is False. `shutdown()` stops the
+    core and frees the GPU.
     """
 
     def __init__(self, model: str | Path | Config, **kwargs: Any) -> None:
-        self.engine = LLMEngine(model, **kwargs)
-        self.config = self.engine.config
-        self.tokenizer = self.engine.tokenizer
+        if isinstance(model, Config):
+            if kwargs:
+                raise TypeError("give a Config or a model directory with keywords, not both")
+            config = model
+        else:
+            config = Config.from_kwargs(model, **kwargs)
+        self.config = config
+        self.tokenizer = load_tokenizer(config)
         # each called as f(output, times, num_new_tokens) on the event loop, for every output
         # before it is yielded (the server's metrics are one)
         self.stat_loggers: list[Callable[[RequestOutput, RequestTimes, int], None]] = []
-        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._streams: dict[str, _Stream] = {}  # open streams, by request id (event loop side)
-        self._seqs: dict[int, tuple[_Stream, int]] = {}  # engine thread: seq id -> (stream, i)
+        self.stats: EngineStats | None = None  # as of the core's latest message
+        self._streams: dict[str, _Stream] = {}  # open streams, by request id
+        self._completions: dict[int, tuple[_Stream, _Completion]] = {}  # by the core's id
+        self._ids = itertools.count()
+        self._send_lock = threading.Lock()
         self._tokenize_pool = ThreadPoolExecutor(4, thread_name_prefix="nv-tokenize")
         self._dead: EngineDeadError | None = None
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="nv-engine", daemon=True)
-        self._thread.start()
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=run_engine_core, args=(config, child, os.getpid()), name="nv-engine-core"
+        )
+        self._proc.start()
+        child.close()
+        self.info: EngineInfo = self._wait_ready()
+        self._receiver = threading.Thread(target=self._receive, name="nv-outputs", daemon=True)
+        self._receiver.start()
+        # a script that forgets shutdown() must not wait at exit for the core it started
+        # (weakref.finalize also runs at interpreter exit, before multiprocessing joins it)
+        self._finalizer = weakref.finalize(self, _stop_core, self._conn, self._proc)
 
     @classmethod
-    def from_config(cls, config: Config, **kwargs: Any) -> AsyncLLM:
-        return cls(config, **kwargs)
+    def from_config(cls, config: Config) -> AsyncLLM:
+        return cls(config)
+
+    def _wait_ready(self) -> EngineInfo:
+        try:
+            message = self._conn.recv()
+        except EOFError:
+            self._proc.join()
+            raise RuntimeError(
+                f"the engine core process exited while starting (exit code {self._proc.exitcode})"
+            ) from None
+        if message[0] == "ready":
+            return message[1]
+        self._proc.join()
+        _, kind, text = message
+        if kind in ("ValueError", "TypeError"):  # a bad setting: the same error as LLM gives
+            raise (ValueError if kind == "ValueError" else TypeError)(text)
+        raise RuntimeError(f"the engine failed to start: {kind}: {text}")
 
     # ---- the API ---------------------------------------------------------------------------------
+
+    @property
+    def max_model_len(self) -> int:
+        return self.info.max_model_len
+
+    @property
+    def default_sampling(self) -> dict[str, Any]:
+        """The model's generation_config.json sampling defaults, as SamplingParams keywords."""
+        return self.info.default_sampling
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        return SamplingParams(**self.info.default_sampling)
 
     def is_healthy(self) -> bool:
         return self._dead is None
@@ -98,12 +162,14 @@ class AsyncLLM:
         """Why the engine stopped (None while it is healthy)."""
         return self._dead
 
-    def get_default_sampling_params(self) -> SamplingParams:
-        return self.engine.get_default_sampling_params()
-
     async def encode(self, prompt: Prompt) -> list[int]:
-        """A prompt's token ids, validated as `LLM.generate` does (on the tokenizer pool)."""
-        return await self._in_pool(self.engine.prompt_token_ids, prompt)
+        """A prompt's token ids, checked as `LLM.generate` checks them (on the tokenizer pool)."""
+        return await self._in_pool(self._encode, prompt)
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        ids = prompt_token_ids(prompt, self.tokenizer, self.info.vocab_size, "prompt")
+        check_prompt_length(len(ids), self.info.max_model_len, self.info.kv_capacity_tokens)
+        return ids
 
     async def encode_chat(
         self,
@@ -112,9 +178,8 @@ class AsyncLLM:
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
         """A conversation rendered with the chat template, as token ids (on the tokenizer pool)."""
-        return await self._in_pool(
-            self.engine.chat_prompt_ids, messages, add_generation_prompt, chat_template_kwargs
-        )
+        render = functools.partial(chat_prompt_ids, self.tokenizer)
+        return await self._in_pool(render, messages, add_generation_prompt, chat_template_kwargs)
 
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """The tokenizer's ids for `text`, unchecked (on the tokenizer pool)."""
@@ -137,8 +202,13 @@ class AsyncLLM:
         `LLM.generate` takes; `sampling_params.n` completions run as one request."""
         self._raise_if_dead()
         arrival = time.monotonic()
-        params = self.engine.checked_params(sampling_params)
-        request_id = str(uuid.uuid4().hex) if request_id is None else str(request_id)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        elif not isinstance(sampling_params, SamplingParams):
+            kind = type(sampling_params).__name__
+            raise TypeError(f"sampling_params must be SamplingParams, got {kind}")
+        check_logprobs(sampling_params, self.info.max_logprobs)
+        request_id = uuid.uuid4().hex if request_id is None else str(request_id)
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already running")
         token_ids = await self.encode(prompt)
@@ -147,12 +217,15 @@ class AsyncLLM:
         self._streams[request_id] = stream
         finished = False
         try:
-            self._commands.put(("add", (stream, expand_n(params))))
-            self._raise_if_dead()  # (after the put: the dead engine thread fails it anyway)
+            for i, params in enumerate(expand_n(sampling_params)):
+                rid = next(self._ids)
+                stream.ids.append(rid)
+                self._completions[rid] = (stream, _Completion(i, logprobs=None))
+                self._send(("add", rid, token_ids, params))
             while not finished:
                 item = await stream.queue.get()
                 while not isinstance(item, BaseException) and not stream.queue.empty():
-                    nxt = stream.queue.get_nowait()  # a consumer behind: one merged output
+                    nxt = stream.queue.get_nowait()  # a reader behind: one merged output
                     item = nxt if isinstance(nxt, BaseException) else _coalesce(item, nxt)
                 if isinstance(item, BaseException):
                     raise item
@@ -160,25 +233,27 @@ class AsyncLLM:
                 yield item
         finally:
             del self._streams[request_id]
-            if not finished and self._dead is None:
-                self._commands.put(("abort", stream))
+            for rid in stream.ids:
+                self._completions.pop(rid, None)
+            if not finished and self._dead is None and not self._stopping:
+                self._send(("abort", stream.ids))
 
     async def abort(self, request_id: str) -> None:
         """End a running request: its stream ends with finish_reason "abort". Unknown ids are
         ignored."""
         stream = self._streams.get(str(request_id))
         if stream is not None:
-            self._commands.put(("abort", stream))
+            self._send(("abort", stream.ids))
 
     def shutdown(self) -> None:
-        """Stop the engine thread (open streams get EngineDeadError) and free the engine.
+        """Stop the core process (open streams get EngineDeadError) and free the GPU.
         Idempotent."""
-        if not self._stopping:
-            self._stopping = True
-            self._commands.put(("wake", None))
-            self._thread.join()
-            self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
-            self.engine.close()
+        if self._stopping:
+            return
+        self._stopping = True
+        self._finalizer()
+        self._receiver.join(10)
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     def _raise_if_dead(self) -> None:
         if self._dead is not None:
@@ -186,100 +261,83 @@ class AsyncLLM:
         if self._stopping:
             raise EngineDeadError("the engine was shut down")
 
-    # ---- the engine thread -----------------------------------------------------------------------
-
-    def _run(self) -> None:
-        device = self.engine.model_runner.device
-        if device.type == "cuda":  # a new thread's current device is cuda:0 (Triton uses it)
-            torch.cuda.set_device(device)
+    def _send(self, message: tuple) -> None:
         try:
-            while not self._stopping:
-                self._take_commands(wait=self.engine.is_finished())
-                if not self.engine.is_finished():
-                    self._deliver(self.engine.step())
-        except Exception as e:
-            logger.exception("the engine died")
-            self._dead = EngineDeadError(f"the engine died: {type(e).__name__}: {e}")
-            self._dead.__cause__ = e
-        error = self._dead or EngineDeadError("the engine was shut down")
-        self._send_all([(stream, error) for stream in {s for s, _ in self._seqs.values()}])
-        self._seqs.clear()
-        while not self._stopping:  # dead: fail what still arrives, until shutdown()
-            self._fail_commands(error)
-        self._fail_commands(error, wait=False)
+            with self._send_lock:
+                self._conn.send(message)
+        except (OSError, ValueError):
+            self._raise_if_dead()
+            raise EngineDeadError("the engine core process is gone") from None
 
-    def _take_commands(self, wait: bool) -> None:
-        """Run queued adds and aborts; when idle, wait a while for one, and check meanwhile
-        that every tensor-parallel worker is alive."""
-        try:
-            command = self._commands.get(timeout=0.5) if wait else self._commands.get_nowait()
-        except queue.Empty:
-            if wait:
-                self.engine.check_health()
-            return
+    # ---- outputs, on the receiver thread ---------------------------------------------------------
+
+    def _receive(self) -> None:
         while True:
-            kind, arg = command
-            if kind == "add":
-                self._add(*arg)
-            elif kind == "abort":
-                self._abort(arg)
             try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                self._proc.join(5)
+                if self._stopping:
+                    self._die(EngineDeadError("the engine was shut down"), log=False)
+                else:
+                    code = self._proc.exitcode
+                    self._die(EngineDeadError(f"the engine core process exited (code {code})"))
                 return
+            kind = message[0]
+            if kind == "outputs":
+                self.stats = message[2]
+                self._deliver(message[1])
+            elif kind == "error":
+                _, rid, error_kind, text = message
+                entry = self._completions.get(rid)
+                if entry is not None:
+                    error = TypeError(text) if error_kind == "TypeError" else ValueError(text)
+                    self._send_all([(entry[0], error)])
+            elif kind == "dead":
+                self._die(EngineDeadError(f"the engine died: {message[1]}"))
 
-    def _add(self, stream: _Stream, children: list[SamplingParams]) -> None:
-        try:
-            for i, params in enumerate(children):
-                prompt = {"prompt_token_ids": stream.prompt_token_ids}
-                seq_id = self.engine.add_request(prompt, params)
-                stream.seq_ids.append(seq_id)
-                self._seqs[seq_id] = (stream, i)
-        except Exception as e:  # (validated before: a prompt the scheduler cannot take)
-            self._abort(stream, notify=False)
-            self._send_all([(stream, e)])
+    def _die(self, error: EngineDeadError, log: bool = True) -> None:
+        if self._dead is None and log:
+            logger.error("%s", error)
+        self._dead = self._dead or error
+        streams = {stream for stream, _ in self._completions.values()}
+        self._send_all([(stream, self._dead) for stream in streams])
 
-    def _abort(self, stream: _Stream, notify: bool = True) -> None:
-        completions = []
-        for seq_id in stream.seq_ids:
-            entry = self._seqs.pop(seq_id, None)
-            if entry is not None:
-                out = self.engine.abort_request(seq_id)
-                if out is not None:
-                    out.outputs[0].index = entry[1]
-                    completions += out.outputs
-        if notify and completions:
-            final = RequestOutput(stream.request_id, stream.prompt_token_ids, completions, True)
-            self._send_all([(stream, final)])
-
-    def _fail_commands(self, error: EngineDeadError, wait: bool = True) -> None:
-        try:
-            command = self._commands.get(timeout=0.5) if wait else self._commands.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            if command[0] == "add":
-                self._send_all([(command[1][0], error)])
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
-
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        """Hand a step's outputs to their streams: one RequestOutput per stream, holding the
-        completions of its engine requests that advanced."""
-        per_stream: dict[_Stream, tuple[RequestOutput, list[CompletionOutput]]] = {}
-        for out in outputs:
-            entry = self._seqs.get(out.request_id)
+    def _deliver(self, deltas: list[OutputDelta]) -> None:
+        """One RequestOutput per stream, holding its completions that advanced."""
+        per_stream: dict[_Stream, list[CompletionOutput]] = {}
+        for d in deltas:
+            entry = self._completions.get(d.request_id)
             if entry is None:
-                continue
-            stream, index = entry
-            completion = out.outputs[0]
-            completion.index = index
-            per_stream.setdefault(stream, (out, []))[1].append(completion)
-            if out.finished:
-                del self._seqs[out.request_id]
+                continue  # its stream is gone
+            stream, c = entry
+            c.text += d.delta_text
+            c.token_ids += d.delta_token_ids
+            if d.delta_logprobs is not None:
+                if c.logprobs is None:
+                    c.logprobs = []
+                c.logprobs += d.delta_logprobs
+            if d.prompt_logprobs is not None:
+                stream.prompt_logprobs = d.prompt_logprobs
+            stream.num_cached_tokens = max(stream.num_cached_tokens, d.num_cached_tokens)
+            if d.finish_reason is not None:
                 stream.num_finished += 1
+            per_stream.setdefault(stream, []).append(
+                CompletionOutput(
+                    index=c.index,
+                    text=c.text,
+                    delta_text=d.delta_text,
+                    delta_token_ids=d.delta_token_ids,
+                    finish_reason=d.finish_reason,
+                    stop_reason=d.stop_reason,
+                    delta_logprobs=d.delta_logprobs,
+                    cumulative_logprob=d.cumulative_logprob,
+                    _tokens=c.token_ids,
+                    _end=len(c.token_ids),
+                    _logprobs=c.logprobs,
+                    _num_logprobs=0 if c.logprobs is None else len(c.logprobs),
+                )
+            )
         self._send_all(
             [
                 (
@@ -288,17 +346,17 @@ class AsyncLLM:
                         request_id=stream.request_id,
                         prompt_token_ids=stream.prompt_token_ids,
                         outputs=completions,
-                        finished=stream.num_finished == len(stream.seq_ids),
-                        num_cached_tokens=first.num_cached_tokens,
-                        prompt_logprobs=first.prompt_logprobs,
+                        finished=stream.num_finished == len(stream.ids),
+                        num_cached_tokens=stream.num_cached_tokens,
+                        prompt_logprobs=stream.prompt_logprobs,
                     ),
                 )
-                for stream, (first, completions) in per_stream.items()
+                for stream, completions in per_stream.items()
             ]
         )
 
     def _send_all(self, items: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
-        """One wake-up of each event loop per step, not one per stream."""
+        """One wake-up of each event loop per message, not one per stream."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for stream, item in items:
             by_loop.setdefault(stream.loop, []).append((stream, item))
@@ -324,9 +382,22 @@ class AsyncLLM:
             stream.queue.put_nowait(item)
 
 
+def _stop_core(conn: Any, proc: Any) -> None:
+    """Ask the core to shut down (it frees the engine and its workers), then make sure."""
+    try:
+        conn.send(("shutdown",))
+    except (OSError, ValueError):
+        pass
+    proc.join(30)
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(5)
+    conn.close()
+
+
 def _coalesce(old: RequestOutput, new: RequestOutput) -> RequestOutput:
-    """`new` with the deltas of `old` (an earlier step's output not yet consumed) before its
-    own: a consumer slower than the engine gets one output per wake-up, not one per step."""
+    """`new` with the deltas of `old` (an earlier output not yet read) before its own: a
+    reader slower than the engine gets one output per wake-up, not one per step."""
     merged = {c.index: c for c in old.outputs}
     for c in new.outputs:
         prev = merged.get(c.index)

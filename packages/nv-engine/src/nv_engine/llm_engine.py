@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import logging
-import operator
 import random
 import time
 from collections.abc import Sequence as Seq
@@ -11,6 +10,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from nv_engine.config import Config
+from nv_engine.inputs import Prompt, chat_prompt_ids, prompt_token_ids
 from nv_engine.model_files import (
     collect_eos_token_ids,
     load_generation_config,
@@ -20,15 +20,13 @@ from nv_engine.model_files import (
 from nv_engine.model_runner import ModelRunner
 from nv_engine.output_processor import OutputProcessor
 from nv_engine.outputs import RequestOutput
-from nv_engine.sampling_params import SamplingParams, expand_n
+from nv_engine.sampling_params import SamplingParams, check_logprobs, expand_n
 from nv_engine.scheduler import Scheduler
 from nv_engine.sequence import Sequence
 from nv_engine.workers import ExternalWorkers, WorkerPool
 
 logger = logging.getLogger(__name__)
 
-# text, token ids, or vLLM's prompt dicts: {"prompt": text} / {"prompt_token_ids": ids}
-Prompt = str | list[int] | dict[str, Any]
 _SEED_MASK = (1 << 63) - 1
 
 
@@ -121,43 +119,9 @@ class LLMEngine:
         """A prompt's token ids, validated (ids in the vocabulary, the length schedulable);
         `index` names it in errors as prompts[index]."""
         where = "prompt" if index is None else f"prompts[{index}]"
-        if isinstance(prompt, dict):
-            keys = set(prompt) & {"prompt", "prompt_token_ids"}
-            if len(keys) != 1:
-                raise ValueError(
-                    f"{where} must hold one of 'prompt' (text) or 'prompt_token_ids', "
-                    f"got keys {sorted(prompt)}"
-                )
-            prompt = prompt[keys.pop()]
-        if hasattr(prompt, "tolist") and not isinstance(prompt, (str, list, tuple)):
-            prompt = prompt.tolist()  # a 1-D numpy array or tensor of token ids
-            if not isinstance(prompt, list):
-                raise TypeError(f"{where} must be a 1-D sequence of token ids")
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(
-                    f"{where} is a string but the model has no tokenizer; pass token ids"
-                )
-            token_ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)):
-            vocab = self.config.hf_config.vocab_size
-            token_ids = []
-            for t in prompt:
-                if isinstance(t, bool):
-                    raise TypeError(f"{where} must hold ints, got bool")
-                try:
-                    t = operator.index(t)  # ints, numpy ints, 0-d integer tensors
-                except TypeError:
-                    raise TypeError(f"{where} must hold ints, got {type(t).__name__}") from None
-                if not 0 <= t < vocab:
-                    raise ValueError(f"{where} holds token id {t}, outside [0, {vocab})")
-                token_ids.append(t)
-        else:
-            raise TypeError(
-                f"{where} must be a str or a list of token ids, got {type(prompt).__name__}"
-            )
-        if not token_ids:
-            raise ValueError(f"{where} is empty")
+        token_ids = prompt_token_ids(
+            prompt, self.tokenizer, self.config.hf_config.vocab_size, where
+        )
         self.scheduler.check_prompt(len(token_ids))
         return token_ids
 
@@ -179,11 +143,7 @@ class LLMEngine:
             return SamplingParams(**self.default_sampling)
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        limit = self.config.max_logprobs
-        for name in ("logprobs", "prompt_logprobs"):
-            k = getattr(params, name)
-            if k is not None and k > limit:
-                raise ValueError(f"{name}={k} is more than max_logprobs={limit} (a Config field)")
+        check_logprobs(params, self.config.max_logprobs)
         return params
 
     def _add(self, token_ids: list[int], params: SamplingParams, stream: bool) -> int:
@@ -358,45 +318,10 @@ class LLMEngine:
         chat_template_kwargs: dict[str, Any] | None = None,
         where: str = "messages",
     ) -> list[int]:
-        """One conversation rendered with the tokenizer's chat template, as token ids (the
-        template writes the special tokens, BOS included, itself)."""
-        tok = self.tokenizer
-        if tok is None or not getattr(tok, "chat_template", None):
-            raise ValueError("chat needs a tokenizer with a chat template")
-        if not isinstance(conversation, (list, tuple)) or not conversation:
-            raise ValueError(f"{where} must be a non-empty list of {{'role', 'content'}} dicts")
-        messages = [_chat_message(m, f"{where}[{i}]") for i, m in enumerate(conversation)]
-        text = tok.apply_chat_template(
-            messages,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            **(chat_template_kwargs or {}),
+        """One conversation rendered with the tokenizer's chat template, as token ids."""
+        return chat_prompt_ids(
+            self.tokenizer, conversation, add_generation_prompt, chat_template_kwargs, where
         )
-        return tok.encode(text, add_special_tokens=False)
-
-
-def _chat_message(message: Any, where: str) -> dict[str, Any]:
-    """A chat message with text content: a string, or a list of {"type": "text", "text": ...}
-    parts (joined by newlines, as vLLM does); an assistant's content may be None."""
-    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-        raise ValueError(f"{where} must be a dict with a string 'role' and a 'content'")
-    content = message.get("content")
-    if content is None and message["role"] == "assistant":
-        content = ""
-    elif isinstance(content, list):
-        texts = []
-        for i, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            if kind != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(
-                    f"{where}.content[{i}]: only {{'type': 'text', 'text': str}} parts are "
-                    f"supported, got {kind!r}"
-                )
-            texts.append(part["text"])
-        content = "\n".join(texts)
-    elif not isinstance(content, str):
-        raise ValueError(f"{where}.content must be a string or a list of text parts")
-    return {**message, "content": content}
 
 
 def merge_n(outs: list[RequestOutput]) -> RequestOutput:

@@ -113,6 +113,14 @@ class SamplingParams:
         )
 
 
+def check_logprobs(params: SamplingParams, limit: int) -> None:
+    """A ValueError for more logprobs or prompt_logprobs than `limit` (Config.max_logprobs)."""
+    for name in ("logprobs", "prompt_logprobs"):
+        k = getattr(params, name)
+        if k is not None and k > limit:
+            raise ValueError(f"{name}={k} is more than max_logprobs={limit} (a Config field)")
+
+
 def expand_n(params: SamplingParams) -> list[SamplingParams]:
     """The n single-completion requests of `params` (the i-th seeded with seed + i)."""
     if params.n == 1:

@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections import deque
 
 from nv_engine.config import Config
+from nv_engine.inputs import check_prompt_length
 from nv_engine.plan import (
     PenaltyInputs,
     PromptLogprobsInputs,
@@ -49,16 +50,8 @@ class Scheduler:
 
     def check_prompt(self, num_tokens: int) -> None:
         """Reject, before anything is allocated, a prompt that can never be scheduled."""
-        if num_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt has {num_tokens} tokens, more than max_model_len={self.max_model_len}"
-            )
         bm = self.block_manager
-        if bm.blocks_needed(num_tokens + 1) > bm.num_blocks:
-            raise ValueError(
-                f"prompt has {num_tokens} tokens, more than the whole KV cache holds "
-                f"({bm.num_blocks} blocks of {bm.block_size})"
-            )
+        check_prompt_length(num_tokens, self.max_model_len, bm.num_blocks * bm.block_size)
 
     def add(self, seq: Sequence) -> None:
         self.check_prompt(len(seq))

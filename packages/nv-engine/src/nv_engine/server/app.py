@@ -187,7 +187,7 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
             "object": "model",
             "created": created,
             "owned_by": "nv",
-            "max_model_len": engine.config.max_model_len,
+            "max_model_len": engine.max_model_len,
         }
         return {"object": "list", "data": [card]}
 
@@ -251,9 +251,6 @@ def run_server(engine: AsyncLLM, config: ServerConfig) -> int:
     engine_death_grace_s of 503s). Prints the address it listens on."""
     app = build_app(engine, config)
     exit_code = 0
-    # The engine's thread and the event loop share the GIL; the engine thread, back from
-    # waiting on the GPU, should not wait the default 5 ms for a busy event loop to yield it.
-    sys.setswitchinterval(0.001)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from nv_engine.async_llm import AsyncLLM, RequestTimes
+from nv_engine.engine_core import EngineStats
 from nv_engine.outputs import RequestOutput
 
 # vLLM's buckets (seconds)
@@ -22,29 +23,30 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
 
 
 class _SchedulerCollector(Collector):
-    """Read at scrape time from the engine: requests running and waiting, KV-cache usage and
-    the prefix cache's counts (in prompt tokens, as vLLM counts them)."""
+    """Read at scrape time from the engine core's latest stats: requests running and waiting,
+    KV-cache usage and the prefix cache's counts (in prompt tokens, as vLLM counts them)."""
 
     def __init__(self, engine: AsyncLLM, model_name: str) -> None:
         self.engine = engine
         self.labels = {"model_name": model_name}
 
     def collect(self) -> Iterator:
-        scheduler = self.engine.engine.scheduler
-        stats = scheduler.block_manager.stats()
+        s = self.engine.stats
+        if s is None:  # no step yet
+            s = EngineStats(0, 0, 1, 1, 0, 0, 0)
         values = (
             (GaugeMetricFamily, "nv:num_requests_running", "Requests in the running batch",
-             len(scheduler.running)),
+             s.num_running),
             (GaugeMetricFamily, "nv:num_requests_waiting", "Requests waiting to be scheduled",
-             len(scheduler.waiting)),
+             s.num_waiting),
             (GaugeMetricFamily, "nv:kv_cache_usage_perc", "Fraction of KV-cache blocks in use",
-             stats.usage),
+             1 - s.num_free_blocks / s.num_blocks),
             (CounterMetricFamily, "nv:prefix_cache_queries", "Prompt tokens looked up",
-             stats.prefix_cache_queries),
+             s.prefix_cache_queries),
             (CounterMetricFamily, "nv:prefix_cache_hits", "Prompt tokens found cached",
-             stats.prefix_cache_hits),
+             s.prefix_cache_hits),
             (CounterMetricFamily, "nv:num_preemptions", "Requests preempted",
-             scheduler.num_preemptions),
+             s.num_preemptions),
         )  # fmt: skip
         for family, name, doc, value in values:
             metric = family(name, doc, labels=list(self.labels))

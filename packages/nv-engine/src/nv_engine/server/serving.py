@@ -87,14 +87,14 @@ class OpenAIServing:
         self.engine = engine
         self.model_name = model_name
         self.tokenizer = engine.tokenizer
-        self.max_model_len = engine.config.max_model_len
+        self.max_model_len = engine.max_model_len
         self.max_logprobs = engine.config.max_logprobs
         self._token_text: dict[int, str] = {}
 
     # ---- completions -----------------------------------------------------------------------------
 
     async def completions(self, body: dict[str, Any]) -> dict[str, Any] | AsyncIterator[str]:
-        defaults = self.engine.engine.default_sampling
+        defaults = self.engine.default_sampling
         parsed = parse_completion(body, defaults, self.max_logprobs)
         prompts = completion_prompts(body)
         token_ids = [await self._encode(p, "prompt") for p in prompts]
@@ -172,7 +172,7 @@ class OpenAIServing:
     # ---- chat ------------------------------------------------------------------------------------
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any] | AsyncIterator[str]:
-        parsed = parse_chat(body, self.engine.engine.default_sampling, self.max_logprobs)
+        parsed = parse_chat(body, self.engine.default_sampling, self.max_logprobs)
         messages = chat_messages(body)
         add_generation_prompt = body.get("add_generation_prompt")
         try:
@@ -281,7 +281,7 @@ class OpenAIServing:
             if key not in ("model", "tokens"):
                 raise RequestError(f"Unrecognized request argument supplied: {key}", key)
         tokens = body.get("tokens")
-        vocab = self.engine.config.hf_config.vocab_size
+        vocab = self.engine.info.vocab_size
         if not isinstance(tokens, list) or not all(
             isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens
         ):
