@@ -278,6 +278,47 @@ def test_tp2_nccl_matches_hf(fp32_model):
     assert not any(p.is_alive() for p in procs)
 
 
+_TP2_SCRIPT = """
+import os, signal, sys, time
+from nv_engine import LLM, SamplingParams
+
+if __name__ == "__main__":
+    model, kill = sys.argv[1], sys.argv[2] == "kill"
+    llm = LLM(model, tensor_parallel_size=2, kvcache_block_size=16)
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    assert len(out[0]["token_ids"]) == 4
+    if kill:
+        os.kill(llm._workers.procs[0].pid, signal.SIGKILL)
+        try:
+            llm.generate([[5, 6]], SamplingParams(max_tokens=4), use_tqdm=False)
+        except Exception as e:
+            print("step failed:", type(e).__name__, e, flush=True)
+    t = time.monotonic()
+    llm.close()
+    print(f"closed in {time.monotonic() - t:.1f} s", flush=True)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("kill_worker", [False, True], ids=["clean", "dead-worker"])
+def test_tp2_nccl_shutdown_completes(fp32_model, tmp_path, kill_worker):
+    """A TP=2 program on NCCL ends: close() returns within seconds and the process exits (the
+    subprocess timeout fails the test on a hang), also after a worker died."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "tp2.py"
+    script.write_text(_TP2_SCRIPT)
+    path = str(fp32_model[0])
+    argv = [sys.executable, str(script), path, "kill" if kill_worker else "clean"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    closed = [line for line in r.stdout.splitlines() if line.startswith("closed in")]
+    assert closed and float(closed[0].split()[2]) < 30, r.stdout
+    if kill_worker:
+        assert "step failed: WorkerError" in r.stdout, r.stdout
+
+
 def test_pdl_chain_in_a_graph_equals_plain_launches():
     # skinny GEMMs and RMSNorms launched with programmatic dependent launch (each starts while
     # the one before runs) inside a CUDA graph: bit for bit the plain launches' result

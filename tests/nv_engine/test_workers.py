@@ -221,3 +221,23 @@ def test_failed_start_raises_its_own_error_and_leaves_no_worker(tmp_path, monkey
     with pytest.raises(RuntimeError, match="rank 0 could not join"):
         LLM(str(tmp_path), device="cpu", tensor_parallel_size=2, distributed_timeout_s=20)
     assert not mp.active_children()  # the spawned worker was terminated, not left behind
+
+
+def test_a_script_without_the_main_guard_fails_fast_and_says_why(tmp_path):
+    """Spawned workers re-import the script: without `if __name__ == "__main__":` they die at
+    once. The engine says so within seconds, not after the rendezvous timeout."""
+    import subprocess
+    import sys
+
+    save_tiny_qwen3(tmp_path / "m")
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "from nv_engine import LLM\n"
+        f"LLM({str(tmp_path / 'm')!r}, device='cpu', tensor_parallel_size=2)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert r.returncode != 0
+    assert "tensor-parallel worker rank 1 exited while starting" in r.stderr
+    assert "__main__" in r.stderr.splitlines()[-1]

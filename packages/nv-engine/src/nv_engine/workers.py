@@ -102,6 +102,10 @@ class StepReceiver:
             return obj
 
 
+def _started_key(rank: int) -> str:
+    return f"nv-worker-{rank}-started"
+
+
 def _unique_name() -> str:
     return f"nv-{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
@@ -144,6 +148,7 @@ def _worker_main(
         is_master=False,
         timeout=timedelta(seconds=config.distributed_timeout_s),
     )
+    store.set(_started_key(rank), "1")  # rank 0 waits for this, watching the process
     tp = init_distributed(config, rank, store)
     receiver = StepReceiver(shm_name, ready, acked, parent_pid)
     try:
@@ -196,7 +201,26 @@ class WorkerPool:
             )
             proc.start()
             self.procs.append(proc)
+        self._wait_started(store)
         return init_distributed(self.config, 0, store)
+
+    def _wait_started(self, store: dist.TCPStore) -> None:
+        """Wait until every worker has reached the store, failing at once, naming the rank,
+        if one dies first (rather than at the rendezvous' timeout)."""
+        deadline = time.monotonic() + self.config.distributed_timeout_s
+        keys = [_started_key(rank) for rank in range(1, len(self.procs) + 1)]
+        while not store.check(keys):
+            for rank, proc in enumerate(self.procs, start=1):
+                if not proc.is_alive():
+                    raise WorkerError(
+                        f"tensor-parallel worker rank {rank} exited while starting (exit code "
+                        f"{proc.exitcode}; its error is above). Workers are spawned: a script "
+                        "that makes an LLM with tensor_parallel_size > 1 needs "
+                        '`if __name__ == "__main__":` around it.'
+                    )
+            if time.monotonic() > deadline:
+                raise WorkerError("tensor-parallel workers did not start in distributed_timeout_s")
+            time.sleep(0.05)
 
     def check_alive(self) -> None:
         for rank, proc in enumerate(self.procs, start=1):
@@ -217,16 +241,24 @@ class WorkerPool:
         self.channel.send(plan, self.check_alive)
 
     def close(self) -> None:
+        """Every rank leaves the same way: the exit message, a barrier, then each destroys its
+        group at the same time (NCCL's teardown waits for its peers: rank 0 must not wait for
+        the workers to exit first). With a worker dead, rank 0 aborts its group instead."""
+        joined = dist.is_initialized()  # not when start() failed before the rendezvous
+        clean = False
         if self.channel is not None and self.procs:
             try:
                 if all(p.is_alive() for p in self.procs):
                     self.channel.send(_EXIT, self.check_alive)
-                    if dist.is_initialized():  # not when start() failed before joining
+                    if joined:
                         dist.barrier()
+                    clean = True
             except (WorkerError, RuntimeError):
                 pass  # a worker died meanwhile: it is terminated below
+        if joined:
+            _leave_group(clean)
         # workers that never joined rank 0 (start() failed) cannot leave by themselves
-        deadline = time.monotonic() + (10 if dist.is_initialized() else 0)
+        deadline = time.monotonic() + (10 if clean else 0)
         for proc in self.procs:
             proc.join(max(0.1, deadline - time.monotonic()))
             if proc.is_alive():
@@ -236,8 +268,20 @@ class WorkerPool:
         if self.channel is not None:
             self.channel.close()
             self.channel = None
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+
+def _leave_group(clean: bool) -> None:
+    """Destroy this process's group; after a peer died, abort it (a destroy could wait for the
+    dead peer forever)."""
+    if not clean:
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if abort is not None:
+            try:
+                abort()
+                return
+            except Exception:
+                logger.warning("aborting the process group failed", exc_info=True)
+    dist.destroy_process_group()
 
 
 def _env_rank(config: Config) -> int:
