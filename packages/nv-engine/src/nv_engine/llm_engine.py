@@ -86,14 +86,15 @@ class LLMEngine:
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the workers and free this process's model, KV cache and CUDA graphs. Idempotent;
-        the engine cannot be used afterwards."""
-        workers, self._workers = getattr(self, "_workers", None), None
-        if workers is not None:
-            workers.close()
+        """Free this process's model, KV cache and CUDA graphs, then stop the workers (which
+        free theirs first too: NCCL's teardown waits while graphs that captured its collectives
+        live). Idempotent; the engine cannot be used afterwards."""
         runner, self.model_runner = getattr(self, "model_runner", None), None
         if runner is not None:
             runner.close()
+        workers, self._workers = getattr(self, "_workers", None), None
+        if workers is not None:
+            workers.close()
 
     def __enter__(self) -> LLMEngine:
         return self

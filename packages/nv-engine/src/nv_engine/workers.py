@@ -155,6 +155,7 @@ def _worker_main(
         runner = ModelRunner(config, rank, tp)
         while (plan := receiver.recv()) != _EXIT:
             runner.execute(plan)
+        runner.close()  # graphs that captured collectives go before the group (see close())
         if os.getppid() == parent_pid:
             dist.barrier()  # leave with rank 0: tearing down early can abort a peer mid-read
     finally:
@@ -360,6 +361,7 @@ def serve_external_worker(config: Config) -> None:
             box: list[Any] = [None]
             dist.broadcast_object_list(box, src=0, group=ctrl)
             if box[0] == _EXIT:
+                runner.close()  # graphs that captured collectives go before the group
                 dist.barrier()
                 break
             runner.execute(box[0])
