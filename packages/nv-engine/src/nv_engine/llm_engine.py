@@ -90,9 +90,12 @@ class LLMEngine:
         free theirs first too: NCCL's teardown waits while graphs that captured its collectives
         live). Idempotent; the engine cannot be used afterwards."""
         runner, self.model_runner = getattr(self, "model_runner", None), None
+        workers, self._workers = getattr(self, "_workers", None), None
+        if workers is not None and not workers.all_alive():
+            workers.close()  # abort the group first: it unblocks a collective stuck on the dead
+            workers = None
         if runner is not None:
             runner.close()
-        workers, self._workers = getattr(self, "_workers", None), None
         if workers is not None:
             workers.close()
 
@@ -197,6 +200,8 @@ class LLMEngine:
         if done is None:
             return []
         plan, sampled = done
+        if sampled is not None and self._workers is not None:
+            self._run(sampled.wait, self._workers.check_alive)
         tokens = self._run(sampled.tolist) if sampled is not None else []
         logprobs = prompt_logprobs = None
         if sampled is not None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +70,9 @@ class HostToDevice:
         return slot
 
 
+_POLL_S = 1e-4  # SampledTokens.wait's polling interval
+
+
 class SampledTokens:
     """A step's sampled tokens (and log-probabilities, when asked for) on their way to the
     host; `tolist()` and `logprobs()` wait for them."""
@@ -83,6 +88,14 @@ class SampledTokens:
         self._event = event
         self._logprobs = logprobs
         self._prompt_logprobs = prompt_logprobs
+
+    def wait(self, alive: Callable[[], None]) -> None:
+        """Wait for the step, calling `alive()` (which raises if a peer rank died) meanwhile:
+        a collective with a dead peer never finishes on NCCL."""
+        if self._event is not None:
+            while not self._event.query():
+                alive()
+                time.sleep(_POLL_S)
 
     def tolist(self) -> list[int]:
         if self._event is not None:

@@ -223,6 +223,9 @@ class WorkerPool:
                 raise WorkerError("tensor-parallel workers did not start in distributed_timeout_s")
             time.sleep(0.05)
 
+    def all_alive(self) -> bool:
+        return all(p.is_alive() for p in self.procs)
+
     def check_alive(self) -> None:
         for rank, proc in enumerate(self.procs, start=1):
             if not proc.is_alive():
@@ -321,6 +324,9 @@ class ExternalWorkers:
         tp = init_distributed(self.config, 0, None)
         self.ctrl = _control_group(self.config)
         return tp
+
+    def all_alive(self) -> bool:
+        return True  # (see check_alive)
 
     def check_alive(self) -> None:
         """Remote processes cannot be watched: a dead rank surfaces as a collective timeout."""
