@@ -276,3 +276,51 @@ def test_free_queue_is_o1_linked_list():
         q.popleft()
     with pytest.raises(IndexError):
         q.popleft()
+
+
+def test_blocks_without_a_hash_are_reused_before_cached_ones():
+    bm = BlockManager(6, 4)
+    bm.allocate("cached", toks(0, 8))  # blocks 0, 1
+    bm.mark_computed("cached", 8)  # both hashed
+    bm.allocate("scratch", toks(100, 6))  # blocks 2, 3: block 3 half full, never hashed
+    bm.mark_computed("scratch", 4)  # block 2 hashed
+    bm.free("cached")  # freed first: 1 then 0 (last block first)
+    bm.free("scratch")  # then 3, 2
+    # eviction order: the unhashed block 3, then the free blocks that never held anything
+    # (4, 5 were never used, so they are in the unhashed queue from the start), then the
+    # cached blocks, least recently freed first
+    assert bm.free_block_ids == [4, 5, 3, 1, 0, 2]
+    assert bm.allocate("new", toks(500, 12)) == 0
+    assert bm.block_table("new") == [4, 5, 3]
+    # the cached prefix survived: it still hits
+    assert bm.allocate("again", toks(0, 9)) == 8
+    assert bm.block_table("again")[:2] == [0, 1]
+
+
+def test_reset_prefix_cache_moves_blocks_to_the_uncached_queue_in_order():
+    bm = BlockManager(4, 2)
+    bm.allocate("a", toks(0, 4))
+    bm.mark_computed("a", 4)
+    bm.free("a")
+    assert bm.free_block_ids == [2, 3, 1, 0]
+    assert bm.reset_prefix_cache()
+    assert bm.free_block_ids == [2, 3, 1, 0]
+    assert all(b.hash is None for b in bm.blocks) and not bm.hash_to_block_id
+    assert bm.allocate("b", toks(0, 3)) == 0  # nothing cached any more
+
+
+def test_block_hashes_are_128_bit_xxh3_chains():
+    from array import array
+
+    import xxhash
+
+    h0 = hash_block_tokens(0, [1, 2, 3])
+    assert h0 == xxhash.xxh3_128_intdigest(bytes(16) + array("q", [1, 2, 3]).tobytes())
+    h1 = hash_block_tokens(h0, [4, 5, 6])
+    assert h1 == xxhash.xxh3_128_intdigest(
+        h0.to_bytes(16, "little") + array("q", [4, 5, 6]).tobytes()
+    )
+    # 128 bits in use: a 64-bit chain would make a birthday search for colliding prefixes
+    # (~2^32 tries) practical
+    hashes = [hash_block_tokens(0, [i]) for i in range(64)]
+    assert max(hashes) >= 1 << 64 and len(set(hashes)) == 64

@@ -4,7 +4,7 @@ from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
 from nv_kvcache.block import Block
-from nv_kvcache.free_queue import FreeBlockQueue
+from nv_kvcache.free_queue import FreeBlockPool
 from nv_kvcache.hashing import hash_block_tokens, salt_hash
 
 
@@ -44,7 +44,8 @@ class BlockManager:
 
     Contract:
     - A block's `ref_count` is the number of live sequences holding it. Blocks at ref count 0 sit
-      in an LRU free queue; those with a hash stay findable by prefix lookups until they are reused.
+      in the free pool; those with a hash stay findable by prefix lookups until they are reused.
+      Blocks without a hash are reused first, then cached ones, each least recently freed first.
     - A block is published in the hash map only after the caller reports (`mark_computed`) that
       its KV is written and it is full. Reusing a block removes its hash from the map only if the
       map still points at that block.
@@ -64,7 +65,7 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.hash_to_block_id: dict[int, int] = {}
-        self._free = FreeBlockQueue(self.blocks)
+        self._free = FreeBlockPool(self.blocks)
         self._seqs: dict[Hashable, _SeqState] = {}
         self._queries = 0
         self._hits = 0
@@ -233,9 +234,7 @@ class BlockManager:
         if len(self._free) != self.num_blocks:
             return False
         self.hash_to_block_id.clear()
-        for block in self.blocks:
-            block.hash = None
-            block.token_ids = None
+        self._free.forget_hashes()
         return True
 
     # ---- internals -----------------------------------------------------------------------------

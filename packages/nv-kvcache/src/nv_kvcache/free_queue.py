@@ -56,3 +56,39 @@ class FreeBlockQueue:
         block.next.prev = block.prev
         block.prev = block.next = None
         self._len -= 1
+
+
+class FreeBlockPool:
+    """The free blocks as two LRU queues (newer vLLM's order): blocks without a hash are reused
+    first, least recently freed first; cached blocks (with a hash) only when none is left, least
+    recently freed first. So fewer cached prefixes are evicted. Every operation is O(1).
+    A block's queue is decided by its `hash` when it enters, so a block must leave the pool
+    before its hash changes (`forget_hashes` handles the pool-wide reset)."""
+
+    def __init__(self, blocks: list[Block]) -> None:
+        self._uncached = FreeBlockQueue([b for b in blocks if b.hash is None])
+        self._cached = FreeBlockQueue([b for b in blocks if b.hash is not None])
+
+    def __len__(self) -> int:
+        return len(self._uncached) + len(self._cached)
+
+    def __iter__(self) -> Iterator[Block]:
+        """In eviction order: the next block to be reused first."""
+        yield from self._uncached
+        yield from self._cached
+
+    def append(self, block: Block) -> None:
+        (self._uncached if block.hash is None else self._cached).append(block)
+
+    def remove(self, block: Block) -> None:
+        (self._uncached if block.hash is None else self._cached).remove(block)
+
+    def popleft(self) -> Block:
+        return (self._uncached if len(self._uncached) else self._cached).popleft()
+
+    def forget_hashes(self) -> None:
+        """Drop every free block's hash, keeping the blocks in the order they were freed."""
+        while len(self._cached):
+            block = self._cached.popleft()
+            block.hash = block.token_ids = None
+            self._uncached.append(block)

@@ -5,11 +5,12 @@ from collections.abc import Sequence
 
 import xxhash
 
-_MASK64 = (1 << 64) - 1
+_MASK128 = (1 << 128) - 1
 
 
 def salt_hash(salt: int | str | bytes | None) -> int:
-    """The chain's seed: 0 without a salt, else a hash of the salt (so every block hash changes)."""
+    """The chain's seed: 0 without a salt, else a 128-bit hash of the salt (so every block hash
+    changes)."""
     if salt is None:
         return 0
     if isinstance(salt, int):
@@ -18,12 +19,14 @@ def salt_hash(salt: int | str | bytes | None) -> int:
         salt = salt.encode()
     if not isinstance(salt, bytes):
         raise TypeError(f"cache_salt must be int, str or bytes, got {type(salt).__name__}")
-    return xxhash.xxh64_intdigest(b"salt:" + salt)
+    return xxhash.xxh3_128_intdigest(b"salt:" + salt)
 
 
 def hash_block_tokens(prev_hash: int, token_ids: Sequence[int]) -> int:
-    """h_i = xxh64(h_{i-1} || tokens of block i), as an unsigned 64-bit int."""
-    h = xxhash.xxh64()
-    h.update((prev_hash & _MASK64).to_bytes(8, "little"))
-    h.update(array("q", token_ids).tobytes())
-    return h.intdigest()
+    """h_i = xxh3_128(h_{i-1} || tokens of block i), as an unsigned 128-bit int.
+
+    128 bits because a hit is served on the chain hash and the block's own tokens alone: with
+    64 bits, a birthday search of ~2^32 prefixes finds two different prefixes with one hash, and
+    a block after them with equal tokens would be served for the wrong prefix."""
+    data = (prev_hash & _MASK128).to_bytes(16, "little") + array("q", token_ids).tobytes()
+    return xxhash.xxh3_128_intdigest(data)
