@@ -45,6 +45,58 @@ def test_static_imports(package):
         assert not bad, f"{f.relative_to(ROOT)} imports {sorted(bad)}"
 
 
+PACKAGES = {"nv_kvcache", "nv_kernels", "nv_models", "nv_engine"}
+
+
+@pytest.mark.parametrize("package", ["nv-kernels", "nv-models", "nv-engine"])
+def test_no_deep_imports_across_packages(package):
+    """A package takes what it uses from another package's top level (its __init__ exports it),
+    never from its modules."""
+    name = package.replace("-", "_")
+    for f in sorted((ROOT / "packages" / package / "src" / name).rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            elif isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            else:
+                continue
+            for m in modules:
+                top = m.split(".")[0]
+                assert not (top in PACKAGES - {name} and "." in m), (
+                    f"{f.relative_to(ROOT)} imports {m}: import from {top} itself"
+                )
+
+
+def test_no_import_cycles_between_engine_modules():
+    """Within nv_engine, imports (also those inside functions) form no cycle."""
+    src = ROOT / "packages" / "nv-engine" / "src"
+    graph: dict[str, set[str]] = {}
+    for f in sorted((src / "nv_engine").rglob("*.py")):
+        mod = ".".join(f.relative_to(src).with_suffix("").parts).removesuffix(".__init__")
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.startswith("nv_engine")
+            ):
+                deps.add(node.module)
+        graph[mod] = deps
+    done: set[str] = set()
+
+    def visit(mod: str, path: list[str]) -> None:
+        assert mod not in path, "import cycle: " + " -> ".join([*path, mod])
+        if mod in done or mod not in graph:
+            return
+        for dep in graph[mod]:
+            visit(dep, [*path, mod])
+        done.add(mod)
+
+    for mod in graph:
+        visit(mod, [])
+
+
 def test_kvcache_import_loads_no_torch_or_numpy():
     code = (
         "import sys, nv_kvcache; bad = {'torch', 'numpy'} & set(sys.modules); assert not bad, bad"

@@ -178,6 +178,12 @@ class Config:
         return ckpt if ckpt in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
+def local_device_index(rank: int) -> int:
+    """The GPU a tensor-parallel rank drives: LOCAL_RANK when a launcher set it (several nodes),
+    else the rank."""
+    return int(os.environ.get("LOCAL_RANK", rank))
+
+
 def _positive_int(name: str, value: object) -> None:
     _int_at_least(name, value, 1)
 

@@ -6,8 +6,7 @@ import torch
 from torch import nn
 
 from nv_engine.config import Config
-from nv_kernels import AttentionMetadata
-from nv_kernels.pdl import overlapped_launches
+from nv_kernels import AttentionMetadata, overlapped_launches
 
 
 class DecodeGraphs:

@@ -9,7 +9,7 @@ from torch import nn
 
 from nv_engine.plan import ScheduledSeq, StepPlan
 from nv_engine.sequence import PENDING
-from nv_kernels.sampler import apply_penalties, token_logprobs
+from nv_kernels import apply_penalties, token_logprobs
 
 
 def _on_device(data: list, device: torch.device) -> torch.Tensor:

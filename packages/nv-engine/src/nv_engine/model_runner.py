@@ -8,16 +8,20 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from nv_engine.config import Config
+from nv_engine.config import Config, local_device_index
 from nv_engine.cuda_graphs import DecodeGraphs
 from nv_engine.logits_processors import mask_banned, penalized, prompt_logprobs
 from nv_engine.plan import PenaltyInputs, ScheduledSeq, StepPlan
 from nv_engine.sequence import PENDING
 from nv_engine.staging import DeviceToHost, HostToDevice, SampledTokens
-from nv_engine.workers import local_device_index
-from nv_kernels import AttentionMetadata, Sampler, SamplingTensors, get_attention_backend
-from nv_kernels.sampler import token_logprobs
-from nv_models import TPGroup, build_model, init_random_weights, load_weights
+from nv_kernels import (
+    AttentionMetadata,
+    Sampler,
+    SamplingTensors,
+    get_attention_backend,
+    token_logprobs,
+)
+from nv_models import Attention, TPGroup, build_model, init_random_weights, load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +69,7 @@ class ModelRunner:
         self._last_sampled: tuple[torch.Tensor, list[ScheduledSeq]] | None = None
         self.num_blocks = self._allocate_kv_cache()
         self.graphs: DecodeGraphs | None = None
-        # The torch reference backend is not capturable (it sizes tensors from host values).
-        if self.device.type == "cuda" and not config.enforce_eager and backend.name != "torch":
+        if self.device.type == "cuda" and not config.enforce_eager and backend.cuda_graph_safe:
             self.graphs = DecodeGraphs(self.model, self.device, config)
             self.graphs.capture(self.max_blocks_per_seq)
         if self.device.type == "cuda":
@@ -91,8 +94,8 @@ class ModelRunner:
 
     # ---- KV cache ------------------------------------------------------------------------------
 
-    def _attention_layers(self):
-        return [layer.self_attn.attn for layer in self.model.model.layers]
+    def _attention_layers(self) -> list[Attention]:
+        return [m for m in self.model.modules() if isinstance(m, Attention)]
 
     def _allocate_kv_cache(self) -> int:
         layers = self._attention_layers()

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nv_engine.config import Config
+from nv_engine.config import Config, local_device_index
 from nv_models import TPGroup
 
 logger = logging.getLogger(__name__)
@@ -108,11 +108,6 @@ def _started_key(rank: int) -> str:
 
 def _unique_name() -> str:
     return f"nv-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-
-
-def local_device_index(rank: int) -> int:
-    """The GPU a rank drives: LOCAL_RANK when a launcher set it (several nodes), else the rank."""
-    return int(os.environ.get("LOCAL_RANK", rank))
 
 
 def init_distributed(config: Config, rank: int, store: dist.Store | None) -> TPGroup:

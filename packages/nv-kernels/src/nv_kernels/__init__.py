@@ -1,9 +1,16 @@
-"""nv's kernels: attention backends over a paged KV cache, the KV store kernel and the sampler."""
+"""nv's kernels: attention backends over a paged KV cache, the KV store and fused rope+store
+kernels, RMSNorm, the small-batch GEMM, programmatic dependent launch and the sampler. Other
+packages import from here, never from the modules."""
 
 from nv_kernels.backends import BACKEND_NAMES, AttentionBackend, get_attention_backend
 from nv_kernels.metadata import AttentionMetadata
-from nv_kernels.sampler import Sampler, SamplingTensors, sample
+from nv_kernels.pdl import overlapped_launches
+from nv_kernels.rms_norm import rms_norm_ref, rms_norm_triton
+from nv_kernels.rope_store import qk_norm_rope, qk_norm_rope_store, use_qk_norm_rope_store
+from nv_kernels.sampler import Sampler, SamplingTensors, apply_penalties, sample, token_logprobs
+from nv_kernels.skinny_gemm import skinny_gemm, use_skinny_gemm
 from nv_kernels.store_kvcache import store_kvcache, store_kvcache_ref
+from nv_kernels.triton_utils import triton
 
 __all__ = [
     "BACKEND_NAMES",
@@ -11,8 +18,19 @@ __all__ = [
     "AttentionMetadata",
     "Sampler",
     "SamplingTensors",
+    "apply_penalties",
     "get_attention_backend",
+    "overlapped_launches",
+    "qk_norm_rope",
+    "qk_norm_rope_store",
+    "rms_norm_ref",
+    "rms_norm_triton",
     "sample",
+    "skinny_gemm",
     "store_kvcache",
     "store_kvcache_ref",
+    "token_logprobs",
+    "triton",
+    "use_qk_norm_rope_store",
+    "use_skinny_gemm",
 ]

@@ -17,6 +17,8 @@ class AttentionBackend:
     """
 
     name: str
+    # whether `forward` can be captured in a CUDA graph (no sizes taken from host values)
+    cuda_graph_safe: bool = True
 
     def store(
         self,

@@ -13,6 +13,7 @@ class TorchAttentionBackend(AttentionBackend):
     """The reference backend: plain torch, any device. Every other backend is tested against it."""
 
     name = "torch"
+    cuda_graph_safe = False  # sizes its tensors from host values
 
     def store(
         self, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor

@@ -1,5 +1,6 @@
 """nv's model code: tensor-parallel layers, Qwen3 and its relatives, the safetensors loader."""
 
+from nv_models.layers.attention import Attention
 from nv_models.loader import WeightLoadError, init_random_weights, load_weights
 from nv_models.parallel import TPGroup
 from nv_models.qwen3 import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
@@ -7,6 +8,7 @@ from nv_models.registry import MODEL_REGISTRY, attention_window, build_model
 
 __all__ = [
     "MODEL_REGISTRY",
+    "Attention",
     "LlamaForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",

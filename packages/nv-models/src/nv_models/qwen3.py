@@ -8,8 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from nv_kernels import AttentionBackend, AttentionMetadata
-from nv_kernels.rope_store import qk_norm_rope, qk_norm_rope_store, use_qk_norm_rope_store
+from nv_kernels import (
+    AttentionBackend,
+    AttentionMetadata,
+    qk_norm_rope,
+    qk_norm_rope_store,
+    use_qk_norm_rope_store,
+)
 from nv_models.layers.attention import Attention
 from nv_models.layers.compile import compile_on_cuda
 from nv_models.layers.embed_head import ParallelLMHead, VocabParallelEmbedding

@@ -3,8 +3,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nv_kernels.rms_norm import rms_norm_ref, rms_norm_triton
-from nv_kernels.triton_utils import triton
+from nv_kernels import rms_norm_ref, rms_norm_triton, triton
 from nv_models.layers.compile import compile_on_cuda
 
 rms_norm = compile_on_cuda(rms_norm_ref)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nv_kernels.skinny_gemm import skinny_gemm, use_skinny_gemm
+from nv_kernels import skinny_gemm, use_skinny_gemm
 from nv_models.layers.activation import silu_and_mul
 from nv_models.parallel import TPGroup, divide
 
