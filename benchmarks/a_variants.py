@@ -10,7 +10,7 @@ import sys
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import gpu_bench
 
-from nv_engine.bench import nano_vllm_workload, run_benchmark
+from nv_engine.entrypoints.bench import nano_vllm_workload, run_benchmark
 
 VARIANTS = {
     "default": {},

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from nv_engine.bench import QWEN3_0_6B_SHAPE
+from nv_engine.entrypoints.bench import QWEN3_0_6B_SHAPE
 
 RESULTS: list[dict] = []
 QWEN3_06B = dict(
@@ -217,7 +217,7 @@ def skinny_rows(rows: int | None):
 def workload_a(
     bw: float, block_size: int = 256, tag: str = "A", skinny: int | None = None, **config
 ) -> None:
-    from nv_engine.bench import nano_vllm_workload, run_benchmark
+    from nv_engine.entrypoints.bench import nano_vllm_workload, run_benchmark
 
     prompts, params = nano_vllm_workload()
     with (
@@ -257,7 +257,7 @@ def batch1(bw: float, pdl: bool = True) -> None:
 
 
 def workload_p() -> None:
-    from nv_engine.bench import run_benchmark, shared_prefix_workload
+    from nv_engine.entrypoints.bench import run_benchmark, shared_prefix_workload
 
     prompts, params = shared_prefix_workload()
     for caching in (True, False):
@@ -329,7 +329,7 @@ def trace() -> None:
     from torch.profiler import profile as tprofile
 
     from nv_engine import SamplingParams
-    from nv_engine.bench import nano_vllm_workload
+    from nv_engine.entrypoints.bench import nano_vllm_workload
 
     prompts, params = nano_vllm_workload()
     with make_llm(kvcache_block_size=256) as llm:
@@ -422,7 +422,7 @@ def hf_baseline() -> None:
     continuous batching (`generate_batch`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from nv_engine.bench import nano_vllm_workload
+    from nv_engine.entrypoints.bench import nano_vllm_workload
 
     cfg = AutoConfig.for_model(**{k: v for k, v in QWEN3_06B.items() if k != "architectures"})
     model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16).cuda().eval()

@@ -40,7 +40,7 @@ def bench_model_dir() -> str:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from nv_engine.bench import QWEN3_0_6B_SHAPE
+    from nv_engine.entrypoints.bench import QWEN3_0_6B_SHAPE
 
     d = Path(tempfile.mkdtemp(prefix="nv-serving-model-"))
     cfg = dict(
@@ -160,7 +160,7 @@ def main() -> None:
     a = ap.parse_args()
     global MODEL
     model = MODEL = a.model or bench_model_dir()
-    argv = [sys.executable, "-m", "nv_engine.cli", "serve", "--model", model, "--port", "0"]
+    argv = [sys.executable, "-m", "nv_engine", "serve", "--model", model, "--port", "0"]
     if a.model is None:
         argv += ["--load-format", "dummy"]
     server = subprocess.Popen(

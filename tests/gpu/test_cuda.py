@@ -8,7 +8,7 @@ import pytest
 import torch
 from nv_testing import hf_greedy, save_tiny_qwen3, shared_prefix_prompts
 
-from nv_engine.bench import QWEN3_0_6B_SHAPE
+from nv_engine.entrypoints.bench import QWEN3_0_6B_SHAPE
 from nv_kernels import AttentionMetadata, store_kvcache, store_kvcache_ref
 from nv_kernels.torch_attention import decode_ref, prefill_ref
 from nv_kernels.triton_attention import decode_attention, prefill_attention

@@ -14,9 +14,9 @@ import time
 import pytest
 
 from nv_engine import LLM, AsyncLLM, EngineDeadError, RequestOutput, SamplingParams
-from nv_engine.demo import build_demo_model
-from nv_engine.engine_core import _Core
-from nv_engine.llm_engine import LLMEngine
+from nv_engine.engine.engine_core import _Core
+from nv_engine.engine.llm_engine import LLMEngine
+from nv_engine.entrypoints.demo import build_demo_model
 
 PROMPTS = ["Hello", "The quick brown fox", "1, 2, 3,", "Once upon a time"]
 ENGINE = dict(device="cpu", kvcache_block_size=16, num_kvcache_blocks=128)

@@ -8,7 +8,7 @@ from nv_testing import hf_greedy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nv_engine import LLM, SamplingParams
-from nv_engine.demo import build_demo_model
+from nv_engine.entrypoints.demo import build_demo_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 

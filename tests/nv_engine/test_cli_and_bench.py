@@ -4,8 +4,8 @@ import json
 
 from nv_testing import tiny_qwen3_config
 
-from nv_engine.bench import nano_vllm_workload, shared_prefix_workload
-from nv_engine.cli import main
+from nv_engine.entrypoints.bench import nano_vllm_workload, shared_prefix_workload
+from nv_engine.entrypoints.cli import main
 
 
 def test_nano_vllm_workload_is_exact():
@@ -86,8 +86,8 @@ def test_bench_from_config_json(tmp_path, capsys):
 def test_cli_engine_defaults_are_configs():
     import dataclasses
 
-    from nv_engine.cli import _engine_kwargs, build_parser
     from nv_engine.config import Config
+    from nv_engine.entrypoints.cli import _engine_kwargs, build_parser
 
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     for argv in (["generate", "--prompt", "x"], ["bench"]):

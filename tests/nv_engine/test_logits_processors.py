@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nv_engine.logits_processors import mask_banned, penalized
-from nv_engine.plan import PenaltyInputs, ScheduledSeq
-from nv_engine.sequence import PENDING
+from nv_engine.core.plan import PenaltyInputs, ScheduledSeq
+from nv_engine.core.sequence import PENDING
+from nv_engine.worker.logits_processors import mask_banned, penalized
 
 
 def _row(token, banned=(), penalties=None):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from nv_engine.detokenizer import IncrementalDetokenizer
-from nv_engine.output_processor import OutputProcessor
+from nv_engine.core.detokenizer import IncrementalDetokenizer
+from nv_engine.core.output_processor import OutputProcessor
+from nv_engine.core.sequence import Sequence
 from nv_engine.sampling_params import SamplingParams
-from nv_engine.sequence import Sequence
 
 EOS = 0
 

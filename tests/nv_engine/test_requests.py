@@ -10,7 +10,7 @@ import torch
 from nv_testing import save_tiny_qwen3
 
 from nv_engine import LLM, SamplingParams
-from nv_engine.demo import build_char_tokenizer
+from nv_engine.entrypoints.demo import build_char_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -339,7 +339,7 @@ def test_async_scheduling_config(text_model):
 
 def test_stop_strings_decode_only_the_tail_each_step(llm, monkeypatch):
     # Decoding the whole output every step would be quadratic in its length.
-    from nv_engine.detokenizer import IncrementalDetokenizer
+    from nv_engine.core.detokenizer import IncrementalDetokenizer
 
     lengths = []
     decode = IncrementalDetokenizer._decode

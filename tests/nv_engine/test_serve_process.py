@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from nv_engine.demo import build_demo_model
+from nv_engine.entrypoints.demo import build_demo_model
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def model_dir(tmp_path_factory):
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "nv_engine.cli", *args]
+    return [sys.executable, "-m", "nv_engine", *args]
 
 
 class _Serve:

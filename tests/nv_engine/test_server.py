@@ -15,9 +15,9 @@ import pytest
 import uvicorn
 
 from nv_engine import LLM, AsyncLLM, SamplingParams
-from nv_engine.demo import build_demo_model
-from nv_engine.inputs import chat_prompt_ids
-from nv_engine.server import ServerConfig, build_app
+from nv_engine.engine.inputs import chat_prompt_ids
+from nv_engine.entrypoints.demo import build_demo_model
+from nv_engine.entrypoints.openai import ServerConfig, build_app
 
 ENGINE = dict(device="cpu", kvcache_block_size=16, num_kvcache_blocks=128)
 CHAT = [{"role": "user", "content": "Hi there"}]

@@ -2,7 +2,7 @@
 
 import torch
 
-from nv_engine.staging import DeviceToHost, HostToDevice
+from nv_engine.worker.staging import DeviceToHost, HostToDevice
 
 
 def test_host_to_device_packs_aligned_parts_and_grows():

@@ -10,7 +10,7 @@ import pytest
 from nv_testing import save_tiny_qwen3
 
 from nv_engine import LLM, SamplingParams
-from nv_engine.workers import StepChannel, StepReceiver, WorkerError
+from nv_engine.worker.tp_workers import StepChannel, StepReceiver, WorkerError
 
 
 def _reader(name, ready, acked, parent_pid, q):
@@ -84,7 +84,7 @@ def test_close_leaves_no_orphans(tmp_path):
 def test_decode_plans_pickle_compactly():
     import pickle
 
-    from nv_engine.plan import ScheduledSeq, StepPlan
+    from nv_engine.core.plan import ScheduledSeq, StepPlan
 
     def decode_plan(history: int) -> bytes:
         row = ScheduledSeq(7, [history % 100], history - 1, list(range(history // 16 + 1)), True)
@@ -163,7 +163,7 @@ def test_external_ranks_via_env_rendezvous(tmp_path):
         [
             sys.executable,
             "-m",
-            "nv_engine.cli",
+            "nv_engine",
             "worker",
             "--model",
             str(tmp_path),
@@ -211,7 +211,7 @@ def test_external_backend_needs_the_rendezvous_env(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_failed_start_raises_its_own_error_and_leaves_no_worker(tmp_path, monkeypatch):
-    import nv_engine.workers as workers
+    import nv_engine.worker.tp_workers as workers
 
     def broken(config, rank, store):  # rank 0 fails to join, after its workers were spawned
         raise RuntimeError("rank 0 could not join")

@@ -30,7 +30,7 @@ def _meta(ids, cu):
 
 
 def _worker(rank, world, port, path, ids, pos, cu, out_file):
-    # Both ranks are clients of a store the test process owns (as nv_engine.workers does), so
+    # Both ranks are clients of a store the test process owns (as the engine's TP workers are), so
     # neither rank's exit takes the rendezvous away from the other, and no port is guessed.
     store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)

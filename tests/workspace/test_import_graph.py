@@ -110,3 +110,12 @@ def test_kernels_and_models_import_without_engine():
         "assert 'nv_kvcache' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_engine_core_package_imports_no_torch():
+    """Scheduling, request state and the output stage (nv_engine/core) import no torch."""
+    files = sorted((ROOT / "packages" / "nv-engine" / "src" / "nv_engine" / "core").glob("*.py"))
+    assert len(files) > 3
+    for f in files:
+        bad = _imports(f) & {"torch", "numpy", "triton"}
+        assert not bad, f"{f.relative_to(ROOT)} imports {sorted(bad)}"

@@ -10,20 +10,20 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from nv_engine.config import Config
-from nv_engine.inputs import Prompt, chat_prompt_ids, prompt_token_ids
-from nv_engine.model_files import (
+from nv_engine.core.output_processor import OutputProcessor
+from nv_engine.core.scheduler import Scheduler
+from nv_engine.core.sequence import Sequence
+from nv_engine.engine.inputs import Prompt, chat_prompt_ids, prompt_token_ids
+from nv_engine.engine.model_files import (
     collect_eos_token_ids,
     load_generation_config,
     load_tokenizer,
     sampling_defaults,
 )
-from nv_engine.model_runner import ModelRunner
-from nv_engine.output_processor import OutputProcessor
 from nv_engine.outputs import RequestOutput
 from nv_engine.sampling_params import SamplingParams, check_logprobs, expand_n
-from nv_engine.scheduler import Scheduler
-from nv_engine.sequence import Sequence
-from nv_engine.workers import ExternalWorkers, WorkerPool
+from nv_engine.worker.model_runner import ModelRunner
+from nv_engine.worker.tp_workers import ExternalWorkers, WorkerPool
 
 logger = logging.getLogger(__name__)
 

@@ -62,7 +62,7 @@ class OutputDelta(NamedTuple):
 def run_engine_core(config: Config, conn: Connection, parent_pid: int) -> None:
     """The core process's main: build the engine, say ready (or why not), serve commands
     until shutdown, or until the front end is gone."""
-    from nv_engine.llm_engine import LLMEngine
+    from nv_engine.engine.llm_engine import LLMEngine
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the front end, which stops us
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -9,11 +9,11 @@ import torch
 import torch.distributed as dist
 
 from nv_engine.config import Config, local_device_index
-from nv_engine.cuda_graphs import DecodeGraphs
-from nv_engine.logits_processors import mask_banned, penalized, prompt_logprobs
-from nv_engine.plan import PenaltyInputs, ScheduledSeq, StepPlan
-from nv_engine.sequence import PENDING
-from nv_engine.staging import DeviceToHost, HostToDevice, SampledTokens
+from nv_engine.core.plan import PenaltyInputs, ScheduledSeq, StepPlan
+from nv_engine.core.sequence import PENDING
+from nv_engine.worker.cuda_graphs import DecodeGraphs
+from nv_engine.worker.logits_processors import mask_banned, penalized, prompt_logprobs
+from nv_engine.worker.staging import DeviceToHost, HostToDevice, SampledTokens
 from nv_kernels import (
     AttentionMetadata,
     Sampler,

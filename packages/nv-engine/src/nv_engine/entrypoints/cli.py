@@ -64,7 +64,7 @@ def _engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
 def _model_or_demo(model: str | None) -> str:
     if model is not None:
         return model
-    from nv_engine.demo import ensure_demo_model
+    from nv_engine.entrypoints.demo import ensure_demo_model
 
     model = str(ensure_demo_model())
     print(
@@ -106,7 +106,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     from nv_engine import LLM
-    from nv_engine.bench import nano_vllm_workload, run_benchmark, shared_prefix_workload
+    from nv_engine.entrypoints.bench import (
+        nano_vllm_workload,
+        run_benchmark,
+        shared_prefix_workload,
+    )
 
     if a.model is not None and a.config is not None:
         raise ValueError("bench: give one of --model DIR and --config config.json, not both")
@@ -143,7 +147,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 def cmd_worker(a: argparse.Namespace) -> int:
     from nv_engine.config import Config
-    from nv_engine.workers import serve_external_worker
+    from nv_engine.worker.tp_workers import serve_external_worker
 
     config = Config.from_kwargs(
         a.model,
@@ -160,7 +164,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     import os
 
     from nv_engine import AsyncLLM
-    from nv_engine.server import ServerConfig, run_server
+    from nv_engine.entrypoints.openai import ServerConfig, run_server
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not 0 <= a.port <= 65535:
@@ -211,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="A",
         help="A: Nano-vLLM's; P: 2,048-token shared prefix + 128 own tokens",
     )
-    from nv_engine.bench import nano_vllm_workload
+    from nv_engine.entrypoints.bench import nano_vllm_workload
 
     workload = inspect.signature(nano_vllm_workload).parameters  # its defaults are Nano-vLLM's
     for name in ("num_seqs", "max_input_len", "max_output_len"):

@@ -3,15 +3,15 @@ from __future__ import annotations
 from collections import deque
 
 from nv_engine.config import Config
-from nv_engine.inputs import check_prompt_length
-from nv_engine.plan import (
+from nv_engine.core.plan import (
     PenaltyInputs,
     PromptLogprobsInputs,
     ScheduledSeq,
     StepPlan,
     TokenLogprobs,
 )
-from nv_engine.sequence import PENDING, Sequence, SequenceStatus
+from nv_engine.core.sequence import PENDING, Sequence, SequenceStatus
+from nv_engine.engine.inputs import check_prompt_length
 from nv_kvcache import BlockManager
 
 

@@ -132,7 +132,7 @@ def init_distributed(config: Config, rank: int, store: dist.Store | None) -> TPG
 def _worker_main(
     config: Config, rank: int, port: int, shm_name: str, ready: Any, acked: Any, parent_pid: int
 ) -> None:
-    from nv_engine.model_runner import ModelRunner
+    from nv_engine.worker.model_runner import ModelRunner
 
     if not config.resolved_device().startswith("cuda"):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
@@ -349,7 +349,7 @@ def _control_group(config: Config) -> dist.ProcessGroup:
 def serve_external_worker(config: Config) -> None:
     """A non-zero rank launched by hand or by torchrun: join, build this rank's shard, and run
     every plan rank 0 broadcasts until it says exit."""
-    from nv_engine.model_runner import ModelRunner
+    from nv_engine.worker.model_runner import ModelRunner
 
     rank = _env_rank(config)
     if rank == 0:

@@ -6,9 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nv_engine.detokenizer import IncrementalDetokenizer
+from nv_engine.core.detokenizer import IncrementalDetokenizer
+from nv_engine.core.sequence import Sequence
 from nv_engine.outputs import CompletionOutput, RequestOutput
-from nv_engine.sequence import Sequence
 
 
 @dataclass(slots=True)

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from nv_engine.llm_engine import LLMEngine
+from nv_engine.engine.llm_engine import LLMEngine
 
 
 class LLM(LLMEngine):

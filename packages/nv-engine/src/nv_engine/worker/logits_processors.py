@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nv_engine.plan import ScheduledSeq, StepPlan
-from nv_engine.sequence import PENDING
+from nv_engine.core.plan import ScheduledSeq, StepPlan
+from nv_engine.core.sequence import PENDING
 from nv_kernels import apply_penalties, token_logprobs
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from nv_engine.config import Config
-from nv_engine.engine_core import EngineInfo, EngineStats, OutputDelta, run_engine_core
-from nv_engine.inputs import Prompt, chat_prompt_ids, check_prompt_length, prompt_token_ids
-from nv_engine.model_files import load_tokenizer
+from nv_engine.engine.engine_core import EngineInfo, EngineStats, OutputDelta, run_engine_core
+from nv_engine.engine.inputs import Prompt, chat_prompt_ids, check_prompt_length, prompt_token_ids
+from nv_engine.engine.model_files import load_tokenizer
 from nv_engine.outputs import CompletionOutput, RequestOutput
 from nv_engine.sampling_params import SamplingParams, check_logprobs, expand_n
 

@@ -12,9 +12,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from nv_engine.async_llm import AsyncLLM
-from nv_engine.outputs import CompletionOutput, RequestOutput
-from nv_engine.server.protocol import (
+from nv_engine.engine.async_llm import AsyncLLM
+from nv_engine.entrypoints.openai.protocol import (
     ParsedRequest,
     RequestError,
     chat_messages,
@@ -23,6 +22,7 @@ from nv_engine.server.protocol import (
     parse_completion,
     with_room,
 )
+from nv_engine.outputs import CompletionOutput, RequestOutput
 
 
 def sse(payload: dict[str, Any] | str) -> str:

@@ -24,12 +24,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nv_engine.async_llm import AsyncLLM, EngineDeadError
-from nv_engine.server.metrics import ServerMetrics
-from nv_engine.server.protocol import RequestError
-from nv_engine.server.serving import OpenAIServing
+from nv_engine.engine.async_llm import AsyncLLM, EngineDeadError
+from nv_engine.entrypoints.openai.metrics import ServerMetrics
+from nv_engine.entrypoints.openai.protocol import RequestError
+from nv_engine.entrypoints.openai.serving import OpenAIServing
 
-logger = logging.getLogger("nv_engine.server")
+logger = logging.getLogger("nv_engine.entrypoints.openai")
 
 _PARSE_OFF_LOOP_BYTES = 1 << 20  # bodies larger than this are parsed on a worker thread
 

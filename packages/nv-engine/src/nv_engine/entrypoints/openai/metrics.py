@@ -9,8 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from nv_engine.async_llm import AsyncLLM, RequestTimes
-from nv_engine.engine_core import EngineStats
+from nv_engine.engine.async_llm import AsyncLLM, RequestTimes
+from nv_engine.engine.engine_core import EngineStats
 from nv_engine.outputs import RequestOutput
 
 # vLLM's buckets (seconds)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nv_engine.plan import TokenLogprobs
+from nv_engine.core.plan import TokenLogprobs
 
 
 @dataclass
