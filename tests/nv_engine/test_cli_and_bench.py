@@ -95,3 +95,16 @@ def test_cli_engine_defaults_are_configs():
         assert kwargs == {k: defaults[k] for k in kwargs}
     flags = build_parser().parse_args(["bench", "-tp", "2", "--max-num-seqs", "8"])
     assert (flags.tensor_parallel_size, flags.max_num_seqs) == (2, 8)
+
+
+def test_bench_runs_on_the_demo_model_with_short_lengths(tmp_path, monkeypatch, capsys):
+    # no --model: the demo model (vocabulary of 128): token ids must stay inside it, and
+    # lengths under Nano-vLLM's 100-token minimum must work
+    monkeypatch.setenv("NV_CACHE_DIR", str(tmp_path))
+    argv = ["bench", "--num-seqs", "3", "--max-input-len", "12", "--max-output-len", "5"]
+    assert main([*argv, "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    _, params = nano_vllm_workload(3, 12, 5, vocab_size=128)
+    assert result["output_tokens"] == sum(p.max_tokens for p in params)
+    prompts, _ = nano_vllm_workload(3, 12, 5, vocab_size=128)
+    assert all(0 <= t < 128 for p in prompts for t in p) and all(1 <= len(p) <= 12 for p in prompts)

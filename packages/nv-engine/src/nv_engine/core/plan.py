@@ -28,14 +28,14 @@ class ScheduledSeq(NamedTuple):
     start_pos.., through `block_table`; if `sample`, produce the next token from the last one.
 
     Immutable and cheap to build (a tuple); it pickles compactly for tensor-parallel workers: a
-    decode step carries one token, never the whole history. `block_table` is read during the step
-    only.
+    decode step carries one token, never the whole history. `block_table` is a copy of the
+    BlockManager's table as scheduled (the BlockManager owns the live one).
     """
 
     seq_id: int
     token_ids: list[int]
     start_pos: int
-    block_table: list[int]
+    block_table: tuple[int, ...]
     sample: bool
     # sampling, used on rank 0 only
     temperature: float = 0.0

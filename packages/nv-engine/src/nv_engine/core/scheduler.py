@@ -94,7 +94,6 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             seq.num_computed_tokens = seq.num_cached_tokens = cached
             seq.num_prefill_tokens = len(seq)
-            seq.block_table = self.block_manager.block_table(seq.seq_id)  # live list
             self.running.append(seq)
             scheduled.append(self._prefill_chunk(seq, budget))
             budget -= len(scheduled[-1].token_ids)
@@ -143,9 +142,8 @@ class Scheduler:
         """The plan's row for `seq`; the sequence's progress moves on now, and a token to be
         sampled gets its PENDING slot."""
         num_out = seq.num_output_tokens
-        row = ScheduledSeq(
-            seq.seq_id, token_ids, start, seq.block_table, sample, *seq.sampling, num_out
-        )
+        table = tuple(self.block_manager.block_table(seq.seq_id))  # a copy: the plan is final
+        row = ScheduledSeq(seq.seq_id, token_ids, start, table, sample, *seq.sampling, num_out)
         if seq.has_extras:  # the per-step work of rarer parameters, only where they are set
             self._has_extras = True
             p = seq.params

@@ -52,7 +52,6 @@ class Sequence:
             or params.prompt_logprobs is not None
             or params.has_penalties
         )
-        self.block_table: list[int] = []  # the BlockManager's live table while running
         self.finish_reason: str | None = None
 
     def __len__(self) -> int:
