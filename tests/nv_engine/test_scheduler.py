@@ -107,7 +107,7 @@ def test_preemption_takes_the_latest_admitted_and_recomputes_from_the_cache(mode
     assert e.sched.num_preemptions == 1 and list(e.sched.waiting) == [b]
     assert b.num_computed_tokens == 0
     while not e.sched.is_finished():
-        plan, done = e.step()
+        plan, _ = e.step()
         if any(s.seq_id == b.seq_id for s in plan.seqs) and plan.is_prefill:
             recompute = next(s for s in plan.seqs if s.seq_id == b.seq_id)
             # its first full block (published before the preemption) is a prefix hit

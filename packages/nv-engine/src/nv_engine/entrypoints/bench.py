@@ -79,7 +79,8 @@ def run_benchmark(
     llm: Any, prompts: list[list[int]], params: list[SamplingParams]
 ) -> dict[str, float]:
     # Warm up: a batch of several prompts, sampled like the workload (temperature only).
-    warm = [[1, 2, 3, 4], list(range(5, 40)), list(range(40, 300))]
+    vocab = llm.config.hf_config.vocab_size
+    warm = [[t % vocab for t in r] for r in (range(1, 5), range(5, 40), range(40, 300))]
     llm.generate(warm, SamplingParams(temperature=0.6, max_tokens=8), use_tqdm=False)
     t = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
