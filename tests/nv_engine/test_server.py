@@ -175,6 +175,23 @@ def test_stop_and_vllm_extras(client):
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_logit_bias_allowed_tokens_and_bad_words(base, client):
+    kw = dict(model=NAME, prompt="Hello", max_tokens=6, temperature=0)
+    token = 70  # a printable character of the demo tokenizer
+
+    def ids(text: str) -> list[int]:
+        body = {"prompt": text, "add_special_tokens": False}
+        return httpx.post(base + "/tokenize", json=body).json()["tokens"]
+
+    biased = client.completions.create(logit_bias={str(token): 100}, **kw)
+    assert ids(biased.choices[0].text) == [token] * 6
+    allowed = client.completions.create(extra_body={"allowed_token_ids": [token + 1]}, **kw)
+    assert ids(allowed.choices[0].text) == [token + 1] * 6
+    plain = client.completions.create(**kw).choices[0].text
+    banned = client.completions.create(extra_body={"bad_words": [plain[:2]]}, **kw)
+    assert plain[:2] not in banned.choices[0].text
+
+
 # ---- streaming --------------------------------------------------------------------------------
 
 
@@ -300,7 +317,11 @@ def test_chat_logprobs(client):
         ({"prompt": "x", "suffix": "y"}, "suffix"),
         ({"prompt": "x", "echo": True}, "echo"),
         ({"prompt": "x", "best_of": 3}, "best_of"),
-        ({"prompt": "x", "logit_bias": {"5": 1}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"100000": 1}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"5": 200}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"five": 1}}, "logit_bias"),
+        ({"prompt": "x", "allowed_token_ids": []}, "allowed_token_ids"),
+        ({"prompt": "x", "bad_words": [""]}, "bad_words"),
         ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
         ({"prompt": "x", "temperature": -1}, "temperature"),
         ({"prompt": "x", "temperature": "hot"}, "temperature"),

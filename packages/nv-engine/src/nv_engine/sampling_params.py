@@ -17,6 +17,10 @@ class SamplingParams:
     - Stopping: `stop` strings end the output and are left out of its text (unless
       `include_stop_str_in_output`). `stop_token_ids` end it, the token kept in token_ids.
       Before `min_tokens`, no EOS or stop token id is sampled and no stop string ends it.
+    - Shaping the distribution (vLLM's): `logit_bias` ({token id: bias in [-100, 100]}) is
+      added to the logits; `allowed_token_ids` keeps only those tokens; `bad_words` are never
+      generated (each word's last token is banned when the output ends with the rest of it;
+      words are tokenized with and without a leading space).
     - Output: `logprobs` returns, per output token, the log-probabilities (of the model's raw
       distribution, as vLLM) of the sampled token and of the `logprobs` most likely (0: the
       sampled one only). `prompt_logprobs` does the same for every prompt token after the
@@ -45,6 +49,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
 
     def __post_init__(self) -> None:
         _check_number("temperature", self.temperature, float)
@@ -101,8 +108,32 @@ class SamplingParams:
             _check_number(name, value, float)
             if not -2 <= value <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise TypeError("logit_bias must be a dict of {token id: bias}")
+            for t, b in self.logit_bias.items():
+                _token_id("logit_bias", t)
+                _check_number("logit_bias", b, float)
+                if not -100 <= b <= 100:
+                    raise ValueError(f"logit_bias: bias {b} for token {t} is outside [-100, 100]")
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, (list, tuple)) or not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must be a non-empty list of token ids")
+            for t in self.allowed_token_ids:
+                _token_id("allowed_token_ids", t)
+        words = self.bad_words
+        if words is not None and (
+            not isinstance(words, (list, tuple))
+            or not all(isinstance(w, str) and w.strip() for w in words)
+        ):
+            raise ValueError(f"bad_words must be non-empty strings, got {words!r}")
         if self.cache_salt is not None and not isinstance(self.cache_salt, str):
             raise TypeError("cache_salt must be a str")
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Any of logit_bias, allowed_token_ids, bad_words."""
+        return bool(self.logit_bias or self.allowed_token_ids or self.bad_words)
 
     @property
     def has_penalties(self) -> bool:
@@ -113,12 +144,23 @@ class SamplingParams:
         )
 
 
-def check_logprobs(params: SamplingParams, limit: int) -> None:
-    """A ValueError for more logprobs or prompt_logprobs than `limit` (Config.max_logprobs)."""
+def check_for_model(params: SamplingParams, max_logprobs: int, vocab_size: int) -> None:
+    """What a model bounds: at most `max_logprobs` (Config.max_logprobs) logprobs or
+    prompt_logprobs; token ids inside the vocabulary. A ValueError naming the field."""
     for name in ("logprobs", "prompt_logprobs"):
         k = getattr(params, name)
-        if k is not None and k > limit:
-            raise ValueError(f"{name}={k} is more than max_logprobs={limit} (a Config field)")
+        if k is not None and k > max_logprobs:
+            raise ValueError(
+                f"{name}={k} is more than max_logprobs={max_logprobs} (a Config field)"
+            )
+    for name, ids in (
+        ("logit_bias", params.logit_bias or ()),
+        ("allowed_token_ids", params.allowed_token_ids or ()),
+        ("stop_token_ids", params.stop_token_ids),
+    ):
+        bad = [t for t in ids if t >= vocab_size]
+        if bad:
+            raise ValueError(f"{name} holds token id {bad[0]}, outside [0, {vocab_size})")
 
 
 def expand_n(params: SamplingParams) -> list[SamplingParams]:
@@ -130,6 +172,11 @@ def expand_n(params: SamplingParams) -> list[SamplingParams]:
         dataclasses.replace(params, n=1, seed=None if seed is None else seed + i)
         for i in range(params.n)
     ]
+
+
+def _token_id(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must hold non-negative int token ids, got {value!r}")
 
 
 def _check_number(name: str, value: object, kind: type) -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from nv_engine.sampling_params import SamplingParams
+
 
 class PenaltyInputs(NamedTuple):
     """What a penalized row's sampling needs: SamplingParams' penalties and the tokens they look
@@ -48,6 +50,11 @@ class ScheduledSeq(NamedTuple):
     logprobs: int | None = None  # top log-probabilities to return with the sample (None: none)
     penalties: PenaltyInputs | None = None
     prompt_logprobs: PromptLogprobsInputs | None = None  # prefill chunks that ask only
+    # logit_bias / allowed_token_ids, read by name by the logits processors (rows that set them)
+    params: SamplingParams | None = None
+    # bad words' last tokens to ban if the row's input token (still being sampled on the host,
+    # known on the device) is the given one: ((input token, banned token), ...)
+    conditional_bans: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -147,9 +147,16 @@ class Scheduler:
         if seq.has_extras:  # the per-step work of rarer parameters, only where they are set
             self._has_extras = True
             p = seq.params
+            banned = seq.min_tokens_banned if num_out < p.min_tokens else ()
+            conditional: tuple[tuple[int, int], ...] = ()
+            if sample and seq.bad_words_ids:
+                words, conditional = self._bad_word_bans(seq)
+                banned = tuple(banned) + words
             row = row._replace(
-                banned_token_ids=seq.min_tokens_banned if num_out < p.min_tokens else (),
+                banned_token_ids=banned,
                 logprobs=p.logprobs,
+                params=p if p.logit_bias or p.allowed_token_ids else None,
+                conditional_bans=conditional,
                 penalties=self._penalty_inputs(seq) if sample and p.has_penalties else None,
                 prompt_logprobs=self._prompt_logprobs_inputs(seq, start, start + len(token_ids)),
             )
@@ -157,6 +164,28 @@ class Scheduler:
         if sample:
             seq.token_ids.append(PENDING)
         return row
+
+    @staticmethod
+    def _bad_word_bans(seq: Sequence) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+        """The bad words' last tokens to ban in the step that samples seq's next token: those
+        whose other tokens end the output. When the output's last token is still being
+        sampled, the match on it is left to the device: (that token, the token to ban)."""
+        out = seq.token_ids[seq.num_prompt_tokens :]
+        pending = bool(out) and out[-1] == PENDING
+        known = out[:-1] if pending else out
+        banned: list[int] = []
+        conditional: list[tuple[int, int]] = []
+        for word in seq.bad_words_ids:
+            *prefix, last = word
+            if not prefix:
+                banned.append(last)
+            elif pending:
+                head, tail = prefix[:-1], prefix[-1]
+                if len(known) >= len(head) and (not head or known[-len(head) :] == head):
+                    conditional.append((tail, last))
+            elif len(known) >= len(prefix) and known[-len(prefix) :] == prefix:
+                banned.append(last)
+        return tuple(banned), tuple(conditional)
 
     @staticmethod
     def _penalty_inputs(seq: Sequence) -> PenaltyInputs:

@@ -37,6 +37,8 @@ class Sequence:
         self.sampling = (params.temperature, params.top_k, params.top_p, params.min_p, seed)
         # EOS and stop token ids, kept from being sampled before min_tokens (set by the scheduler)
         self.min_tokens_banned: tuple[int, ...] = ()
+        # bad_words as token ids (set by the engine, which has the tokenizer)
+        self.bad_words_ids: tuple[tuple[int, ...], ...] = ()
         # per output token, {token id: logprob} (the sampled token first), when asked for
         self.logprobs: list[dict[int, float]] | None = None if params.logprobs is None else []
         self.cumulative_logprob = 0.0
@@ -51,6 +53,7 @@ class Sequence:
             or params.logprobs is not None
             or params.prompt_logprobs is not None
             or params.has_penalties
+            or params.shapes_logits
         )
         self.finish_reason: str | None = None
 

@@ -23,7 +23,7 @@ from nv_engine.engine.engine_core import EngineInfo, EngineStats, OutputDelta, r
 from nv_engine.engine.inputs import Prompt, chat_prompt_ids, check_prompt_length, prompt_token_ids
 from nv_engine.engine.model_files import load_tokenizer
 from nv_engine.outputs import CompletionOutput, RequestOutput
-from nv_engine.sampling_params import SamplingParams, check_logprobs, expand_n
+from nv_engine.sampling_params import SamplingParams, check_for_model, expand_n
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class AsyncLLM:
         elif not isinstance(sampling_params, SamplingParams):
             kind = type(sampling_params).__name__
             raise TypeError(f"sampling_params must be SamplingParams, got {kind}")
-        check_logprobs(sampling_params, self.info.max_logprobs)
+        check_for_model(sampling_params, self.info.max_logprobs, self.info.vocab_size)
         request_id = uuid.uuid4().hex if request_id is None else str(request_id)
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already running")

@@ -109,3 +109,15 @@ def _chat_message(message: Any, where: str) -> dict[str, Any]:
     elif not isinstance(content, str):
         raise ValueError(f"{where}.content must be a string or a list of text parts")
     return {**message, "content": content}
+
+
+def bad_words_token_ids(tokenizer: Any, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """Each bad word as token ids, as it reads at the start of a text and after a space (vLLM's
+    two spellings), without special tokens."""
+    out: list[tuple[int, ...]] = []
+    for word in words:
+        for text in (word.lstrip(), " " + word.lstrip()):
+            ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+            if ids and ids not in out:
+                out.append(ids)
+    return tuple(out)

@@ -13,7 +13,12 @@ from nv_engine.config import Config
 from nv_engine.core.output_processor import OutputProcessor
 from nv_engine.core.scheduler import Scheduler
 from nv_engine.core.sequence import Sequence
-from nv_engine.engine.inputs import Prompt, chat_prompt_ids, prompt_token_ids
+from nv_engine.engine.inputs import (
+    Prompt,
+    bad_words_token_ids,
+    chat_prompt_ids,
+    prompt_token_ids,
+)
 from nv_engine.engine.model_files import (
     collect_eos_token_ids,
     load_generation_config,
@@ -21,7 +26,7 @@ from nv_engine.engine.model_files import (
     sampling_defaults,
 )
 from nv_engine.outputs import RequestOutput
-from nv_engine.sampling_params import SamplingParams, check_logprobs, expand_n
+from nv_engine.sampling_params import SamplingParams, check_for_model, expand_n
 from nv_engine.worker.model_runner import ModelRunner
 from nv_engine.worker.tp_workers import ExternalWorkers, WorkerPool
 
@@ -142,12 +147,14 @@ class LLMEngine:
 
     def checked_params(self, params: SamplingParams | None) -> SamplingParams:
         """`params`, or the model's defaults for None; a TypeError for another type, a ValueError
-        for more logprobs than Config.max_logprobs."""
+        for what the model bounds (logprobs, token ids: `check_for_model`)."""
         if params is None:
             return SamplingParams(**self.default_sampling)
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        check_logprobs(params, self.config.max_logprobs)
+        check_for_model(params, self.config.max_logprobs, self.config.hf_config.vocab_size)
+        if params.bad_words and self.tokenizer is None:
+            raise ValueError("bad_words needs a tokenizer; this model has none")
         return params
 
     def _add(self, token_ids: list[int], params: SamplingParams, stream: bool) -> int:
@@ -155,6 +162,8 @@ class LLMEngine:
             params.seed & _SEED_MASK if params.seed is not None else self._seed_rng.getrandbits(63)
         )
         seq = Sequence(token_ids, params, seed)
+        if params.bad_words:
+            seq.bad_words_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
         self.scheduler.add(seq)
         self.output_processor.add(seq, stream)
         return seq.seq_id

@@ -1,6 +1,8 @@
-"""What some requests do to a step's logits besides sampling them: penalties, tokens banned
-before min_tokens, prompt log-probabilities. Each runs only in steps where a row asks for it,
-outside the decode CUDA graphs, so the common step pays nothing."""
+"""What some requests do to a step's logits before sampling: penalties, logit bias, allowed
+tokens, banned tokens (min_tokens, bad words); and prompt log-probabilities. Each logits
+processor says whether a step's rows ask for it and runs only then, outside the decode CUDA
+graphs, so the common step pays nothing. A new one is a class here and a field in
+SamplingParams."""
 
 from __future__ import annotations
 
@@ -53,8 +55,8 @@ def penalized(
 
 
 def mask_banned(logits: torch.Tensor, rows: list[ScheduledSeq]) -> torch.Tensor:
-    """logits with each row's banned tokens (EOS and stop ids before min_tokens) at -inf: a
-    copy, so a CUDA graph's output stays intact."""
+    """logits with each row's banned tokens (EOS and stop ids before min_tokens, bad words) at
+    -inf: a copy, so a CUDA graph's output stays intact."""
     v = logits.shape[-1]
     pairs = [(i, t) for i, s in enumerate(rows) for t in s.banned_token_ids if t < v]
     if not pairs:
@@ -62,6 +64,122 @@ def mask_banned(logits: torch.Tensor, rows: list[ScheduledSeq]) -> torch.Tensor:
     index = torch.tensor(pairs, dtype=torch.int64).T.to(logits.device, non_blocking=True)
     ninf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
     return logits.index_put(tuple(index), ninf)
+
+
+def biased(logits: torch.Tensor, rows: list[ScheduledSeq]) -> torch.Tensor:
+    """logits plus each row's logit_bias (a copy)."""
+    pairs = [(i, t, b) for i, s in enumerate(rows) if s.params for t, b in _bias(s).items()]
+    rows_t = _on_device([p[0] for p in pairs], logits.device)
+    tokens = _on_device([p[1] for p in pairs], logits.device)
+    bias = torch.tensor([p[2] for p in pairs], dtype=logits.dtype).to(logits.device)
+    return logits.index_put((rows_t, tokens), bias, accumulate=True)
+
+
+def _bias(row: ScheduledSeq) -> dict[int, float]:
+    return row.params.logit_bias or {}
+
+
+def allowed_only(logits: torch.Tensor, rows: list[ScheduledSeq]) -> torch.Tensor:
+    """logits with every token outside a row's allowed_token_ids at -inf (a copy)."""
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    for i, s in enumerate(rows):
+        if s.params is not None and s.params.allowed_token_ids:
+            keep[i] = False
+            keep[i, _on_device(list(s.params.allowed_token_ids), logits.device)] = True
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def conditionally_banned(
+    logits: torch.Tensor, rows: list[ScheduledSeq], inputs: torch.Tensor | None
+) -> torch.Tensor:
+    """A bad word's last token at -inf where the row's input token, sampled last step and known
+    only on the device (`inputs`, the step's input ids), completes the rest of the word."""
+    if inputs is None:
+        return logits
+    pairs = [(i, need, ban) for i, s in enumerate(rows) for need, ban in s.conditional_bans]
+    rows_t = _on_device([p[0] for p in pairs], logits.device)
+    need = _on_device([p[1] for p in pairs], logits.device)
+    ban = _on_device([p[2] for p in pairs], logits.device)
+    hit = inputs[rows_t] == need  # [pairs]
+    current = logits[rows_t, ban]
+    ninf = torch.full_like(current, float("-inf"))
+    return logits.index_put((rows_t, ban), torch.where(hit, ninf, current))
+
+
+class LogitsProcessor:
+    """One kind of per-request logits work: `applies(rows)` says whether any row of the step
+    asks; `__call__` returns the new logits (a copy: a CUDA graph's output stays intact).
+    `inputs` are the step's input ids on the device in decode steps (None in prefill)."""
+
+    def applies(self, rows: list[ScheduledSeq]) -> bool:
+        raise NotImplementedError
+
+    def __call__(
+        self, logits: torch.Tensor, rows: list[ScheduledSeq], inputs: torch.Tensor | None
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Penalties(LogitsProcessor):
+    def applies(self, rows):
+        return any(s.penalties is not None for s in rows)
+
+    def __call__(self, logits, rows, inputs):
+        return penalized(logits, rows, inputs)
+
+
+class LogitBias(LogitsProcessor):
+    def applies(self, rows):
+        return any(s.params is not None and s.params.logit_bias for s in rows)
+
+    def __call__(self, logits, rows, inputs):
+        return biased(logits, rows)
+
+
+class AllowedTokens(LogitsProcessor):
+    def applies(self, rows):
+        return any(s.params is not None and s.params.allowed_token_ids for s in rows)
+
+    def __call__(self, logits, rows, inputs):
+        return allowed_only(logits, rows)
+
+
+class BannedTokens(LogitsProcessor):
+    """min_tokens' EOS and stop ids, and bad words known to be complete but for one token."""
+
+    def applies(self, rows):
+        return any(s.banned_token_ids for s in rows)
+
+    def __call__(self, logits, rows, inputs):
+        return mask_banned(logits, rows)
+
+
+class ConditionalBans(LogitsProcessor):
+    def applies(self, rows):
+        return any(s.conditional_bans for s in rows)
+
+    def __call__(self, logits, rows, inputs):
+        return conditionally_banned(logits, rows, inputs)
+
+
+# in vLLM's order: penalties, then bias, then masks
+LOGITS_PROCESSORS: tuple[LogitsProcessor, ...] = (
+    Penalties(),
+    LogitBias(),
+    AllowedTokens(),
+    BannedTokens(),
+    ConditionalBans(),
+)
+
+
+def process_logits(
+    logits: torch.Tensor, rows: list[ScheduledSeq], inputs: torch.Tensor | None
+) -> torch.Tensor:
+    """Every logits processor that a row of the step asks for, in order."""
+    for processor in LOGITS_PROCESSORS:
+        if processor.applies(rows):
+            logits = processor(logits, rows, inputs)
+    return logits
 
 
 def prompt_logprobs(

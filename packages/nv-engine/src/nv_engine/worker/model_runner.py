@@ -12,7 +12,7 @@ from nv_engine.config import Config, local_device_index
 from nv_engine.core.plan import PenaltyInputs, ScheduledSeq, StepPlan
 from nv_engine.core.sequence import PENDING
 from nv_engine.worker.cuda_graphs import DecodeGraphs
-from nv_engine.worker.logits_processors import mask_banned, penalized, prompt_logprobs
+from nv_engine.worker.logits_processors import penalized, process_logits, prompt_logprobs
 from nv_engine.worker.staging import DeviceToHost, HostToDevice, SampledTokens
 from nv_kernels import (
     AttentionMetadata,
@@ -251,10 +251,7 @@ class ModelRunner:
         # one logits row per sampled row (prefill projects only those)
         raw = logits
         if plan.has_extras:  # the rows' per-request fields are looked at only then
-            if any(s.penalties is not None for s in rows):
-                logits = penalized(logits, rows, None if plan.is_prefill else ids)
-            if any(s.banned_token_ids for s in rows):
-                logits = mask_banned(logits, rows)
+            logits = process_logits(logits, rows, None if plan.is_prefill else ids)
         sampled = self.sampler(logits, st)
         self._last_sampled = (sampled, rows)
         logprobs = None

@@ -61,10 +61,13 @@ SAMPLING_FIELDS = frozenset(
         "ignore_eos",
         "skip_special_tokens",
         "include_stop_str_in_output",
+        "allowed_token_ids",
+        "bad_words",
     }
 )
 _COMMON = SAMPLING_FIELDS | {"model", "stream", "stream_options", "user"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "suffix", "best_of", "logit_bias"}
+# (logit_bias: OpenAI's, with token ids as JSON object keys)
 CHAT_FIELDS = _COMMON | {
     "messages",
     "max_completion_tokens",
@@ -144,7 +147,6 @@ def parse_completion(body: dict[str, Any], defaults: dict[str, Any], max_logprob
     check_common(body, COMPLETION_FIELDS)
     _unsupported(body, "echo", (False,), "echo")
     _unsupported(body, "suffix", ("",), "suffix")
-    _unsupported(body, "logit_bias", ({},), "logit_bias")
     best_of = _typed(body, "best_of", int, "an integer")
     if best_of is not None and best_of != body.get("n", 1):
         raise RequestError("best_of: only best_of == n is supported", "best_of")
@@ -156,7 +158,6 @@ def parse_completion(body: dict[str, Any], defaults: dict[str, Any], max_logprob
 def parse_chat(body: dict[str, Any], defaults: dict[str, Any], max_logprobs: int):
     check_common(body, CHAT_FIELDS)
     _unsupported(body, "echo", (False,), "echo")
-    _unsupported(body, "logit_bias", ({},), "logit_bias")
     _unsupported(body, "tools", ([],), "tool calling")
     _unsupported(body, "tool_choice", ("none",), "tool calling")
     _typed(body, "parallel_tool_calls", bool, "a boolean")
@@ -196,10 +197,12 @@ def _parsed(
     if given:
         kw["max_tokens"] = body[max_tokens_field]
     kw["logprobs"] = logprobs
+    if body.get("logit_bias"):
+        kw["logit_bias"] = _logit_bias(body["logit_bias"])
     try:
         params = SamplingParams(**kw)
     except (TypeError, ValueError) as e:
-        raise RequestError(str(e), _field_of(str(e), body)) from None
+        raise RequestError(str(e), field_of(str(e), body)) from None
     return ParsedRequest(
         params=params,
         max_tokens_field=max_tokens_field if given else None,
@@ -209,12 +212,22 @@ def _parsed(
     )
 
 
-def _field_of(message: str, body: dict[str, Any]) -> str | None:
+def _logit_bias(value: Any) -> dict[int, float]:
+    """OpenAI's logit_bias: {"token id": bias}, the ids as strings (JSON object keys)."""
+    if not isinstance(value, dict):
+        raise RequestError("logit_bias must be an object of {token id: bias}", "logit_bias")
+    try:
+        return {int(k): v for k, v in value.items()}
+    except ValueError:
+        raise RequestError("logit_bias keys must be token ids", "logit_bias") from None
+
+
+def field_of(message: str, body: dict[str, Any]) -> str | None:
     """The request field a SamplingParams error names (its messages start with the field)."""
-    name = message.split(" ", 1)[0].rstrip(":")
+    name = message.split(" ", 1)[0].rstrip(":").split("=")[0]
     if name == "max_tokens" and "max_completion_tokens" in body:
         return "max_completion_tokens"
-    return name if name in SAMPLING_FIELDS else None
+    return name if name in SAMPLING_FIELDS | {"logit_bias"} else None
 
 
 def with_room(

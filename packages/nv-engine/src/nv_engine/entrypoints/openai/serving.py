@@ -18,11 +18,13 @@ from nv_engine.entrypoints.openai.protocol import (
     RequestError,
     chat_messages,
     completion_prompts,
+    field_of,
     parse_chat,
     parse_completion,
     with_room,
 )
 from nv_engine.outputs import CompletionOutput, RequestOutput
+from nv_engine.sampling_params import check_for_model
 
 
 def sse(payload: dict[str, Any] | str) -> str:
@@ -96,6 +98,7 @@ class OpenAIServing:
     async def completions(self, body: dict[str, Any]) -> dict[str, Any] | AsyncIterator[str]:
         defaults = self.engine.default_sampling
         parsed = parse_completion(body, defaults, self.max_logprobs)
+        self._check_for_model(parsed, body)
         prompts = completion_prompts(body)
         token_ids = [await self._encode(p, "prompt") for p in prompts]
         each = [with_room(parsed, len(t), self.max_model_len, "prompt") for t in token_ids]
@@ -173,6 +176,7 @@ class OpenAIServing:
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any] | AsyncIterator[str]:
         parsed = parse_chat(body, self.engine.default_sampling, self.max_logprobs)
+        self._check_for_model(parsed, body)
         messages = chat_messages(body)
         add_generation_prompt = body.get("add_generation_prompt")
         try:
@@ -291,6 +295,12 @@ class OpenAIServing:
         return {"prompt": await self.engine.detokenize(tokens)}
 
     # ---- helpers ---------------------------------------------------------------------------------
+
+    def _check_for_model(self, parsed: ParsedRequest, body: dict[str, Any]) -> None:
+        try:
+            check_for_model(parsed.params, self.max_logprobs, self.engine.info.vocab_size)
+        except ValueError as e:
+            raise RequestError(str(e), field_of(str(e), body)) from None
 
     def _head(self, rid: str, kind: str) -> dict[str, Any]:
         return {"id": rid, "object": kind, "created": int(time.time()), "model": self.model_name}
