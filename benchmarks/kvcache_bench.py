@@ -16,18 +16,18 @@ from nv_kvcache import BlockManager
 def decode_step_us(block_size: int, num_seqs: int = 256, prompt_len: int = 1000) -> float:
     bm = BlockManager(num_blocks=num_seqs * (2048 // block_size + 2), block_size=block_size)
     rng = random.Random(0)
-    lens = {}
+    tokens = {}  # the engine's token lists (the manager keeps none)
     for s in range(num_seqs):
-        bm.allocate(s, [rng.randrange(50000) for _ in range(prompt_len)])
-        bm.mark_computed(s, prompt_len)
-        lens[s] = prompt_len
+        tokens[s] = [rng.randrange(50000) for _ in range(prompt_len)]
+        bm.allocate(s, tokens[s])
+        bm.mark_computed(s, prompt_len, tokens[s])
     times = []
     for _ in range(300):  # 300 steps: crosses block boundaries for both sizes
         t = time.perf_counter()
         for s in range(num_seqs):
-            bm.append_tokens(s, (7,))
-            lens[s] += 1
-            bm.mark_computed(s, lens[s] - 1)
+            bm.append_slots(s)
+            tokens[s].append(7)
+            bm.mark_computed(s, len(tokens[s]) - 1, tokens[s])
         times.append(time.perf_counter() - t)
     return statistics.mean(times) * 1e6
 
@@ -43,7 +43,7 @@ def admit_us(block_size: int, num_seqs: int = 256, prompt_len: int = 1000) -> fl
         t = time.perf_counter()
         for s, p in enumerate(prompts):
             bm.allocate(s, p)
-            bm.mark_computed(s, prompt_len)
+            bm.mark_computed(s, prompt_len, p)
         runs.append(time.perf_counter() - t)
     return min(runs) * 1e6
 

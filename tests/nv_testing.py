@@ -120,7 +120,7 @@ class PagedHarness:
         hidden = self.model(torch.tensor(ids), torch.tensor(pos), meta)
         for seq, n in chunks.items():
             self.computed[seq] += n
-            self.bm.mark_computed(seq, self.computed[seq])
+            self.bm.mark_computed(seq, self.computed[seq], self.tokens[seq])
         return self.model.compute_logits(hidden)
 
     @torch.no_grad()
@@ -128,7 +128,7 @@ class PagedHarness:
         """Append one token per sequence and compute it; returns [num_seqs, vocab] logits."""
         seqs = list(next_tokens)
         for seq, tok in next_tokens.items():
-            assert self.bm.append_tokens(seq, [tok])
+            assert self.bm.append_slots(seq)
             self.tokens[seq].append(tok)
         lens = [len(self.tokens[s]) for s in seqs]
         meta = AttentionMetadata(
@@ -141,7 +141,7 @@ class PagedHarness:
         hidden = self.model(ids, torch.tensor([n - 1 for n in lens]), meta)
         for seq, n in zip(seqs, lens, strict=True):
             self.computed[seq] = n
-            self.bm.mark_computed(seq, n)
+            self.bm.mark_computed(seq, n, self.tokens[seq])
         return self.model.compute_logits(hidden)
 
 

@@ -10,6 +10,36 @@ def toks(start: int, n: int) -> list[int]:
     return list(range(start, start + n))
 
 
+class Tracked:
+    """A BlockManager beside the token lists an engine owns (the manager keeps none): appends
+    extend them, and mark_computed hands them over."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.bm = BlockManager(*args, **kwargs)
+        self.tokens: dict[str, list[int]] = {}
+
+    def __getattr__(self, name: str):
+        return getattr(self.bm, name)
+
+    def __contains__(self, seq) -> bool:
+        return seq in self.bm
+
+    def allocate(self, seq, token_ids, *args, **kwargs):
+        cached = self.bm.allocate(seq, token_ids, *args, **kwargs)
+        if cached is not None:
+            self.tokens[seq] = list(token_ids)
+        return cached
+
+    def append_tokens(self, seq, token_ids) -> bool:
+        ok = self.bm.append_slots(seq, len(token_ids))
+        if ok:
+            self.tokens[seq] += token_ids
+        return ok
+
+    def mark_computed(self, seq, num_computed_tokens: int) -> None:
+        self.bm.mark_computed(seq, num_computed_tokens, self.tokens.get(seq, []))
+
+
 def test_block_size_and_pool_validation():
     with pytest.raises(ValueError, match="block_size"):
         BlockManager(num_blocks=4, block_size=0)
@@ -18,7 +48,7 @@ def test_block_size_and_pool_validation():
 
 
 def test_allocate_fresh_takes_blocks_in_order():
-    bm = BlockManager(8, 4)
+    bm = Tracked(8, 4)
     assert bm.allocate("a", toks(0, 10)) == 0
     assert bm.block_table("a") == [0, 1, 2]
     assert bm.num_free_blocks == 5
@@ -27,7 +57,7 @@ def test_allocate_fresh_takes_blocks_in_order():
 
 
 def test_block_size_one():
-    bm = BlockManager(8, 1)
+    bm = Tracked(8, 1)
     assert bm.allocate("a", [5, 6, 7]) == 0
     bm.mark_computed("a", 3)
     assert bm.allocate("b", [5, 6, 9]) == 2
@@ -35,7 +65,7 @@ def test_block_size_one():
 
 
 def test_prefix_hit_requires_computed_blocks():
-    bm = BlockManager(16, 4)
+    bm = Tracked(16, 4)
     prompt = toks(100, 12)
     bm.allocate("a", prompt)
     # Not computed yet: nothing is published, so no hit.
@@ -51,7 +81,7 @@ def test_prefix_hit_requires_computed_blocks():
 
 
 def test_read_cache_false_takes_fresh_blocks_and_still_publishes():
-    bm = BlockManager(16, 4)
+    bm = Tracked(16, 4)
     prompt = toks(100, 12)
     bm.allocate("a", prompt)
     bm.mark_computed("a", 12)
@@ -64,7 +94,7 @@ def test_read_cache_false_takes_fresh_blocks_and_still_publishes():
 
 
 def test_last_prompt_token_block_never_cached():
-    bm = BlockManager(16, 4)
+    bm = Tracked(16, 4)
     prompt = toks(0, 8)  # exactly 2 blocks
     bm.allocate("a", prompt)
     bm.mark_computed("a", 8)
@@ -74,7 +104,7 @@ def test_last_prompt_token_block_never_cached():
 
 
 def test_hash_collision_is_a_miss():
-    bm = BlockManager(8, 4)
+    bm = Tracked(8, 4)
     bm.allocate("a", toks(0, 5))
     bm.mark_computed("a", 5)
     # Forge a collision: point the hash of block [9,9,9,9] at block 0, which holds [0,1,2,3].
@@ -84,7 +114,7 @@ def test_hash_collision_is_a_miss():
 
 
 def test_salt_changes_every_hash():
-    bm = BlockManager(16, 4)
+    bm = Tracked(16, 4)
     prompt = toks(0, 9)
     bm.allocate("a", prompt, cache_salt="alice")
     bm.mark_computed("a", 9)
@@ -94,7 +124,7 @@ def test_salt_changes_every_hash():
 
 
 def test_allocation_is_atomic_when_pool_is_short():
-    bm = BlockManager(4, 4)
+    bm = Tracked(4, 4)
     bm.allocate("a", toks(0, 9))  # 3 blocks
     bm.mark_computed("a", 9)
     before = ([b.ref_count for b in bm.blocks], bm.free_block_ids, dict(bm.hash_to_block_id))
@@ -110,7 +140,7 @@ def test_allocation_is_atomic_when_pool_is_short():
 
 
 def test_lru_reuse_and_revival():
-    bm = BlockManager(6, 4)
+    bm = Tracked(6, 4)
     bm.allocate("a", toks(0, 12))  # blocks 0,1,2
     bm.mark_computed("a", 12)
     bm.allocate("b", toks(100, 8))  # blocks 3,4
@@ -133,7 +163,7 @@ def test_lru_reuse_and_revival():
 
 
 def test_reviving_block_is_never_evicted_for_same_request():
-    bm = BlockManager(3, 2)
+    bm = Tracked(3, 2)
     bm.allocate("a", [1, 2, 3, 4, 5])  # blocks 0,1,2
     bm.mark_computed("a", 5)
     bm.free("a")
@@ -146,7 +176,7 @@ def test_reviving_block_is_never_evicted_for_same_request():
 
 
 def test_reuse_keeps_hash_map_entry_of_other_block():
-    bm = BlockManager(4, 2)
+    bm = Tracked(4, 2)
     # Two sequences compute the same block; the first publishes it, the second's copy is unmapped.
     bm.allocate("a", [1, 2, 3])
     bm.allocate("b", [1, 2, 4])
@@ -162,7 +192,7 @@ def test_reuse_keeps_hash_map_entry_of_other_block():
 
 
 def test_append_takes_block_exactly_when_full():
-    bm = BlockManager(3, 4)
+    bm = Tracked(3, 4)
     bm.allocate("a", toks(0, 3))
     assert bm.append_tokens("a", [3])
     assert bm.block_table("a") == [0]
@@ -172,7 +202,7 @@ def test_append_takes_block_exactly_when_full():
 
 
 def test_append_without_room_changes_nothing():
-    bm = BlockManager(2, 2)
+    bm = Tracked(2, 2)
     bm.allocate("a", [1, 2])
     bm.allocate("b", [3, 4])
     assert not bm.can_append("a")
@@ -184,7 +214,7 @@ def test_append_without_room_changes_nothing():
 
 
 def test_decode_blocks_get_hashed_after_compute():
-    bm = BlockManager(8, 2)
+    bm = Tracked(8, 2)
     bm.allocate("a", [1, 2, 3])
     bm.mark_computed("a", 3)
     bm.append_tokens("a", [4])
@@ -193,26 +223,24 @@ def test_decode_blocks_get_hashed_after_compute():
     assert bm.allocate("b", [1, 2, 3, 4, 6]) == 4
 
 
-def test_placeholder_token_set_before_its_block_is_hashed():
-    # An overlapped engine appends the slot of a token not yet sampled, fills it in later, and
-    # only then reports the block computed: the hash must cover the real token.
-    bm = BlockManager(8, 2)
+def test_hashes_come_from_the_callers_tokens_at_mark_computed():
+    # An overlapped engine appends the slot of a token not yet sampled and fills it in later,
+    # in its own token list (the manager keeps none to sync): the hash covers the real token.
+    bm = Tracked(8, 2)
     bm.allocate("a", [1, 2, 3])
     bm.mark_computed("a", 3)
-    bm.append_tokens("a", [-1])
-    bm.set_token("a", 3, 4)
+    bm.append_tokens("a", [-1])  # a placeholder
+    bm.tokens["a"][3] = 4  # sampled
     bm.mark_computed("a", 4)
     assert bm.allocate("b", [1, 2, 3, 4, 6]) == 4
-    with pytest.raises(ValueError, match="not yet hashed"):
-        bm.set_token("a", 1, 9)  # block 0 is hashed
-    with pytest.raises(ValueError, match="index=4"):
-        bm.set_token("a", 4, 9)  # past the end
+    with pytest.raises(ValueError, match="num_computed_tokens=5"):
+        bm.bm.mark_computed("a", 5, [1, 2, 3, 4])  # past the tokens given
     with pytest.raises(KeyError, match="unknown sequence"):
-        bm.set_token("zz", 0, 1)
+        bm.bm.mark_computed("zz", 0, [])
 
 
 def test_stats_and_hit_rate():
-    bm = BlockManager(8, 4)
+    bm = Tracked(8, 4)
     bm.allocate("a", toks(0, 8))
     bm.mark_computed("a", 8)
     bm.allocate("b", toks(0, 8))
@@ -224,7 +252,7 @@ def test_stats_and_hit_rate():
 
 
 def test_reset_prefix_cache_refuses_while_in_use():
-    bm = BlockManager(4, 2)
+    bm = Tracked(4, 2)
     bm.allocate("a", [1, 2, 3])
     bm.mark_computed("a", 3)
     assert bm.reset_prefix_cache() is False
@@ -237,7 +265,7 @@ def test_reset_prefix_cache_refuses_while_in_use():
 
 
 def test_prefix_caching_off():
-    bm = BlockManager(8, 2, enable_prefix_caching=False)
+    bm = Tracked(8, 2, enable_prefix_caching=False)
     bm.allocate("a", [1, 2, 3])
     bm.mark_computed("a", 3)
     assert bm.allocate("b", [1, 2, 3]) == 0
@@ -245,7 +273,7 @@ def test_prefix_caching_off():
 
 
 def test_misuse_raises_clear_errors():
-    bm = BlockManager(4, 2)
+    bm = Tracked(4, 2)
     bm.allocate("a", [1])
     with pytest.raises(ValueError, match="already allocated"):
         bm.allocate("a", [1])
@@ -279,7 +307,7 @@ def test_free_queue_is_o1_linked_list():
 
 
 def test_blocks_without_a_hash_are_reused_before_cached_ones():
-    bm = BlockManager(6, 4)
+    bm = Tracked(6, 4)
     bm.allocate("cached", toks(0, 8))  # blocks 0, 1
     bm.mark_computed("cached", 8)  # both hashed
     bm.allocate("scratch", toks(100, 6))  # blocks 2, 3: block 3 half full, never hashed
@@ -298,7 +326,7 @@ def test_blocks_without_a_hash_are_reused_before_cached_ones():
 
 
 def test_reset_prefix_cache_moves_blocks_to_the_uncached_queue_in_order():
-    bm = BlockManager(4, 2)
+    bm = Tracked(4, 2)
     bm.allocate("a", toks(0, 4))
     bm.mark_computed("a", 4)
     bm.free("a")

@@ -18,6 +18,7 @@ class PoolMachine(RuleBasedStateMachine):
         super().__init__()
         self.bm: BlockManager | None = None
         self.live: dict[int, int] = {}  # seq id -> tokens computed
+        self.tokens: dict[int, list[int]] = {}  # the tokens an engine would own
         self.next_id = 0
 
     @rule(num_blocks=st.integers(4, 24), block_size=st.sampled_from([1, 2, 3, 4]))
@@ -37,6 +38,7 @@ class PoolMachine(RuleBasedStateMachine):
         else:
             assert cached % self.bm.block_size == 0 and cached < len(prompt)
             self.live[self.next_id] = cached
+            self.tokens[self.next_id] = list(prompt)
         self.next_id += 1
 
     @rule(data=st.data())
@@ -44,7 +46,7 @@ class PoolMachine(RuleBasedStateMachine):
     def compute(self, data: st.DataObject) -> None:
         seq = data.draw(st.sampled_from(sorted(self.live)))
         n = data.draw(st.integers(self.live[seq], self.bm.num_tokens(seq)))
-        self.bm.mark_computed(seq, n)
+        self.bm.mark_computed(seq, n, self.tokens[seq])
         self.live[seq] = n
 
     @rule(data=st.data(), token=st.integers(0, 3))
@@ -53,7 +55,8 @@ class PoolMachine(RuleBasedStateMachine):
         seq = data.draw(st.sampled_from(sorted(self.live)))
         table = list(self.bm.block_table(seq))
         n = self.bm.num_tokens(seq)
-        if self.bm.append_tokens(seq, [token]):
+        if self.bm.append_slots(seq):
+            self.tokens[seq].append(token)
             assert self.bm.num_tokens(seq) == n + 1
             grew = n % self.bm.block_size == 0
             assert len(self.bm.block_table(seq)) == len(table) + grew
@@ -65,7 +68,7 @@ class PoolMachine(RuleBasedStateMachine):
     def free(self, data: st.DataObject) -> None:
         seq = data.draw(st.sampled_from(sorted(self.live)))
         self.bm.free(seq)
-        del self.live[seq]
+        del self.live[seq], self.tokens[seq]
 
     @invariant()
     def pool_is_consistent(self) -> None:
@@ -86,7 +89,7 @@ class PoolMachine(RuleBasedStateMachine):
             assert len(block.token_ids) == bm.block_size
         # Published blocks of live sequences hold exactly the tokens that sit at their position.
         for s in self.live:
-            all_tokens = bm._seqs[s].token_ids
+            all_tokens = self.tokens[s]
             for i, block_id in enumerate(bm.block_table(s)):
                 block = bm.blocks[block_id]
                 if block.token_ids is not None:

@@ -31,11 +31,12 @@ class CacheStats:
 
 @dataclass(slots=True)
 class _SeqState:
+    """What the manager keeps of a sequence: its blocks and how far they are hashed. Not its
+    tokens: the caller owns those and passes them where they are needed."""
+
     block_ids: list[int]
-    token_ids: list[int]
-    num_hashed_blocks: (
-        int  # leading blocks whose hash is known (computed, or reused from the cache)
-    )
+    num_tokens: int  # token slots allocated
+    num_hashed_blocks: int  # leading blocks whose hash is known (computed, or from the cache)
     last_hash: int  # chain hash of block num_hashed_blocks - 1 (the salt's seed when none)
 
 
@@ -96,7 +97,8 @@ class BlockManager:
         return self._state(seq_id).block_ids
 
     def num_tokens(self, seq_id: Hashable) -> int:
-        return len(self._state(seq_id).token_ids)
+        """Token slots allocated to the sequence."""
+        return self._state(seq_id).num_tokens
 
     def stats(self) -> CacheStats:
         free = len(self._free)
@@ -150,7 +152,7 @@ class BlockManager:
             block.ref_count += 1
         block_ids = [b.block_id for b in cached]
         block_ids.extend(self._take_free_block() for _ in range(num_new))
-        self._seqs[seq_id] = _SeqState(block_ids, list(token_ids), len(cached), last_hash)
+        self._seqs[seq_id] = _SeqState(block_ids, len(token_ids), len(cached), last_hash)
         num_cached_tokens = len(cached) * bs
         self._queries += len(token_ids)
         self._hits += num_cached_tokens
@@ -158,54 +160,46 @@ class BlockManager:
 
     def can_append(self, seq_id: Hashable, num_tokens: int = 1) -> bool:
         state = self._state(seq_id)
-        extra = self.blocks_needed(len(state.token_ids) + num_tokens) - len(state.block_ids)
+        extra = self.blocks_needed(state.num_tokens + num_tokens) - len(state.block_ids)
         return extra <= len(self._free)
 
-    def append_tokens(self, seq_id: Hashable, token_ids: Sequence[int]) -> bool:
-        """Extend the sequence by `token_ids` (e.g. one decoded token), taking a new block exactly
+    def append_slots(self, seq_id: Hashable, num_tokens: int = 1) -> bool:
+        """Room for `num_tokens` more tokens (e.g. one decoded token), taking a new block exactly
         when the last one is full. Returns False, changing nothing, when the pool is short."""
         state = self._state(seq_id)
-        n = len(state.token_ids)
-        if len(token_ids) == 1 and n % self.block_size:  # decode fast path: room in last block
-            state.token_ids.append(token_ids[0])
+        n = state.num_tokens
+        if num_tokens == 1 and n % self.block_size:  # decode fast path: room in last block
+            state.num_tokens = n + 1
             return True
-        extra = self.blocks_needed(n + len(token_ids)) - len(state.block_ids)
+        extra = self.blocks_needed(n + num_tokens) - len(state.block_ids)
         if extra > 0:
             if extra > len(self._free):
                 return False
             for _ in range(extra):
                 state.block_ids.append(self._take_free_block())
-        state.token_ids.extend(token_ids)
+        state.num_tokens = n + num_tokens
         return True
 
-    def set_token(self, seq_id: Hashable, index: int, token_id: int) -> None:
-        """Fill in token `index`, appended earlier as a placeholder (an engine that schedules a
-        step before the previous step's token is sampled appends the slot first). Only tokens of
-        blocks not yet hashed may change."""
-        state = self._state(seq_id)
-        if not state.num_hashed_blocks * self.block_size <= index < len(state.token_ids):
-            raise ValueError(
-                f"index={index}: only tokens in [{state.num_hashed_blocks * self.block_size}, "
-                f"{len(state.token_ids)}) (not yet hashed) can be set"
-            )
-        state.token_ids[index] = token_id
-
-    def mark_computed(self, seq_id: Hashable, num_computed_tokens: int) -> None:
+    def mark_computed(
+        self, seq_id: Hashable, num_computed_tokens: int, token_ids: Sequence[int]
+    ) -> None:
         """Report that the KV of the first `num_computed_tokens` tokens is written; every full
-        block among them is hashed and published for prefix reuse."""
+        block among them is hashed (from `token_ids`, the caller's tokens of the sequence, read
+        up to num_computed_tokens) and published for prefix reuse."""
         state = self._state(seq_id)
         bs = self.block_size
         if num_computed_tokens // bs <= state.num_hashed_blocks and (
-            0 <= num_computed_tokens <= len(state.token_ids)
+            0 <= num_computed_tokens <= state.num_tokens
         ):
             return  # no newly completed block (the decode-step common case)
-        if not 0 <= num_computed_tokens <= len(state.token_ids):
+        if not 0 <= num_computed_tokens <= min(state.num_tokens, len(token_ids)):
             raise ValueError(
-                f"num_computed_tokens={num_computed_tokens} outside [0, {len(state.token_ids)}]"
+                f"num_computed_tokens={num_computed_tokens} outside "
+                f"[0, {min(state.num_tokens, len(token_ids))}]"
             )
         if not self.enable_prefix_caching:
             return
-        tokens = state.token_ids
+        tokens = token_ids
         for i in range(state.num_hashed_blocks, num_computed_tokens // bs):
             toks = tuple(tokens[i * bs : (i + 1) * bs])
             h = hash_block_tokens(state.last_hash, toks)

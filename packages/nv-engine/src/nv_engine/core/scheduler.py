@@ -100,7 +100,10 @@ class Scheduler:
         # Prompt tokens are all known: publish their blocks for prefix hits by later steps (which
         # run after this one on the device); not earlier, or this step could hit its own blocks.
         for s in scheduled:
-            self.block_manager.mark_computed(s.seq_id, s.start_pos + len(s.token_ids))
+            seq = self.seqs[s.seq_id]
+            self.block_manager.mark_computed(
+                s.seq_id, s.start_pos + len(s.token_ids), seq.token_ids
+            )
         return StepPlan(True, tuple(scheduled), self._has_extras) if scheduled else None
 
     def _prefill_chunk(self, seq: Sequence, budget: int) -> ScheduledSeq:
@@ -119,7 +122,7 @@ class Scheduler:
                 i += 1  # its last token is still being sampled; postprocess finishes it
                 continue
             # The token sampled last step needs a KV slot before it can be computed.
-            while not bm.append_tokens(seq.seq_id, (seq.last_token,)):
+            while not bm.append_slots(seq.seq_id):
                 victim = running.pop()  # most recently admitted
                 self._preempt(victim)
                 if victim is seq:
@@ -245,11 +248,8 @@ class Scheduler:
             if logprobs is not None and s.logprobs is not None:
                 seq.logprobs.append(logprobs.entry(j, token, s.logprobs))
                 seq.cumulative_logprob += logprobs.sampled[j]
-            if seq.status is SequenceStatus.RUNNING:  # not preempted since
-                if bm.num_tokens(seq.seq_id) > end:  # step t+1 already holds its slot
-                    bm.set_token(seq.seq_id, end, token)
-                if not plan.is_prefill:
-                    bm.mark_computed(seq.seq_id, end)
+            if seq.status is SequenceStatus.RUNNING and not plan.is_prefill:  # not preempted
+                bm.mark_computed(seq.seq_id, end, seq.token_ids)
             updated.append((seq, token))
         return updated
 
