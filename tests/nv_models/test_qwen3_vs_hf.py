@@ -54,18 +54,18 @@ def test_prefill_then_decode_through_paged_cache(tiny, backend, monkeypatch):
     """`triton-fused`: the CUDA layer path, interpreted on CPU: every linear layer in the skinny
     GEMM (SiluAndMul in gate_up's epilogue), q/k norm + rotary + KV store in one kernel and
     attention told the cache is written."""
+    import nv_models.layers.attention as attention
     import nv_models.layers.linear as linear
-    import nv_models.qwen3 as qwen3
 
     path, hf = tiny
     fused_calls = []
     if backend == "triton-fused":
-        fused = qwen3.qk_norm_rope_store
+        fused = attention.qk_norm_rope_store
         monkeypatch.setattr(
-            qwen3, "use_qk_norm_rope_store", lambda qkv, cache, d: cache.numel() > 0
+            attention, "use_qk_norm_rope_store", lambda qkv, cache, d: cache.numel() > 0
         )
         monkeypatch.setattr(
-            qwen3, "qk_norm_rope_store", lambda *a: fused_calls.append(1) or fused(*a)
+            attention, "qk_norm_rope_store", lambda *a: fused_calls.append(1) or fused(*a)
         )
         monkeypatch.setattr(linear, "use_skinny_gemm", lambda x, w: True)
         gemm = linear.skinny_gemm

@@ -11,12 +11,8 @@ from torch import nn
 from nv_kernels import (
     AttentionBackend,
     AttentionMetadata,
-    qk_norm_rope,
-    qk_norm_rope_store,
-    use_qk_norm_rope_store,
 )
 from nv_models.layers.attention import Attention
-from nv_models.layers.compile import compile_on_cuda
 from nv_models.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nv_models.layers.layernorm import RMSNorm
 from nv_models.layers.linear import GateUpParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -70,23 +66,7 @@ class Qwen3Attention(nn.Module):
         q_w = None if self.q_norm is None else self.q_norm.weight
         k_w = None if self.k_norm is None else self.k_norm.weight
         eps = self.q_norm.eps if self.q_norm is not None else 0.0
-        attn = self.attn
-        if use_qk_norm_rope_store(qkv, attn.k_cache, self.head_dim):
-            # one kernel: q/k norms and rotary in place in qkv, k and v into the paged cache
-            q, k, v = qk_norm_rope_store(
-                qkv, cos_sin, q_w, k_w, eps, self.num_heads, self.num_kv_heads,
-                attn.k_cache, attn.v_cache, meta.slot_mapping,
-            )  # fmt: skip
-            return self.o_proj(attn(q, k, v, meta, kv_stored=True))
-        q, k, v = _qk_norm_rope(
-            qkv, cos_sin, q_w, k_w, eps, self.num_heads, self.num_kv_heads, self.head_dim
-        )
-        return self.o_proj(attn(q, k, v, meta))
-
-
-# torch's q/k norm + rotary where the fused kernel does not run: one Inductor kernel on CUDA,
-# eager elsewhere (bit-comparable with transformers on CPU)
-_qk_norm_rope = compile_on_cuda(qk_norm_rope)
+        return self.o_proj(self.attn.forward_qkv(qkv, cos_sin, q_w, k_w, eps, meta))
 
 
 class Qwen3MLP(nn.Module):

@@ -3,7 +3,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nv_kernels import AttentionBackend, AttentionMetadata
+from nv_kernels import (
+    AttentionBackend,
+    AttentionMetadata,
+    qk_norm_rope,
+    qk_norm_rope_store,
+    use_qk_norm_rope_store,
+)
+from nv_models.layers.compile import compile_on_cuda
+
+# torch's q/k norm + rotary where the fused kernel does not run: one Inductor kernel on CUDA,
+# eager elsewhere (bit-comparable with transformers on CPU)
+_qk_norm_rope = compile_on_cuda(qk_norm_rope)
 
 
 class Attention(nn.Module):
@@ -38,3 +49,29 @@ class Attention(nn.Module):
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
         o = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, kv_stored)
         return o.flatten(-2, -1)
+
+    def forward_qkv(
+        self,
+        qkv: torch.Tensor,
+        cos_sin: torch.Tensor,
+        q_norm_weight: torch.Tensor | None,
+        k_norm_weight: torch.Tensor | None,
+        eps: float,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Attention from the fused qkv projection `[num_tokens, (heads + 2 kv_heads) *
+        head_dim]`: optional q/k RMSNorms (their weights, or None), rotary from `cos_sin` (the
+        step's rows of the rotary table), the KV store, then `forward`. Where the fused kernel
+        can run (CUDA, a cache, a supported head_dim) norms, rotary and the store are one
+        kernel; elsewhere torch does them and the backend stores K/V."""
+        if use_qk_norm_rope_store(qkv, self.k_cache, self.head_dim):
+            q, k, v = qk_norm_rope_store(
+                qkv, cos_sin, q_norm_weight, k_norm_weight, eps, self.num_heads,
+                self.num_kv_heads, self.k_cache, self.v_cache, meta.slot_mapping,
+            )  # fmt: skip
+            return self(q, k, v, meta, kv_stored=True)
+        q, k, v = _qk_norm_rope(
+            qkv, cos_sin, q_norm_weight, k_norm_weight, eps, self.num_heads, self.num_kv_heads,
+            self.head_dim,
+        )  # fmt: skip
+        return self(q, k, v, meta)
