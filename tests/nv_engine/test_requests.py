@@ -215,6 +215,11 @@ def test_bad_prompts_rejected_and_next_request_succeeds(llm):
 def test_prompt_larger_than_cache_rejected(text_model):
     with LLM(str(text_model), device="cpu", kvcache_block_size=4, num_kvcache_blocks=4) as llm:
         assert llm.config.max_model_len == 16  # capped to what the cache holds
+        # in the engine's resolved copy: the Config the model runner got is not changed
+        assert (
+            llm.model_runner.config.max_model_len == 512
+            and llm.model_runner.config is not llm.config
+        )
         with pytest.raises(ValueError, match="max_model_len"):
             llm.generate(["x" * 40], use_tqdm=False)
         out = llm.generate(["hi"], SamplingParams(max_tokens=30), use_tqdm=False)[0]

@@ -32,10 +32,48 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class EngineTuning:
+    """Internal constants: measured defaults, not settings a user is expected to change (they
+    can, as LLM(...) keywords, for experiments). Checked like Config's fields."""
+
+    cuda_graph_batch_sizes: tuple[int, ...] = DEFAULT_CUDA_GRAPH_BATCH_SIZES
+    # Decode graphs of up to this many rows launch nv's kernels with programmatic dependent
+    # launch (Hopper and newer; 0: never); docs/benchmarks.md has the sweep that chose it
+    pdl_max_batch_size: int = 64
+    # prompt_logprobs: prompt positions projected onto the vocabulary at once (bounds their
+    # [positions, vocab] float32 temporaries, which the memory profile makes room for)
+    prompt_logprobs_chunk: int = 256
+    cpu_kvcache_bytes: int = 1 << 30  # KV budget on CPU when num_kvcache_blocks is None
+    cuda_graph_reserve_bytes: int = 1 << 30  # kept free for CUDA graphs and the allocator
+    distributed_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        sizes = tuple(sorted(set(self.cuda_graph_batch_sizes)))
+        for bs in sizes:
+            _positive_int("cuda_graph_batch_sizes", bs)
+        object.__setattr__(self, "cuda_graph_batch_sizes", sizes)
+        _int_at_least("pdl_max_batch_size", self.pdl_max_batch_size, 0)
+        _positive_int("prompt_logprobs_chunk", self.prompt_logprobs_chunk)
+        _positive_int("cpu_kvcache_bytes", self.cpu_kvcache_bytes)
+        _int_at_least("cuda_graph_reserve_bytes", self.cuda_graph_reserve_bytes, 0)
+        if not isinstance(self.distributed_timeout_s, (int, float)) or not (
+            self.distributed_timeout_s > 0
+        ):
+            raise ValueError(
+                f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s!r}"
+            )
+
+
+_TUNING_FIELDS = frozenset(f.name for f in dataclasses.fields(EngineTuning))
+
+
 @dataclass(slots=True)
 class Config:
-    """Engine configuration: Nano-vLLM's fields plus what nv needs. Raises ValueError/TypeError
-    naming the field for bad values. `hf_config` is read from `model`/config.json."""
+    """What a user sets: Nano-vLLM's fields plus nv's. Raises ValueError/TypeError naming the
+    field for bad values. `hf_config` is read from `model`/config.json; internal constants are
+    in `tuning` (EngineTuning). Resolved once, in `__post_init__` (and by the engine's memory
+    profile, which may lower max_model_len in a copy); nothing changes it afterwards."""
 
     model: str
     max_num_batched_tokens: int = 16384
@@ -51,21 +89,11 @@ class Config:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto | torch | triton | flash-attn
     load_format: str = "auto"  # auto: safetensors in `model`; dummy: random weights (benchmarks)
-    cuda_graph_batch_sizes: tuple[int, ...] = DEFAULT_CUDA_GRAPH_BATCH_SIZES
-    # Decode graphs of up to this many rows launch nv's kernels with programmatic dependent
-    # launch (Hopper and newer; 0: never). benchmarks/pdl_sweep.py: it pays up to 64 rows.
-    pdl_max_batch_size: int = 64
     # SamplingParams.logprobs / prompt_logprobs ask for at most this many top tokens (vLLM's
     # max_logprobs); the memory profile makes room for that many on the largest batch
     max_logprobs: int = 20
-    # prompt_logprobs: prompt positions projected onto the vocabulary at once (bounds their
-    # [positions, vocab] float32 temporaries, which the memory profile makes room for)
-    prompt_logprobs_chunk: int = 256
-    cpu_kvcache_bytes: int = 1 << 30  # KV budget on CPU when num_kvcache_blocks is None
-    cuda_graph_reserve_bytes: int = 1 << 30  # kept free for CUDA graphs and the allocator
     seed: int = 0  # seeds requests that set no seed of their own (deterministically, in order)
     tokenizer: str | None = None  # defaults to `model`
-    distributed_timeout_s: float = 300.0
     # mp: the engine spawns ranks 1..N-1 on this machine; external: they are launched outside
     # (torchrun or `nv-engine worker`, several machines allowed) and join via env:// rendezvous
     distributed_executor_backend: str = "mp"
@@ -73,15 +101,20 @@ class Config:
     # step later; EOS and stop tokens cost one wasted token). Needs tensor_parallel_size == 1;
     # None: on whenever it can be.
     async_scheduling: bool | None = None
+    tuning: EngineTuning = field(default_factory=EngineTuning)
     hf_config: Any = field(default=None, repr=False)
 
     @classmethod
     def from_kwargs(cls, model: str | os.PathLike, **kwargs: Any) -> Config:
-        names = {f.name for f in dataclasses.fields(cls)} - {"model", "hf_config"}
-        unknown = sorted(set(kwargs) - names)
+        """`kwargs`: Config's fields, and EngineTuning's (gathered into `tuning`)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"model", "hf_config", "tuning"}
+        unknown = sorted(set(kwargs) - names - _TUNING_FIELDS)
         if unknown:
-            raise TypeError(f"unknown config key(s) {unknown}; valid keys: {sorted(names)}")
-        return cls(model=str(model), **kwargs)
+            raise TypeError(
+                f"unknown config key(s) {unknown}; valid keys: {sorted(names | _TUNING_FIELDS)}"
+            )
+        tuning = {k: kwargs.pop(k) for k in list(kwargs) if k in _TUNING_FIELDS}
+        return cls(model=str(model), tuning=EngineTuning(**tuning), **kwargs)
 
     def __post_init__(self) -> None:
         path = Path(self.model)
@@ -96,10 +129,7 @@ class Config:
         _positive_int("kvcache_block_size", self.kvcache_block_size)
         if self.num_kvcache_blocks is not None:
             _positive_int("num_kvcache_blocks", self.num_kvcache_blocks)
-        _positive_int("cpu_kvcache_bytes", self.cpu_kvcache_bytes)
-        _int_at_least("pdl_max_batch_size", self.pdl_max_batch_size, 0)
         _int_at_least("max_logprobs", self.max_logprobs, 0)
-        _positive_int("prompt_logprobs_chunk", self.prompt_logprobs_chunk)
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not (
             0 < self.gpu_memory_utilization <= 1
         ):
@@ -130,9 +160,6 @@ class Config:
             raise ValueError(
                 f"attention_backend must be one of {BACKEND_NAMES}, got {self.attention_backend!r}"
             )
-        self.cuda_graph_batch_sizes = tuple(sorted(set(self.cuda_graph_batch_sizes)))
-        for bs in self.cuda_graph_batch_sizes:
-            _positive_int("cuda_graph_batch_sizes", bs)
         if self.hf_config is None:
             from transformers import AutoConfig
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -75,7 +76,7 @@ class LLMEngine:
                 capacity,
                 config.max_model_len,
             )
-            config.max_model_len = capacity
+            config = self.config = dataclasses.replace(config, max_model_len=capacity)
         generation = load_generation_config(config)
         self.default_sampling = sampling_defaults(generation)
         eos_token_ids = collect_eos_token_ids(config, generation, self.tokenizer)

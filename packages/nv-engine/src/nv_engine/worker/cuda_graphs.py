@@ -15,7 +15,7 @@ class DecodeGraphs:
     smallest graph that holds it; padding rows write no KV (slot -1) and read one cached token.
     Batches above the largest size run eagerly.
 
-    Graphs of up to `config.pdl_max_batch_size` rows launch nv's kernels with programmatic
+    Graphs of up to `config.tuning.pdl_max_batch_size` rows launch nv's kernels with programmatic
     dependent launch (`overlapped_launches`, Hopper and newer): each kernel starts, and loads its
     weights, while the one before it finishes. `benchmarks/pdl_sweep.py` measured 912 -> 677 us
     for 28 layers' GEMMs and row kernels at 1 row on an H200; larger batches gain less."""
@@ -23,11 +23,11 @@ class DecodeGraphs:
     def __init__(self, model: nn.Module, device: torch.device, config: Config) -> None:
         self.model = model
         self.device = device
-        sizes = [b for b in config.cuda_graph_batch_sizes if b <= config.max_num_seqs]
+        sizes = [b for b in config.tuning.cuda_graph_batch_sizes if b <= config.max_num_seqs]
         if not sizes or sizes[-1] < config.max_num_seqs:
-            sizes.append(min(config.max_num_seqs, config.cuda_graph_batch_sizes[-1]))
+            sizes.append(min(config.max_num_seqs, config.tuning.cuda_graph_batch_sizes[-1]))
         self.sizes = sorted(set(sizes))
-        self.pdl_max_batch_size = config.pdl_max_batch_size
+        self.pdl_max_batch_size = config.tuning.pdl_max_batch_size
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def can_run(self, batch_size: int) -> bool:

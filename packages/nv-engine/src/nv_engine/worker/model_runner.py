@@ -127,7 +127,7 @@ class ModelRunner:
     def _blocks_from_memory(self, block_bytes: int) -> int:
         enough = self.config.max_num_seqs * self.max_blocks_per_seq + 1
         if self.device.type != "cuda":
-            return max(1, min(self.config.cpu_kvcache_bytes // block_bytes, enough))
+            return max(1, min(self.config.tuning.cpu_kvcache_bytes // block_bytes, enough))
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         self._profile_run()
@@ -139,7 +139,7 @@ class ModelRunner:
         # sampler). Other processes' memory is not charged to our share, but what is actually
         # free bounds us too, keeping room for this process's activations.
         share = total * self.config.gpu_memory_utilization - peak
-        available = free - (peak - current) - self.config.cuda_graph_reserve_bytes
+        available = free - (peak - current) - self.config.tuning.cuda_graph_reserve_bytes
         return max(0, int(min(share, available) // block_bytes))
 
     @torch.inference_mode()
@@ -167,7 +167,7 @@ class ModelRunner:
         """Penalties and logprobs on every row of the largest batch (or of a prompt-logprobs
         chunk): their [rows, vocab] temporaries, the largest footprint of the rarer work."""
         c = self.config
-        n = max(c.max_num_seqs, c.prompt_logprobs_chunk)
+        n = max(c.max_num_seqs, c.tuning.prompt_logprobs_chunk)
         row = ScheduledSeq(0, [0], 0, [0], True, penalties=PenaltyInputs(1.1, 0.1, 0.1, (0,), (0,)))
         logits = torch.randn(n, self.vocab_size, device=self.device, dtype=self.dtype)
         logits = penalized(logits, [row] * n, None)
@@ -230,7 +230,7 @@ class ModelRunner:
             hidden = self.model(ids, pos, meta)
             logits = self.model.compute_logits(hidden, logits_indices)
             if plan.has_extras and any(s.prompt_logprobs is not None for s in plan.seqs):
-                chunk = self.config.prompt_logprobs_chunk
+                chunk = self.config.tuning.prompt_logprobs_chunk
                 prompt_lps = prompt_logprobs(
                     self.model, hidden, plan, chunk, self.sampler is not None
                 )

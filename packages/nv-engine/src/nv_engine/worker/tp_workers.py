@@ -124,7 +124,7 @@ def init_distributed(config: Config, rank: int, store: dist.Store | None) -> TPG
         store=store,
         rank=rank,
         world_size=world,
-        timeout=timedelta(seconds=config.distributed_timeout_s),
+        timeout=timedelta(seconds=config.tuning.distributed_timeout_s),
     )
     return TPGroup(rank, world, dist.group.WORLD)
 
@@ -141,7 +141,7 @@ def _worker_main(
         port,
         config.tensor_parallel_size,
         is_master=False,
-        timeout=timedelta(seconds=config.distributed_timeout_s),
+        timeout=timedelta(seconds=config.tuning.distributed_timeout_s),
     )
     store.set(_started_key(rank), "1")  # rank 0 waits for this, watching the process
     tp = init_distributed(config, rank, store)
@@ -174,7 +174,7 @@ class WorkerPool:
 
     def start(self) -> TPGroup:
         world = self.config.tensor_parallel_size
-        timeout = timedelta(seconds=self.config.distributed_timeout_s)
+        timeout = timedelta(seconds=self.config.tuning.distributed_timeout_s)
         store = dist.TCPStore(
             "127.0.0.1", 0, world, is_master=True, timeout=timeout, wait_for_workers=False
         )
@@ -203,7 +203,7 @@ class WorkerPool:
     def _wait_started(self, store: dist.TCPStore) -> None:
         """Wait until every worker has reached the store, failing at once, naming the rank,
         if one dies first (rather than at the rendezvous' timeout)."""
-        deadline = time.monotonic() + self.config.distributed_timeout_s
+        deadline = time.monotonic() + self.config.tuning.distributed_timeout_s
         keys = [_started_key(rank) for rank in range(1, len(self.procs) + 1)]
         while not store.check(keys):
             for rank, proc in enumerate(self.procs, start=1):
@@ -215,7 +215,9 @@ class WorkerPool:
                         '`if __name__ == "__main__":` around it.'
                     )
             if time.monotonic() > deadline:
-                raise WorkerError("tensor-parallel workers did not start in distributed_timeout_s")
+                raise WorkerError(
+                    "tensor-parallel workers did not start within distributed_timeout_s"
+                )
             time.sleep(0.05)
 
     def all_alive(self) -> bool:
@@ -343,7 +345,9 @@ class ExternalWorkers:
 
 
 def _control_group(config: Config) -> dist.ProcessGroup:
-    return dist.new_group(backend="gloo", timeout=timedelta(seconds=config.distributed_timeout_s))
+    return dist.new_group(
+        backend="gloo", timeout=timedelta(seconds=config.tuning.distributed_timeout_s)
+    )
 
 
 def serve_external_worker(config: Config) -> None:
