@@ -16,7 +16,7 @@ import time
 from gpu_bench import QWEN3_06B, make_llm, ms_per_step_to_end
 
 from nv_engine import SamplingParams
-from nv_engine import staging as staging_mod
+from nv_engine.worker import staging as staging_mod
 
 
 def timed(obj, name: str, log: list[float]):

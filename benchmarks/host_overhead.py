@@ -43,6 +43,8 @@ def main(num_seqs: int = 256, steps: int = 200) -> None:
     ) as llm:
         start_decoding(llm, num_seqs, 500, max_tokens=10_000)
         runner, sched = llm.model_runner, llm.scheduler
+        # postprocess: the scheduler's and the output stage's (stop checks; no detokenization
+        # for requests that neither stream nor have stop strings)
         t = {"schedule": [], "stage_inputs_and_sampling": [], "postprocess": []}
         fake = torch.zeros(num_seqs, dtype=torch.int64)
         for _ in range(steps):
@@ -51,7 +53,7 @@ def main(num_seqs: int = 256, steps: int = 200) -> None:
             t1 = time.perf_counter()
             runner._prepare_decode(plan, len(plan.seqs), list(plan.seqs))
             t2 = time.perf_counter()
-            sched.postprocess(plan, (fake + 7).tolist())
+            llm.output_processor.process(sched.postprocess(plan, (fake + 7).tolist()))
             t3 = time.perf_counter()
             for k, a, b in (
                 ("schedule", t0, t1),
