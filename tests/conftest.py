@@ -18,3 +18,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory):
+    """The built-in demo model (tiny random Qwen3, character tokenizer with a chat template),
+    built once per test session; tests only read it."""
+    from nv_engine.entrypoints.demo import build_demo_model
+
+    path = tmp_path_factory.mktemp("demo")
+    build_demo_model(path)
+    return path

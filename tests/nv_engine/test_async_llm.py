@@ -16,17 +16,14 @@ import pytest
 from nv_engine import LLM, AsyncLLM, EngineDeadError, RequestOutput, SamplingParams
 from nv_engine.engine.engine_core import _Core
 from nv_engine.engine.llm_engine import LLMEngine
-from nv_engine.entrypoints.demo import build_demo_model
 
 PROMPTS = ["Hello", "The quick brown fox", "1, 2, 3,", "Once upon a time"]
 ENGINE = dict(device="cpu", kvcache_block_size=16, num_kvcache_blocks=128)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("demo")
-    build_demo_model(path)
-    return path
+def model_dir(demo_model_dir):
+    return demo_model_dir
 
 
 @pytest.fixture(scope="module")

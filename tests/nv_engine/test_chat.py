@@ -8,16 +8,13 @@ from nv_testing import hf_greedy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nv_engine import LLM, SamplingParams
-from nv_engine.entrypoints.demo import build_demo_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("demo")
-    build_demo_model(path)
-    return path
+def demo_dir(demo_model_dir):
+    return demo_model_dir
 
 
 def test_chat_renders_the_template_and_matches_hf(demo_dir):

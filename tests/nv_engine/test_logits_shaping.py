@@ -9,16 +9,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
 from nv_engine import LLM, SamplingParams
-from nv_engine.entrypoints.demo import build_demo_model
 
 PROMPTS = ["The quick brown fox", "Hello there, how"]
 N = 16
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    path = tmp_path_factory.mktemp("demo")
-    build_demo_model(path)
+def demo(demo_model_dir):
+    path = demo_model_dir
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return path, hf, AutoTokenizer.from_pretrained(path)
 

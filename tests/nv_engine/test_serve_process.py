@@ -15,16 +15,12 @@ import httpx
 import openai
 import pytest
 
-from nv_engine.entrypoints.demo import build_demo_model
-
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("demo")
-    build_demo_model(path)
-    return path
+def model_dir(demo_model_dir):
+    return demo_model_dir
 
 
 def _cli(*args: str) -> list[str]:

@@ -16,7 +16,6 @@ import uvicorn
 
 from nv_engine import LLM, AsyncLLM, SamplingParams
 from nv_engine.engine.inputs import chat_prompt_ids
-from nv_engine.entrypoints.demo import build_demo_model
 from nv_engine.entrypoints.openai import ServerConfig, build_app
 
 ENGINE = dict(device="cpu", kvcache_block_size=16, num_kvcache_blocks=128)
@@ -45,10 +44,8 @@ class _Served:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("demo")
-    build_demo_model(path)
-    return path
+def model_dir(demo_model_dir):
+    return demo_model_dir
 
 
 @pytest.fixture(scope="module")

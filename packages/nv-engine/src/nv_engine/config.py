@@ -105,6 +105,15 @@ class Config:
     hf_config: Any = field(default=None, repr=False)
 
     @classmethod
+    def of(cls, model: str | os.PathLike | Config, **kwargs: Any) -> Config:
+        """`model` itself if it is a Config (then no keywords), else `from_kwargs`."""
+        if isinstance(model, Config):
+            if kwargs:
+                raise TypeError("give a Config or a model directory with keywords, not both")
+            return model
+        return cls.from_kwargs(model, **kwargs)
+
+    @classmethod
     def from_kwargs(cls, model: str | os.PathLike, **kwargs: Any) -> Config:
         """`kwargs`: Config's fields, and EngineTuning's (gathered into `tuning`)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"model", "hf_config", "tuning"}

@@ -87,13 +87,7 @@ class AsyncLLM:
     """
 
     def __init__(self, model: str | Path | Config, **kwargs: Any) -> None:
-        if isinstance(model, Config):
-            if kwargs:
-                raise TypeError("give a Config or a model directory with keywords, not both")
-            config = model
-        else:
-            config = Config.from_kwargs(model, **kwargs)
-        self.config = config
+        self.config = config = Config.of(model, **kwargs)
         self.tokenizer = load_tokenizer(config)
         # each called as f(output, times, num_new_tokens) on the event loop, for every output
         # before it is yielded (the server's metrics are one)

@@ -47,13 +47,7 @@ class LLMEngine:
 
     def __init__(self, model: str | Path | Config, **kwargs: Any) -> None:
         """`model`: a model directory, with Config's fields as keywords; or a Config."""
-        if isinstance(model, Config):
-            if kwargs:
-                raise TypeError("give a Config or a model directory with keywords, not both")
-            config = model
-        else:
-            config = Config.from_kwargs(model, **kwargs)
-        self.config = config
+        self.config = config = Config.of(model, **kwargs)
         self.tokenizer = load_tokenizer(config)
         self._workers: WorkerPool | ExternalWorkers | None = None
         try:
