@@ -3,6 +3,7 @@ killed tensor-parallel worker, and input errors on the command line."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -90,14 +91,21 @@ def _spawned(pid: int) -> list[int]:
     ]
 
 
-def test_sigterm_finishes_and_exits_zero(model_dir):
+def test_sigterm_ends_in_flight_streams_and_exits_zero(model_dir):
     served = _Serve(model_dir)
     try:
         client = openai.OpenAI(base_url=served.base + "/v1", api_key="x", max_retries=0)
         r = client.completions.create(model=str(model_dir), prompt="Hello", max_tokens=4)
         assert r.usage.completion_tokens >= 1
         (core,) = _spawned(served.proc.pid)
-        served.proc.send_signal(signal.SIGTERM)
+        body = {"prompt": "Hi", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", served.base + "/v1/completions", json=body, timeout=60) as s:
+            lines = s.iter_lines()
+            assert next(lines).startswith("data: ")  # streaming when the signal comes
+            served.proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][len("data: ") :])["choices"][0]["finish_reason"] == "abort"
         log = served.wait()
         assert served.proc.returncode == 0, log
         assert "Traceback" not in log
@@ -151,3 +159,11 @@ def test_help_shows_defaults():
     assert r.returncode == 0
     assert "(default: 8000)" in r.stdout and "(default: 127.0.0.1)" in r.stdout
     assert "--api-key" in r.stdout and "--served-model-name" in r.stdout
+
+
+def test_the_installed_command_runs():
+    """The `nv-engine` console script (the pyproject's entry point) runs, as users call it."""
+    script = Path(sys.executable).parent / "nv-engine"
+    assert script.exists(), "nv-engine is not installed beside this Python"
+    r = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "serve" in r.stdout and "generate" in r.stdout, r.stderr

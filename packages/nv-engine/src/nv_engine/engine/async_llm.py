@@ -239,6 +239,11 @@ class AsyncLLM:
         if stream is not None:
             self._send(("abort", stream.ids))
 
+    def abort_all(self) -> None:
+        """End every running request (each stream ends with finish_reason "abort")."""
+        for stream in list(self._streams.values()):
+            self._send(("abort", stream.ids))
+
     def shutdown(self) -> None:
         """Stop the core process (open streams get EngineDeadError) and free the GPU.
         Idempotent."""

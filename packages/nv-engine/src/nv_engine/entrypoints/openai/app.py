@@ -228,8 +228,20 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, but SIGTERM/SIGINT end the process with status 0 after the graceful shutdown
-    (uvicorn re-raises the signal once shut down, which a supervisor reads as a crash)."""
+    """uvicorn, but on SIGTERM/SIGINT every in-flight request is ended first (streams finish
+    with finish_reason "abort" and `[DONE]`, rather than being cut when the graceful shutdown
+    times out), and the process exits with status 0 after the shutdown (uvicorn re-raises the
+    signal once shut down, which a supervisor reads as a crash)."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+        self.loop: asyncio.AbstractEventLoop | None = None  # set at startup
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        if self.loop is not None:  # (a signal handler: the work goes to the event loop)
+            self.loop.call_soon_threadsafe(self._on_exit)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -254,6 +266,7 @@ def run_server(engine: AsyncLLM, config: ServerConfig) -> int:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        server.loop = asyncio.get_running_loop()
         watcher = asyncio.create_task(watch()) if config.exit_on_engine_death else None
         yield
         if watcher is not None:
@@ -278,7 +291,7 @@ def run_server(engine: AsyncLLM, config: ServerConfig) -> int:
         timeout_graceful_shutdown=config.shutdown_timeout_s,
         lifespan="on",
     )
-    server = _Server(uv_config)
+    server = _Server(uv_config, on_exit=engine.abort_all)
     print(
         f"[nv] serving {config.model_name} at http://{host}:{port}/v1", file=sys.stderr, flush=True
     )
