@@ -189,6 +189,19 @@ def test_logit_bias_allowed_tokens_and_bad_words(base, client):
     assert plain[:2] not in banned.choices[0].text
 
 
+def test_echo(client):
+    kw = dict(model=NAME, max_tokens=5, temperature=0)
+    plain = client.completions.create(prompt=["Hello", "Bye"], **kw)
+    echoed = client.completions.create(prompt=["Hello", "Bye"], echo=True, **kw)
+    assert [c.text for c in echoed.choices] == [
+        "Hello" + plain.choices[0].text,
+        "Bye" + plain.choices[1].text,
+    ]
+    chunks = list(client.completions.create(prompt="Hello", echo=True, stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == echoed.choices[0].text
+    assert echoed.usage.completion_tokens == plain.usage.completion_tokens
+
+
 # ---- streaming --------------------------------------------------------------------------------
 
 
@@ -312,7 +325,8 @@ def test_chat_logprobs(client):
     "body,param",
     [
         ({"prompt": "x", "suffix": "y"}, "suffix"),
-        ({"prompt": "x", "echo": True}, "echo"),
+        ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+        ({"prompt": "x", "echo": "yes"}, "echo"),
         ({"prompt": "x", "best_of": 3}, "best_of"),
         ({"prompt": "x", "logit_bias": {"100000": 1}}, "logit_bias"),
         ({"prompt": "x", "logit_bias": {"5": 200}}, "logit_bias"),

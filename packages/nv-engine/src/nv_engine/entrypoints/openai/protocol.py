@@ -93,6 +93,7 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     logprobs: int | None  # top logprobs per token, None: none asked
+    echo: bool = False  # completions: the prompt's text before the completion's
 
 
 def _fields(body: dict[str, Any], allowed: frozenset[str] | set[str]) -> None:
@@ -145,14 +146,17 @@ def check_common(body: dict[str, Any], allowed: frozenset[str] | set[str]) -> No
 
 def parse_completion(body: dict[str, Any], defaults: dict[str, Any], max_logprobs: int):
     check_common(body, COMPLETION_FIELDS)
-    _unsupported(body, "echo", (False,), "echo")
+    echo = bool(_typed(body, "echo", bool, "a boolean"))
+    if echo and body.get("logprobs") is not None:
+        raise RequestError("echo with logprobs (the prompt's logprobs) is not supported", "echo")
     _unsupported(body, "suffix", ("",), "suffix")
     best_of = _typed(body, "best_of", int, "an integer")
     if best_of is not None and best_of != body.get("n", 1):
         raise RequestError("best_of: only best_of == n is supported", "best_of")
     logprobs = _typed(body, "logprobs", int, "an integer")
     _check_logprobs("logprobs", logprobs, max_logprobs)
-    return _parsed(body, {"max_tokens": 16, **defaults}, "max_tokens", logprobs)
+    parsed = _parsed(body, {"max_tokens": 16, **defaults}, "max_tokens", logprobs)
+    return dataclasses.replace(parsed, echo=echo)
 
 
 def parse_chat(body: dict[str, Any], defaults: dict[str, Any], max_logprobs: int):

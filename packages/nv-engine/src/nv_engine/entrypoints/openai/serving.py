@@ -109,9 +109,15 @@ class OpenAIServing:
         ]
         n = parsed.params.n
         usage_prompt = sum(map(len, token_ids))
+        echoed = [""] * len(prompts)
+        if parsed.echo:  # the prompt as given, or its ids' text
+            echoed = [
+                p if isinstance(p, str) else await self.engine.detokenize(t)
+                for p, t in zip(prompts, token_ids, strict=True)
+            ]
         if parsed.stream:
             return await self._started(
-                self._completion_chunks(rid, streams, n, parsed, usage_prompt)
+                self._completion_chunks(rid, streams, n, parsed, usage_prompt, echoed)
             )
         choices = await self._collect(streams, n, len(prompts))
         return {
@@ -119,7 +125,7 @@ class OpenAIServing:
             "choices": [
                 {
                     "index": i,
-                    "text": c.text,
+                    "text": echoed[i // n] + c.text,
                     "logprobs": self._completion_logprobs(c.logprobs, 0)
                     if parsed.logprobs is not None
                     else None,
@@ -138,12 +144,17 @@ class OpenAIServing:
         n: int,
         parsed: ParsedRequest,
         usage_prompt: int,
+        echoed: list[str],
     ) -> AsyncIterator[str]:
         head = self._head(rid, "text_completion")
         offsets = [0] * (n * len(streams))
         counts = [0] * (n * len(streams))
         async for i, out in _outputs(streams):
-            if out is None:
+            if out is None:  # the engine has started: the echoed prompts come first
+                for index in range(n * len(streams)) if parsed.echo else ():
+                    choice = {"index": index, "text": echoed[index // n], "logprobs": None,
+                              "finish_reason": None, "stop_reason": None}  # fmt: skip
+                    yield sse({**head, "choices": [choice]})
                 continue
             for c in out.outputs:
                 index = i * n + c.index
