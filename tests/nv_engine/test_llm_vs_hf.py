@@ -66,6 +66,48 @@ def test_chunked_prefill(model_dir, async_scheduling):
     )
 
 
+@OVERLAP
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(max_num_batched_tokens=12, kvcache_block_size=4),  # decode rows beside chunks
+        dict(max_num_batched_tokens=12, kvcache_block_size=4, num_kvcache_blocks=24),  # preempt
+        dict(max_num_batched_tokens=40, kvcache_block_size=4, max_num_seqs=3),  # prefix hits
+    ],
+    ids=["chunked", "preempt", "prefix"],
+)
+def test_mixed_decode_and_prefill_steps(model_dir, async_scheduling, config):
+    path, prompts, refs = model_dir
+    plans = []
+    with LLM(
+        str(path),
+        device="cpu",
+        mix_decode_and_prefill=True,
+        async_scheduling=async_scheduling,
+        **config,
+    ) as llm:
+        schedule = llm.scheduler.schedule
+
+        def recording():
+            plans.append(schedule())
+            return plans[-1]
+
+        llm.scheduler.schedule = recording
+        params = [SamplingParams(temperature=0.0, max_tokens=n) for n in MAX_NEW]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert [o["token_ids"] for o in outs] == refs
+        assert_pool_whole(llm)
+    plans = [p for p in plans if p is not None]
+    # some step ran decode tokens (one token, sampled, after the prompt) beside a prefill chunk
+    assert any(
+        p.is_prefill
+        and any(len(s.token_ids) == 1 and s.start_pos >= 1 and s.sample for s in p.seqs)
+        and any(len(s.token_ids) > 1 for s in p.seqs)
+        for p in plans
+    )
+    assert all(p.num_tokens <= config["max_num_batched_tokens"] for p in plans)
+
+
 @pytest.mark.parametrize("block_size", [1, 16, 256])
 def test_block_sizes(model_dir, block_size):
     run_greedy(model_dir, kvcache_block_size=block_size)

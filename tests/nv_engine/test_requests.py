@@ -517,8 +517,8 @@ class _OpenAIPenalties:
         return scores
 
 
-@pytest.mark.parametrize("async_scheduling", [True, False])
-def test_penalties_match_hf(text_model, async_scheduling):
+@pytest.mark.parametrize("async_scheduling,mixed", [(True, False), (False, False), (True, True)])
+def test_penalties_match_hf(text_model, async_scheduling, mixed):
     from transformers import AutoModelForCausalLM, LogitsProcessorList
 
     hf = AutoModelForCausalLM.from_pretrained(text_model, dtype=torch.float32).eval()
@@ -531,6 +531,8 @@ def test_penalties_match_hf(text_model, async_scheduling):
     params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, **c) for c in cases]
     plain = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     kw = dict(device="cpu", kvcache_block_size=4, async_scheduling=async_scheduling)
+    if mixed:  # penalized decode rows beside prefill chunks, their input token still pending
+        kw.update(mix_decode_and_prefill=True, max_num_batched_tokens=6)
     with LLM(str(text_model), **kw) as llm:
         outs = llm.generate(prompts + prompts[:1], params + [plain], use_tqdm=False)
         ids = [llm.tokenizer.encode(p) for p in prompts]

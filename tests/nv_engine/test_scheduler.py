@@ -73,6 +73,23 @@ def test_chunked_prefill_then_decode(model_dir):
     assert bm.num_free_blocks == bm.num_blocks
 
 
+def test_mixed_steps_take_decode_tokens_first(model_dir):
+    e = Engine(model_dir, num_blocks=16, max_num_batched_tokens=8, mix_decode_and_prefill=True)
+    a = e.add([1, 2, 3], max_tokens=5)
+    plan, _ = e.step()
+    assert e.rows(plan) == [(a.seq_id, 0, 3, True)]
+    b = e.add(list(range(20, 40)), max_tokens=2)  # 20 tokens: three chunks of what is left
+    plan, _ = e.step()
+    assert plan.is_prefill  # a's next token, then b's first chunk in the rest of the budget
+    assert e.rows(plan) == [(a.seq_id, 3, 1, True), (b.seq_id, 0, 7, False)]
+    plan, _ = e.step()
+    assert e.rows(plan) == [(a.seq_id, 4, 1, True), (b.seq_id, 7, 7, False)]
+    plan, _ = e.step()
+    assert e.rows(plan) == [(a.seq_id, 5, 1, True), (b.seq_id, 14, 6, True)]
+    plan, _ = e.step()  # b's prompt is computed: a pure decode step again
+    assert not plan.is_prefill and e.rows(plan) == [(a.seq_id, 6, 1, True), (b.seq_id, 20, 1, True)]
+
+
 def test_admission_stops_at_max_num_seqs(model_dir):
     e = Engine(model_dir, num_blocks=32, max_num_seqs=2)
     seqs = [e.add([5, 6, 7], max_tokens=4) for _ in range(3)]

@@ -101,6 +101,11 @@ class Config:
     # step later; EOS and stop tokens cost one wasted token). Needs tensor_parallel_size == 1;
     # None: on whenever it can be.
     async_scheduling: bool | None = None
+    # vLLM v1's unified token budget: each step takes every running request's next token
+    # first, and prefill chunks fill the rest of max_num_batched_tokens, so a long prompt no
+    # longer stalls the requests that are decoding (such mixed steps run eagerly; pure decode
+    # steps keep their CUDA graphs). Off: a step is prefill-only or decode-only.
+    mix_decode_and_prefill: bool = False
     tuning: EngineTuning = field(default_factory=EngineTuning)
     hf_config: Any = field(default=None, repr=False)
 
@@ -161,6 +166,9 @@ class Config:
             raise TypeError(f"async_scheduling must be a bool or None, got {kind}")
         elif self.async_scheduling and self.tensor_parallel_size > 1:
             raise ValueError("async_scheduling needs tensor_parallel_size == 1")
+        if not isinstance(self.mix_decode_and_prefill, bool):
+            kind = type(self.mix_decode_and_prefill).__name__
+            raise TypeError(f"mix_decode_and_prefill must be a bool, got {kind}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         from nv_kernels import BACKEND_NAMES

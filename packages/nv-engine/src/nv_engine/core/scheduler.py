@@ -35,6 +35,7 @@ class Scheduler:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = config.max_model_len
+        self.mix_decode_and_prefill = config.mix_decode_and_prefill
         self.eos_token_ids = eos_token_ids
         self.block_manager = BlockManager(
             num_blocks, config.kvcache_block_size, config.enable_prefix_caching
@@ -66,12 +67,23 @@ class Scheduler:
     # ---- scheduling ----------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan | None:
+        """The next step's plan, or None when there is nothing to run. Without
+        mix_decode_and_prefill: prefill chunks if any prompt has tokens left, else one decode
+        token per running request. With it: the decode tokens first, then prefill chunks in
+        what is left of the budget (a step with any prefill row runs as a prefill step)."""
         self._has_extras = False  # set by _scheduled for a row with per-request logits work
-        plan = self._schedule_prefill()
-        return plan if plan is not None else self._schedule_decode()
+        if self.mix_decode_and_prefill:
+            decode = self._decode_rows()
+            prefill = self._prefill_rows(self.max_num_batched_tokens - len(decode))
+            rows, is_prefill = decode + prefill, bool(prefill)
+        else:
+            rows = self._prefill_rows(self.max_num_batched_tokens)
+            is_prefill = bool(rows)
+            if not rows:
+                rows = self._decode_rows()
+        return StepPlan(is_prefill, tuple(rows), self._has_extras) if rows else None
 
-    def _schedule_prefill(self) -> StepPlan | None:
-        budget = self.max_num_batched_tokens
+    def _prefill_rows(self, budget: int) -> list[ScheduledSeq]:
         scheduled: list[ScheduledSeq] = []
         # Prompts already admitted but not fully computed (chunked prefill) go first.
         for seq in self.running:
@@ -104,22 +116,24 @@ class Scheduler:
             self.block_manager.mark_computed(
                 s.seq_id, s.start_pos + len(s.token_ids), seq.token_ids
             )
-        return StepPlan(True, tuple(scheduled), self._has_extras) if scheduled else None
+        return scheduled
 
     def _prefill_chunk(self, seq: Sequence, budget: int) -> ScheduledSeq:
         start = seq.num_computed_tokens
         end = min(seq.num_prefill_tokens, start + budget)
         return self._scheduled(seq, seq.token_ids[start:end], start, end == seq.num_prefill_tokens)
 
-    def _schedule_decode(self) -> StepPlan | None:
+    def _decode_rows(self) -> list[ScheduledSeq]:
+        """One token for every running request whose prompt is computed; requests are
+        preempted, latest admitted first, while the KV cache has no slot for one."""
         scheduled: list[ScheduledSeq] = []
         bm = self.block_manager
         running = self.running
         i = 0
         while i < len(running):
             seq = running[i]
-            if self._is_done(seq, len(seq)):
-                i += 1  # its last token is still being sampled; postprocess finishes it
+            if self._is_done(seq, len(seq)) or seq.num_computed_tokens < seq.num_prefill_tokens:
+                i += 1  # its last token is still being sampled, or its prompt is not computed
                 continue
             # The token sampled last step needs a KV slot before it can be computed.
             while not bm.append_slots(seq.seq_id):
@@ -130,7 +144,7 @@ class Scheduler:
             else:
                 scheduled.append(self._scheduled(seq, seq.token_ids[-1:], len(seq) - 1, True))
                 i += 1
-        return StepPlan(False, tuple(scheduled), self._has_extras) if scheduled else None
+        return scheduled
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq.seq_id)
@@ -248,7 +262,8 @@ class Scheduler:
             if logprobs is not None and s.logprobs is not None:
                 seq.logprobs.append(logprobs.entry(j, token, s.logprobs))
                 seq.cumulative_logprob += logprobs.sampled[j]
-            if seq.status is SequenceStatus.RUNNING and not plan.is_prefill:  # not preempted
+            if seq.status is SequenceStatus.RUNNING:  # not preempted since
+                # (a prefill chunk's blocks were published when it was scheduled: a no-op)
                 bm.mark_computed(seq.seq_id, end, seq.token_ids)
             updated.append((seq, token))
         return updated

@@ -48,6 +48,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         help="no CUDA graphs",
     )
     g.add_argument(
+        "--mix-decode-and-prefill",
+        action="store_true",
+        default=defaults["mix_decode_and_prefill"],
+        help="decode tokens first, prefill chunks in the rest of each step's budget",
+    )
+    g.add_argument(
         "--no-prefix-caching",
         dest="enable_prefix_caching",
         action="store_false",
@@ -57,7 +63,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
-    keys = [name for name, _, _ in _ENGINE_FLAGS] + ["enforce_eager", "enable_prefix_caching"]
+    keys = [name for name, _, _ in _ENGINE_FLAGS] + [
+        "enforce_eager",
+        "enable_prefix_caching",
+        "mix_decode_and_prefill",
+    ]
     return {k: getattr(a, k) for k in keys}
 
 

@@ -251,7 +251,9 @@ class ModelRunner:
         # one logits row per sampled row (prefill projects only those)
         raw = logits
         if plan.has_extras:  # the rows' per-request fields are looked at only then
-            logits = process_logits(logits, rows, None if plan.is_prefill else ids)
+            # each sampled row's input token on the device (a decode row's may be pending)
+            inputs = ids[logits_indices] if plan.is_prefill else ids
+            logits = process_logits(logits, rows, inputs)
         sampled = self.sampler(logits, st)
         self._last_sampled = (sampled, rows)
         logprobs = None
@@ -290,6 +292,7 @@ class ModelRunner:
                 logits_indices.append(cu_q[-1] - 1)
             tables.append(table)
         with_prefix = any(s.start_pos for s in plan.seqs)
+        src = self._pending_inputs(plan)  # decode rows of a mixed step: their first token
         h = self.staging
         for data in (ids, positions, slots, logits_indices):
             h.add(data, torch.int64)
@@ -298,8 +301,14 @@ class ModelRunner:
         if with_prefix:
             width = max(len(t) for t in tables)
             h.add(_padded_rows(tables, width), torch.int32)
+        if src is not None:
+            at = [cu_q[i] for i, j in enumerate(src) if j >= 0]
+            pending = h.add(at + [j for j in src if j >= 0], torch.int64)
         sampling = self._add_sampling(rows)
         parts = h.send()
+        if src is not None:  # tokens still being sampled, from the previous step's output
+            at_t, src_t = parts[pending].view(2, -1)
+            parts[0].index_copy_(0, at_t, self._last_sampled[0][src_t])
         meta = AttentionMetadata(
             is_prefill=True,
             slot_mapping=parts[2],
