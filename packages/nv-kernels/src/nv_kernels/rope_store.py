@@ -1,8 +1,8 @@
 """Everything between the QKV projection and attention, in one kernel: per-head RMSNorm on q and
 k (Qwen3; optional), neox rotary on q and k, and the K/V store into the paged cache.
 
-Unfused these are two kernels per layer (a compiled norm+rotary and `store_kvcache`), 127 us of a
-1.13 ms batch-1 decode step on an H200 for 28 layers, most of it launch and ramp time.
+Unfused these are two kernels per layer (a compiled norm+rotary and `store_kvcache`), whose cost
+at batch 1 is mostly launch and ramp time (docs/benchmarks.md has the measurement).
 """
 
 from __future__ import annotations

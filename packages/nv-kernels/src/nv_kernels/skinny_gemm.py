@@ -1,8 +1,8 @@
 """y = x W^T for a decode batch (the engine uses it up to DISPATCH_ROWS rows), where the work is
 reading W.
 
-cuBLAS picks tiles for these shapes that read a 4-12 MB weight at 1-1.3 TB/s on an H200 (a quarter
-of its bandwidth). This kernel splits W's output features over the SMs, and K too when there are
+cuBLAS picks tiles for these shapes that read the weight at a fraction of the card's bandwidth
+(docs/benchmarks.md, small-batch GEMM). This kernel splits W's output features over the SMs, and K too when there are
 too few feature tiles to fill them; the rows of x ride along in one tensor-core dot per tile.
 
 Split K is summed in the same launch: each program writes its float32 partial tile and bumps the

@@ -17,8 +17,8 @@ class DecodeGraphs:
 
     Graphs of up to `config.tuning.pdl_max_batch_size` rows launch nv's kernels with programmatic
     dependent launch (`overlapped_launches`, Hopper and newer): each kernel starts, and loads its
-    weights, while the one before it finishes. `benchmarks/pdl_sweep.py` measured 912 -> 677 us
-    for 28 layers' GEMMs and row kernels at 1 row on an H200; larger batches gain less."""
+    weights, while the one before it finishes; small batches gain most (`benchmarks/pdl_sweep.py`,
+    numbers in docs/benchmarks.md)."""
 
     def __init__(self, model: nn.Module, device: torch.device, config: Config) -> None:
         self.model = model
