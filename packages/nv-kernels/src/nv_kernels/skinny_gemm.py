@@ -2,8 +2,9 @@
 reading W.
 
 cuBLAS picks tiles for these shapes that read the weight at a fraction of the card's bandwidth
-(docs/benchmarks.md, small-batch GEMM). This kernel splits W's output features over the SMs, and K too when there are
-too few feature tiles to fill them; the rows of x ride along in one tensor-core dot per tile.
+(docs/benchmarks.md, small-batch GEMM). This kernel splits W's output features over the SMs, and
+K too when there are too few feature tiles to fill them; the rows of x ride along in one
+tensor-core dot per tile.
 
 Split K is summed in the same launch: each program writes its float32 partial tile and bumps the
 tile's counter, and the program that arrives last adds the partials in split order (the same
