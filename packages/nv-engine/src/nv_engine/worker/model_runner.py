@@ -294,31 +294,40 @@ class ModelRunner:
         with_prefix = any(s.start_pos for s in plan.seqs)
         src = self._pending_inputs(plan)  # decode rows of a mixed step: their first token
         h = self.staging
-        for data in (ids, positions, slots, logits_indices):
-            h.add(data, torch.int64)
-        h.add(cu_q, torch.int32)
-        h.add(cu_k, torch.int32)
+        at = {  # each staged array's index among the sent parts, by name
+            name: h.add(data, torch.int64)
+            for name, data in (
+                ("ids", ids),
+                ("positions", positions),
+                ("slots", slots),
+                ("logits_indices", logits_indices),
+            )
+        }
+        at["cu_q"] = h.add(cu_q, torch.int32)
+        at["cu_k"] = h.add(cu_k, torch.int32)
         if with_prefix:
             width = max(len(t) for t in tables)
-            h.add(_padded_rows(tables, width), torch.int32)
+            at["tables"] = h.add(_padded_rows(tables, width), torch.int32)
         if src is not None:
-            at = [cu_q[i] for i, j in enumerate(src) if j >= 0]
-            pending = h.add(at + [j for j in src if j >= 0], torch.int64)
+            where = [cu_q[i] for i, j in enumerate(src) if j >= 0]
+            at["pending"] = h.add(where + [j for j in src if j >= 0], torch.int64)
         sampling = self._add_sampling(rows)
         parts = h.send()
+        ids_t = parts[at["ids"]]
         if src is not None:  # tokens still being sampled, from the previous step's output
-            at_t, src_t = parts[pending].view(2, -1)
-            parts[0].index_copy_(0, at_t, self._last_sampled[0][src_t])
+            where_t, src_t = parts[at["pending"]].view(2, -1)
+            ids_t.index_copy_(0, where_t, self._last_sampled[0][src_t])
         meta = AttentionMetadata(
             is_prefill=True,
-            slot_mapping=parts[2],
-            block_tables=parts[6].view(len(tables), -1) if with_prefix else None,
-            cu_seqlens_q=parts[4],
-            cu_seqlens_k=parts[5],
+            slot_mapping=parts[at["slots"]],
+            block_tables=parts[at["tables"]].view(len(tables), -1) if with_prefix else None,
+            cu_seqlens_q=parts[at["cu_q"]],
+            cu_seqlens_k=parts[at["cu_k"]],
             max_seqlen_q=max(len(s.token_ids) for s in plan.seqs),
             max_seqlen_k=max(s.start_pos + len(s.token_ids) for s in plan.seqs),
         )
-        return parts[0], parts[1], meta, parts[3], sampling(parts)
+        positions_t, logits_indices_t = parts[at["positions"]], parts[at["logits_indices"]]
+        return ids_t, positions_t, meta, logits_indices_t, sampling(parts)
 
     def _prepare_decode(self, plan: StepPlan, padded: int, rows: list[ScheduledSeq]):
         """Inputs for `padded` rows: the plan's sequences, then padding rows that read one cached
@@ -326,22 +335,26 @@ class ModelRunner:
         bs = self.block_size
         n = len(plan.seqs)
         pad = padded - n
-        _, tokens, positions, tables, *_ = zip(*plan.seqs, strict=True)  # plan columns
-        ids = [t[0] for t in tokens]
+        ids = [s.token_ids[0] for s in plan.seqs]
+        positions = [s.start_pos for s in plan.seqs]
+        tables = [s.block_table for s in plan.seqs]
         slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)]
         width = max(map(len, tables))
         src = self._pending_inputs(plan)
         h = self.staging
-        h.add(ids + [0] * pad + list(positions) + [0] * pad + slots + [-1] * pad, torch.int64)
-        h.add([p + 1 for p in positions] + [1] * pad + _padded_rows(tables, width), torch.int32)
+        # ids, positions, slots | context lengths, block tables | pending rows' sources
+        i64_at = h.add(ids + [0] * pad + positions + [0] * pad + slots + [-1] * pad, torch.int64)
+        i32_at = h.add(
+            [p + 1 for p in positions] + [1] * pad + _padded_rows(tables, width), torch.int32
+        )
         if src is not None:
-            h.add(src + [-1] * pad, torch.int64)
+            pending = h.add(src + [-1] * pad, torch.int64)
         sampling = self._add_sampling(rows)
         parts = h.send()
-        i64, i32 = parts[0], parts[1]
+        i64, i32 = parts[i64_at], parts[i32_at]
         ids_t, pos_t, slots_t = i64.view(3, padded)
         if src is not None:
-            src_t = parts[2]
+            src_t = parts[pending]
             prev = self._last_sampled[0]
             ids_t = torch.where(src_t >= 0, prev[src_t.clamp(min=0)], ids_t)
         meta = AttentionMetadata(False, slots_t, i32[:padded], i32[padded:].view(n, width))
@@ -353,9 +366,14 @@ class ModelRunner:
         if not rows:
             return lambda parts: None
         v = self.vocab_size
-        temps, top_k, top_p, min_p, seeds, steps = list(zip(*rows, strict=True))[5:11]
+        temps = [s.temperature for s in rows]
         if max(temps) == 0:
             return lambda parts: None
+        top_k = [s.top_k for s in rows]
+        top_p = [s.top_p for s in rows]
+        min_p = [s.min_p for s in rows]
+        seeds = [s.seed for s in rows]
+        steps = [s.output_index for s in rows]
         top_k = [k if 0 < k < v else v for k in top_k]
         h = self.staging
         # one aligned part per field: the compiled sampler sees the same layout every step
