@@ -19,7 +19,7 @@ def decode_step_us(block_size: int, num_seqs: int = 256, prompt_len: int = 1000)
     tokens = {}  # the engine's token lists (the manager keeps none)
     for s in range(num_seqs):
         tokens[s] = [rng.randrange(50000) for _ in range(prompt_len)]
-        bm.allocate(s, tokens[s])
+        bm.allocate(s, tokens[s], keep_tokens=False)
         bm.mark_computed(s, prompt_len, tokens[s])
     times = []
     for _ in range(300):  # 300 steps: crosses block boundaries for both sizes
@@ -42,7 +42,7 @@ def admit_us(block_size: int, num_seqs: int = 256, prompt_len: int = 1000) -> fl
         )
         t = time.perf_counter()
         for s, p in enumerate(prompts):
-            bm.allocate(s, p)
+            bm.allocate(s, p, keep_tokens=False)
             bm.mark_computed(s, prompt_len, p)
         runs.append(time.perf_counter() - t)
     return min(runs) * 1e6

@@ -79,7 +79,7 @@ class PagedHarness:
         self.computed: dict[str, int] = {}
 
     def add(self, seq: str, tokens: list[int]) -> int:
-        cached = self.bm.allocate(seq, tokens)
+        cached = self.bm.allocate(seq, tokens, keep_tokens=False)
         assert cached is not None
         self.tokens[seq] = list(tokens)
         self.computed[seq] = cached

@@ -25,7 +25,7 @@ class Tracked:
         return seq in self.bm
 
     def allocate(self, seq, token_ids, *args, **kwargs):
-        cached = self.bm.allocate(seq, token_ids, *args, **kwargs)
+        cached = self.bm.allocate(seq, token_ids, *args, keep_tokens=False, **kwargs)
         if cached is not None:
             self.tokens[seq] = list(token_ids)
         return cached
@@ -237,6 +237,28 @@ def test_hashes_come_from_the_callers_tokens_at_mark_computed():
         bm.bm.mark_computed("a", 5, [1, 2, 3, 4])  # past the tokens given
     with pytest.raises(KeyError, match="unknown sequence"):
         bm.bm.mark_computed("zz", 0, [])
+
+
+def test_the_manager_can_keep_the_tokens_itself():
+    # keep_tokens=True (the default): the standalone API of earlier versions, the manager's
+    # own copy grown by append_tokens and filled in by set_token
+    bm = BlockManager(8, 2)
+    bm.allocate("a", [1, 2, 3])
+    bm.mark_computed("a", 3)
+    assert bm.append_tokens("a", [-1])  # a placeholder
+    bm.set_token("a", 3, 4)
+    bm.mark_computed("a", 4)
+    assert bm.allocate("b", [1, 2, 3, 4, 6]) == 4
+    with pytest.raises(ValueError, match="not yet hashed"):
+        bm.set_token("a", 1, 9)  # block 0 is hashed
+    with pytest.raises(ValueError, match="append_tokens"):
+        bm.append_slots("a")  # the kept copy would fall behind
+    c = BlockManager(8, 2)
+    c.allocate("x", [1, 2, 3], keep_tokens=False)
+    with pytest.raises(ValueError, match="append_slots"):
+        c.append_tokens("x", [4])
+    with pytest.raises(TypeError, match="pass token_ids"):
+        c.mark_computed("x", 2)
 
 
 def test_stats_and_hit_rate():

@@ -31,7 +31,7 @@ class PoolMachine(RuleBasedStateMachine):
     def allocate(self, prefix: list[int], tail: list[int]) -> None:
         prompt = prefix + tail
         free_before = self.bm.num_free_blocks
-        cached = self.bm.allocate(self.next_id, prompt)
+        cached = self.bm.allocate(self.next_id, prompt, keep_tokens=False)
         if cached is None:
             assert self.bm.num_free_blocks == free_before
             assert self.next_id not in self.bm

@@ -31,13 +31,14 @@ class CacheStats:
 
 @dataclass(slots=True)
 class _SeqState:
-    """What the manager keeps of a sequence: its blocks and how far they are hashed. Not its
-    tokens: the caller owns those and passes them where they are needed."""
+    """What the manager keeps of a sequence: its blocks and how far they are hashed, and its
+    tokens only if the caller asked it to (`allocate(keep_tokens=True)`)."""
 
     block_ids: list[int]
     num_tokens: int  # token slots allocated
     num_hashed_blocks: int  # leading blocks whose hash is known (computed, or from the cache)
     last_hash: int  # chain hash of block num_hashed_blocks - 1 (the salt's seed when none)
+    token_ids: list[int] | None = None  # kept tokens; None: the caller owns them
 
 
 class BlockManager:
@@ -115,9 +116,15 @@ class BlockManager:
         token_ids: Sequence[int],
         cache_salt: int | str | bytes | None = None,
         read_cache: bool = True,
+        keep_tokens: bool = True,
     ) -> int | None:
         """Give `seq_id` blocks for all of `token_ids`, reusing the longest verified cached prefix
         (none with `read_cache=False`: every token is computed, and its blocks still published).
+
+        `keep_tokens`: the manager keeps a copy of the sequence's tokens, grown by
+        `append_tokens` and read by `mark_computed` (the simple standalone use). False: the
+        caller owns its tokens (no second copy): it grows the sequence with `append_slots` and
+        hands its tokens to `mark_computed`.
 
         Returns the number of leading tokens whose KV is already cached (a multiple of
         block_size, always < len(token_ids)), or None, changing nothing, when the pool is short.
@@ -152,7 +159,8 @@ class BlockManager:
             block.ref_count += 1
         block_ids = [b.block_id for b in cached]
         block_ids.extend(self._take_free_block() for _ in range(num_new))
-        self._seqs[seq_id] = _SeqState(block_ids, len(token_ids), len(cached), last_hash)
+        kept = list(token_ids) if keep_tokens else None
+        self._seqs[seq_id] = _SeqState(block_ids, len(token_ids), len(cached), last_hash, kept)
         num_cached_tokens = len(cached) * bs
         self._queries += len(token_ids)
         self._hits += num_cached_tokens
@@ -163,10 +171,45 @@ class BlockManager:
         extra = self.blocks_needed(state.num_tokens + num_tokens) - len(state.block_ids)
         return extra <= len(self._free)
 
-    def append_slots(self, seq_id: Hashable, num_tokens: int = 1) -> bool:
-        """Room for `num_tokens` more tokens (e.g. one decoded token), taking a new block exactly
-        when the last one is full. Returns False, changing nothing, when the pool is short."""
+    def append_tokens(self, seq_id: Hashable, token_ids: Sequence[int]) -> bool:
+        """`append_slots` for a sequence whose tokens the manager keeps, and the tokens kept."""
         state = self._state(seq_id)
+        if state.token_ids is None:
+            raise ValueError(
+                f"sequence {seq_id!r}: its tokens are the caller's (keep_tokens=False): use "
+                "append_slots"
+            )
+        if not self._append(state, len(token_ids)):
+            return False
+        state.token_ids.extend(token_ids)
+        return True
+
+    def set_token(self, seq_id: Hashable, index: int, token_id: int) -> None:
+        """Fill in kept token `index`, appended earlier as a placeholder (an engine that
+        schedules a step before the previous step's token is sampled). Only tokens of blocks not
+        yet hashed may change."""
+        state = self._state(seq_id)
+        if state.token_ids is None:
+            raise ValueError(f"sequence {seq_id!r}: its tokens are the caller's: set them there")
+        if not state.num_hashed_blocks * self.block_size <= index < state.num_tokens:
+            raise ValueError(
+                f"index={index}: only tokens in [{state.num_hashed_blocks * self.block_size}, "
+                f"{state.num_tokens}) (not yet hashed) can be set"
+            )
+        state.token_ids[index] = token_id
+
+    def append_slots(self, seq_id: Hashable, num_tokens: int = 1) -> bool:
+        """Room for `num_tokens` more tokens (e.g. one decoded token) of a sequence whose tokens
+        the caller owns, taking a new block exactly when the last one is full. Returns False,
+        changing nothing, when the pool is short."""
+        state = self._state(seq_id)
+        if state.token_ids is not None:
+            raise ValueError(
+                f"sequence {seq_id!r}: the manager keeps its tokens: use append_tokens"
+            )
+        return self._append(state, num_tokens)
+
+    def _append(self, state: _SeqState, num_tokens: int) -> bool:
         n = state.num_tokens
         if num_tokens == 1 and n % self.block_size:  # decode fast path: room in last block
             state.num_tokens = n + 1
@@ -181,12 +224,19 @@ class BlockManager:
         return True
 
     def mark_computed(
-        self, seq_id: Hashable, num_computed_tokens: int, token_ids: Sequence[int]
+        self,
+        seq_id: Hashable,
+        num_computed_tokens: int,
+        token_ids: Sequence[int] | None = None,
     ) -> None:
         """Report that the KV of the first `num_computed_tokens` tokens is written; every full
-        block among them is hashed (from `token_ids`, the caller's tokens of the sequence, read
-        up to num_computed_tokens) and published for prefix reuse."""
+        block among them is hashed and published for prefix reuse. The tokens hashed are
+        `token_ids` (the caller's, read up to num_computed_tokens), or the kept ones."""
         state = self._state(seq_id)
+        if token_ids is None:
+            if state.token_ids is None:
+                raise TypeError(f"sequence {seq_id!r}: its tokens are the caller's: pass token_ids")
+            token_ids = state.token_ids
         bs = self.block_size
         if num_computed_tokens // bs <= state.num_hashed_blocks and (
             0 <= num_computed_tokens <= state.num_tokens

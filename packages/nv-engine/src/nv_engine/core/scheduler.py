@@ -99,6 +99,7 @@ class Scheduler:
                 seq.token_ids,
                 seq.params.cache_salt,
                 read_cache=seq.params.prompt_logprobs is None,  # those need every prompt token
+                keep_tokens=False,  # the Sequence owns its tokens
             )
             if cached is None:
                 break  # the pool is full; running sequences will free blocks
