@@ -152,7 +152,7 @@ def test_streaming_api(llm):
     ref = llm.generate(PROMPTS[:2], params, use_tqdm=False)
     for rid, r in zip(ids, ref, strict=True):
         assert done[rid].token_ids == r["token_ids"] and len(r["token_ids"]) == 5
-        assert deltas[rid] == done[rid].text == r["text"]
+        assert deltas[rid] == done[rid].text == r["text"] == done[rid]["text"]
         assert done[rid].finish_reason == "length"
 
 

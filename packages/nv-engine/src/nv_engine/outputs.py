@@ -84,6 +84,11 @@ class RequestOutput:
     def finish_reason(self) -> str | None:
         return self.outputs[0].finish_reason
 
+    def __getitem__(self, key: str) -> Any:
+        """`output["text"]` etc.: the fields of `to_dict()`, for code written against
+        `LLMEngine.step()` when it returned those dicts."""
+        return self.to_dict()[key]
+
     def to_dict(self) -> dict[str, Any]:
         """Nano-vLLM's result dict (what `LLM.generate` returns): the first completion's
         `text`, `token_ids`, `finish_reason`, `logprobs`, `cumulative_logprob`; the prompt's
