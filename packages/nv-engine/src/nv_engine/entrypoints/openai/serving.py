@@ -159,12 +159,8 @@ class OpenAIServing:
             for c in out.outputs:
                 index = i * n + c.index
                 counts[index] = len(c.token_ids)
-                if not (
-                    c.delta_text
-                    or c.finished
-                    or (parsed.logprobs is not None and c.delta_token_ids)
-                ):
-                    continue
+                if not (c.delta_text or c.delta_token_ids or c.finished):
+                    continue  # (tokens whose text is held back still get a chunk, as vLLM's)
                 logprobs = None
                 if parsed.logprobs is not None:
                     logprobs = self._completion_logprobs(
