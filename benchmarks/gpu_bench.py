@@ -1,8 +1,8 @@
 """GPU benchmarks for docs/benchmarks.md, in one process so one device call covers them all.
 
     python benchmarks/gpu_bench.py [sections...]   # default: all
-sections: env bandwidth kernels a a-pdl-all a-pdl-skinny128 a16 batch1 batch1-nopdl p trace
-          kprofile hf
+sections: env bandwidth kernels a a-pdl-all a-pdl-skinny128 a16 a-mix batch1 batch1-nopdl p
+          mix trace kprofile hf
 Prints one JSON line per result and a summary table last.
 """
 
@@ -287,6 +287,52 @@ def start_decoding(llm, num_seqs: int, prompt_len: int, max_tokens: int) -> None
         llm.step()
 
 
+def mix() -> None:
+    """64 requests decoding when one 16,000-token prompt arrives, with mixed decode+prefill steps
+    off and on: every step's wall time from the prompt's arrival until its first token, and each
+    decoding request's longest gap between two tokens in that window."""
+    from nv_engine import SamplingParams
+
+    for on in (False, True):
+        with make_llm(
+            mix_decode_and_prefill=on, max_model_len=20000, kvcache_block_size=256
+        ) as llm:
+            start_decoding(llm, 64, 500, 600)
+            decode_ms = ms_per_step(llm, 5, 20)
+            gaps: dict[int, float] = {}
+            long_id = llm.add_request(
+                list(range(16000)), SamplingParams(temperature=0.6, max_tokens=4)
+            )
+            steps: list[tuple[float, str, int]] = []
+            torch.cuda.synchronize()
+            t_prev = time.perf_counter()
+            last = {s.seq_id: t_prev for s in llm.scheduler.running}
+            ttft = None
+            while ttft is None and len(steps) < 50:
+                outs = llm.step()
+                now = time.perf_counter()
+                was_prefill, n = llm.last_step
+                steps.append((round((now - t_prev) * 1e3, 2), "P" if was_prefill else "D", n))
+                t_prev = now
+                for o in outs:
+                    if o.request_id == long_id:
+                        ttft = now
+                        continue
+                    rid = o.request_id
+                    if rid in last:
+                        gaps[rid] = max(gaps.get(rid, 0), now - last[rid])
+                    last[rid] = now
+            report(
+                "mix_64_decoding_plus_16k_prompt",
+                mix_decode_and_prefill=on,
+                decode_step_ms=round(decode_ms, 2),
+                max_gap_ms=round(max(gaps.values()) * 1e3, 2),
+                max_step_ms=max(t for t, _, _ in steps),
+                steps_to_first_token=len(steps),
+                steps_ms_kind_tokens=steps,
+            )
+
+
 def ms_per_step_to_end(llm) -> tuple[float, int]:
     """Wall milliseconds per `llm.step()` from now until every request has finished, and the
     number of steps."""
@@ -524,6 +570,10 @@ def main() -> None:
                 batch1(bw, pdl=False)
             elif s == "p":
                 workload_p()
+            elif s == "mix":
+                mix()
+            elif s == "a-mix":  # workload A with mixed decode+prefill steps
+                workload_a(bw, 256, "A_mix", mix_decode_and_prefill=True)
             elif s == "trace":
                 trace()
             elif s == "kprofile":

@@ -152,19 +152,35 @@ def test_engine_fp32_matches_hf(fp32_model, config):
 QWEN3_06B = dict(QWEN3_0_6B_SHAPE, initializer_range=0.02)
 
 
-def test_bf16_logits_qwen3_06b_shape(tmp_path):
-    """Prefill and 7 decode steps (CUDA graphs, small-batch GEMM): each step's logits within
-    1.5x of transformers-bf16's own error against transformers fp32."""
+@pytest.fixture(scope="module")
+def qwen3_06b(tmp_path_factory):
+    """A random Qwen3-0.6B-shaped checkpoint, a 200-token prompt, and transformers' logits for
+    the last 8 positions of prompt + nv's greedy tokens, in float32 and bf16 (computed once)."""
     from transformers import Qwen3ForCausalLM
 
-    from nv_engine import LLM, SamplingParams
-
-    hf32 = save_tiny_qwen3(tmp_path, seed=0, **QWEN3_06B).to(DEV)
-    hf16 = Qwen3ForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).to(DEV)
+    path = tmp_path_factory.mktemp("qwen3-06b")
+    hf32 = save_tiny_qwen3(path, seed=0, **QWEN3_06B).to(DEV)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 151936, (200,), generator=g).tolist()
-    steps: list[torch.Tensor] = []  # nv's logits for the last token of each step
-    with LLM(str(tmp_path), dtype="bfloat16", max_model_len=1024, kvcache_block_size=16) as llm:
+    steps, tokens = _step_logits(path, prompt)
+    hf16 = Qwen3ForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16).to(DEV)
+    with torch.no_grad():
+        ids = torch.tensor([prompt + tokens[:-1]], device=DEV)
+        ref = hf32(ids).logits[0, -8:].float()
+        hf_bf16 = hf16(ids).logits[0, -8:].float()
+    del hf32, hf16
+    torch.cuda.empty_cache()
+    return path, prompt, steps, tokens, ref, hf_bf16
+
+
+def _step_logits(path, prompt, **config) -> tuple[list[torch.Tensor], list[int]]:
+    """nv's bf16 logits for the last token of each of 8 steps (prefill, then 7 decode steps
+    replaying CUDA graphs) as rank 0 sees them, and the greedy tokens."""
+    from nv_engine import LLM, SamplingParams
+
+    steps: list[torch.Tensor] = []
+    kw = dict(dtype="bfloat16", max_model_len=1024, kvcache_block_size=16)
+    with LLM(str(path), **kw, **config) as llm:
         runner = llm.model_runner
         compute_logits, replay = runner.model.compute_logits, runner.graphs.replay
 
@@ -180,17 +196,44 @@ def test_bf16_logits_qwen3_06b_shape(tmp_path):
 
         runner.model.compute_logits, runner.graphs.replay = prefill_logits, decode_logits
         out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
-    tokens = prompt + out[0]["token_ids"][:-1]
     assert len(steps) == 8
-    with torch.no_grad():
-        ids = torch.tensor([tokens], device=DEV)
-        ref = hf32(ids).logits[0, -8:].float()
-        hf_bf16 = hf16(ids).logits[0, -8:].float()
+    return steps, out[0]["token_ids"]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_bf16_logits_qwen3_06b_shape(qwen3_06b):
+    """Prefill and 7 decode steps (CUDA graphs, small-batch GEMM): each step's logits within
+    1.5x of transformers-bf16's own error against transformers fp32."""
+    _, _, steps, _, ref, hf_bf16 = qwen3_06b
     for i, ours in enumerate(steps):
-        err_ours = ((ours - ref[i]).norm() / ref[i].norm()).item()
-        err_hf = ((hf_bf16[i] - ref[i]).norm() / ref[i].norm()).item()
+        err_ours, err_hf = _rel(ours, ref[i]), _rel(hf_bf16[i], ref[i])
         print(f"step {i}: bf16 relative logits error ours {err_ours:.4f}, hf {err_hf:.4f}")
         assert err_ours <= 1.5 * err_hf + 1e-3
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize(
+    "config",
+    [dict(), dict(peer_all_reduce_max_bytes=8 << 20)],
+    ids=["nccl", "peer-all-reduce"],
+)
+def test_tp2_bf16_logits_match_tp1(qwen3_06b, config):
+    """TP=2 (sharded GEMMs, all-reduces in the CUDA graphs) against TP=1: each step's logits
+    differ by no more than bf16 itself errs (transformers bf16 against fp32), and greedy tokens
+    agree."""
+    path, prompt, tp1, tokens, ref, hf_bf16 = qwen3_06b
+    tp2, tokens2 = _step_logits(path, prompt, tensor_parallel_size=2, **config)
+    for i, (one, two) in enumerate(zip(tp1, tp2, strict=True)):
+        diff, bf16_err = _rel(two, one), _rel(hf_bf16[i], ref[i])
+        print(
+            f"step {i}: TP2 vs TP1 relative {diff:.4f} (max abs "
+            f"{(two - one).abs().max().item():.4f}); bf16 vs fp32 {bf16_err:.4f}"
+        )
+        assert diff <= bf16_err
+    assert tokens2 == tokens
 
 
 @pytest.mark.parametrize("m", [1, 3, 16, 64, 200])
@@ -282,12 +325,14 @@ def test_fused_sampler_matches_sample(batch):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_tp2_nccl_matches_hf(fp32_model):
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
+def test_tp2_nccl_matches_hf(fp32_model, async_scheduling):
     from nv_engine import LLM, SamplingParams
 
     path, prompts, refs = fp32_model
     params = [SamplingParams(temperature=0.0, max_tokens=n) for n in MAX_NEW]
-    with LLM(str(path), dtype="float32", tensor_parallel_size=2, kvcache_block_size=16) as llm:
+    kw = dict(kvcache_block_size=16, async_scheduling=async_scheduling)
+    with LLM(str(path), dtype="float32", tensor_parallel_size=2, **kw) as llm:
         procs = list(llm._workers.procs)
         outs = llm.generate(prompts, params, use_tqdm=False)
         assert [o["token_ids"] for o in outs] == refs

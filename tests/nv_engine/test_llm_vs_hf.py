@@ -132,9 +132,28 @@ def test_max_num_seqs_one(model_dir):
 
 
 @pytest.mark.slow
-def test_tensor_parallel_2_gloo(model_dir):
-    llm = run_greedy(model_dir, tensor_parallel_size=2, kvcache_block_size=8)
+@OVERLAP
+def test_tensor_parallel_2_gloo(model_dir, async_scheduling):
+    llm = run_greedy(
+        model_dir, tensor_parallel_size=2, kvcache_block_size=8, async_scheduling=async_scheduling
+    )
     assert llm.model_runner is None  # closed: the workers are gone too
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_overlapped_through_preemption_and_mixed_steps(model_dir):
+    # the workers take pending decode tokens from rank 0's broadcast, also in mixed steps and
+    # after a preempted request comes back
+    llm = run_greedy(
+        model_dir,
+        tensor_parallel_size=2,
+        kvcache_block_size=4,
+        num_kvcache_blocks=24,
+        max_num_batched_tokens=16,
+        mix_decode_and_prefill=True,
+        async_scheduling=True,
+    )
+    assert llm.scheduler.num_preemptions > 0
 
 
 @pytest.mark.slow

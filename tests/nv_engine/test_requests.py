@@ -336,8 +336,6 @@ def test_abort_while_a_step_is_in_flight(llm):
 
 
 def test_async_scheduling_config(text_model):
-    with pytest.raises(ValueError, match="async_scheduling"):
-        LLM(str(text_model), device="cpu", async_scheduling=True, tensor_parallel_size=2)
     with pytest.raises(TypeError, match="async_scheduling"):
         LLM(str(text_model), device="cpu", async_scheduling="yes")
 
@@ -679,3 +677,16 @@ def test_logprobs_above_max_logprobs_rejected_and_chunked_prompt_logprobs(text_m
     for i in range(1, len(ids)):
         assert set(got[i]) == {ids[i], *ref[i - 1].topk(3).indices.tolist()}
         assert abs(got[i][ids[i]] - ref[i - 1, ids[i]].item()) <= 1e-4
+
+
+def test_generate_returns_with_the_engine_idle(llm):
+    # a stop token ends the request while the next step (overlapped scheduling) is queued
+    base = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    stop = base[0]["token_ids"][2]
+    out = llm.generate(
+        [PROMPTS[0]],
+        SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[stop]),
+        use_tqdm=False,
+    )
+    assert out[0]["finish_reason"] == "stop"
+    assert llm.is_finished()

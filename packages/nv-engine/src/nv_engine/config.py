@@ -47,6 +47,9 @@ class EngineTuning:
     cpu_kvcache_bytes: int = 1 << 30  # KV budget on CPU when num_kvcache_blocks is None
     cuda_graph_reserve_bytes: int = 1 << 30  # kept free for CUDA graphs and the allocator
     distributed_timeout_s: float = 300.0
+    # TP all-reduces of bf16 messages up to this size go through symmetric memory
+    # (PeerAllReduce) instead of NCCL (0: NCCL always)
+    peer_all_reduce_max_bytes: int = 0
 
     def __post_init__(self) -> None:
         sizes = tuple(sorted(set(self.cuda_graph_batch_sizes)))
@@ -57,6 +60,7 @@ class EngineTuning:
         _positive_int("prompt_logprobs_chunk", self.prompt_logprobs_chunk)
         _positive_int("cpu_kvcache_bytes", self.cpu_kvcache_bytes)
         _int_at_least("cuda_graph_reserve_bytes", self.cuda_graph_reserve_bytes, 0)
+        _int_at_least("peer_all_reduce_max_bytes", self.peer_all_reduce_max_bytes, 0)
         if not isinstance(self.distributed_timeout_s, (int, float)) or not (
             self.distributed_timeout_s > 0
         ):
@@ -98,8 +102,8 @@ class Config:
     # (torchrun or `nv-engine worker`, several machines allowed) and join via env:// rendezvous
     distributed_executor_backend: str = "mp"
     # Schedule step t+1 while step t runs on the device (its sampled tokens are read back one
-    # step later; EOS and stop tokens cost one wasted token). Needs tensor_parallel_size == 1;
-    # None: on whenever it can be.
+    # step later; EOS and stop tokens cost one wasted token). With TP, rank 0 broadcasts each
+    # step's sampled tokens to the workers on the device. None: on.
     async_scheduling: bool | None = None
     # vLLM v1's unified token budget: each step takes every running request's next token
     # first, and prefill chunks fill the rest of max_num_batched_tokens, so a long prompt no
@@ -160,12 +164,10 @@ class Config:
                 f"{self.distributed_executor_backend!r}"
             )
         if self.async_scheduling is None:
-            self.async_scheduling = self.tensor_parallel_size == 1
+            self.async_scheduling = True
         elif not isinstance(self.async_scheduling, bool):
             kind = type(self.async_scheduling).__name__
             raise TypeError(f"async_scheduling must be a bool or None, got {kind}")
-        elif self.async_scheduling and self.tensor_parallel_size > 1:
-            raise ValueError("async_scheduling needs tensor_parallel_size == 1")
         if not isinstance(self.mix_decode_and_prefill, bool):
             kind = type(self.mix_decode_and_prefill).__name__
             raise TypeError(f"mix_decode_and_prefill must be a bool, got {kind}")

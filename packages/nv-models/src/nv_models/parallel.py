@@ -6,17 +6,45 @@ import torch
 import torch.distributed as dist
 
 
+class PeerAllReduce:
+    """All-reduce of small bf16 messages through symmetric (peer-mapped) memory: each rank copies
+    its part into a buffer every peer can read, and one kernel reads all parts and sums them
+    (torch's `symm_mem.one_shot_all_reduce`): one launch and no ring steps, for decode-sized
+    messages. NVLink multicast is not used. Larger or other-dtype messages go to NCCL."""
+
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, max_bytes: int) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.group_name = group.group_name
+        self.max_numel = max_bytes // 2
+        self.buffer = symm_mem.empty(self.max_numel, dtype=torch.bfloat16, device=device)
+        symm_mem.rendezvous(self.buffer, self.group_name)
+
+    def handles(self, x: torch.Tensor) -> bool:
+        return x.dtype == torch.bfloat16 and x.numel() <= self.max_numel and x.is_contiguous()
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        part = self.buffer[: x.numel()]
+        part.copy_(x.view(-1))
+        torch.ops.symm_mem.one_shot_all_reduce_out(part, "sum", self.group_name, x.view(-1))
+        return x
+
+
 @dataclass(frozen=True, slots=True)
 class TPGroup:
     """A tensor-parallel group as layers see it: this rank, the group size and the process group
-    (None with a single rank). Passed to constructors; no layer asks torch.distributed itself."""
+    (None with a single rank). Passed to constructors; no layer asks torch.distributed itself.
+    `peer`: an optional PeerAllReduce that takes the messages it handles."""
 
     rank: int = 0
     size: int = 1
     group: dist.ProcessGroup | None = None
+    peer: PeerAllReduce | None = None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
+            if self.peer is not None and self.peer.handles(x):
+                return self.peer.all_reduce(x)
             dist.all_reduce(x, group=self.group)
         return x
 

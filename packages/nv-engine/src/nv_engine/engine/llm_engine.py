@@ -285,6 +285,11 @@ class LLMEngine:
                         pending.discard(out.request_id)
                         outputs[out.request_id] = out
                         bar.update(1)
+            if self.scheduler.is_finished():
+                # a step queued after the last request finished (overlapped scheduling) holds
+                # only discarded tokens: collect it, so the engine is idle when we return
+                while self._in_flight is not None:
+                    self.step()
             bar.close()
         finally:
             for rid in ids:

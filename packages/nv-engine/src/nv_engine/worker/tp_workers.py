@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from nv_engine.config import Config, local_device_index
-from nv_models import TPGroup
+from nv_models import PeerAllReduce, TPGroup
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,11 @@ def init_distributed(config: Config, rank: int, store: dist.Store | None) -> TPG
         world_size=world,
         timeout=timedelta(seconds=config.tuning.distributed_timeout_s),
     )
-    return TPGroup(rank, world, dist.group.WORLD)
+    peer = None
+    if backend == "nccl" and config.tuning.peer_all_reduce_max_bytes > 0:
+        device = torch.device("cuda", torch.cuda.current_device())
+        peer = PeerAllReduce(dist.group.WORLD, device, config.tuning.peer_all_reduce_max_bytes)
+    return TPGroup(rank, world, dist.group.WORLD, peer)
 
 
 def _worker_main(

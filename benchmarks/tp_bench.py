@@ -1,0 +1,141 @@
+"""Tensor-parallel scaling on a 2-GPU machine, for docs/benchmarks.md.
+
+    python benchmarks/tp_bench.py [sections...]   # default: allreduce scaling
+sections:
+  allreduce  one all-reduce of a [rows, hidden] bf16 message (rows 1..16384; hidden 1024 and
+             4096), NCCL against PeerAllReduce (symmetric memory, one-shot), each call timed as
+             72 back-to-back calls in one CUDA graph; and per decode step (2 per layer + 1)
+  scaling    workload A on the Qwen3-8B and Qwen3-0.6B shapes: TP=1, TP=2 (overlapped
+             scheduling), TP=2 with scheduling synchronous, TP=2 with PeerAllReduce
+Prints one JSON line per result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from gpu_bench import QWEN3_06B, make_llm  # noqa: E402
+
+QWEN3_8B = json.loads((HERE / "configs" / "qwen3-8b.json").read_text())
+ROWS = (1, 8, 32, 64, 128, 256, 512, 2048, 16384)
+CALLS = 72  # about one decode step's all-reduces on the 8B shape (2 x 36 layers)
+
+
+def report(name: str, **values) -> None:
+    print(json.dumps({"name": name, **values}), flush=True)
+
+
+def _allreduce_rank(rank: int, store_path: str) -> None:
+    from nv_models import PeerAllReduce
+
+    torch.cuda.set_device(rank)
+    store = dist.FileStore(store_path, 2)
+    dist.init_process_group("nccl", store=store, rank=rank, world_size=2)
+    device = torch.device("cuda", rank)
+    group = dist.group.WORLD
+    peer = PeerAllReduce(group, device, 64 << 20)
+    for hidden in (1024, 4096):
+        for rows in ROWS:
+            torch.manual_seed(rows)  # the same x on both ranks
+            x = torch.randn(rows, hidden, dtype=torch.bfloat16, device=device)
+            ref = x.float() * 2
+            row = {"hidden": hidden, "rows": rows, "mbytes": round(x.numel() * 2 / 2**20, 3)}
+            for name in ("nccl", "peer"):
+                if name == "peer" and not peer.handles(x):
+                    continue
+
+                def op(y: torch.Tensor, name: str = name) -> None:
+                    if name == "nccl":
+                        dist.all_reduce(y, group=group)
+                    else:
+                        peer.all_reduce(y)
+
+                y = x.clone()
+                op(y)
+                torch.cuda.synchronize()
+                err = (y.float() - ref).abs().max().item()
+                bufs = [x.clone() for _ in range(4)]
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for i in range(CALLS):
+                        op(bufs[i % 4])
+                for _ in range(3):
+                    graph.replay()
+                torch.cuda.synchronize()
+                dist.barrier()
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                reps = 10
+                for _ in range(reps):
+                    graph.replay()
+                e1.record()
+                e1.synchronize()
+                us = e0.elapsed_time(e1) * 1e3 / (reps * CALLS)
+                row[f"{name}_us"] = round(us, 2)
+                row[f"{name}_max_err"] = err
+                del graph
+            if rank == 0:
+                report("allreduce", **row)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def allreduce() -> None:
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_allreduce_rank, args=(os.path.join(d, "store"),), nprocs=2, join=True)
+
+
+def scaling() -> None:
+    from nv_engine.entrypoints.bench import nano_vllm_workload, run_benchmark
+
+    prompts, params = nano_vllm_workload()
+    runs = [
+        ("tp1", dict(tensor_parallel_size=1)),
+        ("tp2", dict(tensor_parallel_size=2)),
+        ("tp2_sync", dict(tensor_parallel_size=2, async_scheduling=False)),
+        ("tp2_peer", dict(tensor_parallel_size=2, peer_all_reduce_max_bytes=8 << 20)),
+    ]
+    for shape, cfg in (("8b", QWEN3_8B), ("0.6b", QWEN3_06B)):
+        base = None
+        for tag, kw in runs:
+            t = time.perf_counter()
+            try:
+                with make_llm(cfg, kvcache_block_size=256, **kw) as llm:
+                    start = time.perf_counter() - t
+                    r = run_benchmark(llm, prompts, params)
+            except Exception as e:  # keep going: report and try the next setting
+                report(f"scaling_{shape}_{tag}_FAILED", error=repr(e)[:500])
+                continue
+            base = base or r["tok_per_s"]
+            report(
+                f"scaling_{shape}_{tag}",
+                tok_per_s=round(r["tok_per_s"]),
+                seconds=round(r["seconds"], 2),
+                output_tokens=r["output_tokens"],
+                speedup_vs_tp1=round(r["tok_per_s"] / base, 3),
+                startup_s=round(start, 1),
+            )
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for s in sys.argv[1:] or ["allreduce", "scaling"]:
+        t = time.perf_counter()
+        {"allreduce": allreduce, "scaling": scaling}[s]()
+        print(f"# section {s}: {time.perf_counter() - t:.1f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
