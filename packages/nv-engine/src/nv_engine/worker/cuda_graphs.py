@@ -30,6 +30,13 @@ class DecodeGraphs:
         self.pdl_max_batch_size = config.tuning.pdl_max_batch_size
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
+    def close(self) -> None:
+        """Free every graph now, even while something still references this object: NCCL's
+        teardown waits while a graph that captured its collectives is alive."""
+        for graph, _ in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+
     def can_run(self, batch_size: int) -> bool:
         return bool(self.graphs) and batch_size <= self.sizes[-1]
 

@@ -79,6 +79,8 @@ class ModelRunner:
 
     def close(self) -> None:
         """Drop the model, KV cache and graphs and hand the memory back to the device."""
+        if self.graphs is not None:
+            self.graphs.close()
         self.graphs = None
         for layer in self._attention_layers():
             layer.k_cache = layer.v_cache = torch.tensor([])
