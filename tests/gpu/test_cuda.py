@@ -232,7 +232,7 @@ def test_tp2_bf16_logits_match_tp1(qwen3_06b, config):
             f"step {i}: TP2 vs TP1 relative {diff:.4f} (max abs "
             f"{(two - one).abs().max().item():.4f}); bf16 vs fp32 {bf16_err:.4f}"
         )
-        assert diff <= bf16_err
+        assert diff <= 1.5 * bf16_err  # two bf16 roundings of the same sums
     assert tokens2 == tokens
 
 
@@ -340,12 +340,14 @@ def test_tp2_nccl_matches_hf(fp32_model, async_scheduling):
 
 
 _TP2_SCRIPT = """
-import os, signal, sys, time
+import faulthandler, os, signal, sys, time
 from nv_engine import LLM, SamplingParams
 
 if __name__ == "__main__":
-    model, kill = sys.argv[1], sys.argv[2] == "kill"
-    llm = LLM(model, tensor_parallel_size=2, kvcache_block_size=16)
+    faulthandler.dump_traceback_later(60, exit=True)  # a hang prints where rank 0 is
+    model, kill, overlap = sys.argv[1], sys.argv[2] == "kill", sys.argv[3] == "async"
+    llm = LLM(model, tensor_parallel_size=2, kvcache_block_size=16, async_scheduling=overlap)
+    print("started", flush=True)
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     assert len(out[0]["token_ids"]) == 4
     if kill:
@@ -354,6 +356,7 @@ if __name__ == "__main__":
             llm.generate([[5, 6]], SamplingParams(max_tokens=4), use_tqdm=False)
         except Exception as e:
             print("step failed:", type(e).__name__, e, flush=True)
+    print("closing", flush=True)
     t = time.monotonic()
     llm.close()
     print(f"closed in {time.monotonic() - t:.1f} s", flush=True)
@@ -362,7 +365,8 @@ if __name__ == "__main__":
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("kill_worker", [False, True], ids=["clean", "dead-worker"])
-def test_tp2_nccl_shutdown_completes(fp32_model, tmp_path, kill_worker):
+@pytest.mark.parametrize("overlap", ["async", "sync"])
+def test_tp2_nccl_shutdown_completes(fp32_model, tmp_path, kill_worker, overlap):
     """A TP=2 program on NCCL ends: close() returns within seconds and the process exits (the
     subprocess timeout fails the test on a hang), also after a worker died."""
     import subprocess
@@ -371,8 +375,8 @@ def test_tp2_nccl_shutdown_completes(fp32_model, tmp_path, kill_worker):
     script = tmp_path / "tp2.py"
     script.write_text(_TP2_SCRIPT)
     path = str(fp32_model[0])
-    argv = [sys.executable, str(script), path, "kill" if kill_worker else "clean"]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    argv = [sys.executable, str(script), path, "kill" if kill_worker else "clean", overlap]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     closed = [line for line in r.stdout.splitlines() if line.startswith("closed in")]
     assert closed and float(closed[0].split()[2]) < 30, r.stdout
