@@ -203,7 +203,9 @@ def compile_log():
 @contextlib.contextmanager
 def skinny_rows(rows: int | None):
     """The skinny GEMM up to `rows` rows (None: the engine's DISPATCH_ROWS), for experiments."""
-    from nv_kernels import skinny_gemm
+    import importlib
+
+    skinny_gemm = importlib.import_module("nv_kernels.skinny_gemm")  # the module, not the function
 
     saved = skinny_gemm.DISPATCH_ROWS
     if rows is not None:

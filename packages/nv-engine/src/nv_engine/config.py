@@ -46,6 +46,10 @@ class EngineTuning:
     prompt_logprobs_chunk: int = 256
     cpu_kvcache_bytes: int = 1 << 30  # KV budget on CPU when num_kvcache_blocks is None
     cuda_graph_reserve_bytes: int = 1 << 30  # kept free for CUDA graphs and the allocator
+    # the KV pool sized from memory holds at most this many blocks: only tiny models reach it
+    # (a 0.6B model's 16-token blocks number ~77,000 on an H200), where millions of blocks would
+    # cost seconds of bookkeeping at start-up and serve only as prefix cache
+    max_num_kvcache_blocks: int = 1 << 18
     distributed_timeout_s: float = 300.0
     # TP all-reduces of bf16 messages up to this size go through symmetric memory
     # (PeerAllReduce) instead of NCCL (0: NCCL always)
@@ -61,6 +65,7 @@ class EngineTuning:
         _positive_int("cpu_kvcache_bytes", self.cpu_kvcache_bytes)
         _int_at_least("cuda_graph_reserve_bytes", self.cuda_graph_reserve_bytes, 0)
         _int_at_least("peer_all_reduce_max_bytes", self.peer_all_reduce_max_bytes, 0)
+        _positive_int("max_num_kvcache_blocks", self.max_num_kvcache_blocks)
         if not isinstance(self.distributed_timeout_s, (int, float)) or not (
             self.distributed_timeout_s > 0
         ):

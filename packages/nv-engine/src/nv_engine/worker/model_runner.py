@@ -104,7 +104,9 @@ class ModelRunner:
         a = layers[0]
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         block_bytes = 2 * len(layers) * self.block_size * a.num_kv_heads * a.head_dim * itemsize
-        num_blocks = self.config.num_kvcache_blocks or self._blocks_from_memory(block_bytes)
+        num_blocks = self.config.num_kvcache_blocks or min(
+            self._blocks_from_memory(block_bytes), self.config.tuning.max_num_kvcache_blocks
+        )
         if self.tp.size > 1:  # every rank must agree on the pool
             t = torch.tensor([num_blocks], device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.tp.group)
