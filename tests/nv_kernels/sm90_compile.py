@@ -58,13 +58,17 @@ def main() -> int:
             dict(part_ptr="*fp32", count_ptr="*i32"),
             dict(num_stages=4, launch_pdl=pdl),
         ))  # fmt: skip
-    for (splits, block_size), pdl in itertools.product(((1, 256), (7, 16)), (False, True)):
+    scales = dict(scale="fp32", k_scale="fp32", v_scale="fp32")
+    fp8 = dict(k_cache_ptr="*fp8e4nv", v_cache_ptr="*fp8e4nv")
+    for (splits, block_size), pdl, kv in itertools.product(
+        ((1, 256), (7, 16)), (False, True), ({}, fp8)
+    ):
         jobs.append((
             _decode_kernel,
             dict(G=2, G_PAD=16, BLOCK_SIZE=block_size, D=128, BLOCK_N=64, NUM_SPLITS=splits,
                  PRECISION=None, PDL=pdl),
             dict(block_tables_ptr="*i32", context_lens_ptr="*i32", mid_o_ptr="*fp32",
-                 mid_lse_ptr="*fp32", scale="fp32"),
+                 mid_lse_ptr="*fp32", **scales, **kv),
             dict(num_stages=4, launch_pdl=pdl),
         ))  # fmt: skip
     for pdl in (False, True):
@@ -77,22 +81,28 @@ def main() -> int:
                 _rms_norm_kernel, dict(BLOCK=1024, HAS_RES=res, PDL=pdl), dict(eps="fp32"),
                 dict(launch_pdl=pdl),
             ))  # fmt: skip
-    for paged in (False, True):
+    for paged, kv in ((False, {}), (True, {}), (True, fp8)):
         jobs.append((
             _prefill_kernel,
             dict(G=2, BLOCK_SIZE=256 if paged else 1, D=128, BLOCK_M=64, BLOCK_N=32, PAGED=paged,
                  PRECISION=None),
-            dict(cu_q_ptr="*i32", cu_k_ptr="*i32", block_tables_ptr="*i32", scale="fp32"),
+            dict(cu_q_ptr="*i32", cu_k_ptr="*i32", block_tables_ptr="*i32", **scales, **kv),
             dict(num_stages=2),
         ))  # fmt: skip
-    jobs.append(
-        (_store_kvcache_kernel, dict(D=1024, BLOCK=1024), dict(slot_mapping_ptr="*i64"), {})
-    )
-    for norm, pdl in itertools.product((False, True), (False, True)):
+    for kv, fp8_max in (({}, 0.0), (fp8, 448.0)):
+        jobs.append((
+            _store_kvcache_kernel, dict(D=1024, BLOCK=1024, FP8_MAX=fp8_max),
+            dict(slot_mapping_ptr="*i64", k_scale="fp32", v_scale="fp32", **kv), {},
+        ))  # fmt: skip
+    for norm, pdl, (kv, fp8_max) in itertools.product(
+        (False, True), (False, True), (({}, 0.0), (fp8, 448.0))
+    ):
         jobs.append((
             _qk_norm_rope_store_kernel,
-            dict(H=16, HKV=8, H_PAD=16, HKV_PAD=8, HALF=64, HAS_NORM=norm, PDL=pdl),
-            dict(cos_sin_ptr="*fp32", slot_mapping_ptr="*i64", eps="fp32"),
+            dict(H=16, HKV=8, H_PAD=16, HKV_PAD=8, HALF=64, HAS_NORM=norm, FP8_MAX=fp8_max,
+                 PDL=pdl),
+            dict(cos_sin_ptr="*fp32", slot_mapping_ptr="*i64", eps="fp32", k_scale="fp32",
+                 v_scale="fp32", **kv),
             dict(launch_pdl=pdl),
         ))  # fmt: skip
     for temps in (False, True):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from nv_testing import assert_fp8_cache_equal
 
 from nv_kernels.rope_store import qk_norm_rope_store, qk_norm_rope_store_ref
 
@@ -42,3 +43,24 @@ def test_rejects_bad_inputs():
         qk_norm_rope_store(
             qkv, torch.randn(2, 16), torch.ones(16), None, 1e-6, 2, 1, *caches, slots
         )
+
+
+@pytest.mark.parametrize("kv_scales", [(1.0, 1.0), (0.5, 0.25)])
+def test_fp8_caches_match_reference(kv_scales):
+    # float32 activations, so any difference in the fp8 bytes would be the kernel's quantization
+    g = torch.Generator().manual_seed(11)
+    heads, kv_heads, head_dim, t = 4, 2, 32, 9
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, generator=g) * 3
+    cos_sin = torch.randn(t, head_dim, generator=g)
+    weights = [torch.rand(head_dim, generator=g) + 0.5 for _ in "qk"]
+    slots = torch.tensor([3, 0, -1, 7, 12, 19, 5, -1, 22])
+    fp8 = torch.float8_e4m3fn
+    caches = [torch.zeros(6, 4, kv_heads, head_dim, dtype=fp8) for _ in "kv"]
+    ref_qkv, ref_caches = qkv.clone(), [c.clone() for c in caches]
+    qk_norm_rope_store(qkv, cos_sin, *weights, 1e-6, heads, kv_heads, *caches, slots, *kv_scales)
+    qk_norm_rope_store_ref(
+        ref_qkv, cos_sin, *weights, 1e-6, heads, kv_heads, *ref_caches, slots, *kv_scales
+    )
+    torch.testing.assert_close(qkv, ref_qkv)
+    for got, want in zip(caches, ref_caches, strict=True):
+        assert_fp8_cache_equal(got, want)

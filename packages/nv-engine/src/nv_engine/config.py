@@ -29,6 +29,7 @@ DEFAULT_CUDA_GRAPH_BATCH_SIZES = (
     512,
 )
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 logger = logging.getLogger(__name__)
 
 
@@ -96,6 +97,10 @@ class Config:
     device: str = "auto"  # auto | cuda | cuda:N | cpu
     dtype: str = "auto"  # auto: the checkpoint's dtype on CUDA (bf16 if unknown), float32 on CPU
     enable_prefix_caching: bool = True
+    # auto: K/V cached in the model's dtype; fp8 / fp8_e4m3 (vLLM's names): float8_e4m3fn with
+    # one scale per tensor (1.0, vLLM's default without calibrated scales), about twice the
+    # tokens in the same memory
+    kv_cache_dtype: str = "auto"
     attention_backend: str = "auto"  # auto | torch | triton | flash-attn
     load_format: str = "auto"  # auto: safetensors in `model`; dummy: random weights (benchmarks)
     # SamplingParams.logprobs / prompt_logprobs ask for at most this many top tokens (vLLM's
@@ -163,6 +168,10 @@ class Config:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}"
+            )
         if self.distributed_executor_backend not in ("mp", "external"):
             raise ValueError(
                 "distributed_executor_backend must be mp or external, got "
@@ -214,6 +223,12 @@ class Config:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} but CUDA is not available")
         return self.device
+
+    def resolved_kv_cache_dtype(self, model_dtype):
+        """The KV cache's torch dtype: the model's (auto) or float8_e4m3fn."""
+        import torch
+
+        return model_dtype if self.kv_cache_dtype == "auto" else torch.float8_e4m3fn
 
     def resolved_dtype(self, device: str):
         import torch

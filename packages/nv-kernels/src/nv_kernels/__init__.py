@@ -9,20 +9,29 @@ from nv_kernels.rms_norm import rms_norm_ref, rms_norm_triton
 from nv_kernels.rope_store import qk_norm_rope, qk_norm_rope_store, use_qk_norm_rope_store
 from nv_kernels.sampler import Sampler, SamplingTensors, apply_penalties, sample, token_logprobs
 from nv_kernels.skinny_gemm import skinny_gemm, use_skinny_gemm
-from nv_kernels.store_kvcache import store_kvcache, store_kvcache_ref
+from nv_kernels.store_kvcache import (
+    FP8_KV_DTYPES,
+    dequantize_kv,
+    quantize_kv,
+    store_kvcache,
+    store_kvcache_ref,
+)
 from nv_kernels.triton_utils import triton
 
 __all__ = [
     "BACKEND_NAMES",
+    "FP8_KV_DTYPES",
     "AttentionBackend",
     "AttentionMetadata",
     "Sampler",
     "SamplingTensors",
     "apply_penalties",
+    "dequantize_kv",
     "get_attention_backend",
     "overlapped_launches",
     "qk_norm_rope",
     "qk_norm_rope_store",
+    "quantize_kv",
     "rms_norm_ref",
     "rms_norm_triton",
     "sample",

@@ -19,6 +19,9 @@ class AttentionBackend:
     name: str
     # whether `forward` can be captured in a CUDA graph (no sizes taken from host values)
     cuda_graph_safe: bool = True
+    # whether the caches may be float8_e4m3fn (`kv_scales`: a cached value times its tensor's
+    # scale is the real one)
+    supports_fp8_kv: bool = True
 
     def store(
         self,
@@ -27,8 +30,9 @@ class AttentionBackend:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        kv_scales: tuple[float, float] = (1.0, 1.0),
     ) -> None:
-        store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+        store_kvcache(k, v, k_cache, v_cache, slot_mapping, *kv_scales)
 
     def prefill(
         self,
@@ -39,6 +43,7 @@ class AttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_scales: tuple[float, float] = (1.0, 1.0),
     ) -> torch.Tensor:
         raise NotImplementedError
 
@@ -49,6 +54,7 @@ class AttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_scales: tuple[float, float] = (1.0, 1.0),
     ) -> torch.Tensor:
         raise NotImplementedError
 
@@ -62,9 +68,11 @@ class AttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         kv_stored: bool = False,
+        kv_scales: tuple[float, float] = (1.0, 1.0),
     ) -> torch.Tensor:
+        """`kv_scales`: (k_scale, v_scale) of fp8 caches (ignored for others)."""
         if k_cache.numel() and not kv_stored:
-            self.store(k, v, k_cache, v_cache, meta.slot_mapping)
+            self.store(k, v, k_cache, v_cache, meta.slot_mapping, kv_scales)
         if meta.is_prefill:
-            return self.prefill(q, k, v, k_cache, v_cache, meta, scale)
-        return self.decode(q, k_cache, v_cache, meta, scale)
+            return self.prefill(q, k, v, k_cache, v_cache, meta, scale, kv_scales)
+        return self.decode(q, k_cache, v_cache, meta, scale, kv_scales)

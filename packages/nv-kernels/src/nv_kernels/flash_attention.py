@@ -18,6 +18,7 @@ class FlashAttentionBackend(AttentionBackend):
     that are multiples of 256."""
 
     name = "flash-attn"
+    supports_fp8_kv = False
 
     def __init__(self) -> None:
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
@@ -34,6 +35,7 @@ class FlashAttentionBackend(AttentionBackend):
         v_cache: Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_scales: tuple[float, float] = (1.0, 1.0),
     ) -> Tensor:
         if meta.block_tables is not None:  # context (prefix hits, earlier chunks) in the cache
             k, v = k_cache, v_cache
@@ -51,7 +53,13 @@ class FlashAttentionBackend(AttentionBackend):
         )
 
     def decode(
-        self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, scale: float
+        self,
+        q: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        kv_scales: tuple[float, float] = (1.0, 1.0),
     ) -> Tensor:
         o = self._with_kvcache(
             q.unsqueeze(1),

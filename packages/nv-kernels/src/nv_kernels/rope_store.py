@@ -11,7 +11,7 @@ import torch
 
 from nv_kernels.pdl import pdl_kwargs, pdl_wait, use_pdl
 from nv_kernels.rms_norm import rms_norm_ref
-from nv_kernels.store_kvcache import store_kvcache_ref
+from nv_kernels.store_kvcache import fp8_max, store_kvcache_ref
 from nv_kernels.triton_utils import tl, triton
 
 
@@ -71,6 +71,8 @@ def qk_norm_rope_store_ref(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Torch reference of `qk_norm_rope_store` (the same contract, eager)."""
     head_dim = k_cache.shape[-1]
@@ -79,11 +81,12 @@ def qk_norm_rope_store_ref(
     q, k, _ = _split(qkv, num_heads, num_kv_heads, head_dim)
     q.copy_(new_q)
     k.copy_(new_k)
-    store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping)
+    store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q, k, v
 
 
 if triton is not None:
+    from nv_kernels.store_kvcache import to_cache
 
     @triton.jit
     def _norm_rotate(
@@ -114,12 +117,15 @@ if triton is not None:
         v_cache_ptr,
         slot_mapping_ptr,
         eps,
+        k_scale,
+        v_scale,
         H: tl.constexpr,
         HKV: tl.constexpr,
         H_PAD: tl.constexpr,
         HKV_PAD: tl.constexpr,
         HALF: tl.constexpr,
         HAS_NORM: tl.constexpr,
+        FP8_MAX: tl.constexpr,
         PDL: tl.constexpr,
     ):
         pdl_wait(PDL)
@@ -164,11 +170,11 @@ if triton is not None:
             v1 = tl.load(v_ptrs, mask=kv_mask, other=0.0)
             v2 = tl.load(v_ptrs + HALF, mask=kv_mask, other=0.0)
             dst = slot * (HKV * D) + hk * D + offs_d[None, :]
-            cache_ty = k_cache_ptr.dtype.element_ty
-            tl.store(k_cache_ptr + dst, k1.to(cache_ty), mask=kv_mask)
-            tl.store(k_cache_ptr + dst + HALF, k2.to(cache_ty), mask=kv_mask)
-            tl.store(v_cache_ptr + dst, v1.to(cache_ty), mask=kv_mask)
-            tl.store(v_cache_ptr + dst + HALF, v2.to(cache_ty), mask=kv_mask)
+            ty = k_cache_ptr.dtype.element_ty
+            tl.store(k_cache_ptr + dst, to_cache(k1, k_scale, ty, FP8_MAX), mask=kv_mask)
+            tl.store(k_cache_ptr + dst + HALF, to_cache(k2, k_scale, ty, FP8_MAX), mask=kv_mask)
+            tl.store(v_cache_ptr + dst, to_cache(v1, v_scale, ty, FP8_MAX), mask=kv_mask)
+            tl.store(v_cache_ptr + dst + HALF, to_cache(v2, v_scale, ty, FP8_MAX), mask=kv_mask)
 
 
 def qk_norm_rope_store(
@@ -182,6 +188,8 @@ def qk_norm_rope_store(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """qkv `[T, (H + 2 Hkv) D]` (the QKV projection's output, contiguous): normalise q and k per
     head when the weights are given (both or neither), rotate them by `cos_sin` `[T, D]` (float32,
@@ -210,12 +218,15 @@ def qk_norm_rope_store(
             v_cache,
             slot_mapping,
             eps,
+            k_scale,
+            v_scale,
             H=num_heads,
             HKV=num_kv_heads,
             H_PAD=triton.next_power_of_2(num_heads),
             HKV_PAD=triton.next_power_of_2(num_kv_heads),
             HALF=head_dim // 2,
             HAS_NORM=q_weight is not None,
+            FP8_MAX=fp8_max(k_cache),
             num_warps=4,
             **pdl_kwargs(use_pdl(qkv.device)),
         )

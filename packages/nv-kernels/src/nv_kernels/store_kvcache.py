@@ -4,6 +4,30 @@ import torch
 
 from nv_kernels.triton_utils import tl, triton
 
+FP8_KV_DTYPES = (torch.float8_e4m3fn,)
+
+
+def fp8_max(cache: torch.Tensor) -> float:
+    """The largest finite value of an fp8 cache's dtype, or 0.0 for a cache in another dtype
+    (the kernels' switch: 0 stores values as they are)."""
+    return torch.finfo(cache.dtype).max if cache.dtype in FP8_KV_DTYPES else 0.0
+
+
+def quantize_kv(x: torch.Tensor, cache: torch.Tensor, scale: float) -> torch.Tensor:
+    """`x` in the cache's dtype. An fp8 cache holds x / scale, saturated to its finite range and
+    rounded to nearest even (what the kernels store); other caches hold x cast."""
+    m = fp8_max(cache)
+    if m:
+        return (x.float() / scale).clamp(-m, m).to(cache.dtype)
+    return x.to(cache.dtype)
+
+
+def dequantize_kv(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """Cached values back in `dtype` (fp8: times `scale`)."""
+    if x.dtype in FP8_KV_DTYPES:
+        return (x.float() * scale).to(dtype)
+    return x.to(dtype)
+
 
 def store_kvcache_ref(
     key: torch.Tensor,
@@ -11,16 +35,29 @@ def store_kvcache_ref(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
-    """Torch reference: cache.view(-1, H, D)[slot] = key[t] for every token with slot >= 0."""
+    """Torch reference: cache.view(-1, H, D)[slot] = key[t] for every token with slot >= 0
+    (quantized as `quantize_kv` says)."""
     num_kv_heads, head_dim = key.shape[1], key.shape[2]
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
-    k_cache.view(-1, num_kv_heads, head_dim)[slots] = key[valid].to(k_cache.dtype)
-    v_cache.view(-1, num_kv_heads, head_dim)[slots] = value[valid].to(v_cache.dtype)
+    k_cache.view(-1, num_kv_heads, head_dim)[slots] = quantize_kv(key[valid], k_cache, k_scale)
+    v_cache.view(-1, num_kv_heads, head_dim)[slots] = quantize_kv(value[valid], v_cache, v_scale)
 
 
 if triton is not None:
+
+    @triton.jit
+    def to_cache(x, scale, cache_ty: tl.constexpr, FP8_MAX: tl.constexpr):
+        """x as the cache stores it: for fp8 (FP8_MAX > 0) x / scale in float32, clamped to the
+        finite range, then rounded to nearest even (as torch's cast does); else x cast."""
+        if FP8_MAX > 0:
+            y = x.to(tl.float32) / scale
+            return tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX).to(cache_ty)
+        else:
+            return x.to(cache_ty)
 
     @triton.jit
     def _store_kvcache_kernel(
@@ -31,8 +68,11 @@ if triton is not None:
         k_cache_ptr,
         v_cache_ptr,
         slot_mapping_ptr,
+        k_scale,
+        v_scale,
         D: tl.constexpr,
         BLOCK: tl.constexpr,
+        FP8_MAX: tl.constexpr,
     ):
         # One program per token; D = num_kv_heads * head_dim contiguous elements.
         t = tl.program_id(0)
@@ -44,8 +84,9 @@ if triton is not None:
         k = tl.load(key_ptr + t * key_stride + offs, mask=mask)
         v = tl.load(value_ptr + t * value_stride + offs, mask=mask)
         dst = slot.to(tl.int64) * D + offs
-        tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        cache_ty = k_cache_ptr.dtype.element_ty
+        tl.store(k_cache_ptr + dst, to_cache(k, k_scale, cache_ty, FP8_MAX), mask=mask)
+        tl.store(v_cache_ptr + dst, to_cache(v, v_scale, cache_ty, FP8_MAX), mask=mask)
 
 
 def store_kvcache(
@@ -54,9 +95,12 @@ def store_kvcache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Write key/value `[num_tokens, num_kv_heads, head_dim]` into the paged caches
-    `[num_blocks, block_size, num_kv_heads, head_dim]` at `slot_mapping` (negative: skip)."""
+    `[num_blocks, block_size, num_kv_heads, head_dim]` at `slot_mapping` (negative: skip). fp8
+    caches get value / scale, saturated (`quantize_kv`)."""
     num_tokens, num_kv_heads, head_dim = key.shape
     d = num_kv_heads * head_dim
     if key.stride(-1) != 1 or key.stride(1) != head_dim or value.stride(1) != head_dim:
@@ -73,6 +117,9 @@ def store_kvcache(
         k_cache,
         v_cache,
         slot_mapping,
+        k_scale,
+        v_scale,
         D=d,
         BLOCK=triton.next_power_of_2(d),
+        FP8_MAX=fp8_max(k_cache),
     )

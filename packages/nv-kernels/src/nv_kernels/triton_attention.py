@@ -9,6 +9,7 @@ from torch import Tensor
 from nv_kernels.attention_backend import AttentionBackend
 from nv_kernels.metadata import AttentionMetadata
 from nv_kernels.pdl import pdl_kwargs, pdl_wait, use_pdl
+from nv_kernels.store_kvcache import fp8_max
 from nv_kernels.triton_utils import num_sms, tl, triton
 
 if triton is not None:
@@ -63,6 +64,8 @@ if triton is not None:
         cu_k_ptr,
         block_tables_ptr,
         scale,
+        k_scale,
+        v_scale,
         stride_qt,
         stride_qh,
         stride_kt,
@@ -105,7 +108,9 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        qk_scale = scale * 1.4426950408889634  # log2(e): softmax in base 2
+        # log2(e): softmax in base 2. An fp8 cache's scales are applied to the scores and the
+        # output, not to each K/V element (cache values cast exactly to q's dtype).
+        qk_scale = scale * k_scale * 1.4426950408889634
         end = tl.minimum(len_k, prefix + (mb + 1) * BLOCK_M)
         for n0 in range(0, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -138,7 +143,7 @@ if triton is not None:
                 )
             keep = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]  # causal
             m_i, l_i, acc = _softmax_tile(q, k, v, keep, m_i, l_i, acc, qk_scale, PRECISION)
-        out = acc / l_i[:, None]
+        out = acc * (v_scale / l_i)[:, None]
         o_rows = (q_start + offs_m).to(tl.int64) * stride_ot + head * stride_oh
         tl.store(
             o_ptr + o_rows[:, None] + offs_d[None, :],
@@ -157,6 +162,8 @@ if triton is not None:
         mid_o_ptr,
         mid_lse_ptr,
         scale,
+        k_scale,
+        v_scale,
         stride_qt,
         stride_qh,
         stride_cb,
@@ -197,7 +204,7 @@ if triton is not None:
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)
-        qk_scale = scale * 1.4426950408889634
+        qk_scale = scale * k_scale * 1.4426950408889634  # (see the prefill kernel)
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
@@ -217,7 +224,7 @@ if triton is not None:
             keep = n_mask[None, :]
             m_i, l_i, acc = _softmax_tile(q, k, v, keep, m_i, l_i, acc, qk_scale, PRECISION)
         if NUM_SPLITS == 1:
-            out = acc / l_i[:, None]
+            out = acc * (v_scale / l_i)[:, None]
             tl.store(
                 o_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                 out.to(o_ptr.dtype.element_ty),
@@ -226,7 +233,7 @@ if triton is not None:
         else:
             # Partial result of this split: normalised output and its log-sum-exp (base 2).
             nonempty = l_i > 0
-            out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+            out = acc * (v_scale / tl.where(nonempty, l_i, 1.0))[:, None]
             lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
             row = (seq * G * tl.num_programs(1) + heads) * NUM_SPLITS + split  # [B, H, S]
             tl.store(mid_o_ptr + row[:, None] * D + offs_d[None, :], out, mask=g_mask[:, None])
@@ -270,6 +277,11 @@ def _precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
+def _cache_scales(cache: torch.Tensor, kv_scales: tuple[float, float]) -> tuple[float, float]:
+    """The scales the kernels apply: an fp8 cache's, 1.0 for caches in the model's dtype."""
+    return (float(kv_scales[0]), float(kv_scales[1])) if fp8_max(cache) else (1.0, 1.0)
+
+
 def _check_head_dim(head_dim: int) -> None:
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"triton attention needs a power-of-two head_dim >= 16, got {head_dim}")
@@ -292,7 +304,10 @@ def prefill_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
+    """`kv_scales`: of fp8 caches; they apply only where K/V are read from the caches (with
+    block tables), not to this step's own k and v."""
     _, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     _check_head_dim(head_dim)
@@ -318,6 +333,7 @@ def prefill_attention(
         meta.cu_seqlens_k,
         block_tables,
         scale,
+        *(_cache_scales(k_cache, kv_scales) if paged else (1.0, 1.0)),
         q.stride(0),
         q.stride(1),
         k.stride(0),
@@ -353,6 +369,7 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -386,6 +403,7 @@ def decode_attention(
         mid_o,
         mid_lse,
         scale,
+        *_cache_scales(k_cache, kv_scales),
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -434,10 +452,17 @@ class TritonAttentionBackend(AttentionBackend):
         v_cache: Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_scales: tuple[float, float] = (1.0, 1.0),
     ) -> Tensor:
-        return prefill_attention(q, k, v, k_cache, v_cache, meta, scale)
+        return prefill_attention(q, k, v, k_cache, v_cache, meta, scale, kv_scales)
 
     def decode(
-        self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, scale: float
+        self,
+        q: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        kv_scales: tuple[float, float] = (1.0, 1.0),
     ) -> Tensor:
-        return decode_attention(q, k_cache, v_cache, meta, scale)
+        return decode_attention(q, k_cache, v_cache, meta, scale, kv_scales=kv_scales)

@@ -51,9 +51,12 @@ class ModelRunner:
                 self.device = torch.device("cuda", local_device_index(rank))
             torch.cuda.set_device(self.device)
         self.dtype = config.resolved_dtype(self.device.type)
+        self.kv_dtype = config.resolved_kv_cache_dtype(self.dtype)
         self.block_size = config.kvcache_block_size
         hf = config.hf_config
         backend = get_attention_backend(config.attention_backend, self.device)
+        if self.kv_dtype != self.dtype:
+            _check_fp8_kv(config, backend, self.device)
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = build_model(hf, tp, backend)
         self.model.eval()
@@ -102,7 +105,7 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> int:
         layers = self._attention_layers()
         a = layers[0]
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        itemsize = torch.empty((), dtype=self.kv_dtype).element_size()
         block_bytes = 2 * len(layers) * self.block_size * a.num_kv_heads * a.head_dim * itemsize
         num_blocks = self.config.num_kvcache_blocks or min(
             self._blocks_from_memory(block_bytes), self.config.tuning.max_num_kvcache_blocks
@@ -117,14 +120,15 @@ class ModelRunner:
                 "raise gpu_memory_utilization"
             )
         shape = (2, len(layers), num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         logger.info(
-            "KV cache: %d blocks of %d tokens (%.2f GiB)",
+            "KV cache: %d blocks of %d tokens (%.2f GiB, %s)",
             num_blocks,
             self.block_size,
             num_blocks * block_bytes / 2**30,
+            self.kv_dtype,
         )
         return num_blocks
 
@@ -418,6 +422,23 @@ class ModelRunner:
             )
 
         return build
+
+
+def _check_fp8_kv(config: Config, backend, device: torch.device) -> None:
+    """A clear error where an fp8 KV cache cannot run: a backend without it, or a GPU without
+    fp8 conversions (compute capability below 8.9)."""
+    what = f"kv_cache_dtype={config.kv_cache_dtype!r}"
+    if not backend.supports_fp8_kv:
+        raise ValueError(
+            f"{what} is not supported by attention_backend={backend.name!r}; use triton or torch"
+        )
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise ValueError(
+                f"{what} needs a GPU with fp8 support (compute capability 8.9 or newer); "
+                f"{torch.cuda.get_device_name(device)} is {major}.{minor}"
+            )
 
 
 def _padded_rows(tables: list[list[int]], width: int) -> list[int]:

@@ -19,7 +19,9 @@ _qk_norm_rope = compile_on_cuda(qk_norm_rope)
 
 class Attention(nn.Module):
     """Paged attention for one layer. The model runner assigns `k_cache`/`v_cache`
-    ([num_blocks, block_size, num_kv_heads, head_dim]); the step's metadata is an argument."""
+    ([num_blocks, block_size, num_kv_heads, head_dim], in the model's dtype or float8_e4m3fn)
+    and, for fp8 caches, `kv_scales` (k_scale, v_scale: a cached value times its scale is the
+    real one); the step's metadata is an argument."""
 
     def __init__(
         self,
@@ -36,6 +38,7 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.backend = backend
         self.k_cache = self.v_cache = torch.tensor([])
+        self.kv_scales = (1.0, 1.0)
 
     def forward(
         self,
@@ -47,7 +50,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """`kv_stored`: the caller already wrote k and v into the cache."""
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
-        o = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, kv_stored)
+        o = self.backend.forward(
+            q, k, v, self.k_cache, self.v_cache, meta, self.scale, kv_stored, self.kv_scales
+        )
         return o.flatten(-2, -1)
 
     def forward_qkv(
@@ -67,7 +72,7 @@ class Attention(nn.Module):
         if use_qk_norm_rope_store(qkv, self.k_cache, self.head_dim):
             q, k, v = qk_norm_rope_store(
                 qkv, cos_sin, q_norm_weight, k_norm_weight, eps, self.num_heads,
-                self.num_kv_heads, self.k_cache, self.v_cache, meta.slot_mapping,
+                self.num_kv_heads, self.k_cache, self.v_cache, meta.slot_mapping, *self.kv_scales,
             )  # fmt: skip
             return self(q, k, v, meta, kv_stored=True)
         q, k, v = _qk_norm_rope(

@@ -1,0 +1,111 @@
+"""fp8 (e4m3) KV caches: the Triton store, fused rope+store and attention kernels (interpreted on
+CPU) against the torch reference, which quantizes and dequantizes with torch's own casts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from nv_testing import assert_fp8_cache_equal
+
+from nv_kernels import (
+    AttentionMetadata,
+    dequantize_kv,
+    quantize_kv,
+    store_kvcache,
+    store_kvcache_ref,
+)
+from nv_kernels.torch_attention import decode_ref, prefill_ref
+from nv_kernels.triton_attention import decode_attention, prefill_attention
+
+FP8 = torch.float8_e4m3fn
+SCALES = [(1.0, 1.0), (0.05, 3.0)]
+
+
+def _paged(gen, lens, block_size, num_blocks):
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, slots = [], []
+    for n in lens:
+        blocks = [perm.pop() for _ in range(-(-n // block_size))]
+        tables.append(blocks)
+        slots += [blocks[p // block_size] * block_size + p % block_size for p in range(n)]
+    width = max(len(t) for t in tables)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    return table, torch.tensor(slots, dtype=torch.int64)
+
+
+def test_quantize_saturates_and_rounds_like_torch():
+    cache = torch.empty(0, dtype=FP8)
+    x = torch.tensor([0.0, 1.0, -2.7, 1000.0, -1e4, 500.0, 0.3])
+    q = quantize_kv(x, cache, 2.0)
+    assert q.dtype == FP8
+    back = dequantize_kv(q, torch.float32, 2.0)
+    # saturated at ±448 * scale, never NaN (torch's plain cast of 1e4 / 2 gives NaN)
+    assert back.tolist()[3:6] == [896.0, -896.0, 512.0]
+    assert not back.isnan().any()
+    torch.testing.assert_close(back[[0, 1, 2, 6]], x[[0, 1, 2, 6]], rtol=0.07, atol=0)
+
+
+@pytest.mark.parametrize("kv_scales", SCALES)
+def test_store_kvcache_fp8_matches_reference(kv_scales):
+    gen = torch.Generator().manual_seed(1)
+    n, hkv, d, blocks, bs = 19, 2, 16, 8, 4
+    k = torch.randn(n, hkv, d, generator=gen) * 200  # some values past 448 * k_scale
+    v = torch.randn(n, hkv, d, generator=gen)
+    slots = torch.randperm(blocks * bs, generator=gen)[:n].clone()
+    slots[3] = -1
+    caches = [torch.zeros(blocks, bs, hkv, d, dtype=FP8) for _ in range(4)]
+    store_kvcache(k, v, caches[0], caches[1], slots, *kv_scales)
+    store_kvcache_ref(k, v, caches[2], caches[3], slots, *kv_scales)
+    for ours, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert_fp8_cache_equal(ours, ref)
+    assert caches[0].float().abs().max() == 448  # saturated, not NaN
+
+
+@pytest.mark.parametrize("kv_scales", SCALES)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_fp8_cache_matches_reference(kv_scales, num_splits):
+    gen = torch.Generator().manual_seed(num_splits)
+    heads, hkv, d, bs, blocks = 4, 2, 16, 4, 48
+    lens = [1, 5, 17, 33]
+    table, _ = _paged(gen, lens, bs, blocks)
+    shape = (blocks, bs, hkv, d)
+    k_cache = quantize_kv(torch.randn(shape, generator=gen), torch.empty(0, dtype=FP8), 1.0)
+    v_cache = quantize_kv(torch.randn(shape, generator=gen), torch.empty(0, dtype=FP8), 1.0)
+    q = torch.randn(len(lens), heads, d, generator=gen)
+    meta = AttentionMetadata(
+        False,
+        torch.zeros(len(lens), dtype=torch.int64),
+        torch.tensor(lens, dtype=torch.int32),
+        table,
+    )
+    ref = decode_ref(q, k_cache, v_cache, meta, 0.3, kv_scales)
+    out = decode_attention(
+        q, k_cache, v_cache, meta, 0.3, num_splits=num_splits, kv_scales=kv_scales
+    )
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # the scales matter: the same cache read as if unscaled gives another result
+    if kv_scales != (1.0, 1.0):
+        plain = decode_ref(q, k_cache, v_cache, meta, 0.3)
+        assert not torch.allclose(plain, ref, atol=1e-3)
+
+
+@pytest.mark.parametrize("kv_scales", SCALES)
+def test_prefill_fp8_paged_context_matches_reference(kv_scales):
+    gen = torch.Generator().manual_seed(5)
+    heads, hkv, d, bs, blocks = 4, 2, 16, 4, 48
+    lens_q, lens_k = [3, 8, 1], [3, 8 + 9, 1 + 4]  # prefixes of 0, 9 and 4 cached tokens
+    table, slots = _paged(gen, lens_k, bs, blocks)
+    shape = (blocks, bs, hkv, d)
+    k_cache, v_cache = torch.zeros(shape, dtype=FP8), torch.zeros(shape, dtype=FP8)
+    # the whole context goes through the store, as chunked prefill and prefix hits leave it
+    k_all = torch.randn(len(slots), hkv, d, generator=gen)
+    v_all = torch.randn(len(slots), hkv, d, generator=gen)
+    store_kvcache_ref(k_all, v_all, k_cache, v_cache, slots, *kv_scales)
+    ends = torch.tensor(lens_k).cumsum(0).tolist()
+    new = torch.cat([torch.arange(e - lq, e) for e, lq in zip(ends, lens_q, strict=True)])
+    q = torch.randn(sum(lens_q), heads, d, generator=gen)
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *ends], dtype=torch.int32)
+    meta = AttentionMetadata(True, slots[new], None, table, cu_q, cu_k, max(lens_q), max(lens_k))
+    args = (q, k_all[new], v_all[new], k_cache, v_cache, meta, 0.25, kv_scales)
+    torch.testing.assert_close(prefill_attention(*args), prefill_ref(*args), atol=1e-5, rtol=1e-5)
