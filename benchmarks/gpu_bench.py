@@ -1,8 +1,8 @@
 """GPU benchmarks for docs/benchmarks.md, in one process so one device call covers them all.
 
     python benchmarks/gpu_bench.py [sections...]   # default: all
-sections: env bandwidth kernels a a-pdl-all a-pdl-skinny128 a16 a-mix batch1 batch1-nopdl p
-          mix trace kprofile hf
+sections: env bandwidth kernels a a-pdl-all a-pdl-skinny128 a16 a-mix a-fp8 fp8-accuracy
+          batch1 batch1-nopdl p mix trace kprofile hf
 Prints one JSON line per result and a summary table last.
 """
 
@@ -107,10 +107,10 @@ def weight_bytes(cfg: dict, itemsize: int = 2) -> int:
     return (cfg["num_hidden_layers"] * per_layer + emb + h) * itemsize
 
 
-def floor_seconds(cfg, prompts, params, bw) -> float:
+def floor_seconds(cfg, prompts, params, bw, kv_itemsize: int = 2) -> float:
     """Weights once per decode step (as many steps as the longest output), every cached token's
-    K/V read once per decoded token, K/V written once."""
-    kv = kv_bytes_per_token(cfg)
+    K/V read once per decoded token, K/V written once (`kv_itemsize`: 1 for an fp8 cache)."""
+    kv = kv_bytes_per_token(cfg, kv_itemsize)
     steps = max(p.max_tokens for p in params)
     read = sum(
         kv * sum(len(pr) + t for t in range(p.max_tokens))
@@ -228,7 +228,8 @@ def workload_a(
         compile_log(),
     ):
         r = run_benchmark(llm, prompts, params)
-    fl = floor_seconds(QWEN3_06B, prompts, params, bw)
+    fp8 = config.get("kv_cache_dtype", "auto") != "auto"
+    fl = floor_seconds(QWEN3_06B, prompts, params, bw, kv_itemsize=1 if fp8 else 2)
     report(
         f"workload_{tag}",
         block_size=block_size,
@@ -236,6 +237,47 @@ def workload_a(
         floor_s=round(fl, 3),
         floor_tok_per_s=round(r["output_tokens"] / fl),
         frac_of_floor=round(fl / r["seconds"], 3),
+    )
+
+
+def fp8_accuracy() -> None:
+    """Logits with an fp8 KV cache against a bf16 one, 0.6B shape, random weights: every
+    position of a 1,001-token prompt prefilled in 64-token chunks (each chunk reads the earlier
+    ones back from the cache), through prompt logprobs; max and mean abs error, mean KL and
+    greedy agreement over the 1,000 positions."""
+    from nv_engine import SamplingParams
+
+    prompt = torch.randint(0, 151936, (1001,), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for kv in ("auto", "fp8"):
+        rows: list[torch.Tensor] = []
+        with make_llm(kv_cache_dtype=kv, max_num_batched_tokens=64, kvcache_block_size=16) as llm:
+            model = llm.model_runner.model
+            compute_logits = model.compute_logits
+
+            def recording(hidden, indices=None, compute_logits=compute_logits, rows=rows):
+                out = compute_logits(hidden, indices)
+                if out.shape[0] > 1:  # the prompt-logprobs chunks
+                    rows.append(out.float())
+                return out
+
+            model.compute_logits = recording
+            p = SamplingParams(max_tokens=1, prompt_logprobs=1)
+            llm.generate([prompt.tolist()], p, use_tqdm=False)
+        logits[kv] = torch.cat(rows)
+    ref, fp8 = logits["auto"], logits["fp8"]
+    err = (fp8 - ref).abs()
+    kl = torch.nn.functional.kl_div(
+        fp8.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none"
+    ).sum(-1)
+    report(
+        "fp8_kv_accuracy",
+        positions=ref.shape[0],
+        max_abs=round(err.max().item(), 4),
+        mean_abs=round(err.mean().item(), 5),
+        logits_std=round(ref.std().item(), 4),
+        mean_kl=float(f"{kl.mean().item():.3e}"),
+        greedy_agreement=round((fp8.argmax(-1) == ref.argmax(-1)).float().mean().item(), 4),
     )
 
 
@@ -574,6 +616,10 @@ def main() -> None:
                 workload_p()
             elif s == "mix":
                 mix()
+            elif s == "a-fp8":  # workload A with an fp8 KV cache
+                workload_a(bw, 256, "A_fp8", kv_cache_dtype="fp8")
+            elif s == "fp8-accuracy":
+                fp8_accuracy()
             elif s == "a-mix":  # workload A with mixed decode+prefill steps
                 workload_a(bw, 256, "A_mix", mix_decode_and_prefill=True)
             elif s == "trace":

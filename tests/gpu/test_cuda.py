@@ -449,3 +449,76 @@ def test_pdl_decode_graphs_give_the_same_tokens(tmp_path):
             bm = llm.scheduler.block_manager
             assert bm.num_free_blocks == bm.num_blocks
     assert results[:2] == results[2:]
+
+
+# ---- fp8 KV cache ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_fp8_kv_kernels_match_reference(block_size):
+    """On the GPU the fp8 store is bit for bit torch's quantization (no interpreter
+    exceptions), and decode/prefill over fp8 caches match the torch reference in bf16."""
+    from nv_testing import assert_fp8_cache_equal
+
+    fp8 = torch.float8_e4m3fn
+    gen = torch.Generator().manual_seed(block_size)
+    heads, hkv, d, blocks, scales = 16, 8, 128, 64, (0.5, 2.0)
+    lens = [1, 100, block_size + 3, 700]
+    bt, slots = _paged(gen, lens, block_size, blocks)
+    flat = torch.tensor([s for row in slots for s in row], device=DEV)
+    k = (torch.randn(len(flat), hkv, d, generator=gen) * 100).to(DEV, torch.bfloat16)
+    v = torch.randn(len(flat), hkv, d, generator=gen).to(DEV, torch.bfloat16)
+    caches = [torch.zeros(blocks, block_size, hkv, d, dtype=fp8, device=DEV) for _ in range(4)]
+    store_kvcache(k, v, caches[0], caches[1], flat, *scales)
+    store_kvcache_ref(k, v, caches[2], caches[3], flat, *scales)
+    assert_fp8_cache_equal(caches[0], caches[2])
+    assert_fp8_cache_equal(caches[1], caches[3])
+    q = torch.randn(len(lens), heads, d, generator=gen).to(DEV, torch.bfloat16)
+    meta = AttentionMetadata(
+        False, torch.zeros(len(lens), dtype=torch.int64, device=DEV),
+        torch.tensor(lens, dtype=torch.int32, device=DEV), bt,
+    )  # fmt: skip
+    ref = decode_ref(q, caches[0], caches[1], meta, 0.1, scales).float()
+    out = decode_attention(q, caches[0], caches[1], meta, 0.1, kv_scales=scales).float()
+    assert (out - ref).norm() / ref.norm() < 2e-2
+    # prefill: each sequence's last 5 tokens (3 for the 1- and 3-token ones) against the cache
+    lens_q = [min(5, n) for n in lens]
+    ends = torch.tensor(lens).cumsum(0).tolist()
+    new = torch.cat([torch.arange(e - lq, e) for e, lq in zip(ends, lens_q, strict=True)])
+    qp = torch.randn(len(new), heads, d, generator=gen).to(DEV, torch.bfloat16)
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *ends], dtype=torch.int32)
+    pmeta = AttentionMetadata(
+        True, flat[new.to(DEV)], None, bt, cu_q.to(DEV), cu_k.to(DEV), max(lens_q), max(lens)
+    )
+    args = (qp, k[new.to(DEV)], v[new.to(DEV)], caches[0], caches[1], pmeta, 0.1, scales)
+    ref = prefill_ref(*args).float()
+    out = prefill_attention(*args).float()
+    assert (out - ref).norm() / ref.norm() < 2e-2
+
+
+def test_fp8_kv_engine_tokens_are_transformers_choice(fp32_model):
+    """The float32 engine with an fp8 cache (CUDA graphs, fused rope+store): each greedy token is
+    transformers' argmax given the same prefix, or a near-tie (as on CPU)."""
+    from transformers import Qwen3ForCausalLM
+
+    from nv_engine import LLM, SamplingParams
+
+    path, prompts, _ = fp32_model
+    hf = Qwen3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32).to(DEV)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in MAX_NEW]
+    kw = dict(dtype="float32", kvcache_block_size=16, max_num_batched_tokens=16)
+    with LLM(str(path), kv_cache_dtype="fp8", **kw) as llm:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    exact = total = 0
+    worst = 0.0
+    for prompt, out in zip(prompts, outs, strict=True):
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + out["token_ids"]], device=DEV)).logits[0]
+        for i, token in enumerate(out["token_ids"]):
+            row = logits[len(prompt) + i - 1]
+            exact += int(row.argmax().item() == token)
+            worst = max(worst, (row.max() - row[token]).item())
+            total += 1
+    print(f"fp8 KV on the GPU: {exact}/{total} exact, largest gap {worst:.3f}")
+    assert exact >= 0.85 * total and worst < 0.3
