@@ -108,3 +108,13 @@ def test_bench_runs_on_the_demo_model_with_short_lengths(tmp_path, monkeypatch, 
     assert result["output_tokens"] == sum(p.max_tokens for p in params)
     prompts, _ = nano_vllm_workload(3, 12, 5, vocab_size=128)
     assert all(0 <= t < 128 for p in prompts for t in p) and all(1 <= len(p) <= 12 for p in prompts)
+
+
+def test_kv_cache_dtype_flag(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NV_CACHE_DIR", str(tmp_path))
+    argv = ["generate", "--prompt", "Hello", "--max-tokens", "4", "--device", "cpu"]
+    assert main([*argv, "--kv-cache-dtype", "fp8"]) == 0
+    assert capsys.readouterr().out.count("Completion (") == 1
+    assert main([*argv, "--kv-cache-dtype", "int4"]) == 2
+    errors = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+    assert len(errors) == 1 and "kv_cache_dtype" in errors[0]
