@@ -192,3 +192,19 @@ def assert_fp8_cache_equal(got: torch.Tensor, want: torch.Tensor) -> None:
     # (up to the smallest normal, 2^-6, which truncation misses by one subnormal step too)
     truncated_subnormal = (w.abs() <= 2**-6) & (w.abs() - g.abs() == 2**-9) & (g * w >= 0)
     assert (dropped_carry | truncated_subnormal).all(), (g, w)
+
+
+def paged_layout(
+    gen: torch.Generator, lens: list[int], block_size: int, num_blocks: int
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """Each sequence's tokens scattered over randomly chosen, non-contiguous blocks: the block
+    tables `[num_seqs, max_blocks]` (int32, zero-padded) and each sequence's slot per token."""
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, slots = [], []
+    for n in lens:
+        blocks = [perm.pop() for _ in range(-(-n // block_size))]
+        tables.append(blocks)
+        slots.append([blocks[p // block_size] * block_size + p % block_size for p in range(n)])
+    width = max(len(t) for t in tables)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    return table, slots

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nv_testing import hf_greedy, save_tiny_qwen3, shared_prefix_prompts
+from nv_testing import hf_greedy, paged_layout, save_tiny_qwen3, shared_prefix_prompts
 
 from nv_engine.entrypoints.bench import QWEN3_0_6B_SHAPE
 from nv_kernels import AttentionMetadata, store_kvcache, store_kvcache_ref
@@ -18,15 +18,8 @@ DEV = "cuda"
 
 
 def _paged(gen, lens_k, block_size, num_blocks):
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
-    tables, slots = [], []
-    for n in lens_k:
-        blocks = [perm.pop() for _ in range(-(-n // block_size))]
-        tables.append(blocks)
-        slots.append([blocks[p // block_size] * block_size + p % block_size for p in range(n)])
-    width = max(len(t) for t in tables)
-    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-    return bt.to(DEV), slots
+    table, slots = paged_layout(gen, lens_k, block_size, num_blocks)
+    return table.to(DEV), slots
 
 
 def _tol(dtype):
@@ -511,14 +504,17 @@ def test_fp8_kv_engine_tokens_are_transformers_choice(fp32_model):
     with LLM(str(path), kv_cache_dtype="fp8", **kw) as llm:
         outs = llm.generate(prompts, params, use_tqdm=False)
     exact = total = 0
-    worst = 0.0
+    worst_rank = 0
     for prompt, out in zip(prompts, outs, strict=True):
         with torch.no_grad():
             logits = hf(torch.tensor([prompt + out["token_ids"]], device=DEV)).logits[0]
         for i, token in enumerate(out["token_ids"]):
             row = logits[len(prompt) + i - 1]
-            exact += int(row.argmax().item() == token)
-            worst = max(worst, (row.max() - row[token]).item())
+            rank = int((row > row[token]).sum().item())  # 0: transformers' argmax
+            exact += int(rank == 0)
+            worst_rank = max(worst_rank, rank)
             total += 1
-    print(f"fp8 KV on the GPU: {exact}/{total} exact, largest gap {worst:.3f}")
-    assert exact >= 0.85 * total and worst < 0.3
+    print(f"fp8 KV on the GPU: {exact}/{total} exact, worst rank {worst_rank}")
+    # On CPU (torch backend) this model gives 114/122 exact, every token in transformers' top 3
+    # (rank <= 2); a lost scale or a wrong cast gives tokens of chance rank (out of 512).
+    assert exact >= 0.85 * total and worst_rank <= 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nv_testing import assert_fp8_cache_equal
+from nv_testing import assert_fp8_cache_equal, paged_layout
 
 from nv_kernels import (
     AttentionMetadata,
@@ -19,18 +19,6 @@ from nv_kernels.triton_attention import decode_attention, prefill_attention
 
 FP8 = torch.float8_e4m3fn
 SCALES = [(1.0, 1.0), (0.05, 3.0)]
-
-
-def _paged(gen, lens, block_size, num_blocks):
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
-    tables, slots = [], []
-    for n in lens:
-        blocks = [perm.pop() for _ in range(-(-n // block_size))]
-        tables.append(blocks)
-        slots += [blocks[p // block_size] * block_size + p % block_size for p in range(n)]
-    width = max(len(t) for t in tables)
-    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-    return table, torch.tensor(slots, dtype=torch.int64)
 
 
 def test_quantize_saturates_and_rounds_like_torch():
@@ -67,7 +55,7 @@ def test_decode_fp8_cache_matches_reference(kv_scales, num_splits):
     gen = torch.Generator().manual_seed(num_splits)
     heads, hkv, d, bs, blocks = 4, 2, 16, 4, 48
     lens = [1, 5, 17, 33]
-    table, _ = _paged(gen, lens, bs, blocks)
+    table, _ = paged_layout(gen, lens, bs, blocks)
     shape = (blocks, bs, hkv, d)
     k_cache = quantize_kv(torch.randn(shape, generator=gen), torch.empty(0, dtype=FP8), 1.0)
     v_cache = quantize_kv(torch.randn(shape, generator=gen), torch.empty(0, dtype=FP8), 1.0)
@@ -94,7 +82,8 @@ def test_prefill_fp8_paged_context_matches_reference(kv_scales):
     gen = torch.Generator().manual_seed(5)
     heads, hkv, d, bs, blocks = 4, 2, 16, 4, 48
     lens_q, lens_k = [3, 8, 1], [3, 8 + 9, 1 + 4]  # prefixes of 0, 9 and 4 cached tokens
-    table, slots = _paged(gen, lens_k, bs, blocks)
+    table, slot_lists = paged_layout(gen, lens_k, bs, blocks)
+    slots = torch.tensor([x for row in slot_lists for x in row])
     shape = (blocks, bs, hkv, d)
     k_cache, v_cache = torch.zeros(shape, dtype=FP8), torch.zeros(shape, dtype=FP8)
     # the whole context goes through the store, as chunked prefill and prefix hits leave it
