@@ -107,9 +107,18 @@ class ModelRunner:
         a = layers[0]
         itemsize = torch.empty((), dtype=self.kv_dtype).element_size()
         block_bytes = 2 * len(layers) * self.block_size * a.num_kv_heads * a.head_dim * itemsize
-        num_blocks = self.config.num_kvcache_blocks or min(
-            self._blocks_from_memory(block_bytes), self.config.tuning.max_num_kvcache_blocks
-        )
+        num_blocks = self.config.num_kvcache_blocks
+        if num_blocks is None:
+            num_blocks = self._blocks_from_memory(block_bytes)
+            cap = self.config.tuning.max_num_kvcache_blocks
+            if num_blocks > cap:
+                logger.warning(
+                    "KV cache: memory for %d blocks, capped at max_num_kvcache_blocks=%d (a "
+                    "larger kvcache_block_size uses all of it)",
+                    num_blocks,
+                    cap,
+                )
+                num_blocks = cap
         if self.tp.size > 1:  # every rank must agree on the pool
             t = torch.tensor([num_blocks], device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.tp.group)
