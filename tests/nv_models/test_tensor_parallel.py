@@ -75,3 +75,30 @@ def test_tp2_matches_tp1(tmp_path, tied):
     got = torch.load(out_file)
     assert got.shape == ref.shape
     assert (got - ref).abs().max().item() <= 1e-4
+
+
+def test_all_reduce_routes_what_the_peer_path_handles(monkeypatch):
+    # TPGroup gives PeerAllReduce the messages it says it handles, everything else to NCCL/gloo
+    collective: list[torch.Tensor] = []
+    monkeypatch.setattr(dist, "all_reduce", lambda x, group=None: collective.append(x))
+
+    class Peer:
+        def __init__(self) -> None:
+            self.seen: list[torch.Tensor] = []
+
+        def handles(self, x: torch.Tensor) -> bool:
+            return x.dtype == torch.bfloat16 and x.numel() <= 4
+
+        def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+            self.seen.append(x)
+            return x * 2
+
+    peer = Peer()
+    tp = TPGroup(0, 2, None, peer)
+    small = torch.ones(4, dtype=torch.bfloat16)
+    assert torch.equal(tp.all_reduce(small), small * 2) and peer.seen == [small]
+    large, fp32 = torch.ones(8, dtype=torch.bfloat16), torch.ones(4)
+    assert tp.all_reduce(large) is large and tp.all_reduce(fp32) is fp32
+    assert len(peer.seen) == 1 and collective == [large, fp32]
+    assert TPGroup(0, 1, None, peer).all_reduce(small) is small  # one rank: nothing to do
+    assert len(peer.seen) == 1 and len(collective) == 2
