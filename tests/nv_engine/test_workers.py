@@ -241,3 +241,38 @@ def test_a_script_without_the_main_guard_fails_fast_and_says_why(tmp_path):
     assert r.returncode != 0
     assert "tensor-parallel worker rank 1 exited while starting" in r.stderr
     assert "__main__" in r.stderr.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_external_ranks_with_different_settings_fail_at_once(tmp_path):
+    """A worker launched with another block size than rank 0's: both ranks raise an error that
+    names the setting and each rank's value, rather than hanging or computing wrong tokens."""
+    import subprocess
+    import sys
+
+    from nv_testing import free_port
+
+    save_tiny_qwen3(tmp_path, seed=2)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
+    argv = [sys.executable, "-m", "nv_engine", "worker", "--model", str(tmp_path)]
+    flags = ["--device", "cpu", "--tensor-parallel-size", "2", "--kvcache-block-size", "16"]
+    worker = subprocess.Popen(
+        argv + flags,
+        env=dict(env, RANK="1", LOCAL_RANK="0"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _RANK0_SCRIPT, str(tmp_path)],
+            env=dict(env, RANK="0", LOCAL_RANK="0"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode != 0
+        assert "kvcache_block_size: rank 0 8, rank 1 16" in out.stderr, out.stderr[-2000:]
+        assert worker.wait(60) == 2  # the CLI's exit code for a bad setting
+        assert "kvcache_block_size: rank 0 8, rank 1 16" in worker.stderr.read()
+    finally:
+        worker.kill()

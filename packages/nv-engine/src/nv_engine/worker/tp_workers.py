@@ -323,7 +323,13 @@ class ExternalWorkers:
                 "for the other ranks"
             )
         tp = init_distributed(self.config, 0, None)
-        self.ctrl = _control_group(self.config)
+        ctrl = _control_group(self.config)
+        try:
+            check_same_settings(self.config, ctrl)
+        except ValueError:
+            dist.destroy_process_group()
+            raise
+        self.ctrl = ctrl
         return tp
 
     def all_alive(self) -> bool:
@@ -348,6 +354,33 @@ class ExternalWorkers:
                 dist.destroy_process_group()
 
 
+# Settings every rank must share: with different ones, ranks would pad a step differently (graph
+# sizes, eager or not), route all-reduces differently, wait for a sampled-token broadcast that
+# never comes, or read the cache in another layout: a hang or wrong tokens rather than an error.
+_SHARED_SETTINGS = (
+    "tensor_parallel_size", "max_model_len", "max_num_seqs", "kvcache_block_size", "dtype",
+    "kv_cache_dtype", "enforce_eager", "attention_backend", "async_scheduling",
+)  # fmt: skip
+_SHARED_TUNING = ("cuda_graph_batch_sizes", "peer_all_reduce_max_bytes")
+
+
+def check_same_settings(config: Config, ctrl: dist.ProcessGroup) -> None:
+    """Every rank shows the others its settings (over the control group); all raise the same
+    ValueError, naming each setting and each rank's value, when they differ. Ranks launched
+    apart (`nv-engine worker`) get theirs from their own flags."""
+    mine = {name: getattr(config, name) for name in _SHARED_SETTINGS}
+    mine.update({name: getattr(config.tuning, name) for name in _SHARED_TUNING})
+    every: list[Any] = [None] * config.tensor_parallel_size
+    dist.all_gather_object(every, mine, group=ctrl)
+    differ = [name for name in mine if len({repr(s[name]) for s in every}) > 1]
+    if differ:
+        values = "; ".join(
+            f"{name}: " + ", ".join(f"rank {r} {s[name]!r}" for r, s in enumerate(every))
+            for name in differ
+        )
+        raise ValueError(f"tensor-parallel ranks were started with different settings ({values})")
+
+
 def _control_group(config: Config) -> dist.ProcessGroup:
     return dist.new_group(
         backend="gloo", timeout=timedelta(seconds=config.tuning.distributed_timeout_s)
@@ -363,8 +396,9 @@ def serve_external_worker(config: Config) -> None:
     if rank == 0:
         raise ValueError("RANK=0 runs the engine (LLM); workers are ranks 1..WORLD_SIZE-1")
     tp = init_distributed(config, rank, None)
-    ctrl = _control_group(config)
     try:
+        ctrl = _control_group(config)
+        check_same_settings(config, ctrl)
         runner = ModelRunner(config, rank, tp)
         while True:
             box: list[Any] = [None]
