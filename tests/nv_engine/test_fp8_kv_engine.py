@@ -112,3 +112,46 @@ def test_unsupported_settings_name_the_field(tiny, monkeypatch):
     monkeypatch.setattr(TorchAttentionBackend, "supports_fp8_kv", False)
     with pytest.raises(ValueError, match="kv_cache_dtype='fp8' is not supported by"):
         LLM(str(path), device="cpu", kv_cache_dtype="fp8")
+
+
+def test_calibrated_scales_from_the_checkpoint(tiny, tmp_path):
+    """A checkpoint's k_scale / v_scale reach the fp8 cache (the stored values are x / scale) and
+    are ignored by a cache in the model's dtype (greedy tokens stay exactly transformers')."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, hf = tiny
+    path = tmp_path / "scaled"
+    shutil.copytree(src, path)
+    tensors = load_file(path / "model.safetensors")
+    for i in range(hf.config.num_hidden_layers):
+        tensors[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(0.25)
+        tensors[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(0.125)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    prompt = shared_prefix_prompts(LENS)[3]  # 30 tokens
+    p = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0]
+    with LLM(str(path), device="cpu") as llm:
+        assert llm.generate([prompt], p, use_tqdm=False)[0]["token_ids"] == ref[30:].tolist()
+    stored = {}
+    for name, scales in (("unit", None), ("scaled", (0.25, 0.125))):
+        with LLM(str(src if scales is None else path), device="cpu", kv_cache_dtype="fp8") as llm:
+            from nv_models import Attention
+
+            layers = [m for m in llm.model_runner.model.modules() if isinstance(m, Attention)]
+            assert all(a.kv_scales == (scales or (1.0, 1.0)) for a in layers)
+            llm.generate([prompt], p, use_tqdm=False)
+            # the prompt's K/V (block 0): one prefill that attends to its fresh K/V, so they do
+            # not depend on the cache (the generated tokens may)
+            stored[name] = llm.model_runner.kv_cache[:, :, 0, :30].float().clone()
+    # the same K (V) stored divided by 0.25 (0.125), a power of two: 4x (8x) the unit-scale
+    # values, exactly, except where the unit-scale ones were subnormal (coarser steps)
+    for i, factor in ((0, 4.0), (1, 8.0)):
+        unit, scaled = stored["unit"][i], stored["scaled"][i]
+        # (2^-6, the smallest normal, is also where subnormals round up to)
+        normal = (unit.abs() > 2**-6) & ((unit * factor).abs() <= 448)
+        assert normal.float().mean() > 0.9
+        assert torch.equal(scaled[normal], unit[normal] * factor)
+        torch.testing.assert_close(scaled, unit * factor, rtol=0.07, atol=factor * 2**-9)

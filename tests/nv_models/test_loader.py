@@ -70,3 +70,22 @@ def test_no_weights(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(WeightLoadError, match="no \\*.safetensors"):
         load_ours(tmp_path)
+
+
+def test_calibrated_kv_scales_load_onto_the_attention_layers(ckpt):
+    from nv_models import Attention
+
+    def edit(t):
+        t["model.layers.0.self_attn.k_scale"] = torch.tensor(0.5)
+        t["model.layers.1.self_attn.v_scale"] = torch.tensor([2.0])
+
+    _rewrite(ckpt, edit)
+    layers = [m for m in load_ours(ckpt).modules() if isinstance(m, Attention)]
+    assert [a.kv_scales for a in layers] == [(0.5, 1.0), (1.0, 2.0)]
+
+
+@pytest.mark.parametrize("bad", [torch.tensor(0.0), torch.tensor([1.0, 2.0]), torch.tensor(-1.0)])
+def test_bad_kv_scale_is_named(ckpt, bad):
+    _rewrite(ckpt, lambda t: t.__setitem__("model.layers.1.self_attn.k_scale", bad))
+    with pytest.raises(WeightLoadError, match=r"layers\.1\.self_attn\.k_scale.*one positive"):
+        load_ours(ckpt)

@@ -10,6 +10,9 @@ from nv_models.layers.linear import ShapeMismatch
 
 # Buffers some checkpoints carry that we recompute.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Calibrated fp8 KV-cache scales (llm-compressor's `kv_cache_scheme`): one scalar per layer for
+# K and V, kept on the layer's Attention (`kv_scales`); only fp8 caches use them.
+_KV_SCALE_SUFFIXES = (".self_attn.k_scale", ".self_attn.v_scale")
 
 
 class WeightLoadError(ValueError):
@@ -57,6 +60,9 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
         for name in names:
             if name.endswith(_IGNORED_SUFFIXES):
                 continue
+            if name.endswith(_KV_SCALE_SUFFIXES):
+                _load_kv_scale(model, name, handle.get_tensor(name), file)
+                continue
             target, shard_id = _target(name, packed)
             if target not in params:
                 raise WeightLoadError(f"unexpected tensor {name!r} in {file} (no such parameter)")
@@ -83,6 +89,22 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
     ]
     if missing:
         raise WeightLoadError(f"missing tensors in {model_dir}: {', '.join(missing)}")
+
+
+def _load_kv_scale(model: nn.Module, name: str, tensor: torch.Tensor, file: Path) -> None:
+    from nv_models.layers.attention import Attention
+
+    module_name, which = name.rsplit(".", 1)
+    attn = dict(model.named_modules()).get(module_name + ".attn")
+    if not isinstance(attn, Attention):
+        raise WeightLoadError(f"unexpected tensor {name!r} in {file} (no attention layer there)")
+    if tensor.numel() != 1 or not (value := float(tensor.float().reshape(()))) > 0:
+        raise WeightLoadError(
+            f"tensor {name!r} in {file} must be one positive scale, got shape "
+            f"{tuple(tensor.shape)} and values {tensor.flatten()[:4].tolist()}"
+        )
+    k, v = attn.kv_scales
+    attn.kv_scales = (value, v) if which == "k_scale" else (k, value)
 
 
 def _copy_whole(param: nn.Parameter, tensor: torch.Tensor) -> None:
