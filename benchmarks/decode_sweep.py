@@ -1,11 +1,12 @@
 """Sweep the decode kernel's launch configuration on realistic shapes, timed as CUDA-graph
 replays inside a large KV cache (like the engine's), each config checked against the reference.
 
-    python benchmarks/decode_sweep.py
+    python benchmarks/decode_sweep.py [--kv-dtype fp8]
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 
@@ -39,12 +40,16 @@ def graph_time_us(fn, reps: int = 20) -> float:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16")
+    fp8 = ap.parse_args().kv_dtype == "fp8"
+    kv_dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
     bw = 4.15e12
     shapes = {256: [(256, 550), (256, 1100), (64, 1500), (1, 1200)], 16: [(256, 550), (1, 1200)]}
     for block_size, cases in shapes.items():
-        token_bytes = HKV * D * 2
+        token_bytes = HKV * D * (1 if fp8 else 2)
         num_blocks = CACHE_GIB * 2**30 // (2 * block_size * token_bytes)
-        kc = torch.zeros(num_blocks, block_size, HKV, D, device="cuda", dtype=torch.bfloat16)
+        kc = torch.zeros(num_blocks, block_size, HKV, D, device="cuda", dtype=kv_dtype)
         vc = torch.zeros_like(kc)
         for batch, ctx in cases:
             per = -(-ctx // block_size)
@@ -64,7 +69,7 @@ def main() -> None:
             splits_opts = [1, 2, 4] if batch >= 32 else [8, 16, 32]
             best = None
             for block_n, warps, stages, splits in itertools.product(
-                (32, 64), (4, 8), (2, 4), splits_opts
+                (32, 64, 128) if fp8 else (32, 64), (4, 8), (2, 4), splits_opts
             ):
                 fn = lambda: decode_attention(
                     q,
@@ -85,6 +90,7 @@ def main() -> None:
                     continue
                 err = ((out - ref).norm() / ref.norm()).item()
                 row = dict(
+                    kv_dtype=str(kv_dtype),
                     block_size=block_size,
                     batch=batch,
                     ctx=ctx,
