@@ -3,10 +3,12 @@
     python benchmarks/tp_bench.py [sections...]   # default: allreduce scaling
 sections:
   allreduce  one all-reduce of a [rows, hidden] bf16 message (rows 1..16384; hidden 1024 and
-             4096), NCCL against PeerAllReduce (symmetric memory, one-shot), each call timed as
+             4096), NCCL against PeerAllReduce (symmetric memory: `peer` one-shot, `peer2`
+             two-shot), each call timed as
              72 back-to-back calls in one CUDA graph; and per decode step (2 per layer + 1)
   scaling    workload A on the Qwen3-8B and Qwen3-0.6B shapes: TP=1, TP=2 (overlapped
-             scheduling), TP=2 with scheduling synchronous, TP=2 with PeerAllReduce
+             scheduling), TP=2 with scheduling synchronous, TP=2 with PeerAllReduce (one-shot,
+             two-shot)
 Prints one JSON line per result.
 """
 
@@ -45,22 +47,25 @@ def _allreduce_rank(rank: int, store_path: str) -> None:
     dist.init_process_group("nccl", store=store, rank=rank, world_size=2)
     device = torch.device("cuda", rank)
     group = dist.group.WORLD
-    peer = PeerAllReduce(group, device, 64 << 20)
+    peers = {
+        "peer": PeerAllReduce(group, device, 64 << 20),
+        "peer2": PeerAllReduce(group, device, 64 << 20, algorithm="two_shot"),
+    }
     for hidden in (1024, 4096):
         for rows in ROWS:
             torch.manual_seed(rows)  # the same x on both ranks
             x = torch.randn(rows, hidden, dtype=torch.bfloat16, device=device)
             ref = x.float() * 2
             row = {"hidden": hidden, "rows": rows, "mbytes": round(x.numel() * 2 / 2**20, 3)}
-            for name in ("nccl", "peer"):
-                if name == "peer" and not peer.handles(x):
+            for name in ("nccl", *peers):
+                if name != "nccl" and not peers[name].handles(x):
                     continue
 
                 def op(y: torch.Tensor, name: str = name) -> None:
                     if name == "nccl":
                         dist.all_reduce(y, group=group)
                     else:
-                        peer.all_reduce(y)
+                        peers[name].all_reduce(y)
 
                 y = x.clone()
                 op(y)
@@ -106,6 +111,14 @@ def scaling() -> None:
         ("tp2", dict(tensor_parallel_size=2)),
         ("tp2_sync", dict(tensor_parallel_size=2, async_scheduling=False)),
         ("tp2_peer", dict(tensor_parallel_size=2, peer_all_reduce_max_bytes=8 << 20)),
+        (
+            "tp2_peer2",
+            dict(
+                tensor_parallel_size=2,
+                peer_all_reduce_max_bytes=8 << 20,
+                peer_all_reduce_algorithm="two_shot",
+            ),
+        ),
     ]
     for shape, cfg in (("8b", QWEN3_8B), ("0.6b", QWEN3_06B)):
         base = None

@@ -8,13 +8,25 @@ import torch.distributed as dist
 
 class PeerAllReduce:
     """All-reduce of small bf16 messages through symmetric (peer-mapped) memory: each rank copies
-    its part into a buffer every peer can read, and one kernel reads all parts and sums them
-    (torch's `symm_mem.one_shot_all_reduce`): one launch and no ring steps, for decode-sized
+    its part into a buffer every peer can read, then torch's symmetric-memory kernels sum them:
+    `one_shot` (one kernel reads every part) or `two_shot` (each rank reduces a slice, then
+    gathers the others', in place). No ring steps, one or two launches, for decode-sized
     messages. NVLink multicast is not used. Larger or other-dtype messages go to NCCL."""
 
-    def __init__(self, group: dist.ProcessGroup, device: torch.device, max_bytes: int) -> None:
+    ALGORITHMS = ("one_shot", "two_shot")
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        device: torch.device,
+        max_bytes: int,
+        algorithm: str = "one_shot",
+    ) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
+        if algorithm not in self.ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {self.ALGORITHMS}, got {algorithm!r}")
+        self.algorithm = algorithm
         self.group_name = group.group_name
         self.max_numel = max_bytes // 2
         self.buffer = symm_mem.empty(self.max_numel, dtype=torch.bfloat16, device=device)
@@ -26,7 +38,11 @@ class PeerAllReduce:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         part = self.buffer[: x.numel()]
         part.copy_(x.view(-1))
-        torch.ops.symm_mem.one_shot_all_reduce_out(part, "sum", self.group_name, x.view(-1))
+        if self.algorithm == "one_shot":
+            torch.ops.symm_mem.one_shot_all_reduce_out(part, "sum", self.group_name, x.view(-1))
+        else:
+            torch.ops.symm_mem.two_shot_all_reduce_(part, "sum", self.group_name)
+            x.view(-1).copy_(part)
         return x
 
 

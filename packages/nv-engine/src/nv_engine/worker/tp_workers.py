@@ -129,7 +129,10 @@ def init_distributed(config: Config, rank: int, store: dist.Store | None) -> TPG
     peer = None
     if backend == "nccl" and config.tuning.peer_all_reduce_max_bytes > 0:
         device = torch.device("cuda", torch.cuda.current_device())
-        peer = PeerAllReduce(dist.group.WORLD, device, config.tuning.peer_all_reduce_max_bytes)
+        t = config.tuning
+        peer = PeerAllReduce(
+            dist.group.WORLD, device, t.peer_all_reduce_max_bytes, t.peer_all_reduce_algorithm
+        )
     return TPGroup(rank, world, dist.group.WORLD, peer)
 
 
@@ -361,7 +364,11 @@ _SHARED_SETTINGS = (
     "tensor_parallel_size", "max_model_len", "max_num_seqs", "kvcache_block_size", "dtype",
     "kv_cache_dtype", "enforce_eager", "attention_backend", "async_scheduling",
 )  # fmt: skip
-_SHARED_TUNING = ("cuda_graph_batch_sizes", "peer_all_reduce_max_bytes")
+_SHARED_TUNING = (
+    "cuda_graph_batch_sizes",
+    "peer_all_reduce_max_bytes",
+    "peer_all_reduce_algorithm",
+)
 
 
 def check_same_settings(config: Config, ctrl: dist.ProcessGroup) -> None:
