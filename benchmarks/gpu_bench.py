@@ -351,8 +351,14 @@ def mix() -> None:
             torch.cuda.synchronize()
             t_prev = time.perf_counter()
             last = {s.seq_id: t_prev for s in llm.scheduler.running}
-            ttft = None
-            while ttft is None and len(steps) < 50:
+            ttft = first_token_step = None
+            decoders = set(last)
+
+            def window_open() -> bool:  # until the prompt's first token, and every decoder's
+                # next one after it (a gap spanning the prefill must be closed to be measured)
+                return ttft is None or any(last[r] <= ttft for r in decoders)
+
+            while window_open() and len(steps) < 50:
                 outs = llm.step()
                 now = time.perf_counter()
                 was_prefill, n = llm.last_step
@@ -360,7 +366,8 @@ def mix() -> None:
                 t_prev = now
                 for o in outs:
                     if o.request_id == long_id:
-                        ttft = now
+                        if ttft is None:
+                            ttft, first_token_step = now, len(steps)
                         continue
                     rid = o.request_id
                     if rid in last:
@@ -372,7 +379,7 @@ def mix() -> None:
                 decode_step_ms=round(decode_ms, 2),
                 max_gap_ms=round(max(gaps.values()) * 1e3, 2),
                 max_step_ms=max(t for t, _, _ in steps),
-                steps_to_first_token=len(steps),
+                steps_to_first_token=first_token_step if ttft is not None else None,
                 steps_ms_kind_tokens=steps,
             )
 
