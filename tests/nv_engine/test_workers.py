@@ -147,43 +147,41 @@ print(json.dumps([o["token_ids"] for o in outs]), flush=True)
 """
 
 
-@pytest.mark.slow
-def test_external_ranks_via_env_rendezvous(tmp_path):
-    """Two "nodes" on one host, launched like torchrun: rank 0 runs the engine, rank 1 runs
-    `nv-engine worker`; they meet through MASTER_ADDR/MASTER_PORT."""
-    import json
+def _external_ranks(model, block_size: int, **worker_kw):
+    """Rank 1 as `nv-engine worker` (a Popen, with `block_size`) and a function that runs rank 0
+    (`_RANK0_SCRIPT`, block size 8) to completion; both meet through MASTER_ADDR/MASTER_PORT."""
     import subprocess
     import sys
 
     from nv_testing import free_port
 
-    save_tiny_qwen3(tmp_path, seed=2)
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "nv_engine",
-            "worker",
-            "--model",
-            str(tmp_path),
-            "--device",
-            "cpu",
-            "--tensor-parallel-size",
-            "2",
-            "--kvcache-block-size",
-            "8",
-        ],
-        env=dict(env, RANK="1", LOCAL_RANK="0"),
-    )
-    try:
-        out = subprocess.run(
-            [sys.executable, "-c", _RANK0_SCRIPT, str(tmp_path)],
+    argv = [sys.executable, "-m", "nv_engine", "worker", "--model", str(model), "--device", "cpu"]
+    flags = ["--tensor-parallel-size", "2", "--kvcache-block-size", str(block_size)]
+    worker = subprocess.Popen(argv + flags, env=dict(env, RANK="1", LOCAL_RANK="0"), **worker_kw)
+
+    def rank0() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", _RANK0_SCRIPT, str(model)],
             env=dict(env, RANK="0", LOCAL_RANK="0"),
             capture_output=True,
             text=True,
             timeout=120,
         )
+
+    return worker, rank0
+
+
+@pytest.mark.slow
+def test_external_ranks_via_env_rendezvous(tmp_path):
+    """Two "nodes" on one host, launched like torchrun: rank 0 runs the engine, rank 1 runs
+    `nv-engine worker`; they meet through MASTER_ADDR/MASTER_PORT."""
+    import json
+
+    save_tiny_qwen3(tmp_path, seed=2)
+    worker, rank0 = _external_ranks(tmp_path, 8)
+    try:
+        out = rank0()
         assert out.returncode == 0, out.stderr[-2000:]
         got = json.loads(out.stdout.strip().splitlines()[-1])
         assert worker.wait(30) == 0  # the worker left when the engine closed
@@ -248,28 +246,11 @@ def test_external_ranks_with_different_settings_fail_at_once(tmp_path):
     """A worker launched with another block size than rank 0's: both ranks raise an error that
     names the setting and each rank's value, rather than hanging or computing wrong tokens."""
     import subprocess
-    import sys
-
-    from nv_testing import free_port
 
     save_tiny_qwen3(tmp_path, seed=2)
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
-    argv = [sys.executable, "-m", "nv_engine", "worker", "--model", str(tmp_path)]
-    flags = ["--device", "cpu", "--tensor-parallel-size", "2", "--kvcache-block-size", "16"]
-    worker = subprocess.Popen(
-        argv + flags,
-        env=dict(env, RANK="1", LOCAL_RANK="0"),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    worker, rank0 = _external_ranks(tmp_path, 16, stderr=subprocess.PIPE, text=True)
     try:
-        out = subprocess.run(
-            [sys.executable, "-c", _RANK0_SCRIPT, str(tmp_path)],
-            env=dict(env, RANK="0", LOCAL_RANK="0"),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        out = rank0()
         assert out.returncode != 0
         assert "kvcache_block_size: rank 0 8, rank 1 16" in out.stderr, out.stderr[-2000:]
         assert worker.wait(60) == 2  # the CLI's exit code for a bad setting
