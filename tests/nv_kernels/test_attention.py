@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from nv_testing import paged_layout
 
 from nv_kernels import AttentionMetadata, store_kvcache, store_kvcache_ref
 from nv_kernels.torch_attention import TorchAttentionBackend, decode_ref, prefill_ref
@@ -124,3 +125,33 @@ def test_torch_backend_writes_cache_then_attends():
     assert torch.equal(k_cache[3, 0, 0], k[0, 0]) and torch.equal(k_cache[1, 0, 0], k[2, 0])
     # Token 0 attends only to itself: its output is its own value.
     torch.testing.assert_close(out[0], v[0])
+
+
+@pytest.mark.parametrize("paged", [True, False])
+def test_prefill_grid_covers_skewed_lengths(paged):
+    # one long chunk beside one-token rows (a mixed step's decode rows), lengths at, just under
+    # and just over the CPU query block (16), and an empty-prefix one: every query of every
+    # sequence is computed once (the grid follows the total tokens, see _find_query_block)
+    gen = torch.Generator().manual_seed(21)
+    heads, hkv, d, bs, blocks = 4, 2, 16, 8, 128
+    lens_q = [1, 70, 1, 16, 15, 17, 1, 32, 1]
+    prefix = [40, 0, 9, 0, 3, 0, 23, 0, 1] if paged else [0] * len(lens_q)
+    lens_k = [q + p for q, p in zip(lens_q, prefix, strict=True)]
+    table, slot_lists = paged_layout(gen, lens_k, bs, blocks)
+    q = torch.randn(sum(lens_q), heads, d, generator=gen)
+    shape = (blocks, bs, hkv, d)
+    k_cache, v_cache = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    new = [s[-lq:] for s, lq in zip(slot_lists, lens_q, strict=True)]
+    slots = torch.tensor([x for s in new for x in s])
+    k = torch.randn(len(slots), hkv, d, generator=gen)
+    v = torch.randn(len(slots), hkv, d, generator=gen)
+    store_kvcache_ref(k, v, k_cache, v_cache, slots)
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
+    meta = AttentionMetadata(
+        True, slots, None, table if paged else None, cu_q, cu_q if not paged else cu_k,
+        max(lens_q), max(lens_k),
+    )  # fmt: skip
+    out = prefill_attention(q, k, v, k_cache, v_cache, meta, 0.25)
+    ref = prefill_ref(q, k, v, k_cache, v_cache, meta, 0.25)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -52,7 +52,24 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
         return m_new, l_i, acc
 
-    @triton.jit(do_not_specialize=["stride_bt"])
+    @triton.jit
+    def _find_query_block(cu_q_ptr, slot, num_seqs, BLOCK_M: tl.constexpr):
+        """The sequence and query block that prefill program `slot` computes. Sequence i owns
+        the slots from cu_q[i] // BLOCK_M + i on: at least the cdiv(len_q, BLOCK_M) it needs,
+        since floor(b / M) - floor(a / M) + 1 >= cdiv(b - a, M). So the grid follows the step's
+        total query tokens rather than num_seqs x its longest chunk, which left most programs
+        empty when one long prompt shares a step with short ones (or with decode rows)."""
+        lo = 0
+        hi = num_seqs - 1
+        while lo < hi:  # the last sequence whose first slot is <= slot
+            mid = (lo + hi + 1) // 2
+            if tl.load(cu_q_ptr + mid) // BLOCK_M + mid <= slot:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo, slot - (tl.load(cu_q_ptr + lo) // BLOCK_M + lo)
+
+    @triton.jit(do_not_specialize=["stride_bt", "num_seqs"])
     def _prefill_kernel(
         q_ptr,
         k_ptr,
@@ -78,6 +95,7 @@ if triton is not None:
         stride_bt,
         stride_ot,
         stride_oh,
+        num_seqs,
         G: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
         D: tl.constexpr,
@@ -86,9 +104,8 @@ if triton is not None:
         PAGED: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        mb = tl.program_id(0)
-        seq = tl.program_id(1)
-        head = tl.program_id(2)
+        seq, mb = _find_query_block(cu_q_ptr, tl.program_id(0), num_seqs, BLOCK_M)
+        head = tl.program_id(1)
         kv_head = head // G
         q_start = tl.load(cu_q_ptr + seq)
         len_q = tl.load(cu_q_ptr + seq + 1) - q_start
@@ -321,7 +338,7 @@ def prefill_attention(
     block_m, block_n = (64, 64) if head_dim <= 64 else (64, 32)
     if q.device.type != "cuda":
         block_m = block_n = 16
-    grid = (triton.cdiv(meta.max_seqlen_q, block_m), num_seqs, num_heads)
+    grid = (q.shape[0] // block_m + num_seqs, num_heads)  # see _find_query_block
     _prefill_kernel[grid](
         q,
         k,
@@ -346,6 +363,7 @@ def prefill_attention(
         block_tables.stride(0),
         o.stride(0),
         o.stride(1),
+        num_seqs,
         G=num_heads // num_kv_heads,
         BLOCK_SIZE=block_size,
         D=head_dim,
