@@ -55,7 +55,7 @@ class EngineTuning:
     # TP all-reduces of bf16 messages up to this size go through symmetric memory
     # (PeerAllReduce) instead of NCCL (0: NCCL always)
     peer_all_reduce_max_bytes: int = 0
-    peer_all_reduce_algorithm: str = "one_shot"  # or two_shot (PeerAllReduce.ALGORITHMS)
+    peer_all_reduce_algorithm: str = "one_shot"  # PeerAllReduce.ALGORITHMS
 
     def __post_init__(self) -> None:
         sizes = tuple(sorted(set(self.cuda_graph_batch_sizes)))
@@ -67,9 +67,11 @@ class EngineTuning:
         _positive_int("cpu_kvcache_bytes", self.cpu_kvcache_bytes)
         _int_at_least("cuda_graph_reserve_bytes", self.cuda_graph_reserve_bytes, 0)
         _int_at_least("peer_all_reduce_max_bytes", self.peer_all_reduce_max_bytes, 0)
-        if self.peer_all_reduce_algorithm not in ("one_shot", "two_shot"):
+        from nv_models import PeerAllReduce
+
+        if self.peer_all_reduce_algorithm not in PeerAllReduce.ALGORITHMS:
             raise ValueError(
-                "peer_all_reduce_algorithm must be one_shot or two_shot, got "
+                f"peer_all_reduce_algorithm must be one of {PeerAllReduce.ALGORITHMS}, got "
                 f"{self.peer_all_reduce_algorithm!r}"
             )
         _positive_int("max_num_kvcache_blocks", self.max_num_kvcache_blocks)

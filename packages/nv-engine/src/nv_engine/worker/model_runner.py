@@ -70,6 +70,8 @@ class ModelRunner:
         self._readback = DeviceToHost(config.max_num_seqs, self.device)
         # the last step's sampled tokens (on the device) and the rows they were sampled for
         self._last_sampled: tuple[torch.Tensor, list[ScheduledSeq]] | None = None
+        # with TP and overlapped scheduling, rank 0 broadcasts them (see _receive_sampled)
+        self._shares_sampled = tp.size > 1 and config.async_scheduling
         self.num_blocks = self._allocate_kv_cache()
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager and backend.cuda_graph_safe:
@@ -240,8 +242,7 @@ class ModelRunner:
         tokens (one per scheduled sequence with sample=True) as a `SampledTokens` to collect
         later. Decode rows whose input token is still `PENDING` take it, on the device, from the
         previous step's sampled tokens."""
-        sampled_rows = [s for s in plan.seqs if s.sample]
-        rows = sampled_rows if self.sampler is not None else []
+        rows = [s for s in plan.seqs if s.sample] if self.sampler is not None else []
         prompt_lps = None
         if plan.is_prefill:
             ids, pos, meta, logits_indices, st = self._prepare_prefill(plan, rows)
@@ -261,7 +262,7 @@ class ModelRunner:
             else:
                 logits = self.model.compute_logits(self.model(ids, pos, meta))
         if not rows:  # not rank 0, or a prefill step of unfinished chunks only
-            self._last_sampled = self._share_sampled(None, sampled_rows)
+            self._last_sampled = self._receive_sampled(plan) if self.sampler is None else None
             if prompt_lps is None:
                 return None
             no_tokens = torch.empty(0, dtype=torch.int64, device=self.device)
@@ -273,26 +274,24 @@ class ModelRunner:
             inputs = ids[logits_indices] if plan.is_prefill else ids
             logits = process_logits(logits, rows, inputs)
         sampled = self.sampler(logits, st)
-        self._last_sampled = self._share_sampled(sampled, rows)
+        if self._shares_sampled:
+            dist.broadcast(sampled, src=0, group=self.tp.group)
+        self._last_sampled = (sampled, rows)
         logprobs = None
         if plan.has_extras and any(s.logprobs is not None for s in rows):
             logprobs = token_logprobs(raw, sampled, max(s.logprobs or 0 for s in rows))
         return self._readback.send(sampled, logprobs, prompt_lps)
 
-    def _share_sampled(
-        self, sampled: torch.Tensor | None, rows: list[ScheduledSeq]
-    ) -> tuple[torch.Tensor, list[ScheduledSeq]] | None:
-        """The step's sampled tokens as every rank keeps them for the next step's pending inputs.
-        With overlapped scheduling and TP, rank 0 broadcasts them on the device (queued behind
-        the sampler, no host sync), since the next plan reaches the workers before the host
-        knows them."""
+    def _receive_sampled(self, plan: StepPlan) -> tuple[torch.Tensor, list[ScheduledSeq]] | None:
+        """A worker's copy of the step's sampled tokens, for the next step's pending inputs:
+        with overlapped scheduling the next plan reaches the workers before the host knows the
+        tokens, so rank 0 broadcasts them on the device, queued behind its sampler."""
+        rows = [s for s in plan.seqs if s.sample] if self._shares_sampled else []
         if not rows:
             return None
-        if self.tp.size > 1 and self.config.async_scheduling:
-            if sampled is None:  # a worker: receive rank 0's
-                sampled = torch.empty(len(rows), dtype=torch.int64, device=self.device)
-            dist.broadcast(sampled, src=0, group=self.tp.group)
-        return None if sampled is None else (sampled, rows)
+        sampled = torch.empty(len(rows), dtype=torch.int64, device=self.device)
+        dist.broadcast(sampled, src=0, group=self.tp.group)
+        return sampled, rows
 
     def _pending_inputs(self, plan: StepPlan) -> list[int] | None:
         """For each row, the index of its input token among the previous step's sampled tokens,
