@@ -1,7 +1,10 @@
 """Sweep the decode kernel's launch configuration on realistic shapes, timed as CUDA-graph
 replays inside a large KV cache (like the engine's), each config checked against the reference.
 
-    python benchmarks/decode_sweep.py [--kv-dtype fp8]
+    python benchmarks/decode_sweep.py [--kv-dtype fp8] [--quick]
+
+--quick: block size 256, workload A's shapes, fewer configurations. With fp8, also the dots in
+bf16 against fp16 and the kernel's PREFETCH (register double-buffering) on and off.
 """
 
 from __future__ import annotations
@@ -42,10 +45,16 @@ def graph_time_us(fn, reps: int = 20) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16")
-    fp8 = ap.parse_args().kv_dtype == "fp8"
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    fp8 = args.kv_dtype == "fp8"
     kv_dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
     bw = 4.15e12
     shapes = {256: [(256, 550), (256, 1100), (64, 1500), (1, 1200)], 16: [(256, 550), (1, 1200)]}
+    if args.quick:
+        shapes = {256: [(256, 550), (256, 1100), (1, 1200)]}
+    dots = (torch.bfloat16, torch.float16) if fp8 and not args.quick else (None,)
+    prefetches = (False, True) if fp8 else (False,)
     for block_size, cases in shapes.items():
         token_bytes = HKV * D * (1 if fp8 else 2)
         num_blocks = CACHE_GIB * 2**30 // (2 * block_size * token_bytes)
@@ -67,9 +76,12 @@ def main() -> None:
             ref = decode_attention(q, kc, vc, meta, D**-0.5).float()
             nbytes = 2 * int(lens.sum()) * token_bytes
             splits_opts = [1, 2, 4] if batch >= 32 else [8, 16, 32]
+            stages_opts = (2, 4)
+            if args.quick:
+                splits_opts, stages_opts = [splits_opts[0 if batch >= 32 else 1]], (1, 3)
             best = None
-            for block_n, warps, stages, splits in itertools.product(
-                (32, 64, 128) if fp8 else (32, 64), (4, 8), (2, 4), splits_opts
+            for dot, prefetch, block_n, warps, stages, splits in itertools.product(
+                dots, prefetches, (64, 128) if fp8 else (32, 64), (4, 8), stages_opts, splits_opts
             ):
                 fn = lambda: decode_attention(
                     q,
@@ -81,6 +93,8 @@ def main() -> None:
                     block_n=block_n,
                     num_warps=warps,
                     num_stages=stages,
+                    dot_dtype=dot,
+                    prefetch=prefetch,
                 )
                 try:
                     out = fn().float()
@@ -94,6 +108,8 @@ def main() -> None:
                     block_size=block_size,
                     batch=batch,
                     ctx=ctx,
+                    dot=str(dot),
+                    prefetch=prefetch,
                     block_n=block_n,
                     warps=warps,
                     stages=stages,

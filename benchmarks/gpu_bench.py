@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_bench.py [sections...]   # default: all
 sections: env bandwidth kernels a a-pdl-all a-pdl-skinny128 a16 a-mix a-fp8 fp8-accuracy
-          batch1 batch1-nopdl p mix trace kprofile hf
+          batch1 batch1-nopdl p mix trace kprofile kprofile-fp8 hf
 Prints one JSON line per result and a summary table last.
 """
 
@@ -470,15 +470,15 @@ def trace() -> None:
         report("trace_A_total", seconds=round(total, 2), gpu_us_per_step=windows)
 
 
-def kprofile() -> None:
+def kprofile(**config) -> None:
     """GPU kernels of a 16k-token prefill step, the batch-1 decode step and a 256-sequence
-    decode step."""
+    decode step (engine settings `config`, e.g. an fp8 KV cache)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
     from nv_engine import SamplingParams
 
-    with make_llm(kvcache_block_size=256) as llm:
+    with make_llm(kvcache_block_size=256, **config) as llm:
         p = SamplingParams(max_tokens=1)
         # round 0 warms up, round 1 is profiled, round 2 timed without the profiler (its
         # per-launch overhead inflates wall time); distinct tokens: no prefix hits
@@ -502,7 +502,7 @@ def kprofile() -> None:
         )
 
     for n in (1, 256):
-        with make_llm(kvcache_block_size=256) as llm:
+        with make_llm(kvcache_block_size=256, **config) as llm:
             start_decoding(llm, n, 500 if n > 1 else 128, max_tokens=200)
             wall = ms_per_step(llm, warmup=5, steps=20)
             with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -511,7 +511,9 @@ def kprofile() -> None:
                 torch.cuda.synchronize()
             print(f"batch {n}: wall {wall:.3f} ms/step")
             gpu = _kernel_table(prof, 10, top=30)
-            report("kprofile", batch=n, wall_ms=round(wall, 3), gpu_ms=round(gpu / 1e3, 3))
+            report(
+                "kprofile", **config, batch=n, wall_ms=round(wall, 3), gpu_ms=round(gpu / 1e3, 3)
+            )
 
 
 def hf_baseline() -> None:
@@ -633,6 +635,8 @@ def main() -> None:
                 trace()
             elif s == "kprofile":
                 kprofile()
+            elif s == "kprofile-fp8":
+                kprofile(kv_cache_dtype="fp8")
             elif s == "hf":
                 hf_baseline()
         except Exception as e:  # keep going: one failing section must not hide the rest

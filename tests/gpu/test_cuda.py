@@ -338,8 +338,12 @@ from nv_engine import LLM, SamplingParams
 
 if __name__ == "__main__":
     model, kill, overlap = sys.argv[1], sys.argv[2] == "kill", sys.argv[3] == "async"
-    llm = LLM(model, tensor_parallel_size=2, kvcache_block_size=16, async_scheduling=overlap)
-    print("started", flush=True)
+    faulthandler.dump_traceback_later(200, exit=True)  # a start-up hang prints where, too
+    t = time.monotonic()
+    # few graph sizes and a short max_model_len: start-up is not what is tested
+    llm = LLM(model, tensor_parallel_size=2, kvcache_block_size=16, async_scheduling=overlap,
+              max_num_seqs=4, max_model_len=256)
+    print(f"started in {time.monotonic() - t:.1f} s", flush=True)
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     assert len(out[0]["token_ids"]) == 4
     if kill:
@@ -350,7 +354,7 @@ if __name__ == "__main__":
             print("step failed:", type(e).__name__, e, flush=True)
     print("closing", flush=True)
     # a hang guard, not a timing: a close() that hangs prints where rank 0 waits, exit 1
-    faulthandler.dump_traceback_later(120, exit=True)
+    faulthandler.dump_traceback_later(60, exit=True)
     t = time.monotonic()
     llm.close()
     faulthandler.cancel_dump_traceback_later()
@@ -372,7 +376,11 @@ def test_tp2_nccl_shutdown_completes(fp32_model, tmp_path, kill_worker, overlap)
     script.write_text(_TP2_SCRIPT)
     path = str(fp32_model[0])
     argv = [sys.executable, str(script), path, "kill" if kill_worker else "clean", overlap]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the TP=2 script did not end within 240 s:\n{e.stdout}\n{e.stderr}")
+    print(r.stdout)  # start-up and close() times, for the log (pytest -rA)
     assert r.returncode == 0, r.stdout + r.stderr
     assert any(line.startswith("closed in") for line in r.stdout.splitlines()), r.stdout
     if kill_worker:

@@ -13,6 +13,7 @@ import itertools
 import sys
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -65,8 +66,9 @@ def main() -> int:
     ):
         jobs.append((
             _decode_kernel,
-            dict(G=2, G_PAD=16, BLOCK_SIZE=block_size, D=128, BLOCK_N=64, NUM_SPLITS=splits,
-                 PRECISION=None, PDL=pdl),
+            dict(G=2, G_PAD=16, BLOCK_SIZE=block_size, D=128, BLOCK_N=128 if kv else 64,
+                 NUM_SPLITS=splits, PRECISION=None, DOT_DTYPE=tl.float16 if kv else tl.bfloat16,
+                 PREFETCH=bool(kv), PDL=pdl),
             dict(block_tables_ptr="*i32", context_lens_ptr="*i32", mid_o_ptr="*fp32",
                  mid_lse_ptr="*fp32", **scales, **kv),
             dict(num_stages=4, launch_pdl=pdl),
@@ -85,7 +87,7 @@ def main() -> int:
         jobs.append((
             _prefill_kernel,
             dict(G=2, BLOCK_SIZE=256 if paged else 1, D=128, BLOCK_M=64, BLOCK_N=32, PAGED=paged,
-                 PRECISION=None),
+                 PRECISION=None, DOT_DTYPE=tl.float16 if kv else tl.bfloat16),
             dict(cu_q_ptr="*i32", cu_k_ptr="*i32", block_tables_ptr="*i32", **scales, **kv),
             dict(num_stages=2),
         ))  # fmt: skip

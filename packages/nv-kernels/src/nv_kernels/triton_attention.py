@@ -42,7 +42,8 @@ if triton is not None:
     @triton.jit
     def _softmax_tile(q, k, v, keep, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
         """One K/V tile of the streaming (online) softmax in base 2: scores where `keep`, the
-        running max `m_i`, sum `l_i` and output `acc` rescaled. Returns the new three."""
+        running max `m_i`, sum `l_i` and output `acc` rescaled. Returns the new three. The dots
+        run in q's dtype: K/V tiles (an fp8 cache's too) are cast to it in registers."""
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -103,6 +104,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         PAGED: tl.constexpr,
         PRECISION: tl.constexpr,
+        DOT_DTYPE: tl.constexpr,
     ):
         seq, mb = _find_query_block(cu_q_ptr, tl.program_id(0), num_seqs, BLOCK_M)
         head = tl.program_id(1)
@@ -120,6 +122,7 @@ if triton is not None:
         m_mask = offs_m < len_q
         q_rows = (q_start + offs_m).to(tl.int64) * stride_qt + head * stride_qh
         q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=m_mask[:, None], other=0.0)
+        q = q.to(DOT_DTYPE)
         q_pos = prefix + offs_m  # absolute position of each query
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -196,6 +199,8 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         NUM_SPLITS: tl.constexpr,
         PRECISION: tl.constexpr,
+        DOT_DTYPE: tl.constexpr,
+        PREFETCH: tl.constexpr,
         PDL: tl.constexpr,
     ):
         pdl_wait(PDL)
@@ -217,29 +222,40 @@ if triton is not None:
             q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
             mask=g_mask[:, None],
             other=0.0,
-        )
+        ).to(DOT_DTYPE)
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)
         qk_scale = scale * k_scale * 1.4426950408889634  # (see the prefill kernel)
-        for n0 in range(start, end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < end
+        table = block_tables_ptr + seq * stride_bt
+        if PREFETCH:
+            # Load tile i+1 while tile i is computed. Triton's pipeliner stages only loads
+            # that feed a dot directly; an fp8 tile is cast first, so without this its loads
+            # and the math run one after the other (half the copy bandwidth, decode_sweep.py).
+            offs_n = start + tl.arange(0, BLOCK_N)
             k, v = _load_paged_kv(
-                k_cache_ptr,
-                v_cache_ptr,
-                block_tables_ptr + seq * stride_bt,
-                offs_n,
-                n_mask,
-                offs_d,
-                kv_head,
-                stride_cb,
-                stride_ct,
-                stride_ch,
-                BLOCK_SIZE,
-            )
-            keep = n_mask[None, :]
-            m_i, l_i, acc = _softmax_tile(q, k, v, keep, m_i, l_i, acc, qk_scale, PRECISION)
+                k_cache_ptr, v_cache_ptr, table, offs_n, offs_n < end, offs_d, kv_head,
+                stride_cb, stride_ct, stride_ch, BLOCK_SIZE,
+            )  # fmt: skip
+            for n0 in range(start, end, BLOCK_N):
+                offs_next = n0 + BLOCK_N + tl.arange(0, BLOCK_N)
+                k_next, v_next = _load_paged_kv(
+                    k_cache_ptr, v_cache_ptr, table, offs_next, offs_next < end, offs_d,
+                    kv_head, stride_cb, stride_ct, stride_ch, BLOCK_SIZE,
+                )  # fmt: skip
+                keep = (n0 + tl.arange(0, BLOCK_N) < end)[None, :]
+                m_i, l_i, acc = _softmax_tile(q, k, v, keep, m_i, l_i, acc, qk_scale, PRECISION)
+                k, v = k_next, v_next
+        else:
+            for n0 in range(start, end, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                n_mask = offs_n < end
+                k, v = _load_paged_kv(
+                    k_cache_ptr, v_cache_ptr, table, offs_n, n_mask, offs_d, kv_head,
+                    stride_cb, stride_ct, stride_ch, BLOCK_SIZE,
+                )  # fmt: skip
+                keep = n_mask[None, :]
+                m_i, l_i, acc = _softmax_tile(q, k, v, keep, m_i, l_i, acc, qk_scale, PRECISION)
         if NUM_SPLITS == 1:
             out = acc * (v_scale / l_i)[:, None]
             tl.store(
@@ -294,6 +310,18 @@ def _precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
+def _dot_dtype(q: torch.Tensor, cache: torch.Tensor, override: torch.dtype | None = None):
+    """The dtype the attention dots run in: q's, except that 16-bit queries over an fp8 cache
+    use fp16, whose cast from e4m3 is one instruction per pair of values (bf16's takes a
+    detour through fp32 on Hopper). Softmax and accumulation stay fp32."""
+    dtype = override or (
+        torch.float16 if fp8_max(cache) and q.dtype in (torch.bfloat16, torch.float16) else q.dtype
+    )
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[
+        dtype
+    ]
+
+
 def _cache_scales(cache: torch.Tensor, kv_scales: tuple[float, float]) -> tuple[float, float]:
     """The scales the kernels apply: an fp8 cache's, 1.0 for caches in the model's dtype."""
     return (float(kv_scales[0]), float(kv_scales[1])) if fp8_max(cache) else (1.0, 1.0)
@@ -322,9 +350,11 @@ def prefill_attention(
     meta: AttentionMetadata,
     scale: float,
     kv_scales: tuple[float, float] = (1.0, 1.0),
+    dot_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """`kv_scales`: of fp8 caches; they apply only where K/V are read from the caches (with
-    block tables), not to this step's own k and v."""
+    block tables), not to this step's own k and v. `dot_dtype` overrides `_dot_dtype`'s choice
+    (benchmarks)."""
     _, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     _check_head_dim(head_dim)
@@ -371,6 +401,7 @@ def prefill_attention(
         BLOCK_N=block_n,
         PAGED=paged,
         PRECISION=_precision(q.dtype),
+        DOT_DTYPE=_dot_dtype(q, cache_k, dot_dtype),
         num_warps=4,
         num_stages=2,
     )
@@ -388,17 +419,26 @@ def decode_attention(
     num_warps: int = 4,
     num_stages: int | None = None,
     kv_scales: tuple[float, float] = (1.0, 1.0),
+    dot_dtype: torch.dtype | None = None,
+    prefetch: bool | None = None,
 ) -> torch.Tensor:
+    """Paged decode attention. The launch settings default to what benchmarks/decode_sweep.py
+    chose on an H200; `dot_dtype` and `prefetch` (the kernel's PREFETCH) are for that sweep."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     _check_head_dim(head_dim)
     g = num_heads // num_kv_heads
-    # Chosen by benchmarks/decode_sweep.py on an H200 (93-97% of copy bandwidth at batch 256).
     on_gpu = q.device.type == "cuda"
+    fp8 = bool(fp8_max(k_cache))
+    if prefetch is None:
+        # Triton's pipeline stages an fp8 tile in shared memory as bytes and reads V back for
+        # the transposed operand one byte at a time; prefetched into registers, the tile is
+        # cast first and goes through shared memory as fp16 (ldmatrix).
+        prefetch = fp8
     if block_n is None:
         block_n = 64 if on_gpu else 16
     if num_stages is None:
-        num_stages = 4 if on_gpu else 2
+        num_stages = 1 if prefetch else 4 if on_gpu else 2
     if num_splits is None:
         max_context = meta.block_tables.shape[1] * block_size
         num_splits = decode_num_splits(num_seqs, num_kv_heads, max_context, q.device, block_n)
@@ -437,6 +477,8 @@ def decode_attention(
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
         PRECISION=_precision(q.dtype),
+        DOT_DTYPE=_dot_dtype(q, k_cache, dot_dtype),
+        PREFETCH=prefetch,
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_kwargs(pdl),

@@ -34,6 +34,7 @@ from nv_engine.worker.tp_workers import ExternalWorkers, WorkerPool
 logger = logging.getLogger(__name__)
 
 _SEED_MASK = (1 << 63) - 1
+_DRAIN_AFTER_ABORT_S = 10.0  # after a worker died: how long close() waits for the device
 
 
 class LLMEngine:
@@ -91,11 +92,12 @@ class LLMEngine:
         live). Idempotent; the engine cannot be used afterwards."""
         runner, self.model_runner = getattr(self, "model_runner", None), None
         workers, self._workers = getattr(self, "_workers", None), None
+        drain_timeout_s = None
         if workers is not None and not workers.all_alive():
             workers.close()  # abort the group first: it unblocks a collective stuck on the dead
-            workers = None
+            workers, drain_timeout_s = None, _DRAIN_AFTER_ABORT_S
         if runner is not None:
-            runner.close()
+            runner.close(drain_timeout_s)
         if workers is not None:
             workers.close()
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import time
 from collections.abc import Iterator
 
 import torch
@@ -82,8 +83,13 @@ class ModelRunner:
             if self.sampler is not None:
                 self._warm_up_sampler()
 
-    def close(self) -> None:
-        """Drop the model, KV cache and graphs and hand the memory back to the device."""
+    def close(self, drain_timeout_s: float | None = None) -> None:
+        """Drop the model, KV cache and graphs and hand the memory back to the device. With
+        `drain_timeout_s` (a peer rank died and the group was aborted), the memory goes back
+        only if the device finishes its queued work in that time: freeing device memory waits
+        for the device, and a collective still stuck on the dead peer would make that wait
+        forever. The process's exit frees it then."""
+        drained = self._drained(drain_timeout_s)
         if self.graphs is not None:
             self.graphs.close()
         self.graphs = None
@@ -92,8 +98,25 @@ class ModelRunner:
         self.kv_cache = self.model = self.sampler = None
         self.staging = self._readback = self._last_sampled = None
         gc.collect()
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and drained:
             torch.cuda.empty_cache()
+
+    def _drained(self, timeout_s: float | None) -> bool:
+        if self.device.type != "cuda" or timeout_s is None:
+            return True
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        deadline = time.monotonic() + timeout_s
+        while not done.query():
+            if time.monotonic() > deadline:
+                logger.warning(
+                    "the device did not finish its queued work within %.0f s of a peer rank's "
+                    "death; its memory is freed when this process exits",
+                    timeout_s,
+                )
+                return False
+            time.sleep(0.01)
+        return True
 
     @property
     def max_blocks_per_seq(self) -> int:
