@@ -3,8 +3,8 @@ replays inside a large KV cache (like the engine's), each config checked against
 
     python benchmarks/decode_sweep.py [--kv-dtype fp8] [--quick]
 
---quick: block size 256, workload A's shapes, fewer configurations. With fp8, also the dots in
-bf16 against fp16 and the kernel's PREFETCH (register double-buffering) on and off.
+--quick: block size 256, workload A's shapes, fewer configurations. Without it, fp8 caches are
+also swept with the dots in bf16 against fp16.
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ def main() -> None:
     if args.quick:
         shapes = {256: [(256, 550), (256, 1100), (1, 1200)]}
     dots = (torch.bfloat16, torch.float16) if fp8 and not args.quick else (None,)
-    prefetches = (False, True) if fp8 else (False,)
     for block_size, cases in shapes.items():
         token_bytes = HKV * D * (1 if fp8 else 2)
         num_blocks = CACHE_GIB * 2**30 // (2 * block_size * token_bytes)
@@ -80,8 +79,8 @@ def main() -> None:
             if args.quick:
                 splits_opts, stages_opts = [splits_opts[0 if batch >= 32 else 1]], (1, 3)
             best = None
-            for dot, prefetch, block_n, warps, stages, splits in itertools.product(
-                dots, prefetches, (64, 128) if fp8 else (32, 64), (4, 8), stages_opts, splits_opts
+            for dot, block_n, warps, stages, splits in itertools.product(
+                dots, (64, 128) if fp8 else (32, 64), (4, 8), stages_opts, splits_opts
             ):
                 fn = lambda: decode_attention(
                     q,
@@ -94,7 +93,6 @@ def main() -> None:
                     num_warps=warps,
                     num_stages=stages,
                     dot_dtype=dot,
-                    prefetch=prefetch,
                 )
                 try:
                     out = fn().float()
@@ -109,7 +107,6 @@ def main() -> None:
                     batch=batch,
                     ctx=ctx,
                     dot=str(dot),
-                    prefetch=prefetch,
                     block_n=block_n,
                     warps=warps,
                     stages=stages,

@@ -338,22 +338,25 @@ from nv_engine import LLM, SamplingParams
 
 if __name__ == "__main__":
     model, kill, overlap = sys.argv[1], sys.argv[2] == "kill", sys.argv[3] == "async"
-    faulthandler.dump_traceback_later(200, exit=True)  # a start-up hang prints where, too
+    # hang guards, not timings: a phase that hangs prints where rank 0 waits, and exits 1
+    faulthandler.dump_traceback_later(150, exit=True)
     t = time.monotonic()
     # few graph sizes and a short max_model_len: start-up is not what is tested
     llm = LLM(model, tensor_parallel_size=2, kvcache_block_size=16, async_scheduling=overlap,
               max_num_seqs=4, max_model_len=256)
     print(f"started in {time.monotonic() - t:.1f} s", flush=True)
+    faulthandler.dump_traceback_later(60, exit=True)
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     assert len(out[0]["token_ids"]) == 4
     if kill:
         os.kill(llm._workers.procs[0].pid, signal.SIGKILL)
+        t = time.monotonic()
         try:
             llm.generate([[5, 6]], SamplingParams(max_tokens=4), use_tqdm=False)
         except Exception as e:
-            print("step failed:", type(e).__name__, e, flush=True)
+            print("step failed:", type(e).__name__, e, f"({time.monotonic() - t:.1f} s)",
+                  flush=True)
     print("closing", flush=True)
-    # a hang guard, not a timing: a close() that hangs prints where rank 0 waits, exit 1
     faulthandler.dump_traceback_later(60, exit=True)
     t = time.monotonic()
     llm.close()

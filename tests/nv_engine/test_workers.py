@@ -10,7 +10,13 @@ import pytest
 from nv_testing import save_tiny_qwen3
 
 from nv_engine import LLM, SamplingParams
-from nv_engine.worker.tp_workers import StepChannel, StepReceiver, WorkerError
+from nv_engine.worker.tp_workers import (
+    StepChannel,
+    StepReceiver,
+    WorkerError,
+    _exited,
+    _stat_says_exiting,
+)
 
 
 def _reader(name, ready, acked, parent_pid, q):
@@ -19,6 +25,41 @@ def _reader(name, ready, acked, parent_pid, q):
     while (msg := r.recv()) != "stop":
         got.append(msg)
     q.put(got)
+
+
+def _sleep_a_minute():
+    time.sleep(60)
+
+
+def test_a_killed_worker_counts_as_exited_before_it_is_reaped():
+    # rank 0 must see a dying worker at once, not when its exit ends: on GPUs that can wait
+    # for rank 0 itself (NCCL maps the worker's memory), and rank 0 would then wait forever
+    import signal
+
+    proc = mp.get_context("spawn").Process(target=_sleep_a_minute)
+    proc.start()
+    try:
+        time.sleep(0.5)
+        assert not _exited(proc)
+        os.kill(proc.pid, signal.SIGSTOP)  # stopped is not exiting
+        assert not _exited(proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not _exited(proc):
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    finally:
+        proc.kill()
+        proc.join(10)
+
+
+def test_proc_stat_exiting_flag_and_zombie_are_read_past_the_name():
+    # fields: pid (comm) state ppid pgrp session tty_nr tpgid flags ...; PF_EXITING = 0x4
+    tail = b" 1 1 1 0 -1 %d 0 0"
+    assert not _stat_says_exiting(b"42 (nv worker) S" + tail % 0x400040)
+    assert _stat_says_exiting(b"42 (nv worker) S" + tail % 0x400044)  # exiting, not a zombie yet
+    assert _stat_says_exiting(b"42 (a) b) Z" + tail % 0)  # the name holds ") "
+    assert not _stat_says_exiting(b"42 (a) Z) R" + tail % 0)
 
 
 def test_channel_grows_for_large_messages():

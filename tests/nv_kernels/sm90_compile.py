@@ -68,7 +68,7 @@ def main() -> int:
             _decode_kernel,
             dict(G=2, G_PAD=16, BLOCK_SIZE=block_size, D=128, BLOCK_N=128 if kv else 64,
                  NUM_SPLITS=splits, PRECISION=None, DOT_DTYPE=tl.float16 if kv else tl.bfloat16,
-                 PREFETCH=bool(kv), PDL=pdl),
+                 PDL=pdl),
             dict(block_tables_ptr="*i32", context_lens_ptr="*i32", mid_o_ptr="*fp32",
                  mid_lse_ptr="*fp32", **scales, **kv),
             dict(num_stages=4, launch_pdl=pdl),

@@ -200,7 +200,6 @@ if triton is not None:
         NUM_SPLITS: tl.constexpr,
         PRECISION: tl.constexpr,
         DOT_DTYPE: tl.constexpr,
-        PREFETCH: tl.constexpr,
         PDL: tl.constexpr,
     ):
         pdl_wait(PDL)
@@ -228,34 +227,16 @@ if triton is not None:
         acc = tl.zeros([G_PAD, D], tl.float32)
         qk_scale = scale * k_scale * 1.4426950408889634  # (see the prefill kernel)
         table = block_tables_ptr + seq * stride_bt
-        if PREFETCH:
-            # Load tile i+1 while tile i is computed. Triton's pipeliner stages only loads
-            # that feed a dot directly; an fp8 tile is cast first, so without this its loads
-            # and the math run one after the other (half the copy bandwidth, decode_sweep.py).
-            offs_n = start + tl.arange(0, BLOCK_N)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < end
             k, v = _load_paged_kv(
-                k_cache_ptr, v_cache_ptr, table, offs_n, offs_n < end, offs_d, kv_head,
+                k_cache_ptr, v_cache_ptr, table, offs_n, n_mask, offs_d, kv_head,
                 stride_cb, stride_ct, stride_ch, BLOCK_SIZE,
             )  # fmt: skip
-            for n0 in range(start, end, BLOCK_N):
-                offs_next = n0 + BLOCK_N + tl.arange(0, BLOCK_N)
-                k_next, v_next = _load_paged_kv(
-                    k_cache_ptr, v_cache_ptr, table, offs_next, offs_next < end, offs_d,
-                    kv_head, stride_cb, stride_ct, stride_ch, BLOCK_SIZE,
-                )  # fmt: skip
-                keep = (n0 + tl.arange(0, BLOCK_N) < end)[None, :]
-                m_i, l_i, acc = _softmax_tile(q, k, v, keep, m_i, l_i, acc, qk_scale, PRECISION)
-                k, v = k_next, v_next
-        else:
-            for n0 in range(start, end, BLOCK_N):
-                offs_n = n0 + tl.arange(0, BLOCK_N)
-                n_mask = offs_n < end
-                k, v = _load_paged_kv(
-                    k_cache_ptr, v_cache_ptr, table, offs_n, n_mask, offs_d, kv_head,
-                    stride_cb, stride_ct, stride_ch, BLOCK_SIZE,
-                )  # fmt: skip
-                keep = n_mask[None, :]
-                m_i, l_i, acc = _softmax_tile(q, k, v, keep, m_i, l_i, acc, qk_scale, PRECISION)
+            m_i, l_i, acc = _softmax_tile(
+                q, k, v, n_mask[None, :], m_i, l_i, acc, qk_scale, PRECISION
+            )
         if NUM_SPLITS == 1:
             out = acc * (v_scale / l_i)[:, None]
             tl.store(
@@ -420,25 +401,23 @@ def decode_attention(
     num_stages: int | None = None,
     kv_scales: tuple[float, float] = (1.0, 1.0),
     dot_dtype: torch.dtype | None = None,
-    prefetch: bool | None = None,
 ) -> torch.Tensor:
     """Paged decode attention. The launch settings default to what benchmarks/decode_sweep.py
-    chose on an H200; `dot_dtype` and `prefetch` (the kernel's PREFETCH) are for that sweep."""
+    chose on an H200 (`dot_dtype` overrides `_dot_dtype`'s choice, for that sweep)."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     _check_head_dim(head_dim)
     g = num_heads // num_kv_heads
     on_gpu = q.device.type == "cuda"
+    # bf16 caches: 64-token tiles, 4 stages (93-97% of copy bandwidth at batch 256). fp8
+    # caches: 128-token tiles, 3 stages, dots in fp16 (about 50%: Triton's pipeline keeps the
+    # V tile as bytes in shared memory and reads it back for the transposed operand one byte
+    # at a time; see docs/benchmarks.md).
     fp8 = bool(fp8_max(k_cache))
-    if prefetch is None:
-        # Triton's pipeline stages an fp8 tile in shared memory as bytes and reads V back for
-        # the transposed operand one byte at a time; prefetched into registers, the tile is
-        # cast first and goes through shared memory as fp16 (ldmatrix).
-        prefetch = fp8
     if block_n is None:
-        block_n = 64 if on_gpu else 16
+        block_n = (128 if fp8 else 64) if on_gpu else 16
     if num_stages is None:
-        num_stages = 1 if prefetch else 4 if on_gpu else 2
+        num_stages = (3 if fp8 else 4) if on_gpu else 2
     if num_splits is None:
         max_context = meta.block_tables.shape[1] * block_size
         num_splits = decode_num_splits(num_seqs, num_kv_heads, max_context, q.device, block_n)
@@ -478,7 +457,6 @@ def decode_attention(
         NUM_SPLITS=num_splits,
         PRECISION=_precision(q.dtype),
         DOT_DTYPE=_dot_dtype(q, k_cache, dot_dtype),
-        PREFETCH=prefetch,
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_kwargs(pdl),

@@ -102,6 +102,34 @@ class StepReceiver:
             return obj
 
 
+_PF_EXITING = 0x4  # Linux task flag: the process has begun to exit
+
+
+def _exited(proc: mp.Process) -> bool:
+    """Whether a spawned worker has died or has begun to die. A killed worker can stay
+    unreaped for as long as its peers hold its memory (NCCL maps it, and the CUDA driver's
+    teardown waits for them), so `is_alive()` alone can say True until rank 0 lets go: rank 0
+    would wait for it forever. Linux's /proc says "exiting" from the first moment."""
+    if not proc.is_alive():
+        return True
+    try:
+        with open(f"/proc/{proc.pid}/stat", "rb") as f:
+            return _stat_says_exiting(f.read())
+    except OSError:
+        return False  # no procfs: is_alive() is all there is
+
+
+def _stat_says_exiting(stat: bytes) -> bool:
+    """/proc/PID/stat: a zombie, or a task flagged PF_EXITING (the name in parentheses may
+    hold spaces and parentheses itself)."""
+    fields = stat[stat.rindex(b")") + 2 :].split()  # from field 3, the state, on
+    return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & _PF_EXITING)
+
+
+def _exit_status(proc: mp.Process) -> str:
+    return f"exit code {proc.exitcode}" if proc.exitcode is not None else "still exiting"
+
+
 def _started_key(rank: int) -> str:
     return f"nv-worker-{rank}-started"
 
@@ -214,11 +242,11 @@ class WorkerPool:
         keys = [_started_key(rank) for rank in range(1, len(self.procs) + 1)]
         while not store.check(keys):
             for rank, proc in enumerate(self.procs, start=1):
-                if not proc.is_alive():
+                if _exited(proc):
                     raise WorkerError(
-                        f"tensor-parallel worker rank {rank} exited while starting (exit code "
-                        f"{proc.exitcode}; its error is above). Workers are spawned: a script "
-                        "that makes an LLM with tensor_parallel_size > 1 needs "
+                        f"tensor-parallel worker rank {rank} exited while starting "
+                        f"({_exit_status(proc)}; its error is above). Workers are spawned: a "
+                        "script that makes an LLM with tensor_parallel_size > 1 needs "
                         '`if __name__ == "__main__":` around it.'
                     )
             if time.monotonic() > deadline:
@@ -228,13 +256,13 @@ class WorkerPool:
             time.sleep(0.05)
 
     def all_alive(self) -> bool:
-        return all(p.is_alive() for p in self.procs)
+        return not any(_exited(p) for p in self.procs)
 
     def check_alive(self) -> None:
         for rank, proc in enumerate(self.procs, start=1):
-            if not proc.is_alive():
+            if _exited(proc):
                 raise WorkerError(
-                    f"tensor-parallel worker rank {rank} exited (exit code {proc.exitcode})"
+                    f"tensor-parallel worker rank {rank} exited ({_exit_status(proc)})"
                 )
 
     def wait_for_failure(self, grace_s: float = 2.0) -> None:
@@ -256,7 +284,7 @@ class WorkerPool:
         clean = False
         if self.channel is not None and self.procs:
             try:
-                if all(p.is_alive() for p in self.procs):
+                if self.all_alive():
                     self.channel.send(_EXIT, self.check_alive)
                     if joined:
                         dist.barrier()
