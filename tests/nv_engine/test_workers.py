@@ -7,6 +7,7 @@ import os
 import time
 
 import pytest
+import torch.distributed as dist
 from nv_testing import save_tiny_qwen3
 
 from nv_engine import LLM, SamplingParams
@@ -100,8 +101,13 @@ def test_workers_exit_on_close_and_dead_worker_is_reported(tmp_path):
     assert all(p.is_alive() for p in procs)
     out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3), use_tqdm=False)
     assert len(out[0]["token_ids"]) == 3
-    procs[0].kill()
-    procs[0].join(5)
+    procs[0].kill()  # not joined: rank 0 must notice by itself
+    # rank 0's watchdog aborts the group at once (on NCCL, a collective waiting for the dead
+    # peer would otherwise never end); torch then has no group left
+    deadline = time.monotonic() + 10
+    while dist.is_initialized():
+        assert time.monotonic() < deadline, "the group was not aborted"
+        time.sleep(0.05)
     with pytest.raises(WorkerError, match="rank 1"):
         llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3), use_tqdm=False)
     bm = llm.scheduler.block_manager

@@ -29,7 +29,7 @@ from nv_engine.engine.model_files import (
 from nv_engine.outputs import RequestOutput
 from nv_engine.sampling_params import SamplingParams, check_for_model, expand_n
 from nv_engine.worker.model_runner import ModelRunner
-from nv_engine.worker.tp_workers import ExternalWorkers, WorkerPool
+from nv_engine.worker.tp_workers import ExternalWorkers, WorkerError, WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +60,12 @@ class LLMEngine:
             self.model_runner = (
                 ModelRunner(config, 0, tp) if tp is not None else ModelRunner(config)
             )
-        except BaseException:
+        except BaseException as e:
+            failed_elsewhere = isinstance(e, Exception) and not isinstance(e, WorkerError)
+            dead = self._dead_worker() if failed_elsewhere else None
             self.close()
+            if dead is not None:  # name the rank that died, not the collective that failed
+                raise dead from e
             raise
         num_blocks = self.model_runner.num_blocks
         capacity = num_blocks * config.kvcache_block_size
@@ -180,6 +184,16 @@ class LLMEngine:
     @property
     def num_unfinished_requests(self) -> int:
         return len(self.scheduler.seqs)
+
+    def _dead_worker(self) -> WorkerError | None:
+        """After start-up failed: the WorkerError of a worker that died meanwhile, if one did."""
+        if not isinstance(self._workers, WorkerPool):
+            return None
+        try:
+            self._workers.wait_for_failure(grace_s=1.0)
+        except WorkerError as e:
+            return e
+        return None
 
     def check_health(self) -> None:
         """Raise if a tensor-parallel worker has died (WorkerError names the rank)."""

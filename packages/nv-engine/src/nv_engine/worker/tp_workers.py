@@ -6,6 +6,7 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -24,6 +25,7 @@ _HEADER = 8  # payload length, little endian
 _RESIZE = "__nv_resize__"
 _EXIT = "__nv_exit__"
 _POLL_S = 0.5
+_ABORT_WAIT_S = 10.0  # close(): how long to wait for the watchdog's abort in progress
 
 
 class WorkerError(RuntimeError):
@@ -179,6 +181,9 @@ def _worker_main(
         timeout=timedelta(seconds=config.tuning.distributed_timeout_s),
     )
     store.set(_started_key(rank), "1")  # rank 0 waits for this, watching the process
+    threading.Thread(
+        target=_exit_with_parent, args=(parent_pid,), name="nv-parent-watch", daemon=True
+    ).start()
     tp = init_distributed(config, rank, store)
     receiver = StepReceiver(shm_name, ready, acked, parent_pid)
     try:
@@ -191,6 +196,14 @@ def _worker_main(
     finally:
         receiver.shm.close()
         dist.destroy_process_group()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A worker ends when the engine's process is gone, also in the middle of a collective
+    that waits for rank 0 forever (NCCL's do): no worker outlives its engine."""
+    while os.getppid() == parent_pid:
+        time.sleep(_POLL_S)
+    os._exit(1)
 
 
 class WorkerPool:
@@ -206,6 +219,9 @@ class WorkerPool:
         self.config = config
         self.procs: list[mp.Process] = []
         self.channel: StepChannel | None = None
+        self._closing = threading.Event()
+        self._watchdog: threading.Thread | None = None
+        self._aborted = False  # by the watchdog: a worker died
 
     def start(self) -> TPGroup:
         world = self.config.tensor_parallel_size
@@ -233,7 +249,19 @@ class WorkerPool:
             proc.start()
             self.procs.append(proc)
         self._wait_started(store)
-        return init_distributed(self.config, 0, store)
+        tp = init_distributed(self.config, 0, store)
+        self._watchdog = threading.Thread(target=self._watch, name="nv-tp-watchdog", daemon=True)
+        self._watchdog.start()
+        return tp
+
+    def _watch(self) -> None:
+        """From the rendezvous to close(): when a worker dies, abort the group. A collective
+        that waits for a dead peer never finishes on NCCL (nor does a host wait behind it);
+        aborted, it fails, and the call that waited raises, naming the rank (check_alive)."""
+        while not self._closing.wait(_POLL_S):
+            if not self.all_alive():
+                self._aborted = _abort_group()
+                return
 
     def _wait_started(self, store: dist.TCPStore) -> None:
         """Wait until every worker has reached the store, failing at once, naming the rank,
@@ -280,7 +308,11 @@ class WorkerPool:
         """Every rank leaves the same way: the exit message, a barrier, then each destroys its
         group at the same time (NCCL's teardown waits for its peers: rank 0 must not wait for
         the workers to exit first). With a worker dead, rank 0 aborts its group instead."""
-        joined = dist.is_initialized()  # not when start() failed before the rendezvous
+        self._closing.set()
+        if self._watchdog is not None:
+            self._watchdog.join(_ABORT_WAIT_S)
+        # not when start() failed before the rendezvous, nor after the watchdog aborted
+        joined = dist.is_initialized() and not self._aborted
         clean = False
         if self.channel is not None and self.procs:
             try:
@@ -309,15 +341,22 @@ class WorkerPool:
 def _leave_group(clean: bool) -> None:
     """Destroy this process's group; after a peer died, abort it (a destroy could wait for the
     dead peer forever)."""
-    if not clean:
-        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-        if abort is not None:
-            try:
-                abort()
-                return
-            except Exception:
-                logger.warning("aborting the process group failed", exc_info=True)
-    dist.destroy_process_group()
+    if clean or not _abort_group():
+        dist.destroy_process_group()
+
+
+def _abort_group() -> bool:
+    """Abort every process group of this process: its pending collectives fail rather than
+    wait. Whether it could."""
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if abort is None:
+        return False
+    try:
+        abort()
+        return True
+    except Exception:
+        logger.warning("aborting the process group failed", exc_info=True)
+        return False
 
 
 def _env_rank(config: Config) -> int:
