@@ -470,7 +470,10 @@ def test_fp8_kv_kernels_match_reference(block_size):
     gen = torch.Generator().manual_seed(block_size)
     heads, hkv, d, blocks, scales = 16, 8, 128, 64, (0.5, 2.0)
     lens = [1, 100, block_size + 3, 700]
-    bt, slots = _paged(gen, lens, block_size, blocks)
+    bt, slots = _paged(gen, lens, block_size, blocks - 1)
+    for i, n in enumerate(lens):  # no sequence owns block 0, where masked tokens point
+        bt[i, : -(-n // block_size)] += 1
+    slots = [[slot + block_size for slot in row] for row in slots]
     flat = torch.tensor([s for row in slots for s in row], device=DEV)
     k = (torch.randn(len(flat), hkv, d, generator=gen) * 100).to(DEV, torch.bfloat16)
     v = torch.randn(len(flat), hkv, d, generator=gen).to(DEV, torch.bfloat16)
@@ -485,7 +488,14 @@ def test_fp8_kv_kernels_match_reference(block_size):
         torch.tensor(lens, dtype=torch.int32, device=DEV), bt,
     )  # fmt: skip
     ref = decode_ref(q, caches[0], caches[1], meta, 0.1, scales).float()
-    out = decode_attention(q, caches[0], caches[1], meta, 0.1, kv_scales=scales).float()
+    # the kernels then read caches whose every unowned slot is NaN: an fp8 V tile is loaded
+    # unmasked (masked tokens point into block 0) and its masked rows zeroed after the cast
+    poisoned = [c.clone() for c in caches[:2]]
+    unused = torch.ones(blocks * block_size, dtype=torch.bool, device=DEV)
+    unused[flat] = False
+    for c in poisoned:
+        c.view(torch.uint8).view(-1, hkv, d)[unused] = 0x7F  # e4m3fn's NaN
+    out = decode_attention(q, *poisoned, meta, 0.1, kv_scales=scales).float()
     assert (out - ref).norm() / ref.norm() < 2e-2
     # prefill: each sequence's last 5 tokens (3 for the 1- and 3-token ones) against the cache
     lens_q = [min(5, n) for n in lens]
@@ -499,7 +509,7 @@ def test_fp8_kv_kernels_match_reference(block_size):
     )
     args = (qp, k[new.to(DEV)], v[new.to(DEV)], caches[0], caches[1], pmeta, 0.1, scales)
     ref = prefill_ref(*args).float()
-    out = prefill_attention(*args).float()
+    out = prefill_attention(*args[:3], *poisoned, *args[5:]).float()
     assert (out - ref).norm() / ref.norm() < 2e-2
 
 

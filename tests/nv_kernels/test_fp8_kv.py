@@ -56,7 +56,10 @@ def test_decode_fp8_cache_matches_reference(kv_scales, num_splits, q_dtype):
     gen = torch.Generator().manual_seed(num_splits)
     heads, hkv, d, bs, blocks = 4, 2, 16, 4, 48
     lens = [1, 5, 17, 33]
-    table, _ = paged_layout(gen, lens, bs, blocks)
+    table, slots = paged_layout(gen, lens, bs, blocks - 1)
+    for i, n in enumerate(lens):  # no sequence owns block 0, where masked tokens point
+        table[i, : -(-n // bs)] += 1
+    slots = [[slot + bs for slot in seq] for seq in slots]
     shape = (blocks, bs, hkv, d)
     k_cache = quantize_kv(torch.randn(shape, generator=gen), torch.empty(0, dtype=FP8), 1.0)
     v_cache = quantize_kv(torch.randn(shape, generator=gen), torch.empty(0, dtype=FP8), 1.0)
@@ -68,6 +71,15 @@ def test_decode_fp8_cache_matches_reference(kv_scales, num_splits, q_dtype):
         table,
     )
     ref = decode_ref(q.float(), k_cache, v_cache, meta, 0.3, kv_scales)
+    plain = decode_ref(q.float(), k_cache, v_cache, meta, 0.3)
+    # then every slot no sequence owns holds e4m3fn's NaN byte: the kernel reads an fp8 V tile
+    # unmasked (masked tokens point into block 0, owned by none) and zeroes the masked rows
+    # after the cast. Triton's interpreter decodes that byte as 480, so here it checks that
+    # masked tokens carry no weight; tests/gpu checks the NaN itself
+    unused = torch.ones(blocks * bs, dtype=torch.bool)
+    unused[[slot for seq in slots for slot in seq]] = False
+    for cache in (k_cache, v_cache):
+        cache.view(torch.uint8).view(-1, hkv, d)[unused] = 0x7F  # e4m3fn's NaN
     out = decode_attention(
         q, k_cache, v_cache, meta, 0.3, num_splits=num_splits, kv_scales=kv_scales
     )
@@ -76,7 +88,6 @@ def test_decode_fp8_cache_matches_reference(kv_scales, num_splits, q_dtype):
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
     # the scales matter: the same cache read as if unscaled gives another result
     if kv_scales != (1.0, 1.0):
-        plain = decode_ref(q.float(), k_cache, v_cache, meta, 0.3)
         assert not torch.allclose(plain, ref, atol=1e-3)
 
 
