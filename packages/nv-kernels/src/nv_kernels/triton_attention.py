@@ -342,10 +342,14 @@ def prefill_attention(
     scale: float,
     kv_scales: tuple[float, float] = (1.0, 1.0),
     dot_dtype: torch.dtype | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """`kv_scales`: of fp8 caches; they apply only where K/V are read from the caches (with
-    block tables), not to this step's own k and v. `dot_dtype` overrides `_dot_dtype`'s choice
-    (benchmarks)."""
+    block tables), not to this step's own k and v. `dot_dtype` and the launch settings override
+    the defaults (benchmarks/prefill_sweep.py)."""
     _, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     _check_head_dim(head_dim)
@@ -356,9 +360,10 @@ def prefill_attention(
     cache_k = k_cache if paged else k
     cache_v = v_cache if paged else v
     block_size = k_cache.shape[1] if paged else 1
-    block_m, block_n = (64, 64) if head_dim <= 64 else (64, 32)
     if q.device.type != "cuda":
-        block_m = block_n = 16
+        block_m, block_n = block_m or 16, block_n or 16
+    else:
+        block_m, block_n = block_m or 64, block_n or (64 if head_dim <= 64 else 32)
     grid = (q.shape[0] // block_m + num_seqs, num_heads)  # see _find_query_block
     _prefill_kernel[grid](
         q,
@@ -393,8 +398,8 @@ def prefill_attention(
         PAGED=paged,
         PRECISION=_precision(q.dtype),
         DOT_DTYPE=_dot_dtype(q, cache_k, dot_dtype),
-        num_warps=4,
-        num_stages=2,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return o
 
