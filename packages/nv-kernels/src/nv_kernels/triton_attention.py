@@ -33,9 +33,9 @@ if triton is not None:
         """K and V tiles [len(offs_n), D] of one KV head: tokens `offs_n` of the sequence whose
         block-table row starts at `table_ptr` (zeros where not `n_mask`). An fp8 V tile comes
         back as fp16: p·V's operand is V transposed, and Triton reads a byte tile masked at the
-        load back from shared memory one byte at a time for it (decode at half the copy
-        bandwidth on the H200); loaded unmasked (masked tokens point into block 0) and cast
-        before the mask, it goes through shared memory as fp16 (ldmatrix.trans)."""
+        load back from shared memory one byte at a time for it (docs/benchmarks.md); loaded
+        unmasked (masked tokens point into block 0) and cast before the mask, it goes through
+        shared memory as fp16 (ldmatrix.trans)."""
         page = tl.load(table_ptr + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
         rows = page.to(tl.int64) * stride_cb + (offs_n % BLOCK_SIZE) * stride_ct
         rows += kv_head * stride_ch
@@ -424,9 +424,9 @@ def decode_attention(
     _check_head_dim(head_dim)
     g = num_heads // num_kv_heads
     on_gpu = q.device.type == "cuda"
-    # bf16 caches: 64-token tiles, 4 stages (93-97% of copy bandwidth at batch 256). fp8
-    # caches: 128-token tiles, 3 stages, dots in fp16 (about 50%, chosen while V was still
-    # read back one byte at a time; see _load_paged_kv and docs/benchmarks.md).
+    # From decode_sweep.py on an H200 (docs/benchmarks.md). bf16 caches: 64-token tiles, 4
+    # stages. fp8 caches: 128-token tiles, 3 stages, dots in fp16, chosen while V was still
+    # read back one byte at a time (see _load_paged_kv): to be swept again.
     fp8 = bool(fp8_max(k_cache))
     if block_n is None:
         block_n = (128 if fp8 else 64) if on_gpu else 16
