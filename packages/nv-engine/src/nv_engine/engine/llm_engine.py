@@ -101,7 +101,15 @@ class LLMEngine:
             workers.close()  # abort the group first: it unblocks a collective stuck on the dead
             workers, drain_timeout_s = None, _DRAIN_AFTER_ABORT_S
         if runner is not None:
-            runner.close(drain_timeout_s)
+            if drain_timeout_s is None:
+                runner.close()
+            else:
+                try:
+                    runner.close(drain_timeout_s)
+                except RuntimeError:
+                    # the aborted collectives can leave the device in an error state; the
+                    # worker's death was reported already, and this close must complete
+                    logger.warning("freeing rank 0 after a worker's death failed", exc_info=True)
         if workers is not None:
             workers.close()
 
