@@ -176,10 +176,11 @@ def hf_greedy(
 
 
 def assert_fp8_cache_equal(got: torch.Tensor, want: torch.Tensor) -> None:
-    """fp8 (e4m3) caches equal bit for bit, except for two known faults of the float -> fp8 cast
-    of Triton's CPU interpreter (the GPU's cvt.rn has neither; tests/gpu checks bit for bit):
-    rounding up across a power of two drops the carry (31.1 becomes 16, not 32), and subnormals
-    are truncated (0.00908 becomes 4 steps of 2^-9, not 5). Each other difference fails."""
+    """fp8 caches equal bit for bit, except for two known faults of the float -> fp8 cast of
+    Triton's CPU interpreter (the GPU's cvt.rn has neither; tests/gpu checks bit for bit):
+    rounding up across a power of two drops the carry (in e4m3, 31.1 becomes 16, not 32), and
+    subnormals are truncated (0.00908 becomes 4 steps of 2^-9, not 5). Each other difference
+    fails."""
     import os
 
     same = got.view(torch.uint8) == want.view(torch.uint8)
@@ -189,8 +190,10 @@ def assert_fp8_cache_equal(got: torch.Tensor, want: torch.Tensor) -> None:
     g, w = got.float()[~same], want.float()[~same]
     mantissa, _ = torch.frexp(w.abs())
     dropped_carry = (g == w / 2) & (mantissa == 0.5)
-    # (up to the smallest normal, 2^-6, which truncation misses by one subnormal step too)
-    truncated_subnormal = (w.abs() <= 2**-6) & (w.abs() - g.abs() == 2**-9) & (g * w >= 0)
+    # (up to the smallest normal, which truncation misses by one subnormal step too)
+    info = torch.finfo(got.dtype)
+    step = info.tiny * info.eps  # the subnormal step: 2^-9 in e4m3, 2^-16 in e5m2
+    truncated_subnormal = (w.abs() <= info.tiny) & (w.abs() - g.abs() == step) & (g * w >= 0)
     assert (dropped_carry | truncated_subnormal).all(), (g, w)
 
 

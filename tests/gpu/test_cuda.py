@@ -461,12 +461,12 @@ def test_pdl_decode_graphs_give_the_same_tokens(tmp_path):
 
 
 @pytest.mark.parametrize("block_size", [16, 256])
-def test_fp8_kv_kernels_match_reference(block_size):
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_fp8_kv_kernels_match_reference(block_size, fp8):
     """On the GPU the fp8 store is bit for bit torch's quantization (no interpreter
     exceptions), and decode/prefill over fp8 caches match the torch reference in bf16."""
     from nv_testing import assert_fp8_cache_equal
 
-    fp8 = torch.float8_e4m3fn
     gen = torch.Generator().manual_seed(block_size)
     heads, hkv, d, blocks, scales = 16, 8, 128, 64, (0.5, 2.0)
     lens = [1, 100, block_size + 3, 700]
@@ -494,7 +494,7 @@ def test_fp8_kv_kernels_match_reference(block_size):
     unused = torch.ones(blocks * block_size, dtype=torch.bool, device=DEV)
     unused[flat] = False
     for c in poisoned:
-        c.view(torch.uint8).view(-1, hkv, d)[unused] = 0x7F  # e4m3fn's NaN
+        c.view(torch.uint8).view(-1, hkv, d)[unused] = 0x7F  # NaN in e4m3fn and e5m2
     out = decode_attention(q, *poisoned, meta, 0.1, kv_scales=scales).float()
     assert (out - ref).norm() / ref.norm() < 2e-2
     # prefill: each sequence's last 5 tokens (3 for the 1- and 3-token ones) against the cache

@@ -61,8 +61,9 @@ def main() -> int:
         ))  # fmt: skip
     scales = dict(scale="fp32", k_scale="fp32", v_scale="fp32")
     fp8 = dict(k_cache_ptr="*fp8e4nv", v_cache_ptr="*fp8e4nv")
+    e5m2 = dict(k_cache_ptr="*fp8e5", v_cache_ptr="*fp8e5")
     for (splits, block_size), pdl, kv in itertools.product(
-        ((1, 256), (7, 16)), (False, True), ({}, fp8)
+        ((1, 256), (7, 16)), (False, True), ({}, fp8, e5m2)
     ):
         jobs.append((
             _decode_kernel,
@@ -83,7 +84,7 @@ def main() -> int:
                 _rms_norm_kernel, dict(BLOCK=1024, HAS_RES=res, PDL=pdl), dict(eps="fp32"),
                 dict(launch_pdl=pdl),
             ))  # fmt: skip
-    for paged, kv in ((False, {}), (True, {}), (True, fp8)):
+    for paged, kv in ((False, {}), (True, {}), (True, fp8), (True, e5m2)):
         jobs.append((
             _prefill_kernel,
             dict(G=2, BLOCK_SIZE=256 if paged else 1, D=128, BLOCK_M=64, BLOCK_N=32, PAGED=paged,
@@ -91,13 +92,13 @@ def main() -> int:
             dict(cu_q_ptr="*i32", cu_k_ptr="*i32", block_tables_ptr="*i32", **scales, **kv),
             dict(num_stages=2),
         ))  # fmt: skip
-    for kv, fp8_max in (({}, 0.0), (fp8, 448.0)):
+    for kv, fp8_max in (({}, 0.0), (fp8, 448.0), (e5m2, 57344.0)):
         jobs.append((
             _store_kvcache_kernel, dict(D=1024, BLOCK=1024, FP8_MAX=fp8_max),
             dict(slot_mapping_ptr="*i64", k_scale="fp32", v_scale="fp32", **kv), {},
         ))  # fmt: skip
     for norm, pdl, (kv, fp8_max) in itertools.product(
-        (False, True), (False, True), (({}, 0.0), (fp8, 448.0))
+        (False, True), (False, True), (({}, 0.0), (fp8, 448.0), (e5m2, 57344.0))
     ):
         jobs.append((
             _qk_norm_rope_store_kernel,

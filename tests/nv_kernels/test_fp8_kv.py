@@ -1,5 +1,6 @@
-"""fp8 (e4m3) KV caches: the Triton store, fused rope+store and attention kernels (interpreted on
-CPU) against the torch reference, which quantizes and dequantizes with torch's own casts."""
+"""fp8 KV caches (e4m3, and e5m2 for the store and attention): the Triton store, fused
+rope+store and attention kernels (interpreted on CPU) against the torch reference, which
+quantizes and dequantizes with torch's own casts."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from nv_kernels.torch_attention import decode_ref, prefill_ref
 from nv_kernels.triton_attention import decode_attention, prefill_attention
 
 FP8 = torch.float8_e4m3fn
+FP8S = [torch.float8_e4m3fn, torch.float8_e5m2]
 SCALES = [(1.0, 1.0), (0.05, 3.0)]
 
 
@@ -34,25 +36,28 @@ def test_quantize_saturates_and_rounds_like_torch():
 
 
 @pytest.mark.parametrize("kv_scales", SCALES)
-def test_store_kvcache_fp8_matches_reference(kv_scales):
+@pytest.mark.parametrize("dtype", FP8S)
+def test_store_kvcache_fp8_matches_reference(kv_scales, dtype):
     gen = torch.Generator().manual_seed(1)
     n, hkv, d, blocks, bs = 19, 2, 16, 8, 4
-    k = torch.randn(n, hkv, d, generator=gen) * 200  # some values past 448 * k_scale
+    fp8_max = torch.finfo(dtype).max
+    k = torch.randn(n, hkv, d, generator=gen) * fp8_max / 2  # some values past max * k_scale
     v = torch.randn(n, hkv, d, generator=gen)
     slots = torch.randperm(blocks * bs, generator=gen)[:n].clone()
     slots[3] = -1
-    caches = [torch.zeros(blocks, bs, hkv, d, dtype=FP8) for _ in range(4)]
+    caches = [torch.zeros(blocks, bs, hkv, d, dtype=dtype) for _ in range(4)]
     store_kvcache(k, v, caches[0], caches[1], slots, *kv_scales)
     store_kvcache_ref(k, v, caches[2], caches[3], slots, *kv_scales)
     for ours, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
         assert_fp8_cache_equal(ours, ref)
-    assert caches[0].float().abs().max() == 448  # saturated, not NaN
+    assert caches[0].float().abs().max() == fp8_max  # saturated, not NaN
 
 
 @pytest.mark.parametrize("kv_scales", SCALES)
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
-def test_decode_fp8_cache_matches_reference(kv_scales, num_splits, q_dtype):
+@pytest.mark.parametrize("dtype", FP8S)
+def test_decode_fp8_cache_matches_reference(kv_scales, num_splits, q_dtype, dtype):
     gen = torch.Generator().manual_seed(num_splits)
     heads, hkv, d, bs, blocks = 4, 2, 16, 4, 48
     lens = [1, 5, 17, 33]
@@ -61,8 +66,8 @@ def test_decode_fp8_cache_matches_reference(kv_scales, num_splits, q_dtype):
         table[i, : -(-n // bs)] += 1
     slots = [[slot + bs for slot in seq] for seq in slots]
     shape = (blocks, bs, hkv, d)
-    k_cache = quantize_kv(torch.randn(shape, generator=gen), torch.empty(0, dtype=FP8), 1.0)
-    v_cache = quantize_kv(torch.randn(shape, generator=gen), torch.empty(0, dtype=FP8), 1.0)
+    k_cache = quantize_kv(torch.randn(shape, generator=gen), torch.empty(0, dtype=dtype), 1.0)
+    v_cache = quantize_kv(torch.randn(shape, generator=gen), torch.empty(0, dtype=dtype), 1.0)
     q = torch.randn(len(lens), heads, d, generator=gen).to(q_dtype)
     meta = AttentionMetadata(
         False,
@@ -72,14 +77,14 @@ def test_decode_fp8_cache_matches_reference(kv_scales, num_splits, q_dtype):
     )
     ref = decode_ref(q.float(), k_cache, v_cache, meta, 0.3, kv_scales)
     plain = decode_ref(q.float(), k_cache, v_cache, meta, 0.3)
-    # then every slot no sequence owns holds e4m3fn's NaN byte: the kernel reads an fp8 V tile
-    # unmasked (masked tokens point into block 0, owned by none) and zeroes the masked rows
-    # after the cast. Triton's interpreter decodes that byte as 480, so here it checks that
-    # masked tokens carry no weight; tests/gpu checks the NaN itself
+    # then every slot no sequence owns holds a NaN byte (in e4m3fn and e5m2 alike): the kernel
+    # reads an fp8 V tile unmasked (masked tokens point into block 0, owned by none) and zeroes
+    # the masked rows after the cast. Triton's interpreter decodes e4m3fn's as 480, so there it
+    # checks that masked tokens carry no weight; tests/gpu checks the NaN itself
     unused = torch.ones(blocks * bs, dtype=torch.bool)
     unused[[slot for seq in slots for slot in seq]] = False
     for cache in (k_cache, v_cache):
-        cache.view(torch.uint8).view(-1, hkv, d)[unused] = 0x7F  # e4m3fn's NaN
+        cache.view(torch.uint8).view(-1, hkv, d)[unused] = 0x7F
     out = decode_attention(
         q, k_cache, v_cache, meta, 0.3, num_splits=num_splits, kv_scales=kv_scales
     )
@@ -92,14 +97,15 @@ def test_decode_fp8_cache_matches_reference(kv_scales, num_splits, q_dtype):
 
 
 @pytest.mark.parametrize("kv_scales", SCALES)
-def test_prefill_fp8_paged_context_matches_reference(kv_scales):
+@pytest.mark.parametrize("dtype", FP8S)
+def test_prefill_fp8_paged_context_matches_reference(kv_scales, dtype):
     gen = torch.Generator().manual_seed(5)
     heads, hkv, d, bs, blocks = 4, 2, 16, 4, 48
     lens_q, lens_k = [3, 8, 1], [3, 8 + 9, 1 + 4]  # prefixes of 0, 9 and 4 cached tokens
     table, slot_lists = paged_layout(gen, lens_k, bs, blocks)
     slots = torch.tensor([x for row in slot_lists for x in row])
     shape = (blocks, bs, hkv, d)
-    k_cache, v_cache = torch.zeros(shape, dtype=FP8), torch.zeros(shape, dtype=FP8)
+    k_cache, v_cache = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
     # the whole context goes through the store, as chunked prefill and prefix hits leave it
     k_all = torch.randn(len(slots), hkv, d, generator=gen)
     v_all = torch.randn(len(slots), hkv, d, generator=gen)

@@ -29,7 +29,7 @@ DEFAULT_CUDA_GRAPH_BATCH_SIZES = (
     512,
 )
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's: "fp8" is e4m3
 logger = logging.getLogger(__name__)
 
 
@@ -233,10 +233,12 @@ class Config:
         return self.device
 
     def resolved_kv_cache_dtype(self, model_dtype):
-        """The KV cache's torch dtype: the model's (auto) or float8_e4m3fn."""
+        """The KV cache's torch dtype: the model's (auto), float8_e4m3fn or float8_e5m2."""
         import torch
 
-        return model_dtype if self.kv_cache_dtype == "auto" else torch.float8_e4m3fn
+        if self.kv_cache_dtype == "auto":
+            return model_dtype
+        return torch.float8_e5m2 if self.kv_cache_dtype == "fp8_e5m2" else torch.float8_e4m3fn
 
     def resolved_dtype(self, device: str):
         import torch

@@ -4,7 +4,7 @@ import torch
 
 from nv_kernels.triton_utils import tl, triton
 
-FP8_KV_DTYPES = (torch.float8_e4m3fn,)
+FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def fp8_max(cache: torch.Tensor) -> float:

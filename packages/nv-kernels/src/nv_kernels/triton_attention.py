@@ -303,7 +303,7 @@ def _precision(dtype: torch.dtype) -> str | None:
 
 def _dot_dtype(q: torch.Tensor, cache: torch.Tensor, override: torch.dtype | None = None):
     """The dtype the attention dots run in: q's, except that 16-bit queries over an fp8 cache
-    use fp16, whose cast from e4m3 is one instruction per pair of values (bf16's takes a
+    use fp16, whose cast from fp8 is one instruction per pair of values (bf16's takes a
     detour through fp32 on Hopper). Softmax and accumulation stay fp32."""
     dtype = override or (
         torch.float16 if fp8_max(cache) and q.dtype in (torch.bfloat16, torch.float16) else q.dtype

@@ -24,7 +24,7 @@ _ENGINE_FLAGS = (
     ("num_kvcache_blocks", int, "KV-cache blocks (default: sized from memory)"),
     ("gpu_memory_utilization", float, "fraction of GPU memory the engine may take"),
     ("attention_backend", str, "auto, torch, triton or flash-attn"),
-    ("kv_cache_dtype", str, "auto (the model's dtype), fp8 or fp8_e4m3"),
+    ("kv_cache_dtype", str, "auto (the model's dtype), fp8 (= fp8_e4m3) or fp8_e5m2"),
 )
 
 

@@ -19,7 +19,7 @@ _qk_norm_rope = compile_on_cuda(qk_norm_rope)
 
 class Attention(nn.Module):
     """Paged attention for one layer. The model runner assigns `k_cache`/`v_cache`
-    ([num_blocks, block_size, num_kv_heads, head_dim], in the model's dtype or float8_e4m3fn)
+    ([num_blocks, block_size, num_kv_heads, head_dim], in the model's dtype or an fp8 dtype)
     and, for fp8 caches, `kv_scales` (k_scale, v_scale: a cached value times its scale is the
     real one); the step's metadata is an argument."""
 
