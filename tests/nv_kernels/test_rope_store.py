@@ -46,7 +46,8 @@ def test_rejects_bad_inputs():
 
 
 @pytest.mark.parametrize("kv_scales", [(1.0, 1.0), (0.5, 0.25)])
-def test_fp8_caches_match_reference(kv_scales):
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_fp8_caches_match_reference(kv_scales, fp8):
     # float32 activations, so any difference in the fp8 bytes would be the kernel's quantization
     g = torch.Generator().manual_seed(11)
     heads, kv_heads, head_dim, t = 4, 2, 32, 9
@@ -54,7 +55,6 @@ def test_fp8_caches_match_reference(kv_scales):
     cos_sin = torch.randn(t, head_dim, generator=g)
     weights = [torch.rand(head_dim, generator=g) + 0.5 for _ in "qk"]
     slots = torch.tensor([3, 0, -1, 7, 12, 19, 5, -1, 22])
-    fp8 = torch.float8_e4m3fn
     caches = [torch.zeros(6, 4, kv_heads, head_dim, dtype=fp8) for _ in "kv"]
     ref_qkv, ref_caches = qkv.clone(), [c.clone() for c in caches]
     qk_norm_rope_store(qkv, cos_sin, *weights, 1e-6, heads, kv_heads, *caches, slots, *kv_scales)
