@@ -166,6 +166,48 @@ def test_a_dead_core_kills_every_stream(model_dir):
         engine.shutdown()
 
 
+def _spawned_children(pid: int) -> list[int]:
+    """Processes that `pid` spawned with multiprocessing (not its resource tracker)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        if ppid == pid and b"spawn_main" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.slow
+def test_a_dead_tensor_parallel_worker_kills_every_stream(model_dir):
+    # the serving path with TP=2: a worker killed mid-stream ends every stream with an error
+    # naming its rank, /health's is_healthy() turns False, and nothing hangs
+    engine = AsyncLLM(str(model_dir), **ENGINE, tensor_parallel_size=2)
+    params = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
+
+    async def main():
+        tasks = [asyncio.create_task(_run(engine, p, params)) for p in PROMPTS]
+        await _wait_until(lambda: engine.stats and engine.stats.num_running == len(PROMPTS), 60)
+        (worker,) = _spawned_children(engine._proc.pid)
+        os.kill(worker, signal.SIGKILL)
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+        assert all(isinstance(r, EngineDeadError) for r in results), results
+        assert "WorkerError" in str(results[0]) and "rank 1" in str(results[0]), results[0]
+        assert not engine.is_healthy()
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
 def test_the_core_reports_a_failed_step(model_dir):
     """The core's loop, in this process: a step that raises is reported as "dead"."""
     engine = LLMEngine(str(model_dir), **ENGINE)
