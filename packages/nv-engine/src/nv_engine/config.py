@@ -105,9 +105,9 @@ class Config:
     device: str = "auto"  # auto | cuda | cuda:N | cpu
     dtype: str = "auto"  # auto: the checkpoint's dtype on CUDA (bf16 if unknown), float32 on CPU
     enable_prefix_caching: bool = True
-    # auto: K/V cached in the model's dtype; fp8 / fp8_e4m3 (vLLM's names): float8_e4m3fn with
-    # one scale per tensor (a checkpoint's self_attn.k_scale / v_scale, else 1.0 as in vLLM),
-    # about twice the tokens in the same memory
+    # auto: K/V cached in the model's dtype; fp8 / fp8_e4m3 / fp8_e5m2 (vLLM's names): 8-bit
+    # floats with one scale per tensor (a checkpoint's self_attn.k_scale / v_scale, else 1.0 as
+    # in vLLM), about twice the tokens in the same memory
     kv_cache_dtype: str = "auto"
     attention_backend: str = "auto"  # auto | torch | triton | flash-attn
     load_format: str = "auto"  # auto: safetensors in `model`; dummy: random weights (benchmarks)

@@ -19,8 +19,8 @@ class AttentionBackend:
     name: str
     # whether `forward` can be captured in a CUDA graph (no sizes taken from host values)
     cuda_graph_safe: bool = True
-    # whether the caches may be float8_e4m3fn (`kv_scales`: a cached value times its tensor's
-    # scale is the real one)
+    # whether the caches may be fp8 (FP8_KV_DTYPES; `kv_scales`: a cached value times its
+    # tensor's scale is the real one)
     supports_fp8_kv: bool = True
 
     def store(

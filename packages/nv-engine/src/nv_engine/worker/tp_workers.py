@@ -221,7 +221,8 @@ class WorkerPool:
         self.channel: StepChannel | None = None
         self._closing = threading.Event()
         self._watchdog: threading.Thread | None = None
-        self._aborted = False  # by the watchdog: a worker died
+        self._saw_death = False  # the watchdog's verdict: a worker died or began to
+        self._aborted = False  # and the watchdog aborted the group
 
     def start(self) -> TPGroup:
         world = self.config.tensor_parallel_size
@@ -260,6 +261,7 @@ class WorkerPool:
         aborted, it fails, and the call that waited raises, naming the rank (check_alive)."""
         while not self._closing.wait(_POLL_S):
             if not self.all_alive():
+                self._saw_death = True
                 self._aborted = _abort_group()
                 return
 
@@ -301,7 +303,10 @@ class WorkerPool:
             time.sleep(0.05)
 
     def send(self, plan: Any) -> None:
-        self.check_alive()
+        # every step: only the cheap signs (reaped, or the watchdog saw a death); reading /proc
+        # for every worker (check_alive) is left to waits, which poll it
+        if self._saw_death or not all(p.is_alive() for p in self.procs):
+            self.check_alive()
         self.channel.send(plan, self.check_alive)
 
     def close(self) -> None:
