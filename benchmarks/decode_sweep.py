@@ -1,7 +1,8 @@
 """Sweep the decode kernel's launch configuration on realistic shapes, timed as CUDA-graph
 replays inside a large KV cache (like the engine's), each config checked against the reference.
 
-    python benchmarks/decode_sweep.py [--kv-dtype fp8] [--quick]
+    python benchmarks/decode_sweep.py [--kv-dtype fp8] [--quick] [--block-n N..] [--warps N..]
+        [--stages N..] [--splits N..]
 
 --quick: block size 256, workload A's shapes, fewer configurations. Without it, fp8 caches are
 also swept with the dots in bf16 against fp16.
@@ -46,6 +47,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16")
     ap.add_argument("--quick", action="store_true")
+    for opt in ("block-n", "warps", "stages", "splits"):  # override the sweep's lists
+        ap.add_argument(f"--{opt}", type=int, nargs="+")
     args = ap.parse_args()
     fp8 = args.kv_dtype == "fp8"
     kv_dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
@@ -80,7 +83,11 @@ def main() -> None:
                 splits_opts, stages_opts = [splits_opts[0 if batch >= 32 else 1]], (1, 3)
             best = None
             for dot, block_n, warps, stages, splits in itertools.product(
-                dots, (64, 128) if fp8 else (32, 64), (4, 8), stages_opts, splits_opts
+                dots,
+                args.block_n or ((64, 128) if fp8 else (32, 64)),
+                args.warps or (4, 8),
+                args.stages or stages_opts,
+                args.splits or splits_opts,
             ):
                 fn = lambda: decode_attention(
                     q,

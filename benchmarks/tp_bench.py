@@ -9,6 +9,9 @@ sections:
   scaling    workload A on the Qwen3-8B and Qwen3-0.6B shapes: TP=1, TP=2 (overlapped
              scheduling), TP=2 with scheduling synchronous, TP=2 with PeerAllReduce (one-shot,
              two-shot)
+  profile    8B shape, 256 sequences decoding: wall ms per step at TP=1 and TP=2 (NCCL, peer),
+             and rank 0's GPU kernels per step (torch.profiler)
+TP_SHAPES=8b and TP_RUNS=tp1,tp2_peer (tags as reported) run a subset.
 Prints one JSON line per result.
 """
 
@@ -28,7 +31,7 @@ import torch.multiprocessing as mp
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from gpu_bench import QWEN3_06B, make_llm  # noqa: E402
+from gpu_bench import QWEN3_06B, _kernel_table, make_llm, ms_per_step, start_decoding  # noqa: E402
 
 QWEN3_8B = json.loads((HERE / "configs" / "qwen3-8b.json").read_text())
 ROWS = (1, 8, 32, 64, 128, 256, 512, 2048, 16384)
@@ -120,7 +123,12 @@ def scaling() -> None:
             ),
         ),
     ]
+    # TP_SHAPES / TP_RUNS (comma-separated tags) pick a subset, for a short device call
+    shapes = os.environ.get("TP_SHAPES", "8b,0.6b").split(",")
+    runs = [r for r in runs if r[0] in os.environ.get("TP_RUNS", r[0]).split(",")]
     for shape, cfg in (("8b", QWEN3_8B), ("0.6b", QWEN3_06B)):
+        if shape not in shapes:
+            continue
         base = None
         for tag, kw in runs:
             t = time.perf_counter()
@@ -142,11 +150,36 @@ def scaling() -> None:
             )
 
 
+def profile() -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    runs = [
+        ("tp1", dict(tensor_parallel_size=1)),
+        ("tp2", dict(tensor_parallel_size=2)),
+        ("tp2_peer", dict(tensor_parallel_size=2, peer_all_reduce_max_bytes=8 << 20)),
+    ]
+    runs = [r for r in runs if r[0] in os.environ.get("TP_RUNS", r[0]).split(",")]
+    for tag, kw in runs:
+        with make_llm(QWEN3_8B, kvcache_block_size=256, **kw) as llm:
+            start_decoding(llm, 256, 500, max_tokens=120)
+            wall = ms_per_step(llm, warmup=5, steps=20)
+            with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    llm.step()
+                torch.cuda.synchronize()
+            print(f"# 8b {tag} batch 256: wall {wall:.3f} ms/step; rank 0's kernels:")
+            gpu = _kernel_table(prof, 10, top=24)
+            report(
+                f"profile_8b_{tag}", batch=256, wall_ms=round(wall, 3), gpu_ms=round(gpu / 1e3, 3)
+            )
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for s in sys.argv[1:] or ["allreduce", "scaling"]:
         t = time.perf_counter()
-        {"allreduce": allreduce, "scaling": scaling}[s]()
+        {"allreduce": allreduce, "scaling": scaling, "profile": profile}[s]()
         print(f"# section {s}: {time.perf_counter() - t:.1f}s", flush=True)
 
 

@@ -4,7 +4,7 @@ Triton interpreter on CPU."""
 import pytest
 import torch
 
-from nv_kernels.rms_norm import rms_norm_ref, rms_norm_triton
+from nv_kernels.rms_norm import rms_norm_of_sum, rms_norm_ref, rms_norm_triton
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -29,6 +29,28 @@ def test_rms_norm_matches_torch(dtype, d, with_residual):
     torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("num_parts", [1, 2, 3])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_of_sum_is_the_all_reduce_then_the_norm(num_parts, with_residual):
+    # the parts stand for every rank's partial sums (peer memory on a GPU); the fused kernel
+    # equals the unfused path bit for bit: sum rounded to the dtype (the all-reduce), then
+    # rms_norm_triton with the residual. float16: the interpreter casts float32 to bfloat16 by
+    # truncation, where the GPU (and torch) round to nearest
+    g = torch.Generator().manual_seed(num_parts)
+    d, rows = 96, 5
+    parts = [torch.randn(rows, d, generator=g).to(torch.float16) for _ in range(num_parts)]
+    addrs = torch.tensor([p.data_ptr() for p in parts], dtype=torch.int64)
+    w = (1 + 0.1 * torch.randn(d, generator=g)).to(torch.float16)
+    res = torch.randn(rows, d, generator=g).to(torch.float16) if with_residual else None
+    reduced = sum(p.float() for p in parts).to(torch.float16)
+    want = rms_norm_triton(reduced, w, 1e-6, res)
+    got = rms_norm_of_sum(addrs, rows, w, 1e-6, res)
+    for a, b in zip(got if with_residual else [got], want if with_residual else [want]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if with_residual and num_parts > 1:  # the summed input was used, not one part alone
+        assert not torch.equal(got[1], parts[0] + res)
+
+
 def test_rms_norm_rejects_bad_shapes():
     with pytest.raises(ValueError, match="weight"):
         rms_norm_triton(torch.randn(2, 8), torch.ones(4), 1e-6)
@@ -36,6 +58,10 @@ def test_rms_norm_rejects_bad_shapes():
         rms_norm_triton(torch.randn(2, 8), torch.ones(8), 1e-6, torch.randn(3, 8))
     with pytest.raises(ValueError, match="x must be"):
         rms_norm_triton(torch.randn(2, 3, 8), torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match="part_addrs"):
+        rms_norm_of_sum(torch.zeros(2, dtype=torch.int32), 2, torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match="residual"):
+        rms_norm_of_sum(torch.zeros(2, dtype=torch.int64), 2, torch.ones(8), 1e-6, torch.ones(3, 8))
 
 
 def test_overlapped_launches_are_plain_off_hopper():

@@ -93,12 +93,58 @@ def test_all_reduce_routes_what_the_peer_path_handles(monkeypatch):
             self.seen.append(x)
             return x * 2
 
+        def synced(self) -> None:
+            self.seen.append("synced")
+
     peer = Peer()
     tp = TPGroup(0, 2, None, peer)
     small = torch.ones(4, dtype=torch.bfloat16)
     assert torch.equal(tp.all_reduce(small), small * 2) and peer.seen == [small]
     large, fp32 = torch.ones(8, dtype=torch.bfloat16), torch.ones(4)
     assert tp.all_reduce(large) is large and tp.all_reduce(fp32) is fp32
-    assert len(peer.seen) == 1 and collective == [large, fp32]
+    # a collective through NCCL/gloo is a full barrier too: the peer path hears of it
+    assert peer.seen == [small, "synced", "synced"] and collective == [large, fp32]
     assert TPGroup(0, 1, None, peer).all_reduce(small) is small  # one rank: nothing to do
-    assert len(peer.seen) == 1 and len(collective) == 2
+    assert len(peer.seen) == 3 and len(collective) == 2
+
+
+def test_norms_reduce_what_row_parallel_layers_leave_unreduced(monkeypatch):
+    # RowParallelLinear(reduce_results=False) gives this rank's partial sum (its bias on rank 0
+    # alone); RMSNorm(tp) reduces it before the add and the norm: fused through the peer path
+    # where it handles x, else an all-reduce first. Without a residual (layer 0, the embedding's
+    # reduced output) nothing is reduced.
+    from nv_models.layers.layernorm import RMSNorm
+    from nv_models.layers.linear import RowParallelLinear
+
+    monkeypatch.setattr(dist, "all_reduce", lambda x, group=None: x.mul_(2))  # 2 equal ranks
+    calls = []
+
+    class Peer:
+        def handles(self, x: torch.Tensor) -> bool:
+            return x.shape[0] <= 2
+
+        def all_reduce_rms_norm(self, x, residual, weight, eps):
+            calls.append(x.shape[0])
+            return RMSNorm(x.shape[1], eps)(2 * x, residual)
+
+        def synced(self) -> None:
+            pass
+
+    g = torch.Generator().manual_seed(0)
+    for rank in (0, 1):
+        layer = RowParallelLinear(8, 6, bias=True, tp=TPGroup(rank, 2), reduce_results=False)
+        layer.weight.data = torch.randn(6, 4, generator=g)
+        layer.bias.data = torch.ones(6)
+        x = torch.randn(3, 4, generator=g)
+        want = x @ layer.weight.T + (layer.bias if rank == 0 else 0)
+        torch.testing.assert_close(layer(x), want)
+    norm = RMSNorm(6, 1e-6, TPGroup(0, 2, None, Peer()))
+    for rows in (2, 5):  # the peer path takes 2 rows, NCCL/gloo 5
+        x, res = torch.randn(rows, 6, generator=g), torch.randn(rows, 6, generator=g)
+        out, new_res = norm(x.clone(), res)
+        torch.testing.assert_close(new_res, res + 2 * x)
+        torch.testing.assert_close(out, RMSNorm(6, 1e-6)(res + 2 * x))
+    assert calls == [2]
+    x = torch.randn(2, 6, generator=g)
+    torch.testing.assert_close(norm(x), RMSNorm(6, 1e-6)(x))  # no residual: not reduced
+    assert calls == [2]

@@ -1,4 +1,7 @@
 """RMSNorm, optionally after adding the residual, in one Triton kernel (one program per row).
+The kernel can also take its input as the sum of N tensors at given device addresses: every
+tensor-parallel rank's partial sums in peer-mapped memory, which fuses the all-reduce into it
+(`rms_norm_of_sum`).
 
 Rounded like Hugging Face's RMSNorm in the input dtype: the residual sum is rounded to the dtype,
 normalised in float32, rounded, then multiplied by the weight and rounded again. The kernel joins
@@ -28,6 +31,7 @@ if triton is not None:
     @triton.jit
     def _rms_norm_kernel(
         x_ptr,
+        parts_ptr,
         res_ptr,
         w_ptr,
         out_ptr,
@@ -38,6 +42,7 @@ if triton is not None:
         eps,
         BLOCK: tl.constexpr,
         HAS_RES: tl.constexpr,
+        PARTS: tl.constexpr,
         PDL: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
@@ -46,7 +51,16 @@ if triton is not None:
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         pdl_wait(PDL)
         dtype = out_ptr.dtype.element_ty
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if PARTS == 0:
+            x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        else:  # x = the sum of PARTS [T, D] tensors (other ranks': volatile, never cached)
+            acc = tl.zeros([BLOCK], tl.float32)
+            for i in tl.static_range(PARTS):
+                part = tl.load(parts_ptr + i).to(tl.pointer_type(dtype))
+                acc += tl.load(part + row * D + cols, mask=mask, other=0.0, volatile=True).to(
+                    tl.float32
+                )
+            x = acc.to(dtype)  # rounded as an all-reduce's result is
         if HAS_RES:
             r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
             x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
@@ -75,6 +89,7 @@ def rms_norm_triton(
     if t:
         _rms_norm_kernel[(t,)](
             x,
+            x,  # no parts
             residual if residual is not None else x,
             weight,
             out,
@@ -85,7 +100,54 @@ def rms_norm_triton(
             eps,
             BLOCK=triton.next_power_of_2(d),
             HAS_RES=residual is not None,
+            PARTS=0,
             num_warps=4 if d <= 4096 else 8,
             **pdl_kwargs(use_pdl(x.device)),
+        )
+    return out if residual is None else (out, res_out)
+
+
+def rms_norm_of_sum(
+    part_addrs: torch.Tensor,
+    rows: int,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`rms_norm_triton` of x = the sum of N contiguous `[rows, D]` tensors of weight's dtype
+    found at the device addresses `part_addrs` (int64 `[N]`, on the device): each
+    tensor-parallel rank's partial sums in peer-mapped memory, so that the all-reduce, the
+    residual add and the norm are one kernel. The parts are summed in float32 in the order
+    given (every rank gets the same bits) and rounded to the dtype, as the all-reduce's result
+    would be. The caller makes sure the parts are written before, and not overwritten during,
+    the kernel (a barrier across ranks)."""
+    if not triton_usable(weight.device):
+        raise RuntimeError("rms_norm_of_sum needs CUDA or TRITON_INTERPRET=1")
+    if part_addrs.dtype != torch.int64 or part_addrs.dim() != 1:
+        raise ValueError(
+            f"part_addrs must be int64 [N], got {part_addrs.dtype} {tuple(part_addrs.shape)}"
+        )
+    d = weight.shape[0]
+    if residual is not None and (residual.shape != (rows, d) or residual.stride(-1) != 1):
+        raise ValueError(f"residual must be ({rows}, {d}) with a contiguous last dim")
+    out = torch.empty(rows, d, dtype=weight.dtype, device=weight.device)
+    res_out = torch.empty_like(out) if residual is not None else out
+    if rows:
+        _rms_norm_kernel[(rows,)](
+            out,  # x: unused
+            part_addrs,
+            residual if residual is not None else out,
+            weight,
+            out,
+            res_out,
+            d,
+            0,
+            residual.stride(0) if residual is not None else 0,
+            eps,
+            BLOCK=triton.next_power_of_2(d),
+            HAS_RES=residual is not None,
+            PARTS=part_addrs.shape[0],
+            num_warps=4 if d <= 4096 else 8,
+            **pdl_kwargs(use_pdl(weight.device)),
         )
     return out if residual is None else (out, res_out)

@@ -425,13 +425,12 @@ def decode_attention(
     g = num_heads // num_kv_heads
     on_gpu = q.device.type == "cuda"
     # From decode_sweep.py on an H200 (docs/benchmarks.md). bf16 caches: 64-token tiles, 4
-    # stages. fp8 caches: 128-token tiles, 3 stages, dots in fp16, chosen while V was still
-    # read back one byte at a time (see _load_paged_kv): to be swept again.
+    # stages. fp8 caches: 128-token tiles, no software pipelining (1 stage), dots in fp16.
     fp8 = bool(fp8_max(k_cache))
     if block_n is None:
         block_n = (128 if fp8 else 64) if on_gpu else 16
     if num_stages is None:
-        num_stages = (3 if fp8 else 4) if on_gpu else 2
+        num_stages = (1 if fp8 else 4) if on_gpu else 2
     if num_splits is None:
         max_context = meta.block_tables.shape[1] * block_size
         num_splits = decode_num_splits(num_seqs, num_kv_heads, max_context, q.device, block_n)

@@ -5,13 +5,23 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nv_kernels import rms_norm_of_sum
+
 
 class PeerAllReduce:
     """All-reduce of small bf16 messages through symmetric (peer-mapped) memory: each rank copies
     its part into a buffer every peer can read, then torch's symmetric-memory kernels sum them:
     `one_shot` (one kernel reads every part) or `two_shot` (each rank reduces a slice, then
     gathers the others', in place). No ring steps, one or two launches, for decode-sized
-    messages. NVLink multicast is not used. Larger or other-dtype messages go to NCCL."""
+    messages. NVLink multicast is not used. Larger or other-dtype messages go to NCCL.
+
+    `all_reduce_rms_norm` fuses a row-parallel layer's all-reduce with the residual add and
+    RMSNorm after it: copy into one of two slots, one barrier, then one kernel that reads every
+    rank's slot. Slots alternate, so a slot is written again only after the barrier of the call
+    between, which every peer passes after it finished reading that slot. A full all-reduce
+    (the embedding's, first in every forward) starts the alternation again at slot 0: every
+    peer has reached it, so every earlier read is done, and a forward's slot sequence is the
+    same in every CUDA graph."""
 
     ALGORITHMS = ("one_shot", "two_shot")
 
@@ -28,9 +38,19 @@ class PeerAllReduce:
             raise ValueError(f"algorithm must be one of {self.ALGORITHMS}, got {algorithm!r}")
         self.algorithm = algorithm
         self.group_name = group.group_name
-        self.max_numel = max_bytes // 2
-        self.buffer = symm_mem.empty(self.max_numel, dtype=torch.bfloat16, device=device)
-        symm_mem.rendezvous(self.buffer, self.group_name)
+        self.max_numel = n = max_bytes // 2
+        # [one-shot buffer | slot 0 | slot 1]
+        self.buffer = symm_mem.empty(3 * n, dtype=torch.bfloat16, device=device)
+        self.handle = symm_mem.rendezvous(self.buffer, self.group_name)
+        self._slot_addrs = [
+            torch.tensor(
+                [ptr + (1 + s) * n * 2 for ptr in self.handle.buffer_ptrs],
+                dtype=torch.int64,
+                device=device,
+            )
+            for s in range(2)
+        ]
+        self._next_slot = 0
 
     def handles(self, x: torch.Tensor) -> bool:
         return x.dtype == torch.bfloat16 and x.numel() <= self.max_numel and x.is_contiguous()
@@ -43,7 +63,22 @@ class PeerAllReduce:
         else:
             torch.ops.symm_mem.two_shot_all_reduce_(part, "sum", self.group_name)
             x.view(-1).copy_(part)
+        self.synced()
         return x
+
+    def synced(self) -> None:
+        """Every rank has passed a full all-reduce: every read of the slots before it is done."""
+        self._next_slot = 0
+
+    def all_reduce_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(residual + sum of every rank's x), residual + that sum), for x it handles."""
+        slot, self._next_slot = self._next_slot, 1 - self._next_slot
+        n = self.max_numel
+        self.buffer[(1 + slot) * n : (1 + slot) * n + x.numel()].copy_(x.view(-1))
+        self.handle.barrier(channel=0)  # every rank's part is in its slot
+        return rms_norm_of_sum(self._slot_addrs[slot], x.shape[0], weight, eps, residual)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +97,8 @@ class TPGroup:
             if self.peer is not None and self.peer.handles(x):
                 return self.peer.all_reduce(x)
             dist.all_reduce(x, group=self.group)
+            if self.peer is not None:
+                self.peer.synced()
         return x
 
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:

@@ -45,8 +45,8 @@ class Qwen3Attention(nn.Module):
             hidden, self.head_dim, total_heads, total_kv_heads, bias=spec.qkv_bias, tp=tp
         )
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.o_proj = RowParallelLinear(
-            total_heads * self.head_dim, hidden, bias=spec.o_bias, tp=tp
+        self.o_proj = RowParallelLinear(  # reduced by post_attention_layernorm
+            total_heads * self.head_dim, hidden, bias=spec.o_bias, tp=tp, reduce_results=False
         )
         self.attn = Attention(
             self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads, backend
@@ -78,8 +78,8 @@ class Qwen3MLP(nn.Module):
         self.gate_up_proj = GateUpParallelLinear(
             config.hidden_size, config.intermediate_size, bias=bias, tp=tp
         )
-        self.down_proj = RowParallelLinear(
-            config.intermediate_size, config.hidden_size, bias=bias, tp=tp
+        self.down_proj = RowParallelLinear(  # reduced by the next norm
+            config.intermediate_size, config.hidden_size, bias=bias, tp=tp, reduce_results=False
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,8 +93,11 @@ class Qwen3DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Qwen3Attention(config, tp, backend, spec)
         self.mlp = Qwen3MLP(config, tp)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # the residual stream's norms reduce their input: the row-parallel layers before them
+        # leave it unreduced, so the all-reduce fuses with the add and the norm (layer 0's
+        # input_layernorm, given no residual, gets the embedding's output, already reduced)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, tp)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, tp)
 
     def forward(
         self,
@@ -125,7 +128,7 @@ class Qwen3Model(nn.Module):
         self.layers = nn.ModuleList(
             Qwen3DecoderLayer(config, tp, backend, spec) for _ in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, tp)  # (see the layer's)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata

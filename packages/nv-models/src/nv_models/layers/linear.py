@@ -123,15 +123,25 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 class RowParallelLinear(LinearBase):
     """Input features split across ranks; partial products are summed with an all-reduce.
-    The bias is added once, after the reduction."""
+    The bias is added once: after the reduction, or before it on rank 0 alone. With
+    `reduce_results=False` (vLLM's name) the output is this rank's partial sum, left for the
+    consumer to reduce (an `RMSNorm(tp=...)` fuses the reduction into the norm)."""
 
     def __init__(
-        self, input_size: int, output_size: int, bias: bool = False, tp: TPGroup = TPGroup()
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        tp: TPGroup = TPGroup(),
+        reduce_results: bool = True,
     ) -> None:
         super().__init__(divide(input_size, tp.size, "input_size"), output_size, bias, tp, 1)
+        self.reduce_results = reduce_results
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight)
+        if not self.reduce_results:
+            return y + self.bias if self.bias is not None and self.tp.rank == 0 else y
         y = self.tp.all_reduce(y)
         return y + self.bias if self.bias is not None else y
 
