@@ -45,7 +45,9 @@ def test_rms_norm_of_sum_is_the_all_reduce_then_the_norm(num_parts, with_residua
     reduced = sum(p.float() for p in parts).to(torch.float16)
     want = rms_norm_triton(reduced, w, 1e-6, res)
     got = rms_norm_of_sum(addrs, rows, w, 1e-6, res)
-    for a, b in zip(got if with_residual else [got], want if with_residual else [want]):
+    for a, b in zip(
+        got if with_residual else [got], want if with_residual else [want], strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     if with_residual and num_parts > 1:  # the summed input was used, not one part alone
         assert not torch.equal(got[1], parts[0] + res)

@@ -53,13 +53,14 @@ if triton is not None:
         dtype = out_ptr.dtype.element_ty
         if PARTS == 0:
             x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-        else:  # x = the sum of PARTS [T, D] tensors (other ranks': volatile, never cached)
+        else:  # x = the sum of PARTS [T, D] tensors (other ranks': read past L1, ".cg")
             acc = tl.zeros([BLOCK], tl.float32)
             for i in tl.static_range(PARTS):
                 part = tl.load(parts_ptr + i).to(tl.pointer_type(dtype))
-                acc += tl.load(part + row * D + cols, mask=mask, other=0.0, volatile=True).to(
-                    tl.float32
-                )
+                part = tl.multiple_of(part, 16)  # whole rows of 16-byte multiples: vector loads
+                acc += tl.load(
+                    part + row * D + cols, mask=mask, other=0.0, cache_modifier=".cg"
+                ).to(tl.float32)
             x = acc.to(dtype)  # rounded as an all-reduce's result is
         if HAS_RES:
             r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
@@ -128,6 +129,8 @@ def rms_norm_of_sum(
             f"part_addrs must be int64 [N], got {part_addrs.dtype} {tuple(part_addrs.shape)}"
         )
     d = weight.shape[0]
+    if d % 8:
+        raise ValueError(f"the hidden size must be a multiple of 8 (16-byte rows), got {d}")
     if residual is not None and (residual.shape != (rows, d) or residual.stride(-1) != 1):
         raise ValueError(f"residual must be ({rows}, {d}) with a contiguous last dim")
     out = torch.empty(rows, d, dtype=weight.dtype, device=weight.device)

@@ -38,7 +38,7 @@ class PeerAllReduce:
             raise ValueError(f"algorithm must be one of {self.ALGORITHMS}, got {algorithm!r}")
         self.algorithm = algorithm
         self.group_name = group.group_name
-        self.max_numel = n = max_bytes // 2
+        self.max_numel = n = max_bytes // 16 * 8  # slots start at 16-byte multiples
         # [one-shot buffer | slot 0 | slot 1]
         self.buffer = symm_mem.empty(3 * n, dtype=torch.bfloat16, device=device)
         self.handle = symm_mem.rendezvous(self.buffer, self.group_name)

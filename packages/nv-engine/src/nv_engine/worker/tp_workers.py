@@ -38,15 +38,17 @@ class StepChannel:
     Every message is acknowledged by each reader before the next one is written, so a slow reader
     never sees a half-overwritten message. A message larger than the segment makes the writer
     move everyone to a larger segment first (a small resize message travels in the old one).
+
+    `ready` and `acked` are semaphores, one pair per reader: releasing one never waits for the
+    other side. (A multiprocessing Event's set() waits for every process sleeping in its wait()
+    to wake, and a reader killed there never does: rank 0 hung in set(), measured on NCCL.)
     """
 
     def __init__(self, num_readers: int, ctx: Any, size: int = 1 << 20) -> None:
         self.shm = SharedMemory(create=True, size=size, name=_unique_name())
         self._retired: list[SharedMemory] = []
-        self.ready = [ctx.Event() for _ in range(num_readers)]
-        self.acked = [ctx.Event() for _ in range(num_readers)]
-        for event in self.acked:
-            event.set()
+        self.ready = [ctx.Semaphore(0) for _ in range(num_readers)]
+        self.acked = [ctx.Semaphore(1) for _ in range(num_readers)]
 
     def send(self, obj: Any, alive: Any) -> None:
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
@@ -60,15 +62,13 @@ class StepChannel:
         self._write(data, alive)
 
     def _write(self, data: bytes, alive: Any) -> None:
-        for event in self.acked:
-            while not event.wait(_POLL_S):
+        for acked in self.acked:
+            while not acked.acquire(timeout=_POLL_S):
                 alive()
-        for event in self.acked:
-            event.clear()
         self.shm.buf[:_HEADER] = len(data).to_bytes(_HEADER, "little")
         self.shm.buf[_HEADER : _HEADER + len(data)] = data
-        for event in self.ready:
-            event.set()
+        for ready in self.ready:
+            ready.release()
 
     def close(self) -> None:
         for shm in [self.shm, *self._retired]:
@@ -89,18 +89,17 @@ class StepReceiver:
 
     def recv(self) -> Any:
         while True:
-            while not self.ready.wait(_POLL_S):
+            while not self.ready.acquire(timeout=_POLL_S):
                 if os.getppid() != self.parent_pid:
                     return _EXIT  # the engine process is gone: leave, don't linger
-            self.ready.clear()
             n = int.from_bytes(self.shm.buf[:_HEADER], "little")
             obj = pickle.loads(self.shm.buf[_HEADER : _HEADER + n])
             if isinstance(obj, tuple) and len(obj) == 2 and obj[0] == _RESIZE:
                 self.shm.close()
                 self.shm = SharedMemory(name=obj[1])
-                self.acked.set()
+                self.acked.release()
                 continue
-            self.acked.set()
+            self.acked.release()
             return obj
 
 
@@ -222,7 +221,6 @@ class WorkerPool:
         self._closing = threading.Event()
         self._watchdog: threading.Thread | None = None
         self._saw_death = False  # the watchdog's verdict: a worker died or began to
-        self._aborted = False  # and the watchdog aborted the group
 
     def start(self) -> TPGroup:
         world = self.config.tensor_parallel_size
@@ -262,7 +260,7 @@ class WorkerPool:
         while not self._closing.wait(_POLL_S):
             if not self.all_alive():
                 self._saw_death = True
-                self._aborted = _abort_group()
+                _abort_group()  # may never return (see close())
                 return
 
     def _wait_started(self, store: dist.TCPStore) -> None:
@@ -312,24 +310,29 @@ class WorkerPool:
     def close(self) -> None:
         """Every rank leaves the same way: the exit message, a barrier, then each destroys its
         group at the same time (NCCL's teardown waits for its peers: rank 0 must not wait for
-        the workers to exit first). With a worker dead, rank 0 aborts its group instead."""
+        the workers to exit first). With a worker dead, rank 0 aborts its group instead, never
+        waiting for the abort longer than _ABORT_WAIT_S: ncclCommAbort itself hung with a
+        killed peer (measured), and a close() that hangs is what this must prevent."""
         self._closing.set()
         if self._watchdog is not None:
             self._watchdog.join(_ABORT_WAIT_S)
-        # not when start() failed before the rendezvous, nor after the watchdog aborted
-        joined = dist.is_initialized() and not self._aborted
         clean = False
-        if self.channel is not None and self.procs:
+        if self.channel is not None and self.procs and not self._saw_death and self.all_alive():
             try:
-                if self.all_alive():
-                    self.channel.send(_EXIT, self.check_alive)
-                    if joined:
-                        dist.barrier()
-                    clean = True
+                self.channel.send(_EXIT, self.check_alive)
+                if dist.is_initialized():
+                    dist.barrier()
+                clean = True
             except (WorkerError, RuntimeError):
                 pass  # a worker died meanwhile: it is terminated below
-        if joined:
-            _leave_group(clean)
+        # not when start() failed before the rendezvous, nor after the watchdog's abort
+        if dist.is_initialized() and not self._saw_death:
+            if clean:
+                dist.destroy_process_group()
+            else:
+                leave = threading.Thread(target=_leave_group, name="nv-tp-abort", daemon=True)
+                leave.start()
+                leave.join(_ABORT_WAIT_S)
         # workers that never joined rank 0 (start() failed) cannot leave by themselves
         deadline = time.monotonic() + (10 if clean else 0)
         for proc in self.procs:
@@ -343,10 +346,10 @@ class WorkerPool:
             self.channel = None
 
 
-def _leave_group(clean: bool) -> None:
-    """Destroy this process's group; after a peer died, abort it (a destroy could wait for the
-    dead peer forever)."""
-    if clean or not _abort_group():
+def _leave_group() -> None:
+    """After a peer died: abort this process's groups (a destroy could wait for the dead peer
+    forever), or destroy them where torch cannot abort."""
+    if not _abort_group():
         dist.destroy_process_group()
 
 
