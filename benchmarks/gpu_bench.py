@@ -503,17 +503,26 @@ def kprofile(**config) -> None:
 
     for n in (1, 256):
         with make_llm(kvcache_block_size=256, **config) as llm:
-            start_decoding(llm, n, 500 if n > 1 else 128, max_tokens=200)
-            wall = ms_per_step(llm, warmup=5, steps=20)
-            with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    llm.step()
-                torch.cuda.synchronize()
-            print(f"batch {n}: wall {wall:.3f} ms/step")
-            gpu = _kernel_table(prof, 10, top=30)
+            wall, gpu = profile_decode(llm, n, 500 if n > 1 else 128, f"batch {n}")
             report(
                 "kprofile", **config, batch=n, wall_ms=round(wall, 3), gpu_ms=round(gpu / 1e3, 3)
             )
+
+
+def profile_decode(llm, num_seqs: int, prompt_len: int, label: str) -> tuple[float, float]:
+    """`num_seqs` requests decoding: wall ms per step, then this process's GPU kernels over 10
+    profiled steps (printed); returns (wall ms, GPU µs) per step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    start_decoding(llm, num_seqs, prompt_len, max_tokens=200)
+    wall = ms_per_step(llm, warmup=5, steps=20)
+    with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            llm.step()
+        torch.cuda.synchronize()
+    print(f"{label}: wall {wall:.3f} ms/step")
+    return wall, _kernel_table(prof, 10, top=30)
 
 
 def hf_baseline() -> None:

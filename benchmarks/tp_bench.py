@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from gpu_bench import QWEN3_06B, _kernel_table, make_llm, ms_per_step, start_decoding  # noqa: E402
+from gpu_bench import QWEN3_06B, make_llm, profile_decode  # noqa: E402
 
 QWEN3_8B = json.loads((HERE / "configs" / "qwen3-8b.json").read_text())
 ROWS = (1, 8, 32, 64, 128, 256, 512, 2048, 16384)
@@ -151,9 +151,6 @@ def scaling() -> None:
 
 
 def profile() -> None:
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as tprofile
-
     runs = [
         ("tp1", dict(tensor_parallel_size=1)),
         ("tp2", dict(tensor_parallel_size=2)),
@@ -162,14 +159,7 @@ def profile() -> None:
     runs = [r for r in runs if r[0] in os.environ.get("TP_RUNS", r[0]).split(",")]
     for tag, kw in runs:
         with make_llm(QWEN3_8B, kvcache_block_size=256, **kw) as llm:
-            start_decoding(llm, 256, 500, max_tokens=120)
-            wall = ms_per_step(llm, warmup=5, steps=20)
-            with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    llm.step()
-                torch.cuda.synchronize()
-            print(f"# 8b {tag} batch 256: wall {wall:.3f} ms/step; rank 0's kernels:")
-            gpu = _kernel_table(prof, 10, top=24)
+            wall, gpu = profile_decode(llm, 256, 500, f"# 8b {tag} batch 256 (rank 0's kernels)")
             report(
                 f"profile_8b_{tag}", batch=256, wall_ms=round(wall, 3), gpu_ms=round(gpu / 1e3, 3)
             )

@@ -87,6 +87,54 @@ def test_channel_grows_for_large_messages():
     assert ch.shm.size > 256
 
 
+def _wait_forever(name, ready, acked, parent_pid, started):
+    receiver = StepReceiver(name, ready, acked, parent_pid)
+    started.set()
+    receiver.recv()
+
+
+def test_sending_to_a_reader_killed_while_it_waits_does_not_hang():
+    # a reader killed while it waits for a message: the writer's next message must not wait
+    # for it (a multiprocessing Event's set() did: it waits for every sleeper in wait() to wake,
+    # and rank 0 hung there on the card); the one after that finds no ack and asks alive()
+    import signal
+    import threading
+
+    ctx = mp.get_context("spawn")
+    ch = StepChannel(1, ctx)
+    started = ctx.Event()
+    reader = ctx.Process(
+        target=_wait_forever, args=(ch.shm.name, ch.ready[0], ch.acked[0], os.getpid(), started)
+    )
+    reader.start()
+    errors: list[BaseException] = []
+
+    def alive() -> None:
+        if not reader.is_alive():
+            raise WorkerError("reader died")
+
+    def send_twice() -> None:
+        try:
+            ch.send("first", alive)  # the reader was killed waiting: no ack will come
+            ch.send("second", alive)
+        except BaseException as e:
+            errors.append(e)
+
+    try:
+        assert started.wait(60)
+        time.sleep(0.3)  # the reader is inside recv()'s wait by now
+        os.kill(reader.pid, signal.SIGKILL)
+        reader.join(10)
+        sender = threading.Thread(target=send_twice, daemon=True)
+        sender.start()
+        sender.join(10)
+        assert not sender.is_alive(), "send() hung on a dead reader"
+        assert len(errors) == 1 and isinstance(errors[0], WorkerError)
+    finally:
+        reader.kill()
+        ch.close()
+
+
 @pytest.mark.slow
 def test_workers_exit_on_close_and_dead_worker_is_reported(tmp_path):
     save_tiny_qwen3(tmp_path, seed=1)
@@ -114,6 +162,46 @@ def test_workers_exit_on_close_and_dead_worker_is_reported(tmp_path):
     assert bm.num_free_blocks == bm.num_blocks  # the failed request released its blocks
     llm.close()
     assert not any(p.is_alive() for p in procs)
+
+
+@pytest.mark.slow
+def test_close_completes_when_aborting_the_group_hangs(tmp_path, monkeypatch):
+    # on the card, ncclCommAbort never returned with the peer dead: the watchdog's abort hangs
+    # here (rank 0 only; workers are spawned), and generate must still fail naming the rank
+    # and close() must still return, without a second abort of its own
+    import threading
+
+    from nv_engine.worker import tp_workers
+
+    aborts: list[str] = []
+    never = threading.Event()
+
+    def hanging_abort() -> bool:
+        aborts.append(threading.current_thread().name)
+        never.wait()
+        return True
+
+    monkeypatch.setattr(tp_workers, "_abort_group", hanging_abort)
+    monkeypatch.setattr(tp_workers, "_ABORT_WAIT_S", 1.0)
+    save_tiny_qwen3(tmp_path, seed=1)
+    llm = LLM(str(tmp_path), device="cpu", tensor_parallel_size=2, kvcache_block_size=4)
+    procs = list(llm._workers.procs)
+    try:
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)
+        procs[0].kill()
+        with pytest.raises(WorkerError, match="rank 1"):
+            llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3), use_tqdm=False)
+        t = time.monotonic()
+        llm.close()
+        assert time.monotonic() - t < 20  # a hang guard: close() waits 1 s for the abort here
+        # one abort: the watchdog's, or close()'s when the step's own wait saw the death first
+        assert len(aborts) == 1 and aborts[0] in ("nv-tp-watchdog", "nv-tp-abort")
+        assert not any(p.is_alive() for p in procs)
+    finally:
+        never.set()
+        # the group was never destroyed (its abort "hung"): leave none for the next test
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @pytest.mark.slow
