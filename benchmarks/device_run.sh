@@ -8,6 +8,7 @@ export PYTHONPATH="$PWD/packages/nv-kvcache/src:$PWD/packages/nv-kernels/src:$PW
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}
+LIMIT=${PYTEST_LIMIT_S:-400}  # each pytest run; SIGABRT makes faulthandler print where it hung
 mode=${1:-pytest}; shift || true
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
@@ -18,16 +19,18 @@ bench() {
   fi
 }
 if [ "$mode" = pytest ] && [ "$gpus" -ge 2 ] && [ -z "${PYTEST_K:-}" ]; then
-  CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -p no:cacheprovider tests/gpu -k "not tp2" \
+  CUDA_VISIBLE_DEVICES=0 timeout -s ABRT "$LIMIT" python3 -m pytest -q -p no:cacheprovider tests/gpu -k "not tp2" \
     > "$OUT/pytest_gpu.log" 2>&1 &
   CUDA_VISIBLE_DEVICES=1 bench "$@"
   wait
   tail -3 "$OUT/pytest_gpu.log"
-  python3 -m pytest -q -rA -p no:cacheprovider tests/gpu -k tp2 2>&1 | tee "$OUT/pytest_tp2.log" \
+  timeout -s ABRT "$LIMIT" python3 -m pytest -q -rA -p no:cacheprovider tests/gpu -k tp2 2>&1 \
+    | tee "$OUT/pytest_tp2.log" \
     | grep -E "passed|failed|started in|closed in|step failed"
 else
   if [ "$mode" = pytest ]; then
-    python3 -m pytest -q -p no:cacheprovider tests/gpu ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 \
+    timeout -s ABRT "$LIMIT" python3 -m pytest -q -p no:cacheprovider tests/gpu \
+      ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 \
       | tee "$OUT/pytest_gpu.log" | tail -25
   fi
   bench "$@"
