@@ -229,7 +229,7 @@ class LLMEngine:
             return []
         plan, sampled = done
         if sampled is not None and self._workers is not None:
-            self._run(sampled.wait, self._workers.check_alive)
+            self._run(sampled.wait, self._workers.poll)
         tokens = self._run(sampled.tolist) if sampled is not None else []
         logprobs = prompt_logprobs = None
         if sampled is not None:

@@ -287,6 +287,7 @@ class WorkerPool:
         return not any(_exited(p) for p in self.procs)
 
     def check_alive(self) -> None:
+        """Raise WorkerError naming a worker that died or began to (reads /proc per worker)."""
         for rank, proc in enumerate(self.procs, start=1):
             if _exited(proc):
                 raise WorkerError(
@@ -300,11 +301,15 @@ class WorkerPool:
             self.check_alive()
             time.sleep(0.05)
 
-    def send(self, plan: Any) -> None:
-        # every step: only the cheap signs (reaped, or the watchdog saw a death); reading /proc
-        # for every worker (check_alive) is left to waits, which poll it
+    def poll(self) -> None:
+        """check_alive for the hot path (every step, and the step's wait polls it every 0.1 ms):
+        only the cheap signs, a reaped worker or the watchdog's verdict (the watchdog reads
+        /proc every _POLL_S), and the thorough check when one fires."""
         if self._saw_death or not all(p.is_alive() for p in self.procs):
             self.check_alive()
+
+    def send(self, plan: Any) -> None:
+        self.poll()
         self.channel.send(plan, self.check_alive)
 
     def close(self) -> None:
@@ -415,6 +420,9 @@ class ExternalWorkers:
 
     def check_alive(self) -> None:
         """Remote processes cannot be watched: a dead rank surfaces as a collective timeout."""
+
+    def poll(self) -> None:
+        """(see check_alive)"""
 
     def wait_for_failure(self, grace_s: float = 0.0) -> None:
         """Nothing to wait for (see check_alive)."""
