@@ -255,8 +255,10 @@ def fp8_accuracy() -> None:
             model = llm.model_runner.model
             compute_logits = model.compute_logits
 
-            def recording(hidden, indices=None, compute_logits=compute_logits, rows=rows):
-                out = compute_logits(hidden, indices)
+            def recording(
+                hidden, indices=None, gather=True, compute_logits=compute_logits, rows=rows
+            ):
+                out = compute_logits(hidden, indices, gather)
                 if out.shape[0] > 1:  # the prompt-logprobs chunks
                     rows.append(out.float())
                 return out

@@ -55,8 +55,8 @@ def _prompt_logits(path, kv_cache_dtype: str, prompt: list[int]) -> torch.Tensor
         model = llm.model_runner.model
         compute_logits = model.compute_logits
 
-        def recording(hidden, indices=None):
-            out = compute_logits(hidden, indices)
+        def recording(hidden, indices=None, gather=True):
+            out = compute_logits(hidden, indices, gather)
             if out.shape[0] > 1:  # the prompt-logprobs chunks (sampling asks for one row)
                 rows.append(out.float().clone())
             return out

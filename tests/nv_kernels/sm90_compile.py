@@ -19,7 +19,7 @@ from triton.compiler import ASTSource
 
 from nv_kernels.rms_norm import _rms_norm_kernel
 from nv_kernels.rope_store import _qk_norm_rope_store_kernel
-from nv_kernels.sample_kernel import _chunk_best_kernel, _pick_chunk_kernel
+from nv_kernels.sample_kernel import _chunk_best_kernel, _pick_kernel
 from nv_kernels.skinny_gemm import _skinny_gemm_kernel
 from nv_kernels.store_kvcache import _store_kvcache_kernel
 from nv_kernels.triton_attention import _decode_kernel, _decode_reduce_kernel, _prefill_kernel
@@ -111,13 +111,11 @@ def main() -> int:
     for temps in (False, True):
         jobs.append((
             _chunk_best_kernel, dict(HAS_TEMPS=temps, BLOCK=2048),
-            dict(temps_ptr="*fp32", seeds_ptr="*i64", steps_ptr="*i64", best_ptr="*fp32",
-                 index_ptr="*i64"),
+            dict(temps_ptr="*fp32", seeds_ptr="*i64", steps_ptr="*i64", cand_ptr="*i32"),
             dict(num_warps=8),
         ))  # fmt: skip
     jobs.append((
-        _pick_chunk_kernel, dict(MAX_CHUNKS=128),
-        dict(best_ptr="*fp32", index_ptr="*i64", out_ptr="*i64"), {},
+        _pick_kernel, dict(CANDS=256), dict(cand_ptr="*i32", out_ptr="*i64"), {},
     ))  # fmt: skip
     failed = 0
     for kernel, constexprs, types, options in jobs:

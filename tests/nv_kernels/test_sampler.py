@@ -160,6 +160,35 @@ def test_fused_sampler_kernel_draws_what_sample_draws(vocab):
     assert all(0 <= t < vocab for t in fused_sample(broken, temps[:2], seeds[:2], steps[:2]))
 
 
+@pytest.mark.parametrize("parts", [2, 4])
+def test_fused_sampler_from_vocabulary_shards_draws_what_the_whole_draws(parts):
+    """Tensor parallelism's draw: each shard's chunk candidates (token ids offset by the shard's
+    start), stacked, pick the same tokens as the whole vocabulary: greedy and sampled rows,
+    and ties across shards go to the lowest token id."""
+    from nv_kernels.sample_kernel import chunk_candidates, fused_sample, pick_candidates
+
+    vocab, n = 4800, 6
+    g = torch.Generator().manual_seed(parts)
+    logits = torch.randn(n, vocab, generator=g) * 3
+    temps = torch.tensor([0.0, 0.7, 1.0, 1.5, 0.0, 0.3])
+    seeds = torch.tensor([1, 2, 3, -5, 7, 2**62])
+    steps = torch.arange(n, dtype=torch.int64) * 37
+    w = vocab // parts
+
+    def sharded(x, *draw):
+        shards = [x[:, r * w : (r + 1) * w].contiguous() for r in range(parts)]
+        cands = [chunk_candidates(s, *draw, vocab_offset=r * w) for r, s in enumerate(shards)]
+        return pick_candidates(torch.stack(cands))
+
+    want = fused_sample(logits, temps, seeds, steps)
+    assert torch.equal(sharded(logits, temps, seeds, steps), want)
+    assert torch.equal(want, sample(logits, _st(n, temps, seeds=seeds, steps=steps, v=vocab)))
+    assert torch.equal(sharded(logits), logits.argmax(-1))
+    tie = torch.zeros(2, vocab)
+    tie[:, w + 3] = tie[:, -1] = 1.0  # the same best in two shards
+    assert sharded(tie).tolist() == [w + 3, w + 3]
+
+
 def test_sampler_routes_filters_to_torch_and_the_rest_to_the_kernel(monkeypatch):
     from nv_kernels import Sampler
     from nv_kernels import sampler as sampler_mod

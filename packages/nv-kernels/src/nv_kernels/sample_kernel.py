@@ -5,7 +5,10 @@ Kernel 1 takes each row in chunks of the vocabulary (as many as it takes for a s
 the GPU, as few as it can for a large one, where per-program overheads dominate): it reads the
 logits once, adds the row's Gumbel noise in registers (the same hash of (seed, step, token id)
 as `sampler.exponential_noise`, 32-bit per token, so both paths draw the same token) and keeps
-the chunk's best score and its index. Kernel 2 picks the best chunk per row. The compiled torch
+the chunk's best score and its token id. Kernel 2 picks the best chunk per row. Kernel 1 also
+takes a part of the vocabulary (a tensor-parallel rank's shard of the logits, with the token ids'
+offset): every rank's candidates, gathered, give kernel 2 the whole vocabulary's draw, without
+gathering the logits (`Sampler.sample_sharded`). The compiled torch
 version of the same draw materialises the noise for the whole batch (timings in
 docs/benchmarks.md).
 """
@@ -39,23 +42,26 @@ if triton is not None:
         x = (x ^ (x >> 27)) * 0x94D049BB133111EB
         return x ^ (x >> 31)
 
-    @triton.jit(do_not_specialize=["chunk", "num_chunks"])
+    @triton.jit(do_not_specialize=["chunk", "num_chunks", "vocab_offset"])
     def _chunk_best_kernel(
         logits_ptr,
         stride_row,
         temps_ptr,
         seeds_ptr,
         steps_ptr,
-        best_ptr,
-        index_ptr,
+        cand_ptr,
+        B,
         V,
+        vocab_offset,
         chunk,
         num_chunks,
         HAS_TEMPS: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        # Program (row, c): the best score among tokens [c * chunk, (c + 1) * chunk), BLOCK at a
-        # time; each lane keeps its best, so the cross-lane reductions run once at the end.
+        # Program (row, c): the best score among tokens [c * chunk, (c + 1) * chunk) of this
+        # vocabulary part (token ids vocab_offset + ...), BLOCK at a time; each lane keeps its
+        # best, so the cross-lane reductions run once at the end. Writes the candidate to
+        # cand[0, row, c] (the score's fp32 bits) and cand[1, row, c] (its token id).
         row = tl.program_id(0)
         c = tl.program_id(1)
         row_ptr = logits_ptr + row.to(tl.int64) * stride_row
@@ -77,7 +83,8 @@ if triton is not None:
             # two ifs: HAS_TEMPS is resolved at compile time, and without it `t` does not exist
             if HAS_TEMPS:  # noqa: SIM102
                 if t > 0:
-                    bits = _mix32(_mix32((offs.to(tl.uint32) * 0x9E3779B9) ^ lo) ^ hi)
+                    token = (offs + vocab_offset).to(tl.uint32)
+                    bits = _mix32(_mix32((token * 0x9E3779B9) ^ lo) ^ hi)
                     # in (0, 1), as sampler.uniform_from_bits: never 1, so -log(u) > 0
                     u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / (1 << 23))
                     # argmax(probs / E) with E = -log(u) ~ Exp(1), in log space
@@ -90,19 +97,28 @@ if triton is not None:
         # the lowest index among the chunk's maxima, as torch.argmax breaks ties
         index = tl.min(tl.where(best_v == best, best_i, V), axis=0)
         index = tl.minimum(index, V - 1)  # an all-NaN chunk: still a valid id
-        tl.store(best_ptr + row * num_chunks + c, best)
-        tl.store(index_ptr + row * num_chunks + c, index.to(tl.int64))
+        at = cand_ptr + row * num_chunks + c
+        tl.store(at, best.to(tl.int32, bitcast=True))
+        tl.store(at + B * num_chunks, index + vocab_offset)
 
-    @triton.jit(do_not_specialize=["num_chunks"])
-    def _pick_chunk_kernel(best_ptr, index_ptr, out_ptr, num_chunks, MAX_CHUNKS: tl.constexpr):
+    @triton.jit(do_not_specialize=["B", "num_cands"])
+    def _pick_kernel(cand_ptr, out_ptr, B, num_chunks, num_cands, CANDS: tl.constexpr):
+        # Row `row`'s candidates from every vocabulary part p (cand[p, 0 | 1, row, c]), in token
+        # order (part by part, chunk by chunk): the best, the earliest among equals.
         row = tl.program_id(0)
-        offs = tl.arange(0, MAX_CHUNKS)
-        mask = offs < num_chunks
-        best = tl.load(best_ptr + row * num_chunks + offs, mask=mask, other=float("-inf"))
+        k = tl.arange(0, CANDS)
+        mask = k < num_cands
+        part = k // num_chunks
+        at = cand_ptr + part * (2 * B * num_chunks) + row * num_chunks + k % num_chunks
+        best = tl.load(at, mask=mask, other=0).to(tl.float32, bitcast=True)
+        best = tl.where(mask, best, float("-inf"))
         top = tl.max(best, axis=0)
-        chunk = tl.min(tl.where((best == top) & mask, offs, MAX_CHUNKS), axis=0)
-        chunk = tl.minimum(chunk, num_chunks - 1)  # all-NaN row: no chunk matched
-        tl.store(out_ptr + row, tl.load(index_ptr + row * num_chunks + chunk))
+        first = tl.min(tl.where((best == top) & mask, k, CANDS), axis=0)
+        first = tl.minimum(first, num_cands - 1)  # all-NaN row: no candidate matched
+        part = first // num_chunks
+        token = tl.load(cand_ptr + part * (2 * B * num_chunks) + B * num_chunks
+                        + row * num_chunks + first % num_chunks)  # fmt: skip
+        tl.store(out_ptr + row, token.to(tl.int64))
 
 
 def split_vocab(batch: int, vocab_size: int, sms: int) -> tuple[int, int]:
@@ -114,6 +130,58 @@ def split_vocab(batch: int, vocab_size: int, sms: int) -> tuple[int, int]:
     return chunk, triton.cdiv(vocab_size, chunk)
 
 
+def chunk_candidates(
+    logits: torch.Tensor,
+    temperatures: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    steps: torch.Tensor | None = None,
+    vocab_offset: int = 0,
+) -> torch.Tensor:
+    """Kernel 1 over `logits` `[B, V]`, the part of the vocabulary starting at token id
+    `vocab_offset` (tensor parallelism: this rank's shard): each chunk's best score, with the
+    row's noise for those token ids, and its token id, as int32 `[2, B, num_chunks]` (the
+    scores' fp32 bits, then the ids). Every part's candidates, stacked `[P, 2, B, num_chunks]`
+    in vocabulary order, go to `pick_candidates`: the draw is then the whole vocabulary's."""
+    b, v = logits.shape
+    if logits.stride(-1) != 1:
+        raise ValueError("fused sampling needs logits with a contiguous last dim")
+    has_temps = temperatures is not None
+    if has_temps and (seeds is None or steps is None):
+        raise ValueError("fused sampling needs seeds and steps with temperatures")
+    chunk, num_chunks = split_vocab(b, v, num_sms(logits.device, otherwise=4))
+    cands = torch.empty(2, b, num_chunks, dtype=torch.int32, device=logits.device)
+    if b == 0:
+        return cands
+    _chunk_best_kernel[(b, num_chunks)](
+        logits,
+        logits.stride(0),
+        temperatures if has_temps else logits,
+        seeds if has_temps else logits,
+        steps if has_temps else logits,
+        cands,
+        b,
+        v,
+        vocab_offset,
+        chunk,
+        num_chunks,
+        HAS_TEMPS=has_temps,
+        BLOCK=BLOCK,
+        num_warps=8,
+    )
+    return cands
+
+
+def pick_candidates(cands: torch.Tensor) -> torch.Tensor:
+    """Kernel 2: each row's token (int64 `[B]`) from the candidates of every vocabulary part,
+    `[P, 2, B, num_chunks]` (see `chunk_candidates`)."""
+    parts, _, b, num_chunks = cands.shape
+    out = torch.empty(b, dtype=torch.int64, device=cands.device)
+    if b:
+        n = parts * num_chunks
+        _pick_kernel[(b,)](cands, out, b, num_chunks, n, CANDS=triton.next_power_of_2(n))
+    return out
+
+
 def fused_sample(
     logits: torch.Tensor,
     temperatures: torch.Tensor | None = None,
@@ -123,32 +191,4 @@ def fused_sample(
     """Next token per row of `logits` `[B, V]` (int64 `[B]`): argmax where the temperature is 0
     or `temperatures` is None (all greedy), else the Gumbel-max draw of `sampler.sample` without
     filters. `seeds` and `steps` are int64 `[B]`, needed with `temperatures`."""
-    b, v = logits.shape
-    if logits.stride(-1) != 1:
-        raise ValueError("fused_sample needs logits with a contiguous last dim")
-    has_temps = temperatures is not None
-    if has_temps and (seeds is None or steps is None):
-        raise ValueError("fused_sample needs seeds and steps with temperatures")
-    out = torch.empty(b, dtype=torch.int64, device=logits.device)
-    if b == 0:
-        return out
-    chunk, num_chunks = split_vocab(b, v, num_sms(logits.device, otherwise=4))
-    best = torch.empty(b, num_chunks, dtype=torch.float32, device=logits.device)
-    index = torch.empty(b, num_chunks, dtype=torch.int64, device=logits.device)
-    _chunk_best_kernel[(b, num_chunks)](
-        logits,
-        logits.stride(0),
-        temperatures if has_temps else logits,
-        seeds if has_temps else logits,
-        steps if has_temps else logits,
-        best,
-        index,
-        v,
-        chunk,
-        num_chunks,
-        HAS_TEMPS=has_temps,
-        BLOCK=BLOCK,
-        num_warps=8,
-    )
-    _pick_chunk_kernel[(b,)](best, index, out, num_chunks, MAX_CHUNKS=MAX_CHUNKS)
-    return out
+    return pick_candidates(chunk_candidates(logits, temperatures, seeds, steps)[None])

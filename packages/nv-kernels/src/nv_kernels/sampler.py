@@ -3,8 +3,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-from nv_kernels.sample_kernel import fused_sample
+from nv_kernels.sample_kernel import chunk_candidates, fused_sample, pick_candidates
 from nv_kernels.triton_utils import triton
 
 
@@ -193,9 +194,13 @@ class Sampler:
         self._fn = torch.compile(sample, dynamic=True) if compile else sample
         self._keys: torch.Tensor | None = None
 
+    def takes_kernel(self, st: SamplingTensors | None) -> bool:
+        """Whether this batch takes the fused kernels (which `sample_sharded` needs)."""
+        return self._fused and (st is None or not (st.use_top_k or st.use_top_p or st.use_min_p))
+
     def __call__(self, logits: torch.Tensor, st: SamplingTensors | None) -> torch.Tensor:
         """`st` None: every row is greedy."""
-        if self._fused and (st is None or not (st.use_top_k or st.use_top_p or st.use_min_p)):
+        if self.takes_kernel(st):
             if st is None or st.all_greedy:
                 return fused_sample(logits)
             return fused_sample(logits, st.temperatures, st.seeds, st.steps)
@@ -204,3 +209,22 @@ class Sampler:
         if self._keys is None or self._keys.shape[0] != logits.shape[-1]:
             self._keys = vocab_keys(logits.shape[-1], logits.device)
         return self._fn(logits, st, self._keys)
+
+    def sample_sharded(
+        self,
+        logits: torch.Tensor,
+        st: SamplingTensors | None,
+        vocab_offset: int,
+        group: dist.ProcessGroup,
+    ) -> torch.Tensor:
+        """The draw of `__call__` from a vocabulary-parallel LM head's shard `[B, V / ranks]`
+        (token ids from `vocab_offset`), without gathering the logits: every rank of `group`
+        calls it, takes its shard's chunk candidates, and gathers everyone's (a few kB), from
+        which every rank picks the same tokens. Only for batches that `takes_kernel`."""
+        if not self.takes_kernel(st):
+            raise ValueError("sample_sharded needs a batch without top-k, top-p or min-p")
+        draw = () if st is None or st.all_greedy else (st.temperatures, st.seeds, st.steps)
+        mine = chunk_candidates(logits, *draw, vocab_offset=vocab_offset)
+        every = mine.new_empty((dist.get_world_size(group), *mine.shape))
+        dist.all_gather_into_tensor(every, mine, group=group)
+        return pick_candidates(every)

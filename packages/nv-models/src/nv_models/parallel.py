@@ -70,13 +70,24 @@ class PeerAllReduce:
         """Every rank has passed a full all-reduce: every read of the slots before it is done."""
         self._next_slot = 0
 
+    def next_slot(self, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Where the next `all_reduce_rms_norm` puts this rank's part, as a `[rows, cols]`
+        tensor: a row-parallel GEMM that writes its output there spares that call its copy.
+        None for a message it does not handle."""
+        if dtype != torch.bfloat16 or rows * cols > self.max_numel:
+            return None
+        start = (1 + self._next_slot) * self.max_numel
+        return self.buffer[start : start + rows * cols].view(rows, cols)
+
     def all_reduce_rms_norm(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(RMSNorm(residual + sum of every rank's x), residual + that sum), for x it handles."""
         slot, self._next_slot = self._next_slot, 1 - self._next_slot
         n = self.max_numel
-        self.buffer[(1 + slot) * n : (1 + slot) * n + x.numel()].copy_(x.view(-1))
+        part = self.buffer[(1 + slot) * n : (1 + slot) * n + x.numel()]
+        if x.data_ptr() != part.data_ptr():  # else x is there already (see next_slot)
+            part.copy_(x.view(-1))
         self.handle.barrier(channel=0)  # every rank's part is in its slot
         return rms_norm_of_sum(self._slot_addrs[slot], x.shape[0], weight, eps, residual)
 

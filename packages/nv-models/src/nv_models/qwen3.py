@@ -174,9 +174,14 @@ class Qwen3ForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(
-        self, hidden: torch.Tensor, logits_indices: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        logits_indices: torch.Tensor | None = None,
+        gather: bool = True,
     ) -> torch.Tensor:
-        return self.lm_head(hidden, logits_indices)
+        """Logits of the rows asked for; with tensor parallelism and `gather=False`, this
+        rank's vocabulary shard of them (`lm_head.vocab_start` is its first token id)."""
+        return self.lm_head(hidden, logits_indices, gather)
 
 
 class Qwen2ForCausalLM(Qwen3ForCausalLM):

@@ -10,7 +10,8 @@ from nv_kernels import AttentionMetadata, overlapped_launches
 
 
 class DecodeGraphs:
-    """CUDA graphs of the decode step (forward and LM head), one per batch size in
+    """CUDA graphs of the decode step (forward and LM head, whose vocabulary shards are not
+    gathered: see ModelRunner._sample), one per batch size in
     `cuda_graph_batch_sizes` up to max_num_seqs, sharing one memory pool. A batch runs in the
     smallest graph that holds it; padding rows write no KV (slot -1) and read one cached token.
     Batches above the largest size run eagerly.
@@ -69,7 +70,7 @@ class DecodeGraphs:
         )
         with overlapped_launches(b <= self.pdl_max_batch_size):
             hidden = self.model(self.input_ids[:b], self.positions[:b], meta)
-            return self.model.compute_logits(hidden)
+            return self.model.compute_logits(hidden, gather=False)  # TP: this rank's shard
 
     def replay(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata

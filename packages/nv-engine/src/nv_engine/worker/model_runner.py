@@ -66,7 +66,8 @@ class ModelRunner:
         else:
             load_weights(self.model, config.model)
         self.vocab_size = hf.vocab_size
-        self.sampler = Sampler(self.device) if rank == 0 else None
+        # every rank samples a plain batch from its shard of the logits (see _sample)
+        self.sampler = Sampler(self.device)
         self.staging = HostToDevice(1 << 20, self.device)
         self._readback = DeviceToHost(config.max_num_seqs, self.device)
         # the last step's sampled tokens (on the device) and the rows they were sampled for
@@ -80,8 +81,7 @@ class ModelRunner:
             self.graphs.capture(self.max_blocks_per_seq)
         if self.device.type == "cuda":
             self._warm_up_prefill_with_context()
-            if self.sampler is not None:
-                self._warm_up_sampler()
+            self._warm_up_sampler()
 
     def close(self, drain_timeout_s: float | None = None) -> None:
         """Drop the model, KV cache and graphs and hand the memory back to the device. With
@@ -265,17 +265,16 @@ class ModelRunner:
         tokens (one per scheduled sequence with sample=True) as a `SampledTokens` to collect
         later. Decode rows whose input token is still `PENDING` take it, on the device, from the
         previous step's sampled tokens."""
-        rows = [s for s in plan.seqs if s.sample] if self.sampler is not None else []
+        rows = [s for s in plan.seqs if s.sample]
         prompt_lps = None
         if plan.is_prefill:
             ids, pos, meta, logits_indices, st = self._prepare_prefill(plan, rows)
             hidden = self.model(ids, pos, meta)
-            logits = self.model.compute_logits(hidden, logits_indices)
+            # with TP, this rank's vocabulary shard (see _sample)
+            logits = self.model.compute_logits(hidden, logits_indices, gather=False)
             if plan.has_extras and any(s.prompt_logprobs is not None for s in plan.seqs):
                 chunk = self.config.tuning.prompt_logprobs_chunk
-                prompt_lps = prompt_logprobs(
-                    self.model, hidden, plan, chunk, self.sampler is not None
-                )
+                prompt_lps = prompt_logprobs(self.model, hidden, plan, chunk, self.rank == 0)
         else:
             use_graph = self.graphs is not None and self.graphs.can_run(len(plan.seqs))
             padded = self.graphs.padded_size(len(plan.seqs)) if use_graph else len(plan.seqs)
@@ -283,38 +282,58 @@ class ModelRunner:
             if use_graph:
                 logits = self.graphs.replay(ids, pos, meta)[: len(plan.seqs)]
             else:
-                logits = self.model.compute_logits(self.model(ids, pos, meta))
-        if not rows:  # not rank 0, or a prefill step of unfinished chunks only
-            self._last_sampled = self._receive_sampled(plan) if self.sampler is None else None
-            if prompt_lps is None:
-                return None
-            no_tokens = torch.empty(0, dtype=torch.int64, device=self.device)
-            return self._readback.send(no_tokens, prompt_logprobs=prompt_lps)
-        # one logits row per sampled row (prefill projects only those)
+                logits = self.model.compute_logits(self.model(ids, pos, meta), gather=False)
+        sampled = logprobs = None
+        if rows:  # one logits row per sampled row (prefill projects only those)
+            inputs = (ids[logits_indices] if plan.is_prefill else ids) if plan.has_extras else None
+            sampled, logprobs = self._sample(plan, rows, logits, inputs, st)
+        self._last_sampled = None if sampled is None else (sampled, rows)
+        if self.rank != 0 or (sampled is None and prompt_lps is None):
+            return None
+        if sampled is None:  # a prefill step of unfinished chunks only
+            sampled = torch.empty(0, dtype=torch.int64, device=self.device)
+        return self._readback.send(sampled, logprobs, prompt_lps)
+
+    def _sample(
+        self,
+        plan: StepPlan,
+        rows: list[ScheduledSeq],
+        logits: torch.Tensor,
+        inputs: torch.Tensor | None,
+        st: SamplingTensors | None,
+    ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, ...] | None]:
+        """The rows' tokens (and log-probabilities, where asked for) from this rank's logits,
+        which are its vocabulary shard with TP. A plain batch (no per-request logits
+        processing, no top-k/p or min-p) is drawn on every rank from its shard
+        (`Sampler.sample_sharded`): no logits gathered, every rank gets the tokens. Otherwise
+        the logits are gathered and rank 0 samples; with overlapped scheduling it broadcasts
+        the tokens to the workers (their next inputs). The workers return None then."""
+        if self.tp.size > 1 and not plan.has_extras and self.sampler.takes_kernel(st):
+            start = self.tp.rank * logits.shape[-1]
+            return self.sampler.sample_sharded(logits, st, start, self.tp.group), None
+        logits = self.tp.gather_last_dim(logits)
+        if self.rank != 0:
+            return self._receive_sampled(len(rows)), None
         raw = logits
         if plan.has_extras:  # the rows' per-request fields are looked at only then
-            # each sampled row's input token on the device (a decode row's may be pending)
-            inputs = ids[logits_indices] if plan.is_prefill else ids
             logits = process_logits(logits, rows, inputs)
         sampled = self.sampler(logits, st)
         if self._shares_sampled:
             dist.broadcast(sampled, src=0, group=self.tp.group)
-        self._last_sampled = (sampled, rows)
         logprobs = None
         if plan.has_extras and any(s.logprobs is not None for s in rows):
             logprobs = token_logprobs(raw, sampled, max(s.logprobs or 0 for s in rows))
-        return self._readback.send(sampled, logprobs, prompt_lps)
+        return sampled, logprobs
 
-    def _receive_sampled(self, plan: StepPlan) -> tuple[torch.Tensor, list[ScheduledSeq]] | None:
+    def _receive_sampled(self, num_rows: int) -> torch.Tensor | None:
         """A worker's copy of the step's sampled tokens, for the next step's pending inputs:
         with overlapped scheduling the next plan reaches the workers before the host knows the
         tokens, so rank 0 broadcasts them on the device, queued behind its sampler."""
-        rows = [s for s in plan.seqs if s.sample] if self._shares_sampled else []
-        if not rows:
+        if not self._shares_sampled:
             return None
-        sampled = torch.empty(len(rows), dtype=torch.int64, device=self.device)
+        sampled = torch.empty(num_rows, dtype=torch.int64, device=self.device)
         dist.broadcast(sampled, src=0, group=self.tp.group)
-        return sampled, rows
+        return sampled
 
     def _pending_inputs(self, plan: StepPlan) -> list[int] | None:
         """For each row, the index of its input token among the previous step's sampled tokens,

@@ -41,12 +41,16 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     """Vocab-parallel output projection. Computes logits only for the rows asked for (in prefill,
-    each sequence's last token), then gathers the vocab shards."""
+    each sequence's last token), then gathers the vocab shards (unless `gather=False`: then the
+    result is this rank's shard, token ids from `vocab_start`)."""
 
     def forward(
-        self, hidden: torch.Tensor, logits_indices: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        logits_indices: torch.Tensor | None = None,
+        gather: bool = True,
     ) -> torch.Tensor:
         if logits_indices is not None:
             hidden = hidden[logits_indices]
         logits = F.linear(hidden, self.weight)  # [num_rows, vocab / tp]
-        return self.tp.gather_last_dim(logits)
+        return self.tp.gather_last_dim(logits) if gather else logits

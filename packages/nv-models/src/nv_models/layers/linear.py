@@ -125,7 +125,9 @@ class RowParallelLinear(LinearBase):
     """Input features split across ranks; partial products are summed with an all-reduce.
     The bias is added once: after the reduction, or before it on rank 0 alone. With
     `reduce_results=False` (vLLM's name) the output is this rank's partial sum, left for the
-    consumer to reduce (an `RMSNorm(tp=...)` fuses the reduction into the norm)."""
+    consumer to reduce (an `RMSNorm(tp=...)` fuses the reduction into the norm); cuBLAS then
+    writes it straight into PeerAllReduce's next slot where there is one, which spares the
+    fused reduction its copy."""
 
     def __init__(
         self,
@@ -139,6 +141,13 @@ class RowParallelLinear(LinearBase):
         self.reduce_results = reduce_results
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        peer = self.tp.peer
+        if not self.reduce_results and peer is not None and x.dim() == 2:
+            bias = self.bias is not None and self.tp.rank == 0
+            if not bias and not use_skinny_gemm(x, self.weight):
+                slot = peer.next_slot(x.shape[0], self.weight.shape[0], x.dtype)
+                if slot is not None:
+                    return torch.mm(x, self.weight.t(), out=slot)
         y = linear(x, self.weight)
         if not self.reduce_results:
             return y + self.bias if self.bias is not None and self.tp.rank == 0 else y
