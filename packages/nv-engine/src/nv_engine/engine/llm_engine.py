@@ -60,6 +60,8 @@ class LLMEngine:
             self.model_runner = (
                 ModelRunner(config, 0, tp) if tp is not None else ModelRunner(config)
             )
+            if self._workers is not None:
+                self._workers.ready()  # a worker's death is now the step's to report
         except BaseException as e:
             failed_elsewhere = isinstance(e, Exception) and not isinstance(e, WorkerError)
             dead = self._dead_worker() if failed_elsewhere else None

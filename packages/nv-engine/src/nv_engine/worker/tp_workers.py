@@ -221,6 +221,8 @@ class WorkerPool:
         self._closing = threading.Event()
         self._watchdog: threading.Thread | None = None
         self._saw_death = False  # the watchdog's verdict: a worker died or began to
+        self._abort_on_death = True  # the watchdog's, until ready()
+        self._aborted = False  # the watchdog aborted the group
 
     def start(self) -> TPGroup:
         world = self.config.tensor_parallel_size
@@ -254,14 +256,25 @@ class WorkerPool:
         return tp
 
     def _watch(self) -> None:
-        """From the rendezvous to close(): when a worker dies, abort the group. A collective
-        that waits for a dead peer never finishes on NCCL (nor does a host wait behind it);
-        aborted, it fails, and the call that waited raises, naming the rank (check_alive)."""
+        """From the rendezvous to close(): notice a worker's death (poll() reports it). Until
+        ready(), also abort the group: a collective that waits for a dead peer never finishes
+        on NCCL, nor does a host wait behind it (start-up's have no poll); aborted, it fails,
+        and the call that waited raises, naming the rank (check_alive)."""
         while not self._closing.wait(_POLL_S):
             if not self.all_alive():
                 self._saw_death = True
-                _abort_group()  # may never return (see close())
+                if self._abort_on_death:
+                    self._aborted = True
+                    _abort_group()  # may never return (see close())
                 return
+
+    def ready(self) -> None:
+        """The engine is built: from now on the step's wait notices a death (it polls), and the
+        watchdog only reports one; close() aborts the group, bounded. An abort from the
+        watchdog would race the steps: the engine's next collective call then waits behind an
+        abort that may never return (ncclCommAbort with a dead peer did not, on the card), and
+        generate hangs instead of raising."""
+        self._abort_on_death = False
 
     def _wait_started(self, store: dist.TCPStore) -> None:
         """Wait until every worker has reached the store, failing at once, naming the rank,
@@ -331,7 +344,7 @@ class WorkerPool:
             except (WorkerError, RuntimeError):
                 pass  # a worker died meanwhile: it is terminated below
         # not when start() failed before the rendezvous, nor after the watchdog's abort
-        if dist.is_initialized() and not self._saw_death:
+        if dist.is_initialized() and not self._aborted:
             if clean:
                 dist.destroy_process_group()
             else:
@@ -422,6 +435,9 @@ class ExternalWorkers:
         """Remote processes cannot be watched: a dead rank surfaces as a collective timeout."""
 
     def poll(self) -> None:
+        """(see check_alive)"""
+
+    def ready(self) -> None:
         """(see check_alive)"""
 
     def wait_for_failure(self, grace_s: float = 0.0) -> None:
