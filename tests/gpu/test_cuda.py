@@ -402,6 +402,19 @@ def tp2_shutdown_runs(fp32_model, tmp_path_factory):
             proc.wait()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _tp2_shutdown_runs_start_first(request):
+    """With 2 GPUs, start the shutdown scripts at the module's first test when any shutdown
+    test is selected: they run beside the other tests (mostly on GPU 0, and compiling on the
+    CPU) instead of after them."""
+    selected = any(
+        getattr(item, "originalname", "") == "test_tp2_nccl_shutdown_completes"
+        for item in request.session.items
+    )
+    if torch.cuda.device_count() >= 2 and selected:
+        request.getfixturevalue("tp2_shutdown_runs")
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize(
     "kill,overlap", _SHUTDOWN_CASES, ids=["-".join(c) for c in _SHUTDOWN_CASES]
