@@ -323,6 +323,29 @@ def test_fused_sampler_matches_sample(batch):
     assert torch.equal(fused_sample(logits), logits.float().argmax(-1))
 
 
+def test_steps_compile_no_sampler_kernel(fp32_model):
+    """The engine compiles the fused sampler's kernels while starting, for every batch size and
+    mix of greedy and sampled rows: a kernel compiled during a step loads a module, which waits
+    for the device (forever, when a tensor-parallel peer died in a collective)."""
+    from nv_engine import LLM, SamplingParams
+    from nv_kernels.sample_kernel import _chunk_best_kernel, _pick_kernel
+
+    def compiled() -> int:
+        kernels = (_chunk_best_kernel, _pick_kernel)
+        return sum(len(k.device_caches[d][0]) for k in kernels for d in k.device_caches)
+
+    path, prompts, _ = fp32_model
+    with LLM(str(path), dtype="float32", kvcache_block_size=16) as llm:
+        before = compiled()
+        for n in (1, 3, 16, len(prompts)):
+            params = [SamplingParams(temperature=(0.0, 0.8)[i % 2], seed=i, max_tokens=3)
+                      for i in range(n)]  # fmt: skip
+            llm.generate((prompts * n)[:n], params, use_tqdm=False)
+            llm.generate(prompts[:1], SamplingParams(temperature=0.5, max_tokens=2),
+                         use_tqdm=False)  # fmt: skip
+        assert compiled() == before
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
 def test_tp2_nccl_matches_hf(fp32_model, async_scheduling):

@@ -42,7 +42,9 @@ if triton is not None:
         x = (x ^ (x >> 27)) * 0x94D049BB133111EB
         return x ^ (x >> 31)
 
-    @triton.jit(do_not_specialize=["chunk", "num_chunks", "vocab_offset"])
+    # the integers that vary from step to step are not specialised on: a step then never
+    # compiles (see pick_candidates)
+    @triton.jit(do_not_specialize=["B", "vocab_offset", "chunk", "num_chunks"])
     def _chunk_best_kernel(
         logits_ptr,
         stride_row,
@@ -101,7 +103,7 @@ if triton is not None:
         tl.store(at, best.to(tl.int32, bitcast=True))
         tl.store(at + B * num_chunks, index + vocab_offset)
 
-    @triton.jit(do_not_specialize=["B", "num_cands"])
+    @triton.jit(do_not_specialize=["B", "num_chunks", "num_cands"])
     def _pick_kernel(cand_ptr, out_ptr, B, num_chunks, num_cands, CANDS: tl.constexpr):
         # Row `row`'s candidates from every vocabulary part p (cand[p, 0 | 1, row, c]), in token
         # order (part by part, chunk by chunk): the best, the earliest among equals.
@@ -177,8 +179,11 @@ def pick_candidates(cands: torch.Tensor) -> torch.Tensor:
     parts, _, b, num_chunks = cands.shape
     out = torch.empty(b, dtype=torch.int64, device=cands.device)
     if b:
-        n = parts * num_chunks
-        _pick_kernel[(b,)](cands, out, b, num_chunks, n, CANDS=triton.next_power_of_2(n))
+        # one compiled variant per number of parts, whatever the batch: a kernel compiled in
+        # the middle of serving loads a module, which waits for the device (forever, with a
+        # collective stuck on a dead tensor-parallel peer: measured)
+        cands_pad = triton.next_power_of_2(parts * MAX_CHUNKS)
+        _pick_kernel[(b,)](cands, out, b, num_chunks, parts * num_chunks, CANDS=cands_pad)
     return out
 
 

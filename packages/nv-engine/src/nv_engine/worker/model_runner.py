@@ -200,9 +200,9 @@ class ModelRunner:
             True, torch.full_like(ids, -1), None, None, cu, cu, seq_len, seq_len
         )
         self.model(ids, pos, meta)
-        if self.sampler is not None:  # every filter on: the sampler's largest footprint
-            self._sample_random(c.max_num_seqs, temperature=1.0, top_k=5, top_p=0.9, min_p=0.1)
-            self._profile_logits_processors()
+        # every filter on: the sampler's largest footprint
+        self._sample_random(c.max_num_seqs, temperature=1.0, top_k=5, top_p=0.9, min_p=0.1)
+        self._profile_logits_processors()
         torch.cuda.synchronize(self.device)
 
     def _profile_logits_processors(self) -> None:
@@ -239,18 +239,30 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _warm_up_sampler(self) -> None:
-        """Compile the sampler's kernels (greedy, temperature only) now rather than during the
-        first requests."""
+        """Compile the sampler's kernels (greedy, temperature only) for every path a step takes
+        (with TP: sharded, and whole on rank 0) now, not in a step: a kernel compiled during a
+        step loads a module, which waits for the device, and with a tensor-parallel peer dead
+        the device never finishes its collective (a step after a worker's death hung there on
+        the card, instead of raising WorkerError)."""
         for temperature in (0.0, 0.7):
-            self._sample_random(3, temperature=temperature, top_k=0, top_p=1.0, min_p=0.0)
+            sampling = dict(temperature=temperature, top_k=0, top_p=1.0, min_p=0.0)
+            self._sample_random(3, **sampling)
+            if self.tp.size > 1:
+                self._sample_random(3, sharded=True, **sampling)
         torch.cuda.synchronize(self.device)
 
-    def _sample_random(self, n: int, **sampling: float) -> None:
-        """Sample once from random logits for `n` rows with the same sampling parameters."""
+    def _sample_random(self, n: int, sharded: bool = False, **sampling: float) -> None:
+        """Sample once from random logits for `n` rows with the same sampling parameters; with
+        `sharded`, from this rank's vocabulary shard, as `_sample` does (every rank calls it)."""
         row = ScheduledSeq(0, [0], 0, [0], True, **sampling)
         build = self._add_sampling([row] * n)
-        logits = torch.randn(n, self.vocab_size, device=self.device, dtype=self.dtype)
-        self.sampler(logits, build(self.staging.send()))
+        width = self.vocab_size // self.tp.size if sharded else self.vocab_size
+        logits = torch.randn(n, width, device=self.device, dtype=self.dtype)
+        st = build(self.staging.send())
+        if sharded:
+            self.sampler.sample_sharded(logits, st, self.tp.rank * width, self.tp.group)
+        else:
+            self.sampler(logits, st)
 
     # ---- one step ------------------------------------------------------------------------------
 
