@@ -175,7 +175,8 @@ def _step_logits(path, prompt, **config) -> tuple[list[torch.Tensor], list[int]]
     from nv_engine import LLM, SamplingParams
 
     steps: list[torch.Tensor] = []
-    kw = dict(dtype="bfloat16", max_model_len=1024, kvcache_block_size=16)
+    # one sequence: max_num_seqs=4 captures three graphs (1, 2, 4), not all 256 sizes
+    kw = dict(dtype="bfloat16", max_model_len=1024, kvcache_block_size=16, max_num_seqs=4)
     with LLM(str(path), **kw, **config) as llm:
         runner = llm.model_runner
         compute_logits, replay = runner.model.compute_logits, runner.graphs.replay
@@ -335,7 +336,8 @@ def test_steps_compile_no_sampler_kernel(fp32_model):
         return sum(len(k.device_caches[d][0]) for k in kernels for d in k.device_caches)
 
     path, prompts, _ = fp32_model
-    with LLM(str(path), dtype="float32", kvcache_block_size=16) as llm:
+    kw = dict(dtype="float32", kvcache_block_size=16, max_num_seqs=16, enforce_eager=True)
+    with LLM(str(path), **kw) as llm:
         before = compiled()
         for n in (1, 3, 16, len(prompts)):
             params = [SamplingParams(temperature=(0.0, 0.8)[i % 2], seed=i, max_tokens=3)
@@ -353,7 +355,8 @@ def test_tp2_nccl_matches_hf(fp32_model, async_scheduling):
 
     path, prompts, refs = fp32_model
     params = [SamplingParams(temperature=0.0, max_tokens=n) for n in MAX_NEW]
-    kw = dict(kvcache_block_size=16, async_scheduling=async_scheduling)
+    # max_num_seqs: the graphs the 6 prompts use (1..8 rows), not all 256 sizes
+    kw = dict(kvcache_block_size=16, async_scheduling=async_scheduling, max_num_seqs=8)
     with LLM(str(path), dtype="float32", tensor_parallel_size=2, **kw) as llm:
         procs = list(llm._workers.procs)
         outs = llm.generate(prompts, params, use_tqdm=False)
