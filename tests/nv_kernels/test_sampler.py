@@ -241,3 +241,48 @@ def test_apply_penalties_matches_a_loop():
     torch.testing.assert_close(out, ref)
     neutral = apply_penalties(logits, in_prompt, counts, *torch.tensor([[1.0, 0, 0]] * b).T)
     assert torch.equal(neutral, logits)
+
+
+def _sharded_rank(rank: int, store_path: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from nv_kernels import Sampler
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        logits, st = _sharded_case()
+        w = logits.shape[1] // 2
+        shard = logits[:, rank * w : (rank + 1) * w].contiguous()
+        sampler = Sampler("cpu", compile=False, fused=True)
+        for name, s in (("sampled", st), ("greedy", None)):
+            tokens = sampler.sample_sharded(shard, s, rank * w, dist.group.WORLD)
+            torch.save(tokens, f"{out_dir}/{name}-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _sharded_case():
+    n, vocab = 5, 2400
+    logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(3)) * 3
+    temps = torch.tensor([0.0, 0.7, 1.0, 1.5, 0.3])
+    st = _st(n, temps, seeds=torch.arange(n, dtype=torch.int64) * 11, v=vocab)
+    return logits, st
+
+
+@pytest.mark.slow
+def test_sample_sharded_over_two_ranks_draws_what_one_rank_draws(tmp_path):
+    """Tensor parallelism's sampler over a real group (gloo, 2 processes): each rank draws from
+    its half of the vocabulary, and both get the tokens one rank draws from the whole."""
+    import torch.multiprocessing as mp
+
+    from nv_kernels import Sampler
+
+    mp.spawn(_sharded_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    logits, st = _sharded_case()
+    one = Sampler("cpu", compile=False, fused=True)
+    for name, s in (("sampled", st), ("greedy", None)):
+        want = one(logits, s)
+        for rank in (0, 1):
+            assert torch.equal(torch.load(tmp_path / f"{name}-{rank}.pt"), want), (name, rank)
+    with pytest.raises(ValueError, match="top-k"):
+        one.sample_sharded(logits, _st(5, 1.0, top_k=3, v=2400), 0, None)

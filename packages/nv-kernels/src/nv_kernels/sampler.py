@@ -178,6 +178,10 @@ def chunked_argmax(x: torch.Tensor) -> torch.Tensor:
     return (idx.gather(1, chunk) + chunk * width).squeeze(1)
 
 
+# torch 2.13 renamed all_gather_into_tensor (the name torch 2.11 has)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class Sampler:
     """Batched sampler. On CUDA, greedy and temperature-only batches take the fused Triton
     kernels (`sample_kernel.fused_sample`); batches with top-k, top-p or min-p take `sample`,
@@ -225,6 +229,7 @@ class Sampler:
             raise ValueError("sample_sharded needs a batch without top-k, top-p or min-p")
         draw = () if st is None or st.all_greedy else (st.temperatures, st.seeds, st.steps)
         mine = chunk_candidates(logits, *draw, vocab_offset=vocab_offset)
-        every = mine.new_empty((dist.get_world_size(group), *mine.shape))
-        dist.all_gather_into_tensor(every, mine, group=group)
-        return pick_candidates(every)
+        ranks = dist.get_world_size(group)
+        every = mine.new_empty((ranks * mine.shape[0], *mine.shape[1:]))  # rank after rank
+        _all_gather_single(every, mine, group=group)
+        return pick_candidates(every.view(ranks, *mine.shape))
