@@ -157,6 +157,37 @@ def test_tensor_parallel_2_overlapped_through_preemption_and_mixed_steps(model_d
 
 
 @pytest.mark.slow
+def test_tensor_parallel_2_samples_from_vocabulary_shards(model_dir):
+    """The sampler's kernels (interpreted on CPU, as on CUDA by default): at TP=2 a plain batch
+    is drawn by every rank from its own vocabulary shard, the logits never gathered. Greedy
+    tokens equal transformers' through preemption and mixed steps (the workers take pending
+    tokens from their own draw); seeded draws equal TP=1's, also when a request with logprobs
+    (gathered logits, rank 0 samples) shares the steps."""
+    path, prompts, refs = model_dir
+    kw = dict(device="cpu", fused_sampler=True, kvcache_block_size=4, max_num_batched_tokens=16)
+    greedy = [SamplingParams(temperature=0.0, max_tokens=n) for n in MAX_NEW]
+    tight = dict(num_kvcache_blocks=24, mix_decode_and_prefill=True, async_scheduling=True)
+    with LLM(str(path), tensor_parallel_size=2, **kw, **tight) as llm:
+        sampler = llm.model_runner.sampler
+        draws = []
+        sharded = sampler.sample_sharded
+        sampler.sample_sharded = lambda *a: draws.append(1) or sharded(*a)
+        outs = llm.generate(prompts, greedy, use_tqdm=False)
+        assert [o["token_ids"] for o in outs] == refs
+        assert draws and llm.scheduler.num_preemptions > 0
+        assert_pool_whole(llm)
+    seeded = [SamplingParams(temperature=0.9, seed=i, max_tokens=6) for i in range(3)]
+    seeded.append(SamplingParams(temperature=0.9, seed=3, max_tokens=6, logprobs=1))
+    tokens = []
+    for tp in (1, 2):
+        with LLM(str(path), tensor_parallel_size=tp, **kw) as llm:
+            outs = llm.generate(prompts[:4], seeded, use_tqdm=False)
+            tokens.append([o["token_ids"] for o in outs])
+            assert_pool_whole(llm)
+    assert tokens[0] == tokens[1]
+
+
+@pytest.mark.slow
 def test_tensor_parallel_2_logprobs_and_penalties(model_dir):
     # prompt logprobs make every rank join extra LM-head gathers; penalties ride in the plan
     path, prompts, _ = model_dir

@@ -251,6 +251,8 @@ def test_bad_model_dirs(tmp_path, text_model):
         LLM(str(text_model), max_logprobs=-1)
     with pytest.raises(ValueError, match="prompt_logprobs_chunk must be >= 1"):
         LLM(str(text_model), prompt_logprobs_chunk=0)
+    with pytest.raises(TypeError, match="fused_sampler must be a bool or None"):
+        LLM(str(text_model), fused_sampler="yes")
     with LLM(str(text_model), device="cpu", pdl_max_batch_size=0) as llm:  # 0: PDL off
         assert len(llm.generate(["ok"], SamplingParams(max_tokens=2), use_tqdm=False)) == 1
     with LLM(str(text_model), device="cpu") as llm:  # a valid one still works

@@ -56,6 +56,10 @@ class EngineTuning:
     # (PeerAllReduce) instead of NCCL (0: NCCL always)
     peer_all_reduce_max_bytes: int = 0
     peer_all_reduce_algorithm: str = "one_shot"  # PeerAllReduce.ALGORITHMS
+    # greedy and temperature-only batches take the sampler's Triton kernels (which TP samples
+    # from each rank's vocabulary shard with): None on CUDA; True on CPU runs them in Triton's
+    # interpreter (TRITON_INTERPRET=1), for tests
+    fused_sampler: bool | None = None
 
     def __post_init__(self) -> None:
         sizes = tuple(sorted(set(self.cuda_graph_batch_sizes)))
@@ -74,6 +78,9 @@ class EngineTuning:
                 f"peer_all_reduce_algorithm must be one of {PeerAllReduce.ALGORITHMS}, got "
                 f"{self.peer_all_reduce_algorithm!r}"
             )
+        if self.fused_sampler is not None and not isinstance(self.fused_sampler, bool):
+            kind = type(self.fused_sampler).__name__
+            raise TypeError(f"fused_sampler must be a bool or None, got {kind}")
         _positive_int("max_num_kvcache_blocks", self.max_num_kvcache_blocks)
         if not isinstance(self.distributed_timeout_s, (int, float)) or not (
             self.distributed_timeout_s > 0

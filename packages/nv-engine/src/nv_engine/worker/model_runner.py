@@ -67,7 +67,7 @@ class ModelRunner:
             load_weights(self.model, config.model)
         self.vocab_size = hf.vocab_size
         # every rank samples a plain batch from its shard of the logits (see _sample)
-        self.sampler = Sampler(self.device)
+        self.sampler = Sampler(self.device, fused=config.tuning.fused_sampler)
         self.staging = HostToDevice(1 << 20, self.device)
         self._readback = DeviceToHost(config.max_num_seqs, self.device)
         # the last step's sampled tokens (on the device) and the rows they were sampled for
