@@ -86,15 +86,17 @@ def test_bench_from_config_json(tmp_path, capsys):
 def test_cli_engine_defaults_are_configs():
     import dataclasses
 
-    from nv_engine.config import Config
+    from nv_engine.config import Config, EngineTuning
     from nv_engine.entrypoints.cli import _engine_kwargs, build_parser
 
-    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    defaults = {f.name: f.default for c in (Config, EngineTuning) for f in dataclasses.fields(c)}
     for argv in (["generate", "--prompt", "x"], ["bench"]):
         kwargs = _engine_kwargs(build_parser().parse_args(argv))
         assert kwargs == {k: defaults[k] for k in kwargs}
-    flags = build_parser().parse_args(["bench", "-tp", "2", "--max-num-seqs", "8"])
-    assert (flags.tensor_parallel_size, flags.max_num_seqs) == (2, 8)
+    argv = ["bench", "-tp", "2", "--max-num-seqs", "8", "--peer-all-reduce-max-bytes", "8388608"]
+    kwargs = _engine_kwargs(build_parser().parse_args(argv))
+    assert (kwargs["tensor_parallel_size"], kwargs["max_num_seqs"]) == (2, 8)
+    assert kwargs["peer_all_reduce_max_bytes"] == 8 << 20
 
 
 def test_bench_runs_on_the_demo_model_with_short_lengths(tmp_path, monkeypatch, capsys):

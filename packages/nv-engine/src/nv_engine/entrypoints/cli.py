@@ -33,9 +33,9 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    from nv_engine.config import Config
+    from nv_engine.config import Config, EngineTuning
 
-    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    defaults = {f.name: f.default for c in (Config, EngineTuning) for f in dataclasses.fields(c)}
     g = p.add_argument_group("engine")
     for name, kind, text in _ENGINE_FLAGS:
         flags = ["--" + name.replace("_", "-")] + (
@@ -55,6 +55,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         help="decode tokens first, prefill chunks in the rest of each step's budget",
     )
     g.add_argument(
+        "--peer-all-reduce-max-bytes",
+        type=int,
+        default=defaults["peer_all_reduce_max_bytes"],
+        help="tensor parallelism: bf16 all-reduces up to this size go through peer memory, "
+        "fused with the RMSNorm after them, instead of NCCL (0: NCCL always; see "
+        "docs/tensor_parallel.md)",
+    )
+    g.add_argument(
         "--no-prefix-caching",
         dest="enable_prefix_caching",
         action="store_false",
@@ -68,6 +76,7 @@ def _engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
         "enforce_eager",
         "enable_prefix_caching",
         "mix_decode_and_prefill",
+        "peer_all_reduce_max_bytes",
     ]
     return {k: getattr(a, k) for k in keys}
 
