@@ -39,8 +39,9 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 class ModelRunner:
     """One tensor-parallel rank: the model, its shard of the paged KV cache, the decode CUDA
-    graphs, and (rank 0) the sampler. `execute(plan)` runs one step; on rank 0 it returns the
-    sampled tokens, one per scheduled sequence with sample=True."""
+    graphs, and the sampler (every rank draws plain batches from its vocabulary shard; rank 0
+    alone samples the others). `execute(plan)` runs one step; on rank 0 it returns the sampled
+    tokens, one per scheduled sequence with sample=True."""
 
     def __init__(self, config: Config, rank: int = 0, tp: TPGroup = TPGroup()) -> None:
         self.config = config
@@ -72,7 +73,8 @@ class ModelRunner:
         self._readback = DeviceToHost(config.max_num_seqs, self.device)
         # the last step's sampled tokens (on the device) and the rows they were sampled for
         self._last_sampled: tuple[torch.Tensor, list[ScheduledSeq]] | None = None
-        # with TP and overlapped scheduling, rank 0 broadcasts them (see _receive_sampled)
+        # with TP and overlapped scheduling, rank 0 broadcasts them when the workers did not
+        # draw them too (see _sample)
         self._shares_sampled = tp.size > 1 and config.async_scheduling
         self.num_blocks = self._allocate_kv_cache()
         self.graphs: DecodeGraphs | None = None
