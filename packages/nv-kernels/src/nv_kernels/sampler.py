@@ -178,6 +178,11 @@ def chunked_argmax(x: torch.Tensor) -> torch.Tensor:
     return (idx.gather(1, chunk) + chunk * width).squeeze(1)
 
 
+def _draw(st: SamplingTensors | None) -> tuple[torch.Tensor, ...]:
+    """The fused kernels' sampling arguments: none when every row is greedy."""
+    return () if st is None or st.all_greedy else (st.temperatures, st.seeds, st.steps)
+
+
 # torch 2.13 renamed all_gather_into_tensor (the name torch 2.11 has)
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -205,9 +210,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, st: SamplingTensors | None) -> torch.Tensor:
         """`st` None: every row is greedy."""
         if self.takes_kernel(st):
-            if st is None or st.all_greedy:
-                return fused_sample(logits)
-            return fused_sample(logits, st.temperatures, st.seeds, st.steps)
+            return fused_sample(logits, *_draw(st))
         if st is None:
             return chunked_argmax(logits)
         if self._keys is None or self._keys.shape[0] != logits.shape[-1]:
@@ -227,8 +230,7 @@ class Sampler:
         which every rank picks the same tokens. Only for batches that `takes_kernel`."""
         if not self.takes_kernel(st):
             raise ValueError("sample_sharded needs a batch without top-k, top-p or min-p")
-        draw = () if st is None or st.all_greedy else (st.temperatures, st.seeds, st.steps)
-        mine = chunk_candidates(logits, *draw, vocab_offset=vocab_offset)
+        mine = chunk_candidates(logits, *_draw(st), vocab_offset=vocab_offset)
         ranks = dist.get_world_size(group)
         every = mine.new_empty((ranks * mine.shape[0], *mine.shape[1:]))  # rank after rank
         _all_gather_single(every, mine, group=group)

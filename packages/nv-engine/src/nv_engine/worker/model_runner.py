@@ -202,9 +202,10 @@ class ModelRunner:
             True, torch.full_like(ids, -1), None, None, cu, cu, seq_len, seq_len
         )
         self.model(ids, pos, meta)
-        # every filter on: the sampler's largest footprint
-        self._sample_random(c.max_num_seqs, temperature=1.0, top_k=5, top_p=0.9, min_p=0.1)
-        self._profile_logits_processors()
+        if self.rank == 0:  # the workers sample only from their shard: a few kB
+            # every filter on: the sampler's largest footprint
+            self._sample_random(c.max_num_seqs, temperature=1.0, top_k=5, top_p=0.9, min_p=0.1)
+            self._profile_logits_processors()
         torch.cuda.synchronize(self.device)
 
     def _profile_logits_processors(self) -> None:
@@ -242,13 +243,14 @@ class ModelRunner:
     @torch.inference_mode()
     def _warm_up_sampler(self) -> None:
         """Compile the sampler's kernels (greedy, temperature only) for every path a step takes
-        (with TP: sharded, and whole on rank 0) now, not in a step: a kernel compiled during a
-        step loads a module, which waits for the device, and with a tensor-parallel peer dead
-        the device never finishes its collective (a step after a worker's death hung there on
-        the card, instead of raising WorkerError)."""
+        here (with TP: sharded on every rank, whole on rank 0) now, not in a step: a kernel
+        compiled during a step loads a module, which waits for the device, and with a
+        tensor-parallel peer dead the device never finishes its collective (a step after a
+        worker's death hung there on the card, instead of raising WorkerError)."""
         for temperature in (0.0, 0.7):
             sampling = dict(temperature=temperature, top_k=0, top_p=1.0, min_p=0.0)
-            self._sample_random(3, **sampling)
+            if self.rank == 0:
+                self._sample_random(3, **sampling)
             if self.tp.size > 1:
                 self._sample_random(3, sharded=True, **sampling)
         torch.cuda.synchronize(self.device)

@@ -25,7 +25,7 @@ _HEADER = 8  # payload length, little endian
 _RESIZE = "__nv_resize__"
 _EXIT = "__nv_exit__"
 _POLL_S = 0.5
-_ABORT_WAIT_S = 10.0  # close(): how long to wait for the watchdog's abort in progress
+_ABORT_WAIT_S = 10.0  # close(): how long to wait for an abort (the watchdog's, or its own)
 
 
 class WorkerError(RuntimeError):

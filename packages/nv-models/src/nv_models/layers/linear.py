@@ -141,18 +141,23 @@ class RowParallelLinear(LinearBase):
         self.reduce_results = reduce_results
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reduce_results:
+            y = self.tp.all_reduce(linear(x, self.weight))
+            return y + self.bias if self.bias is not None else y
+        bias = self.bias if self.tp.rank == 0 else None  # added once, before the reduction
         peer = self.tp.peer
-        if not self.reduce_results and peer is not None and x.dim() == 2:
-            bias = self.bias is not None and self.tp.rank == 0
-            if not bias and not use_skinny_gemm(x, self.weight):
-                slot = peer.next_slot(x.shape[0], self.weight.shape[0], x.dtype)
-                if slot is not None:
-                    return torch.mm(x, self.weight.t(), out=slot)
+        # cuBLAS writes straight into the slot (the skinny GEMM allocates its own output)
+        if (
+            bias is None
+            and peer is not None
+            and x.dim() == 2
+            and not use_skinny_gemm(x, self.weight)
+        ):
+            slot = peer.next_slot(x.shape[0], self.weight.shape[0], x.dtype)
+            if slot is not None:
+                return torch.mm(x, self.weight.t(), out=slot)
         y = linear(x, self.weight)
-        if not self.reduce_results:
-            return y + self.bias if self.bias is not None and self.tp.rank == 0 else y
-        y = self.tp.all_reduce(y)
-        return y + self.bias if self.bias is not None else y
+        return y + bias if bias is not None else y
 
 
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
