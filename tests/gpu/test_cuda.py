@@ -324,6 +324,29 @@ def test_fused_sampler_matches_sample(batch):
     assert torch.equal(fused_sample(logits), logits.float().argmax(-1))
 
 
+def test_compiled_top_k_top_p_sampler_takes_every_batch_size():
+    """The compiled (torch.compile, dynamic shapes) filtering sampler at a few rows and at many,
+    with a 151,936-token vocabulary, draws what the eager `sample` draws. (A few rows once made
+    Inductor emit a split scan for top-p's cumsum, whose code generation failed.)"""
+    from nv_kernels.sampler import Sampler, SamplingTensors, sample
+
+    sampler = Sampler(DEV)
+    v = 151936
+    for batch in (4, 1, 256, 3):
+        g = torch.Generator(device=DEV).manual_seed(batch)
+        logits = torch.randn(batch, v, device=DEV, generator=g) * 4
+        temps = torch.rand(batch, device=DEV, generator=g) + 0.2
+        seeds = torch.randint(-(2**62), 2**62, (batch,), device=DEV, generator=g)
+        steps = torch.randint(0, 4096, (batch,), device=DEV, generator=g)
+        top_k = torch.randint(1, 50, (batch,), device=DEV, generator=g)
+        st = SamplingTensors(
+            temps, top_k, temps * 0 + 0.9, temps * 0 + 0.05, seeds, steps,
+            False, True, True, True,
+        )  # fmt: skip
+        got, want = sampler(logits, st), sample(logits, st)
+        assert (got == want).float().mean() >= 0.99, batch
+
+
 def test_steps_compile_no_sampler_kernel(fp32_model):
     """The engine compiles the fused sampler's kernels while starting, for every batch size and
     mix of greedy and sampled rows: a kernel compiled during a step loads a module, which waits
@@ -370,12 +393,15 @@ from nv_engine import LLM, SamplingParams
 
 if __name__ == "__main__":
     model, kill, overlap = sys.argv[1], sys.argv[2] == "kill", sys.argv[3] == "async"
+    # "peer": the all-reduces through peer memory (bf16), whose barrier spins on the device
+    peer = sys.argv[4] == "peer"
+    comm = dict(dtype="bfloat16", peer_all_reduce_max_bytes=8 << 20) if peer else {}
     # hang guards, not timings: a phase that hangs prints where rank 0 waits, and exits 1
     faulthandler.dump_traceback_later(120, exit=True)
     t = time.monotonic()
     # few graph sizes and a short max_model_len: start-up is not what is tested
     llm = LLM(model, tensor_parallel_size=2, kvcache_block_size=16, async_scheduling=overlap,
-              max_num_seqs=4, max_model_len=256)
+              max_num_seqs=4, max_model_len=256, **comm)
     print(f"started in {time.monotonic() - t:.1f} s", flush=True)
     faulthandler.dump_traceback_later(40, exit=True)
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
@@ -398,15 +424,19 @@ if __name__ == "__main__":
 """
 
 
-_SHUTDOWN_CASES = [(kill, overlap) for kill in ("clean", "kill") for overlap in ("async", "sync")]
-# all four run at once; each phase also has the script's own guard (120 + 40 + 40 + 20 s), so
+_SHUTDOWN_CASES = [
+    *((kill, overlap, "nccl") for kill in ("clean", "kill") for overlap in ("async", "sync")),
+    ("clean", "async", "peer"),
+    ("kill", "async", "peer"),
+]
+# all run at once; each phase also has the script's own guard (120 + 40 + 40 + 20 s), so
 # a hang fails through the guard, with its stack in the log, before this deadline
 _SHUTDOWN_LIMIT_S = 240
 
 
 @pytest.fixture(scope="module")
 def tp2_shutdown_runs(fp32_model, tmp_path_factory):
-    """The four TP=2 shutdown scripts, started together (they need little GPU memory, and
+    """The TP=2 shutdown scripts, started together (they need little GPU memory, and
     start-up, mostly compiling, dominates each): the suite then waits for the slowest, not
     for the sum. Yields {case: (process, log path)} and the deadline."""
     import subprocess
@@ -416,11 +446,11 @@ def tp2_shutdown_runs(fp32_model, tmp_path_factory):
     script = d / "tp2.py"
     script.write_text(_TP2_SCRIPT)
     runs = {}
-    for kill, overlap in _SHUTDOWN_CASES:
-        log = d / f"{kill}-{overlap}.log"
+    for case in _SHUTDOWN_CASES:
+        log = d / f"{'-'.join(case)}.log"
         with open(log, "w") as f:
-            argv = [sys.executable, str(script), str(fp32_model[0]), kill, overlap]
-            runs[kill, overlap] = (subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT), log)
+            argv = [sys.executable, str(script), str(fp32_model[0]), *case]
+            runs[case] = (subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT), log)
     yield runs, time.monotonic() + _SHUTDOWN_LIMIT_S
     for proc, _ in runs.values():
         if proc.poll() is None:
@@ -443,16 +473,17 @@ def _tp2_shutdown_runs_start_first(request):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize(
-    "kill,overlap", _SHUTDOWN_CASES, ids=["-".join(c) for c in _SHUTDOWN_CASES]
+    "kill,overlap,comm", _SHUTDOWN_CASES, ids=["-".join(c) for c in _SHUTDOWN_CASES]
 )
-def test_tp2_nccl_shutdown_completes(tp2_shutdown_runs, kill, overlap):
+def test_tp2_nccl_shutdown_completes(tp2_shutdown_runs, kill, overlap, comm):
     """A TP=2 program on NCCL ends: close() returns and the process exits, also after a worker
-    died. A hang fails the test through the script's guard around each phase (which prints the
-    stack) or the shared deadline; no duration is asserted."""
+    died, also with the all-reduces through peer memory. A hang fails the test through the
+    script's guard around each phase (which prints the stack) or the shared deadline; no
+    duration is asserted."""
     import subprocess
 
     runs, deadline = tp2_shutdown_runs
-    proc, log = runs[kill, overlap]
+    proc, log = runs[kill, overlap, comm]
     try:
         proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:

@@ -110,7 +110,7 @@ def main() -> int:
         ))  # fmt: skip
     for temps in (False, True):
         jobs.append((
-            _chunk_best_kernel, dict(HAS_TEMPS=temps, BLOCK=2048),
+            _chunk_best_kernel, dict(HAS_TEMPS=temps, FAST_LOG=True, BLOCK=2048),
             dict(temps_ptr="*fp32", seeds_ptr="*i64", steps_ptr="*i64", cand_ptr="*i32"),
             dict(num_warps=8),
         ))  # fmt: skip

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from nv_kernels import SamplingTensors, sample
 from nv_kernels.sampler import (
     apply_penalties,
     chunked_argmax,
+    exponential_from_bits,
     exponential_noise,
     uniform_from_bits,
     vocab_keys,
@@ -62,10 +65,20 @@ def test_uniform_is_open_interval():
 
 
 def test_noise_is_exponential():
-    e = exponential_noise(torch.tensor([5, 6]), torch.tensor([0, 0]), vocab_keys(200_000, "cpu"))
-    assert e.min() > 0
+    e2 = exponential_noise(torch.tensor([5, 6]), torch.tensor([0, 0]), vocab_keys(200_000, "cpu"))
+    assert e2.min() > 0
+    e = e2.double() * math.log(2)  # base-2 units to Exp(1)
     assert abs(e.mean().item() - 1) < 0.01 and abs(e.var().item() - 1) < 0.03
     assert not torch.equal(e[0], e[1])
+
+
+def test_noise_near_u_one_is_accurate():
+    """-ln(u) for u next to 1 (the series branch) and elsewhere, against float64."""
+    bits = torch.tensor([0xFFFFFFFF, 0xFFFFFE00, 0xFF000000, 0xFC000000, 0xF0000000, 0x1000, 0])
+    u = uniform_from_bits(bits).double()
+    want = -torch.log(u) * (1 / math.log(2))
+    got = exponential_from_bits(bits).double()
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=0)  # float32: 6e-8
 
 
 def _frequencies(logits_row, n, **kw):

@@ -19,6 +19,15 @@ import torch
 
 from nv_kernels.triton_utils import num_sms, tl, triton
 
+LOG2E = 1.4426950408889634  # log2(e): the draw works in base 2
+SERIES_BELOW = 1 / 64  # 1 - u under this: the noise -ln(u) from its series, not from log2(u)
+
+if triton is not None:
+    from triton.language.extra import libdevice
+
+    _LOG2E = tl.constexpr(LOG2E)
+    _SERIES_BELOW = tl.constexpr(SERIES_BELOW)
+
 BLOCK = 2048  # vocabulary entries a program takes at a time
 MAX_CHUNKS = 128  # programs per row at most (a batch of one: 75 for a 151,936-token vocab)
 PROGRAMS_PER_SM = 4  # the batch's programs: enough per SM to hide latency, few enough to be cheap
@@ -43,8 +52,9 @@ if triton is not None:
         return x ^ (x >> 31)
 
     # the integers that vary from step to step are not specialised on: a step then never
-    # compiles (see pick_candidates)
-    @triton.jit(do_not_specialize=["B", "vocab_offset", "chunk", "num_chunks"])
+    # compiles (see pick_candidates). `chunk` is: always whole BLOCKs (split_vocab), it gives
+    # one variant, whose loads are known aligned (vector loads)
+    @triton.jit(do_not_specialize=["B", "vocab_offset", "num_chunks"])
     def _chunk_best_kernel(
         logits_ptr,
         stride_row,
@@ -58,6 +68,7 @@ if triton is not None:
         chunk,
         num_chunks,
         HAS_TEMPS: tl.constexpr,
+        FAST_LOG: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         # Program (row, c): the best score among tokens [c * chunk, (c + 1) * chunk) of this
@@ -69,6 +80,7 @@ if triton is not None:
         row_ptr = logits_ptr + row.to(tl.int64) * stride_row
         if HAS_TEMPS:
             t = tl.load(temps_ptr + row)
+            scale = _LOG2E / tl.where(t > 0, t, 1.0)  # once per row, not per token
             seed = tl.load(seeds_ptr + row).to(tl.uint64)
             step = tl.load(steps_ptr + row).to(tl.uint64)
             row_key = _splitmix64(seed * 0x94D049BB133111EB + step)
@@ -87,10 +99,18 @@ if triton is not None:
                 if t > 0:
                     token = (offs + vocab_offset).to(tl.uint32)
                     bits = _mix32(_mix32((token * 0x9E3779B9) ^ lo) ^ hi)
-                    # in (0, 1), as sampler.uniform_from_bits: never 1, so -log(u) > 0
-                    u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / (1 << 23))
-                    # argmax(probs / E) with E = -log(u) ~ Exp(1), in log space
-                    x = x / t - tl.log(-tl.log(u))
+                    # the noise of sampler.exponential_noise (base-2 units), the draw of
+                    # sampler.sample: u in (0, 1) never 1, w = 1 - u exactly
+                    top = (bits >> 9).to(tl.float32)
+                    u = (top + 0.5) * (1.0 / (1 << 23))
+                    w = ((1 << 23) - 0.5 - top) * (1.0 / (1 << 23))
+                    series = w * (1.0 + w * (0.5 + w * (1.0 / 3))) * _LOG2E
+                    if FAST_LOG:  # the SFU's lg2.approx: two per token, not two polynomials
+                        e = tl.where(w < _SERIES_BELOW, series, -libdevice.fast_log2f(u))
+                        x = x * scale - libdevice.fast_log2f(e)
+                    else:  # the interpreter has no libdevice
+                        e = tl.where(w < _SERIES_BELOW, series, -tl.log2(u))
+                        x = x * scale - tl.log2(e)
             x = tl.where(mask, x, float("-inf"))
             take = x > best_v  # strict: a lane keeps its earliest maximum (NaN is never taken)
             best_v = tl.where(take, x, best_v)
@@ -167,6 +187,7 @@ def chunk_candidates(
         chunk,
         num_chunks,
         HAS_TEMPS=has_temps,
+        FAST_LOG=logits.device.type == "cuda",
         BLOCK=BLOCK,
         num_warps=8,
     )

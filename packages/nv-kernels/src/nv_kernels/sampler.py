@@ -5,7 +5,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from nv_kernels.sample_kernel import chunk_candidates, fused_sample, pick_candidates
+from nv_kernels.sample_kernel import (
+    LOG2E,
+    SERIES_BELOW,
+    chunk_candidates,
+    fused_sample,
+    pick_candidates,
+)
 from nv_kernels.triton_utils import triton
 
 
@@ -51,14 +57,26 @@ def vocab_keys(vocab_size: int, device: torch.device | str) -> torch.Tensor:
 
 
 def exponential_noise(seeds: torch.Tensor, steps: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Exp(1) noise `[num_seqs, vocab_size]`, a pure function of (seed, step, token id): a request's
-    draw does not depend on what else is in the batch or on which device runs it.
-    `keys` is `vocab_keys(vocab_size, device)`. A 64-bit key per row (splitmix64 of seed and
-    step), then a 32-bit hash per token: `sample_kernel` computes the same bits in uint32."""
+    """Exp(1) noise `[num_seqs, vocab_size]` in base-2 units (E * log2(e), so times ln 2 it is
+    Exp(1)), a pure function of (seed, step, token id): a request's draw does not depend on what
+    else is in the batch or on which device runs it. `keys` is `vocab_keys(vocab_size, device)`.
+    A 64-bit key per row (splitmix64 of seed and step), then a 32-bit hash per token:
+    `sample_kernel` computes the same bits in uint32, and the same noise."""
     row_key = _splitmix64(seeds * _M2 + steps)  # [B]
     lo, hi = (row_key & _MASK32)[:, None], _shr(row_key, 32)[:, None]
     bits = _mix32(_mix32(keys[None, :] ^ lo) ^ hi)  # [B, V], 32-bit values
-    return -torch.log(uniform_from_bits(bits))
+    return exponential_from_bits(bits)
+
+
+def exponential_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise in base-2 units, -log2(u), from 32-bit values (u = uniform_from_bits)."""
+    top = (bits >> 9).to(torch.float32)
+    u = (top + 0.5) * (1.0 / (1 << 23))  # uniform_from_bits
+    w = ((1 << 23) - 0.5 - top) * (1.0 / (1 << 23))  # 1 - u, exactly
+    # near u = 1, -log2(u) loses its relative precision (the kernel's fast log2 most): there
+    # the series of -ln(1 - w), its relative error under w^3 / 4
+    series = w * (1.0 + w * (0.5 + w * (1.0 / 3))) * LOG2E
+    return torch.where(w < SERIES_BELOW, series, -torch.log2(u))
 
 
 def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -86,6 +104,13 @@ class SamplingTensors:
     use_min_p: bool
 
 
+@torch.compiler.disable
+def _cumsum(x: torch.Tensor) -> torch.Tensor:
+    """`x.cumsum(-1)` run by ATen, outside the compiled sampler: for a few rows and a large
+    vocabulary, Inductor (torch 2.11, CUDA) emits a split scan whose code generation fails."""
+    return x.cumsum(dim=-1)
+
+
 def apply_top_k_top_p(
     logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
 ) -> torch.Tensor:
@@ -96,7 +121,7 @@ def apply_top_k_top_p(
         kth = logits_sort.gather(1, (vocab_size - top_k).clamp(0, vocab_size - 1)[:, None])
         logits_sort.masked_fill_(logits_sort < kth, float("-inf"))
     if top_p is not None:
-        cum = logits_sort.softmax(dim=-1).cumsum(dim=-1)
+        cum = _cumsum(logits_sort.softmax(dim=-1))
         drop = cum <= 1 - top_p[:, None]
         drop[:, -1] = False  # the most likely token always stays
         logits_sort.masked_fill_(drop, float("-inf"))
@@ -113,7 +138,8 @@ def sample(
         return chunked_argmax(logits)
     greedy_rows = st.temperatures == 0
     temps = torch.where(greedy_rows, 1.0, st.temperatures)
-    logits = logits.float() / temps[:, None]
+    raw = logits.float()
+    logits = raw / temps[:, None]
     if st.use_min_p:
         probs = logits.softmax(dim=-1)
         too_small = probs < st.min_p[:, None] * probs.amax(dim=-1, keepdim=True)
@@ -125,11 +151,15 @@ def sample(
     if keys is None:
         keys = vocab_keys(logits.shape[-1], logits.device)
     noise = exponential_noise(st.seeds, st.steps, keys)
-    # argmax(probs / E) == argmax(logits / T - log E): the softmax normaliser is a per-row
-    # constant, so the draw needs no softmax pass over the vocabulary.
-    # Greedy rows keep their logits (temperature 1, no noise): the filters above never drop a
-    # row's most likely token, so one argmax serves both kinds of row.
-    scores = logits - torch.where(greedy_rows[:, None], 0.0, noise.log())
+    # argmax(probs / E) == argmax(logits / T - ln E) == argmax(logits * log2(e) / T - log2(E'))
+    # with E' = E * log2(e): the softmax normaliser is a per-row constant, so the draw needs no
+    # softmax pass over the vocabulary; base 2 is what the kernel computes fast. Greedy rows keep
+    # their logits (no noise): the filters above never drop a row's most likely token, so one
+    # argmax serves both kinds of row. The filtered logits only mask: the scores scale the
+    # unscaled logits, as the kernel does.
+    sampled = raw * (LOG2E / temps)[:, None] - noise.log2()
+    scores = torch.where(greedy_rows[:, None], raw, sampled)
+    scores = scores.masked_fill(logits == float("-inf"), float("-inf"))
     return chunked_argmax(scores)
 
 
