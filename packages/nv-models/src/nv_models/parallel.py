@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,12 @@ class PeerAllReduce:
             for s in range(2)
         ]
         self._next_slot = 0
+
+    def abandon(self) -> None:
+        """Never free this object's peer memory, for when a peer died while this device may
+        still wait on it in a barrier: torch's free of symmetric memory synchronises the device
+        first, which would then wait forever. The process's exit releases the memory."""
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(self))
 
     def handles(self, x: torch.Tensor) -> bool:
         return x.dtype == torch.bfloat16 and x.numel() <= self.max_numel and x.is_contiguous()

@@ -92,6 +92,8 @@ class ModelRunner:
         for the device, and a collective still stuck on the dead peer would make that wait
         forever. The process's exit frees it then."""
         drained = self._drained(drain_timeout_s)
+        if not drained and self.tp.peer is not None:
+            self.tp.peer.abandon()  # its barrier may wait on the dead peer forever
         if self.graphs is not None:
             self.graphs.close()
         self.graphs = None
