@@ -52,6 +52,24 @@ class PeerAllReduce:
             for s in range(2)
         ]
         self._next_slot = 0
+        self._release_stream: torch.cuda.Stream | None = None
+
+    def release_peers(self) -> None:
+        """After a peer died, for a teardown: let this device's queued barriers pass without the
+        other ranks. Slot `k * world + r` of a rank's signal pad is written by rank r; this sets
+        every other rank's slots in this rank's pad as if they had signalled, and clears this
+        rank's slots in theirs as if they had taken its signals. From a side stream, since the
+        main one is stuck in a barrier; the reductions that follow read stale peer data. Call it
+        until the device's queue drains."""
+        me, world = self.handle.rank, self.handle.world_size
+        if self._release_stream is None:
+            self._release_stream = torch.cuda.Stream(self.buffer.device)
+        with torch.cuda.stream(self._release_stream):
+            mine = self.handle.get_signal_pad(me).view(torch.int32)
+            for r in range(world):
+                if r != me:
+                    mine[r::world].fill_(1)
+                    self.handle.get_signal_pad(r).view(torch.int32)[me::world].fill_(0)
 
     def abandon(self) -> None:
         """Never free this object's peer memory, for when a peer died while this device may

@@ -111,7 +111,15 @@ class ModelRunner:
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(self.device))
         deadline = time.monotonic() + timeout_s
+        # the peer-memory barriers would wait for the dead peer forever: release them
+        release = self.tp.peer.release_peers if self.tp.peer is not None else None
         while not done.query():
+            if release is not None:
+                try:
+                    release()
+                except RuntimeError:
+                    logger.warning("releasing the peer-memory barriers failed", exc_info=True)
+                    release = None
             if time.monotonic() > deadline:
                 logger.warning(
                     "the device did not finish its queued work within %.0f s of a peer rank's "
