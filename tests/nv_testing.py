@@ -211,3 +211,23 @@ def paged_layout(
     width = max(len(t) for t in tables)
     table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     return table, slots
+
+
+def assert_unguarded_tp2_script_fails_fast(model: Path, tmp_path: Path, **llm_kwargs) -> None:
+    """Run a script that builds a TP=2 `LLM` without `if __name__ == "__main__":`. Spawned
+    workers re-import it and die at once; the engine must say so (the rank, then the guard)
+    within the subprocess limit, a hang guard, not the rendezvous timeout."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    kwargs = "".join(f", {k}={v!r}" for k, v in llm_kwargs.items())
+    script.write_text(
+        f"from nv_engine import LLM\nLLM({str(model)!r}, tensor_parallel_size=2{kwargs})\n"
+    )
+    r = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=150, cwd=tmp_path
+    )
+    assert r.returncode != 0
+    assert "tensor-parallel worker rank 1 exited while starting" in r.stderr, r.stderr[-3000:]
+    assert "__main__" in r.stderr.splitlines()[-1], r.stderr[-3000:]

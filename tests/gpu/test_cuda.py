@@ -8,7 +8,13 @@ import time
 
 import pytest
 import torch
-from nv_testing import hf_greedy, paged_layout, save_tiny_qwen3, shared_prefix_prompts
+from nv_testing import (
+    assert_unguarded_tp2_script_fails_fast,
+    hf_greedy,
+    paged_layout,
+    save_tiny_qwen3,
+    shared_prefix_prompts,
+)
 
 from nv_engine.entrypoints.bench import QWEN3_0_6B_SHAPE
 from nv_kernels import AttentionMetadata, store_kvcache, store_kvcache_ref
@@ -500,23 +506,8 @@ def test_tp2_nccl_shutdown_completes(tp2_shutdown_runs, kill, overlap, comm):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_tp2_script_without_the_main_guard_fails_fast(fp32_model, tmp_path):
-    """On NCCL too: spawned workers re-import a script that has no `if __name__ ==
-    "__main__":` and die at once; LLM(...) raises naming the rank and the guard, rather than
-    waiting for the rendezvous timeout (no duration asserted: the subprocess limit is a guard)."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "no_guard.py"
-    script.write_text(
-        "from nv_engine import LLM\n"
-        f"LLM({str(fp32_model[0])!r}, tensor_parallel_size=2, max_num_seqs=4)\n"
-    )
-    r = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=150, cwd=tmp_path
-    )
-    assert r.returncode != 0
-    assert "tensor-parallel worker rank 1 exited while starting" in r.stderr, r.stderr[-3000:]
-    assert "__main__" in r.stderr.splitlines()[-1]
+    """On NCCL too: LLM(...) raises naming the dead rank and the missing guard."""
+    assert_unguarded_tp2_script_fails_fast(fp32_model[0], tmp_path, max_num_seqs=4)
 
 
 def test_pdl_chain_in_a_graph_equals_plain_launches():

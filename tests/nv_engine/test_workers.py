@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch.distributed as dist
-from nv_testing import save_tiny_qwen3
+from nv_testing import assert_unguarded_tp2_script_fails_fast, save_tiny_qwen3
 
 from nv_engine import LLM, SamplingParams
 from nv_engine.worker.tp_workers import (
@@ -358,21 +358,8 @@ def test_failed_start_raises_its_own_error_and_leaves_no_worker(tmp_path, monkey
 def test_a_script_without_the_main_guard_fails_fast_and_says_why(tmp_path):
     """Spawned workers re-import the script: without `if __name__ == "__main__":` they die at
     once. The engine says so within seconds, not after the rendezvous timeout."""
-    import subprocess
-    import sys
-
     save_tiny_qwen3(tmp_path / "m")
-    script = tmp_path / "no_guard.py"
-    script.write_text(
-        "from nv_engine import LLM\n"
-        f"LLM({str(tmp_path / 'm')!r}, device='cpu', tensor_parallel_size=2)\n"
-    )
-    r = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path
-    )
-    assert r.returncode != 0
-    assert "tensor-parallel worker rank 1 exited while starting" in r.stderr
-    assert "__main__" in r.stderr.splitlines()[-1]
+    assert_unguarded_tp2_script_fails_fast(tmp_path / "m", tmp_path, device="cpu")
 
 
 @pytest.mark.slow
