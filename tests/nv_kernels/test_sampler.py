@@ -129,14 +129,34 @@ def test_frequencies_match_restricted_softmax(kw):
     assert chi2 < 35, (chi2, freq, expected)
 
 
-def test_compiled_sampler_matches_eager():
+def test_compiled_sampler_matches_eager_in_one_graph():
+    """The compiled sampler draws what the eager one draws, and compiles one graph for every
+    batch: any mix of filters, one row or many, bf16 or float32 logits (each new graph would
+    be seconds of compiling in the middle of serving)."""
+    from torch._dynamo.utils import counters
+
     from nv_kernels import Sampler
 
-    logits = torch.randn(6, 300)
-    st = _st(6, torch.tensor([0.0, 0.7, 1.0, 1.3, 0.0, 0.9]), top_k=20, top_p=0.9, v=300)
-    eager = Sampler("cpu", compile=False)(logits, st)
-    compiled = Sampler("cpu", compile=True)(logits, st)
-    assert torch.equal(eager, compiled)
+    v = 300
+    eager, compiled = Sampler("cpu", compile=False), Sampler("cpu", compile=True)
+    g = torch.Generator().manual_seed(0)
+    temps = torch.tensor([0.0, 0.7, 1.0, 1.3, 0.0, 0.9])
+    batches = [
+        (6, dict(top_k=20, top_p=0.9, min_p=0.05), torch.float32),  # compiles here
+        (6, dict(top_p=0.8), torch.bfloat16),
+        (4, dict(top_k=3), torch.float32),
+        (1, dict(min_p=0.2), torch.float32),
+        (1, dict(top_k=5, top_p=0.5), torch.bfloat16),
+        (5, dict(top_k=v), torch.float32),
+    ]
+    graphs = None
+    for rows, filters, dtype in batches:
+        logits = (torch.randn(rows, v, generator=g) * 3).to(dtype)
+        st = _st(rows, temps[:rows] if rows > 1 else temps[1:2], v=v, **filters)
+        assert torch.equal(compiled(logits, st), eager(logits, st)), (rows, filters, dtype)
+        if graphs is None:
+            graphs = counters["stats"]["unique_graphs"]
+        assert counters["stats"]["unique_graphs"] == graphs, (rows, filters, dtype)
 
 
 @pytest.mark.parametrize("vocab", [1, 63, 64, 65, 1000])
