@@ -213,6 +213,22 @@ def default_config(
     return SkinnyConfig(block_n, block_k, split, 4, stages)
 
 
+def _default_block_m(m: int) -> int:
+    """The tile height for m rows: the next power of two, from 16 to 64."""
+    return min(64, max(16, 1 << (m - 1).bit_length()))
+
+
+def skinny_variant_rows(max_rows: int = DISPATCH_ROWS) -> list[int]:
+    """One row count for each variant of the kernel that launches of 1..max_rows rows compile
+    (with the default tile height, one per height of 16, 32 or 64 rows, times Triton's
+    specialisation of M: 1, a multiple of 16, any other). A step that runs each once has them
+    all compiled: a kernel compiled in the middle of serving stalls every request."""
+    first: dict[tuple[int, bool, bool], int] = {}
+    for m in range(1, max_rows + 1):
+        first.setdefault((_default_block_m(m), m == 1, m % 16 == 0), m)
+    return sorted(first.values())
+
+
 def use_skinny_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `skinny_gemm` should run `F.linear(x, weight)`: a CUDA half-precision matmul with
     at most DISPATCH_ROWS rows."""
@@ -256,7 +272,7 @@ def skinny_gemm(
         pdl = use_pdl(x.device)
     if config is None:
         config = default_config(m, n, k, num_sms(x.device, otherwise=132), pdl, gated)
-    block_m = config.block_m or min(64, max(16, triton.next_power_of_2(m)))
+    block_m = config.block_m or _default_block_m(m)
     n_tiles, m_tiles = triton.cdiv(n, config.block_n), triton.cdiv(m, block_m)
     split = config.split_k
     if split > 1 and n_tiles * m_tiles > NUM_COUNTERS:

@@ -20,6 +20,7 @@ from nv_kernels import (
     Sampler,
     SamplingTensors,
     get_attention_backend,
+    skinny_variant_rows,
     token_logprobs,
 )
 from nv_models import Attention, TPGroup, build_model, init_random_weights, load_weights
@@ -82,7 +83,7 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.device, config)
             self.graphs.capture(self.max_blocks_per_seq)
         if self.device.type == "cuda":
-            self._warm_up_prefill_with_context()
+            self._warm_up_prefill()
             self._warm_up_sampler()
 
     def close(self, drain_timeout_s: float | None = None) -> None:
@@ -231,12 +232,28 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def _warm_up_prefill_with_context(self) -> None:
-        """Compile the prefill kernels that read earlier tokens from the cache (prefix hits,
-        chunked prefill) now rather than in the first such step of a run. Reads block 0, writes
-        nothing (every slot is -1)."""
-        n, ctx = 16, self.block_size + 16
+    def _warm_up_prefill(self) -> None:
+        """Compile now, not in a step, what eager prefill steps run: the prefill kernels that
+        read earlier tokens from the cache (prefix hits, chunked prefill), and for small steps
+        every variant of the skinny GEMM, the layers' and the LM head's (`skinny_variant_rows`:
+        a step's token count, and its count of sampled rows). A kernel compiled mid-serving
+        stalls every request, and with a dead tensor-parallel peer it never loads. Reads block
+        0, writes nothing (every slot is -1)."""
         dev = self.device
+        for n in skinny_variant_rows():
+            meta = AttentionMetadata(
+                is_prefill=True,
+                slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev),
+                block_tables=None,
+                cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=dev),
+                cu_seqlens_k=torch.tensor([0, n], dtype=torch.int32, device=dev),
+                max_seqlen_q=n,
+                max_seqlen_k=n,
+            )
+            ids = torch.zeros(n, dtype=torch.int64, device=dev)
+            hidden = self.model(ids, torch.arange(n, device=dev), meta)
+            self.model.compute_logits(hidden, torch.arange(n, device=dev), gather=False)
+        n, ctx = 16, self.block_size + 16
         meta = AttentionMetadata(
             is_prefill=True,
             slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev),
@@ -248,7 +265,8 @@ class ModelRunner:
         )
         ids = torch.zeros(n, dtype=torch.int64, device=dev)
         self.model(ids, torch.arange(n, device=dev), meta)  # any positions in the table
-        torch.cuda.synchronize(dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     @torch.inference_mode()
     def _warm_up_sampler(self) -> None:
