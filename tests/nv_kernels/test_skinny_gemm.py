@@ -95,3 +95,19 @@ def test_default_config_fills_the_sms(m, n, k, pdl):
 def test_dispatch_only_for_small_half_precision_cuda_batches():
     w = torch.randn(8, 8)
     assert not use_skinny_gemm(torch.randn(1, 8), w)  # CPU: always F.linear
+
+
+def test_variant_rows_cover_every_launch_up_to_the_dispatch_limit():
+    """Warming these row counts compiles every variant that 1..64 rows launch: each row count's
+    tile height (16, 32 or 64) and Triton's specialisation of M (1, a multiple of 16, other)."""
+    import triton
+
+    from nv_kernels import SKINNY_DISPATCH_ROWS, skinny_variant_rows
+
+    def variant(m):
+        return min(64, max(16, triton.next_power_of_2(m))), m == 1, m % 16 == 0
+
+    rows = skinny_variant_rows()
+    assert max(rows) <= SKINNY_DISPATCH_ROWS
+    assert {variant(m) for m in rows} == {variant(m) for m in range(1, SKINNY_DISPATCH_ROWS + 1)}
+    assert len(rows) == len({variant(m) for m in rows})  # one row count per variant

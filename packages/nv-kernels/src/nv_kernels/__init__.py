@@ -8,6 +8,7 @@ from nv_kernels.pdl import overlapped_launches
 from nv_kernels.rms_norm import rms_norm_of_sum, rms_norm_ref, rms_norm_triton
 from nv_kernels.rope_store import qk_norm_rope, qk_norm_rope_store, use_qk_norm_rope_store
 from nv_kernels.sampler import Sampler, SamplingTensors, apply_penalties, sample, token_logprobs
+from nv_kernels.skinny_gemm import DISPATCH_ROWS as SKINNY_DISPATCH_ROWS
 from nv_kernels.skinny_gemm import skinny_gemm, skinny_variant_rows, use_skinny_gemm
 from nv_kernels.store_kvcache import (
     FP8_KV_DTYPES,
@@ -21,6 +22,7 @@ from nv_kernels.triton_utils import triton
 __all__ = [
     "BACKEND_NAMES",
     "FP8_KV_DTYPES",
+    "SKINNY_DISPATCH_ROWS",
     "AttentionBackend",
     "AttentionMetadata",
     "Sampler",

@@ -16,6 +16,7 @@ from nv_engine.worker.cuda_graphs import DecodeGraphs
 from nv_engine.worker.logits_processors import penalized, process_logits, prompt_logprobs
 from nv_engine.worker.staging import DeviceToHost, HostToDevice, SampledTokens
 from nv_kernels import (
+    SKINNY_DISPATCH_ROWS,
     AttentionMetadata,
     Sampler,
     SamplingTensors,
@@ -234,13 +235,14 @@ class ModelRunner:
     @torch.inference_mode()
     def _warm_up_prefill(self) -> None:
         """Compile now, not in a step, what eager prefill steps run: the prefill kernels that
-        read earlier tokens from the cache (prefix hits, chunked prefill), and for small steps
+        read earlier tokens from the cache (prefix hits, chunked prefill); for small steps
         every variant of the skinny GEMM, the layers' and the LM head's (`skinny_variant_rows`:
-        a step's token count, and its count of sampled rows). A kernel compiled mid-serving
-        stalls every request, and with a dead tensor-parallel peer it never loads. Reads block
-        0, writes nothing (every slot is -1)."""
+        a step's token count, and its count of sampled rows); past them, two sizes, since the
+        compiled elementwise ops between cuBLAS GEMMs (`compile_on_cuda`) turn dynamic on
+        their second shape. A compile mid-serving stalls every request, and with a dead
+        tensor-parallel peer it never loads. Reads block 0, writes nothing (slots are -1)."""
         dev = self.device
-        for n in skinny_variant_rows():
+        for n in (*skinny_variant_rows(), SKINNY_DISPATCH_ROWS + 1, SKINNY_DISPATCH_ROWS + 2):
             meta = AttentionMetadata(
                 is_prefill=True,
                 slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev),
