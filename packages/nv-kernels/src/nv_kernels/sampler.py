@@ -117,7 +117,7 @@ def _in_one_graph(
     logits, at least two rows, and tensors that are not views (torch.compile guards on a view's
     base). A new mix of filters, float32 logits after bf16 ones, a lone row (torch.compile
     specialises sizes 0 and 1 even with dynamic shapes) or a view of another size would each
-    compile anew: seconds in the middle of serving (2.4-9.5 s each, measured on CPU)."""
+    compile anew: seconds in the middle of serving (docs/benchmarks.md)."""
     rows = logits.shape[0]
     copies = 2 if rows == 1 else 1
     logits = logits.float().repeat(copies, 1)  # a copy, not a view
