@@ -448,8 +448,19 @@ def test_tp2_nccl_matches_hf(fp32_model, async_scheduling):
 
 
 _TP2_SCRIPT = """
-import faulthandler, os, signal, sys, time
+import faulthandler, multiprocessing, os, signal, sys, threading, time
+import torch.distributed as dist
 from nv_engine import LLM, SamplingParams
+
+
+def kill_worker_once_joined():
+    # the worker joined rank 0's process group: it dies while building its engine
+    while not dist.is_initialized():
+        time.sleep(0.05)
+    time.sleep(3)
+    for proc in multiprocessing.active_children():
+        os.kill(proc.pid, signal.SIGKILL)
+
 
 if __name__ == "__main__":
     model, kill, overlap = sys.argv[1], sys.argv[2] == "kill", sys.argv[3] == "async"
@@ -459,6 +470,16 @@ if __name__ == "__main__":
     # hang guards, not timings: a phase that hangs prints where rank 0 waits, and exits 1
     faulthandler.dump_traceback_later(120, exit=True)
     t = time.monotonic()
+    if sys.argv[2] == "startkill":
+        threading.Thread(target=kill_worker_once_joined, daemon=True).start()
+        try:
+            LLM(model, tensor_parallel_size=2, kvcache_block_size=16, max_num_seqs=4,
+                max_model_len=256, **comm)
+        except Exception as e:
+            print("start failed:", type(e).__name__, e, f"({time.monotonic() - t:.1f} s)",
+                  flush=True)
+        faulthandler.dump_traceback_later(20, exit=True)
+        sys.exit(0)  # nothing to close: the constructor raised
     # few graph sizes and a short max_model_len: start-up is not what is tested
     llm = LLM(model, tensor_parallel_size=2, kvcache_block_size=16, async_scheduling=overlap,
               max_num_seqs=4, max_model_len=256, **comm)
@@ -488,6 +509,7 @@ _SHUTDOWN_CASES = [
     *((kill, overlap, "nccl") for kill in ("clean", "kill") for overlap in ("async", "sync")),
     ("clean", "async", "peer"),
     ("kill", "async", "peer"),
+    ("startkill", "async", "nccl"),  # a worker killed after it joined, while starting
 ]
 # all run at once; each phase also has the script's own guard (120 + 40 + 40 + 20 s), so
 # a hang fails through the guard, with its stack in the log, before this deadline
@@ -553,9 +575,12 @@ def test_tp2_nccl_shutdown_completes(tp2_shutdown_runs, kill, overlap, comm):
     out = log.read_text()
     print(out)  # start-up and close() times, for the log (pytest -rA)
     assert proc.returncode == 0, out
-    assert any(line.startswith("closed in") for line in out.splitlines()), out
+    if kill != "startkill":
+        assert any(line.startswith("closed in") for line in out.splitlines()), out
     if kill == "kill":
         assert "step failed: WorkerError" in out, out
+    if kill == "startkill":
+        assert "start failed: WorkerError" in out and "rank 1" in out, out
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
