@@ -236,11 +236,11 @@ class ModelRunner:
     def _warm_up_prefill(self) -> None:
         """Compile now, not in a step, what eager prefill steps run: the prefill kernels that
         read earlier tokens from the cache (prefix hits, chunked prefill); for small steps
-        every variant of the skinny GEMM, the layers' and the LM head's (`skinny_variant_rows`:
-        a step's token count, and its count of sampled rows); past them, two sizes, since the
-        compiled elementwise ops between cuBLAS GEMMs (`compile_on_cuda`) turn dynamic on
-        their second shape. A compile mid-serving stalls every request, and with a dead
-        tensor-parallel peer it never loads. Reads block 0, writes nothing (slots are -1)."""
+        every variant of the layers' skinny GEMM (`skinny_variant_rows`, by the step's token
+        count); past them, two sizes, since the compiled elementwise ops between cuBLAS GEMMs
+        (`compile_on_cuda`) turn dynamic on their second shape. A compile mid-serving stalls
+        every request, and with a dead tensor-parallel peer it never loads. Reads block 0,
+        writes nothing (every slot is -1)."""
         dev = self.device
         for n in (*skinny_variant_rows(), SKINNY_DISPATCH_ROWS + 1, SKINNY_DISPATCH_ROWS + 2):
             meta = AttentionMetadata(
@@ -253,8 +253,7 @@ class ModelRunner:
                 max_seqlen_k=n,
             )
             ids = torch.zeros(n, dtype=torch.int64, device=dev)
-            hidden = self.model(ids, torch.arange(n, device=dev), meta)
-            self.model.compute_logits(hidden, torch.arange(n, device=dev), gather=False)
+            self.model(ids, torch.arange(n, device=dev), meta)
         n, ctx = 16, self.block_size + 16
         meta = AttentionMetadata(
             is_prefill=True,
