@@ -280,17 +280,22 @@ class ModelRunner:
             sampling = dict(temperature=temperature, top_k=0, top_p=1.0, min_p=0.0)
             if self.rank == 0:
                 self._sample_random(3, **sampling)
+                # penalties hand the sampler float32 logits: another kernel variant
+                self._sample_random(3, dtype=torch.float32, **sampling)
             if self.tp.size > 1:
                 self._sample_random(3, sharded=True, **sampling)
         torch.cuda.synchronize(self.device)
 
-    def _sample_random(self, n: int, sharded: bool = False, **sampling: float) -> None:
-        """Sample once from random logits for `n` rows with the same sampling parameters; with
-        `sharded`, from this rank's vocabulary shard, as `_sample` does (every rank calls it)."""
+    def _sample_random(
+        self, n: int, sharded: bool = False, dtype: torch.dtype | None = None, **sampling: float
+    ) -> None:
+        """Sample once from random logits (of the model's dtype unless `dtype`) for `n` rows
+        with the same sampling parameters; with `sharded`, from this rank's vocabulary shard,
+        as `_sample` does (every rank calls it)."""
         row = ScheduledSeq(0, [0], 0, [0], True, **sampling)
         build = self._add_sampling([row] * n)
         width = self.vocab_size // self.tp.size if sharded else self.vocab_size
-        logits = torch.randn(n, width, device=self.device, dtype=self.dtype)
+        logits = torch.randn(n, width, device=self.device, dtype=dtype or self.dtype)
         st = build(self.staging.send())
         if sharded:
             self.sampler.sample_sharded(logits, st, self.tp.rank * width, self.tp.group)
