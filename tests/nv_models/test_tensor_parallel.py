@@ -148,3 +148,22 @@ def test_norms_reduce_what_row_parallel_layers_leave_unreduced(monkeypatch):
     x = torch.randn(2, 6, generator=g)
     torch.testing.assert_close(norm(x), RMSNorm(6, 1e-6)(x))  # no residual: not reduced
     assert calls == [2]
+
+
+def test_collectives_check_the_group_is_alive_first():
+    """A group whose alive_check raises (a peer is known dead) issues no collective: it raises
+    before the call, which after an abort of the group would wait forever."""
+
+    class PeerDied(Exception):
+        pass
+
+    def dead() -> None:
+        raise PeerDied("rank 1 exited")
+
+    tp = TPGroup(rank=0, size=2, group=None, alive_check=dead)  # no process group: no call
+    x = torch.ones(2, 4)
+    with pytest.raises(PeerDied, match="rank 1"):
+        tp.all_reduce(x)
+    with pytest.raises(PeerDied, match="rank 1"):
+        tp.gather_last_dim(x)
+    assert torch.equal(TPGroup(alive_check=dead).all_reduce(x), x)  # one rank: nothing to check

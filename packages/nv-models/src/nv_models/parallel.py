@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -121,15 +122,23 @@ class PeerAllReduce:
 class TPGroup:
     """A tensor-parallel group as layers see it: this rank, the group size and the process group
     (None with a single rank). Passed to constructors; no layer asks torch.distributed itself.
-    `peer`: an optional PeerAllReduce that takes the messages it handles."""
+    `peer`: an optional PeerAllReduce that takes the messages it handles. `alive_check`: raises
+    once a peer is known dead (rank 0's worker pool); `check()` runs it before every collective
+    call, so that none is issued behind an abort of the group, where it would wait forever."""
 
     rank: int = 0
     size: int = 1
     group: dist.ProcessGroup | None = None
     peer: PeerAllReduce | None = None
+    alive_check: Callable[[], None] | None = None
+
+    def check(self) -> None:
+        if self.alive_check is not None:
+            self.alive_check()
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
+            self.check()
             if self.peer is not None and self.peer.handles(x):
                 return self.peer.all_reduce(x)
             dist.all_reduce(x, group=self.group)
@@ -141,6 +150,7 @@ class TPGroup:
         """Concatenate every rank's shard along the last dim (all ranks get the result)."""
         if self.size == 1:
             return x
+        self.check()
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)

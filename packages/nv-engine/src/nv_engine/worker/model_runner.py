@@ -160,6 +160,7 @@ class ModelRunner:
                 num_blocks = cap
         if self.tp.size > 1:  # every rank must agree on the pool
             t = torch.tensor([num_blocks], device=self.device)
+            self.tp.check()
             dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.tp.group)
             num_blocks = int(t.item())
         if num_blocks < 1:
@@ -298,6 +299,7 @@ class ModelRunner:
         logits = torch.randn(n, width, device=self.device, dtype=dtype or self.dtype)
         st = build(self.staging.send())
         if sharded:
+            self.tp.check()
             self.sampler.sample_sharded(logits, st, self.tp.rank * width, self.tp.group)
         else:
             self.sampler(logits, st)
@@ -360,6 +362,7 @@ class ModelRunner:
         the tokens to the workers (their next inputs). The workers return None then."""
         if self.tp.size > 1 and not plan.has_extras and self.sampler.takes_kernel(st):
             start = self.tp.rank * logits.shape[-1]
+            self.tp.check()
             return self.sampler.sample_sharded(logits, st, start, self.tp.group), None
         logits = self.tp.gather_last_dim(logits)
         if self.rank != 0:
@@ -369,6 +372,7 @@ class ModelRunner:
             logits = process_logits(logits, rows, inputs)
         sampled = self.sampler(logits, st)
         if self._shares_sampled:
+            self.tp.check()
             dist.broadcast(sampled, src=0, group=self.tp.group)
         logprobs = None
         if plan.has_extras and any(s.logprobs is not None for s in rows):

@@ -9,6 +9,7 @@ import pickle
 import threading
 import time
 import uuid
+from dataclasses import replace
 from datetime import timedelta
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -253,7 +254,7 @@ class WorkerPool:
         tp = init_distributed(self.config, 0, store)
         self._watchdog = threading.Thread(target=self._watch, name="nv-tp-watchdog", daemon=True)
         self._watchdog.start()
-        return tp
+        return replace(tp, alive_check=self.raise_if_dead)
 
     def _watch(self) -> None:
         """From the rendezvous to close(): notice a worker's death (poll() reports it). Until
@@ -295,6 +296,13 @@ class WorkerPool:
                     "tensor-parallel workers did not start within distributed_timeout_s"
                 )
             time.sleep(0.05)
+
+    def raise_if_dead(self) -> None:
+        """WorkerError once the watchdog saw a worker die: a flag read, cheap enough for every
+        collective call (`TPGroup.check`). At start-up the watchdog's abort lets the device go
+        on; a collective called after it would wait behind the abort, forever."""
+        if self._saw_death:
+            self.check_alive()
 
     def all_alive(self) -> bool:
         return not any(_exited(p) for p in self.procs)
@@ -427,6 +435,13 @@ class ExternalWorkers:
             raise
         self.ctrl = ctrl
         return tp
+
+    def raise_if_dead(self) -> None:
+        """WorkerError once the watchdog saw a worker die: a flag read, cheap enough for every
+        collective call (`TPGroup.check`). At start-up the watchdog's abort lets the device go
+        on; a collective called after it would wait behind the abort, forever."""
+        if self._saw_death:
+            self.check_alive()
 
     def all_alive(self) -> bool:
         return True  # (see check_alive)

@@ -40,6 +40,7 @@ class RMSNorm(nn.Module):
         if self.tp is not None and residual is not None:
             peer = self.tp.peer
             if peer is not None and peer.handles(x) and residual.is_contiguous():
+                self.tp.check()
                 return peer.all_reduce_rms_norm(x, residual, self.weight, self.eps)
             x = self.tp.all_reduce(x)
         if _rows_for_triton(x) and (residual is None or _rows_for_triton(residual)):
