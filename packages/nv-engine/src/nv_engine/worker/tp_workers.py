@@ -26,6 +26,7 @@ _HEADER = 8  # payload length, little endian
 _RESIZE = "__nv_resize__"
 _EXIT = "__nv_exit__"
 _POLL_S = 0.5
+_ABORT_AFTER_S = 0.1  # the watchdog: from its verdict (read before collective calls) to its abort
 _ABORT_WAIT_S = 10.0  # close(): how long to wait for an abort (the watchdog's, or its own)
 
 
@@ -265,6 +266,9 @@ class WorkerPool:
             if not self.all_alive():
                 self._saw_death = True
                 if self._abort_on_death:
+                    # a collective call already past its check (raise_if_dead) is issued
+                    # before the abort, not behind it: host-side calls take microseconds
+                    time.sleep(_ABORT_AFTER_S)
                     self._aborted = True
                     _abort_group()  # may never return (see close())
                 return
