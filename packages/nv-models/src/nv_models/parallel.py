@@ -53,7 +53,12 @@ class PeerAllReduce:
             for s in range(2)
         ]
         self._next_slot = 0
-        self._release_stream: torch.cuda.Stream | None = None
+        self._release_stream = torch.cuda.Stream(device)
+        # run release_peers' kernels once now, on a scratch pad: loading a kernel waits for
+        # the device, which after a peer's death never comes
+        scratch = torch.zeros_like(self.handle.get_signal_pad(self.handle.rank, dtype=torch.int32))
+        self._release(lambda rank: scratch)
+        torch.cuda.synchronize(device)
 
     def release_peers(self) -> None:
         """After a peer died, for a teardown: let this device's queued barriers pass without the
@@ -62,15 +67,16 @@ class PeerAllReduce:
         rank's slots in theirs as if they had taken its signals. From a side stream, since the
         main one is stuck in a barrier; the reductions that follow read stale peer data. Call it
         until the device's queue drains."""
+        self._release(lambda rank: self.handle.get_signal_pad(rank, dtype=torch.int32))
+
+    def _release(self, pad: Callable[[int], torch.Tensor]) -> None:
         me, world = self.handle.rank, self.handle.world_size
-        if self._release_stream is None:
-            self._release_stream = torch.cuda.Stream(self.buffer.device)
         with torch.cuda.stream(self._release_stream):
-            mine = self.handle.get_signal_pad(me).view(torch.int32)
+            mine = pad(me)
             for r in range(world):
                 if r != me:
                     mine[r::world].fill_(1)
-                    self.handle.get_signal_pad(r).view(torch.int32)[me::world].fill_(0)
+                    pad(r)[me::world].fill_(0)
 
     def abandon(self) -> None:
         """Never free this object's peer memory, for when a peer died while this device may
