@@ -440,13 +440,6 @@ class ExternalWorkers:
         self.ctrl = ctrl
         return tp
 
-    def raise_if_dead(self) -> None:
-        """WorkerError once the watchdog saw a worker die: a flag read, cheap enough for every
-        collective call (`TPGroup.check`). At start-up the watchdog's abort lets the device go
-        on; a collective called after it would wait behind the abort, forever."""
-        if self._saw_death:
-            self.check_alive()
-
     def all_alive(self) -> bool:
         return True  # (see check_alive)
 
