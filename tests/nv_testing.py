@@ -231,3 +231,56 @@ def assert_unguarded_tp2_script_fails_fast(model: Path, tmp_path: Path, **llm_kw
     assert r.returncode != 0
     assert "tensor-parallel worker rank 1 exited while starting" in r.stderr, r.stderr[-3000:]
     assert "__main__" in r.stderr.splitlines()[-1], r.stderr[-3000:]
+
+
+def _compiled_so_far() -> list[int]:
+    """[Triton kernels compiled in this process by every nv_kernels JIT function, graphs
+    torch.compile produced]."""
+    import importlib
+    import pkgutil
+
+    from torch._dynamo.utils import counters
+    from triton.runtime.jit import JITFunction
+
+    import nv_kernels
+
+    kernels = 0
+    for info in pkgutil.iter_modules(nv_kernels.__path__):
+        for obj in vars(importlib.import_module(f"nv_kernels.{info.name}")).values():
+            if isinstance(obj, JITFunction):
+                kernels += sum(len(c[0]) for c in obj.device_caches.values())
+    return [kernels, counters["stats"]["unique_graphs"]]
+
+
+def compiles_during_steps(model: str) -> tuple[list[int], list[int]]:
+    """What a bf16 engine on `model` (a tiny Qwen3 checkpoint) compiled (`_compiled_so_far`)
+    once started, and after steps of every shape: prompts of 1..450 tokens alone and in
+    batches, prefix hits, chunked prefill, and every sampling path (greedy, seeded, top-p,
+    top-k, min-p, logprobs with a penalty, prompt logprobs). Run it in a fresh process."""
+    from nv_engine import LLM, SamplingParams
+
+    kw = dict(dtype="bfloat16", kvcache_block_size=16, max_num_seqs=64)
+    with LLM(model, max_num_batched_tokens=256, **kw) as llm:
+        before = _compiled_so_far()
+        g = torch.Generator().manual_seed(0)
+        lens = [1, 2, 3, 15, 16, 17, 31, 32, 33, 47, 48, 50, 63, 64, 65, 130, 300, 450]
+        shaped = [
+            SamplingParams(temperature=0, max_tokens=3),
+            SamplingParams(temperature=0.8, seed=1, max_tokens=3),
+            SamplingParams(temperature=0.8, top_p=0.9, max_tokens=3),
+            SamplingParams(temperature=0.8, top_k=5, max_tokens=3),
+            SamplingParams(temperature=0.8, min_p=0.1, max_tokens=3),
+            SamplingParams(temperature=0.8, logprobs=2, repetition_penalty=1.2, max_tokens=3),
+        ]
+        for i, n in enumerate(lens):  # one prompt alone (300, 450: chunked)
+            ids = torch.randint(3, 500, (n,), generator=g).tolist()
+            llm.generate([ids], shaped[i % len(shaped)], use_tqdm=False)
+            llm.generate([ids], shaped[(i + 1) % len(shaped)], use_tqdm=False)  # a prefix hit
+        for count in (2, 5, 17, 40, 64):  # batches of mixed lengths and sampling
+            batch = [torch.randint(3, 500, (n % 120 + 1,), generator=g).tolist()
+                     for n in (lens * 4)[:count]]  # fmt: skip
+            llm.generate(batch, [shaped[j % len(shaped)] for j in range(count)], use_tqdm=False)
+        prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 40, 90)]
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=1),
+                     use_tqdm=False)  # fmt: skip
+        return before, _compiled_so_far()
