@@ -417,18 +417,19 @@ def test_tp2_nccl_matches_hf(fp32_model, async_scheduling):
 
 
 _TP2_SCRIPT = """
-import faulthandler, multiprocessing, os, signal, sys, threading, time
-import torch.distributed as dist
+import faulthandler, multiprocessing, os, signal, sys, time
 from nv_engine import LLM, SamplingParams
+from nv_engine.worker.model_runner import ModelRunner
 
 
-def kill_worker_once_joined():
-    # the worker joined rank 0's process group: it dies while building its engine
-    while not dist.is_initialized():
-        time.sleep(0.05)
-    time.sleep(3)
-    for proc in multiprocessing.active_children():
-        os.kill(proc.pid, signal.SIGKILL)
+def kill_workers_before(method):
+    # rank 0 kills its workers as it enters `method` of its start-up, then goes on into the
+    # method's collectives (the workers are spawned: this runs in rank 0 only)
+    def killing(self, *args):
+        for proc in multiprocessing.active_children():
+            os.kill(proc.pid, signal.SIGKILL)
+        return method(self, *args)
+    return killing
 
 
 if __name__ == "__main__":
@@ -439,8 +440,8 @@ if __name__ == "__main__":
     # hang guards, not timings: a phase that hangs prints where rank 0 waits, and exits 1
     faulthandler.dump_traceback_later(120, exit=True)
     t = time.monotonic()
-    if sys.argv[2] == "startkill":
-        threading.Thread(target=kill_worker_once_joined, daemon=True).start()
+    if sys.argv[2] == "startkill":  # the workers die after the graphs, before the warm-ups
+        ModelRunner._warm_up_prefill = kill_workers_before(ModelRunner._warm_up_prefill)
         try:
             LLM(model, tensor_parallel_size=2, kvcache_block_size=16, max_num_seqs=4,
                 max_model_len=256, **comm)
@@ -478,7 +479,7 @@ _SHUTDOWN_CASES = [
     *((kill, overlap, "nccl") for kill in ("clean", "kill") for overlap in ("async", "sync")),
     ("clean", "async", "peer"),
     ("kill", "async", "peer"),
-    ("startkill", "async", "nccl"),  # a worker killed after it joined, while starting
+    ("startkill", "async", "nccl"),  # a worker killed while the engine starts
 ]
 # all run at once; each phase also has the script's own guard (120 + 40 + 40 + 20 s), so
 # a hang fails through the guard, with its stack in the log, before this deadline

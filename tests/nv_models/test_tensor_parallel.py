@@ -80,7 +80,7 @@ def test_tp2_matches_tp1(tmp_path, tied):
 def test_all_reduce_routes_what_the_peer_path_handles(monkeypatch):
     # TPGroup gives PeerAllReduce the messages it says it handles, everything else to NCCL/gloo
     collective: list[torch.Tensor] = []
-    monkeypatch.setattr(dist, "all_reduce", lambda x, group=None: collective.append(x))
+    monkeypatch.setattr(dist, "all_reduce", lambda x, **kw: collective.append(x))
 
     class Peer:
         def __init__(self) -> None:
@@ -106,6 +106,8 @@ def test_all_reduce_routes_what_the_peer_path_handles(monkeypatch):
     assert peer.seen == [small, "synced", "synced"] and collective == [large, fp32]
     assert TPGroup(0, 1, None, peer).all_reduce(small) is small  # one rank: nothing to do
     assert len(peer.seen) == 3 and len(collective) == 2
+    # the peer path only sums: another reduction goes to NCCL/gloo whatever its size
+    assert tp.all_reduce(small, op=dist.ReduceOp.MIN) is small and collective[-1] is small
 
 
 def test_norms_reduce_what_row_parallel_layers_leave_unreduced(monkeypatch):
@@ -116,7 +118,7 @@ def test_norms_reduce_what_row_parallel_layers_leave_unreduced(monkeypatch):
     from nv_models.layers.layernorm import RMSNorm
     from nv_models.layers.linear import RowParallelLinear
 
-    monkeypatch.setattr(dist, "all_reduce", lambda x, group=None: x.mul_(2))  # 2 equal ranks
+    monkeypatch.setattr(dist, "all_reduce", lambda x, **kw: x.mul_(2))  # 2 equal ranks
     calls = []
 
     class Peer:

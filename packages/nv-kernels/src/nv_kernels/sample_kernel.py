@@ -100,10 +100,9 @@ if triton is not None:
                     token = (offs + vocab_offset).to(tl.uint32)
                     bits = _mix32(_mix32((token * 0x9E3779B9) ^ lo) ^ hi)
                     # the noise of sampler.exponential_noise (base-2 units), the draw of
-                    # sampler.sample: u in (0, 1) never 1, w = 1 - u exactly
-                    top = (bits >> 9).to(tl.float32)
-                    u = (top + 0.5) * (1.0 / (1 << 23))
-                    w = ((1 << 23) - 0.5 - top) * (1.0 / (1 << 23))
+                    # sampler.sample: u in (0, 1), never 1 (sampler.uniform_from_bits)
+                    u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / (1 << 23))
+                    w = 1.0 - u  # exact where it is used (u > 1/2)
                     series = w * (1.0 + w * (0.5 + w * (1.0 / 3))) * _LOG2E
                     if FAST_LOG:  # the SFU's lg2.approx: two per token, not two polynomials
                         e = tl.where(w < _SERIES_BELOW, series, -libdevice.fast_log2f(u))

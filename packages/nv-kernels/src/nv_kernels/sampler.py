@@ -71,9 +71,8 @@ def exponential_noise(seeds: torch.Tensor, steps: torch.Tensor, keys: torch.Tens
 
 def exponential_from_bits(bits: torch.Tensor) -> torch.Tensor:
     """Exp(1) noise in base-2 units, -log2(u), from 32-bit values (u = uniform_from_bits)."""
-    top = (bits >> 9).to(torch.float32)
-    u = (top + 0.5) * (1.0 / (1 << 23))  # uniform_from_bits
-    w = ((1 << 23) - 0.5 - top) * (1.0 / (1 << 23))  # 1 - u, exactly
+    u = uniform_from_bits(bits)
+    w = 1.0 - u  # exact where it is used (u > 1/2)
     # near u = 1, -log2(u) loses its relative precision (the kernel's fast log2 most): there
     # the series of -ln(1 - w), its relative error under w^3 / 4
     series = w * (1.0 + w * (0.5 + w * (1.0 / 3))) * LOG2E

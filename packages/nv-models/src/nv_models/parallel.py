@@ -108,16 +108,19 @@ class PeerAllReduce:
         None for a message it does not handle."""
         if dtype != torch.bfloat16 or rows * cols > self.max_numel:
             return None
-        start = (1 + self._next_slot) * self.max_numel
-        return self.buffer[start : start + rows * cols].view(rows, cols)
+        return self._slot(self._next_slot, rows * cols).view(rows, cols)
+
+    def _slot(self, slot: int, numel: int) -> torch.Tensor:
+        """The first `numel` elements of slot 0 or 1 of this rank's buffer."""
+        start = (1 + slot) * self.max_numel
+        return self.buffer[start : start + numel]
 
     def all_reduce_rms_norm(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(RMSNorm(residual + sum of every rank's x), residual + that sum), for x it handles."""
         slot, self._next_slot = self._next_slot, 1 - self._next_slot
-        n = self.max_numel
-        part = self.buffer[(1 + slot) * n : (1 + slot) * n + x.numel()]
+        part = self._slot(slot, x.numel())
         if x.data_ptr() != part.data_ptr():  # else x is there already (see next_slot)
             part.copy_(x.view(-1))
         self.handle.barrier(channel=0)  # every rank's part is in its slot
@@ -142,14 +145,22 @@ class TPGroup:
         if self.alive_check is not None:
             self.alive_check()
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+        """x reduced over the ranks with `op`, in place."""
         if self.size > 1:
             self.check()
-            if self.peer is not None and self.peer.handles(x):
+            if op == dist.ReduceOp.SUM and self.peer is not None and self.peer.handles(x):
                 return self.peer.all_reduce(x)
-            dist.all_reduce(x, group=self.group)
+            dist.all_reduce(x, op=op, group=self.group)
             if self.peer is not None:
                 self.peer.synced()
+        return x
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank `src`'s x on every rank, in place."""
+        if self.size > 1:
+            self.check()
+            dist.broadcast(x, src=src, group=self.group)
         return x
 
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:

@@ -160,9 +160,7 @@ class ModelRunner:
                 num_blocks = cap
         if self.tp.size > 1:  # every rank must agree on the pool
             t = torch.tensor([num_blocks], device=self.device)
-            self.tp.check()
-            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.tp.group)
-            num_blocks = int(t.item())
+            num_blocks = int(self.tp.all_reduce(t, op=dist.ReduceOp.MIN).item())
         if num_blocks < 1:
             raise RuntimeError(
                 "no memory left for the KV cache: lower max_num_batched_tokens / max_num_seqs or "
@@ -299,8 +297,7 @@ class ModelRunner:
         logits = torch.randn(n, width, device=self.device, dtype=dtype or self.dtype)
         st = build(self.staging.send())
         if sharded:
-            self.tp.check()
-            self.sampler.sample_sharded(logits, st, self.tp.rank * width, self.tp.group)
+            self._sample_sharded(logits, st)
         else:
             self.sampler(logits, st)
 
@@ -361,9 +358,7 @@ class ModelRunner:
         the logits are gathered and rank 0 samples; with overlapped scheduling it broadcasts
         the tokens to the workers (their next inputs). The workers return None then."""
         if self.tp.size > 1 and not plan.has_extras and self.sampler.takes_kernel(st):
-            start = self.tp.rank * logits.shape[-1]
-            self.tp.check()
-            return self.sampler.sample_sharded(logits, st, start, self.tp.group), None
+            return self._sample_sharded(logits, st), None
         logits = self.tp.gather_last_dim(logits)
         if self.rank != 0:
             return self._receive_sampled(len(rows)), None
@@ -372,8 +367,7 @@ class ModelRunner:
             logits = process_logits(logits, rows, inputs)
         sampled = self.sampler(logits, st)
         if self._shares_sampled:
-            self.tp.check()
-            dist.broadcast(sampled, src=0, group=self.tp.group)
+            self.tp.broadcast(sampled)
         logprobs = None
         if plan.has_extras and any(s.logprobs is not None for s in rows):
             logprobs = token_logprobs(raw, sampled, max(s.logprobs or 0 for s in rows))
@@ -385,9 +379,13 @@ class ModelRunner:
         tokens, so rank 0 broadcasts them on the device, queued behind its sampler."""
         if not self._shares_sampled:
             return None
-        sampled = torch.empty(num_rows, dtype=torch.int64, device=self.device)
-        dist.broadcast(sampled, src=0, group=self.tp.group)
-        return sampled
+        return self.tp.broadcast(torch.empty(num_rows, dtype=torch.int64, device=self.device))
+
+    def _sample_sharded(self, logits: torch.Tensor, st: SamplingTensors | None) -> torch.Tensor:
+        """Every rank's draw from its vocabulary shard `[B, V / ranks]` (`sample_sharded`)."""
+        self.tp.check()  # before the gather, as TPGroup's own collectives do
+        start = self.tp.rank * logits.shape[-1]
+        return self.sampler.sample_sharded(logits, st, start, self.tp.group)
 
     def _pending_inputs(self, plan: StepPlan) -> list[int] | None:
         """For each row, the index of its input token among the previous step's sampled tokens,

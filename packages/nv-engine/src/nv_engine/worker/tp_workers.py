@@ -255,7 +255,9 @@ class WorkerPool:
         tp = init_distributed(self.config, 0, store)
         self._watchdog = threading.Thread(target=self._watch, name="nv-tp-watchdog", daemon=True)
         self._watchdog.start()
-        return replace(tp, alive_check=self.raise_if_dead)
+        # every collective call first polls: after the watchdog's abort at start-up, a collective
+        # called behind it would wait forever
+        return replace(tp, alive_check=self.poll)
 
     def _watch(self) -> None:
         """From the rendezvous to close(): notice a worker's death (poll() reports it). Until
@@ -266,7 +268,7 @@ class WorkerPool:
             if not self.all_alive():
                 self._saw_death = True
                 if self._abort_on_death:
-                    # a collective call already past its check (raise_if_dead) is issued
+                    # a collective call already past its check (poll) is issued
                     # before the abort, not behind it: host-side calls take microseconds
                     time.sleep(_ABORT_AFTER_S)
                     self._aborted = True
@@ -301,13 +303,6 @@ class WorkerPool:
                 )
             time.sleep(0.05)
 
-    def raise_if_dead(self) -> None:
-        """WorkerError once the watchdog saw a worker die: a flag read, cheap enough for every
-        collective call (`TPGroup.check`). At start-up the watchdog's abort lets the device go
-        on; a collective called after it would wait behind the abort, forever."""
-        if self._saw_death:
-            self.check_alive()
-
     def all_alive(self) -> bool:
         return not any(_exited(p) for p in self.procs)
 
@@ -327,9 +322,9 @@ class WorkerPool:
             time.sleep(0.05)
 
     def poll(self) -> None:
-        """check_alive for the hot path (every step, and the step's wait polls it every 0.1 ms):
-        only the cheap signs, a reaped worker or the watchdog's verdict (the watchdog reads
-        /proc every _POLL_S), and the thorough check when one fires."""
+        """check_alive for the hot path (every step, every collective call, and the step's wait
+        polls it every 0.1 ms): only the cheap signs, a reaped worker or the watchdog's verdict
+        (the watchdog reads /proc every _POLL_S), and the thorough check when one fires."""
         if self._saw_death or not all(p.is_alive() for p in self.procs):
             self.check_alive()
 
