@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 
 import torch
 
@@ -20,7 +21,7 @@ from nv_kernels import AttentionMetadata
 from nv_kernels.triton_attention import decode_attention
 
 H, HKV, D = 16, 8, 128
-CACHE_GIB = 40
+CACHE_GIB = int(os.environ.get("DECODE_SWEEP_CACHE_GIB", 40))  # smaller under ncu's replays
 
 
 def graph_time_us(fn, reps: int = 20) -> float:

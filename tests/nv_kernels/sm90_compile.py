@@ -79,10 +79,11 @@ def main() -> int:
             _decode_reduce_kernel, dict(NUM_SPLITS=7, S_PAD=8, D=128, PDL=pdl),
             dict(mid_o_ptr="*fp32", mid_lse_ptr="*fp32"), dict(launch_pdl=pdl),
         ))  # fmt: skip
-        for res, parts in ((False, 0), (True, 0), (True, 2)):
+        for res, parts, signal in ((False, 0, False), (True, 0, False), (True, 2, True)):
             jobs.append((
-                _rms_norm_kernel, dict(BLOCK=1024, HAS_RES=res, PARTS=parts, PDL=pdl),
-                dict(eps="fp32", parts_ptr="*i64"), dict(launch_pdl=pdl),
+                _rms_norm_kernel,
+                dict(BLOCK=1024, HAS_RES=res, PARTS=parts, SIGNAL=signal, PDL=pdl),
+                dict(eps="fp32", parts_ptr="*i64", signal_ptr="*i64"), dict(launch_pdl=pdl),
             ))  # fmt: skip
     for paged, kv in ((False, {}), (True, {}), (True, fp8), (True, e5m2)):
         jobs.append((

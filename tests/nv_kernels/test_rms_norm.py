@@ -4,7 +4,7 @@ Triton interpreter on CPU."""
 import pytest
 import torch
 
-from nv_kernels.rms_norm import rms_norm_of_sum, rms_norm_ref, rms_norm_triton
+from nv_kernels.rms_norm import PeerSignals, rms_norm_of_sum, rms_norm_ref, rms_norm_triton
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -53,6 +53,35 @@ def test_rms_norm_of_sum_is_the_all_reduce_then_the_norm(num_parts, with_residua
         assert not torch.equal(got[1], parts[0] + res)
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_rms_norm_of_sum_meets_the_peers_in_its_programs(rank):
+    # two ranks in one process: the other rank has signalled every channel this call uses
+    # (1 in its slots of this rank's pad); each program takes its signal and signals back.
+    # Few programs (max_programs=2) for 5 rows: each program loops over rows
+    g = torch.Generator().manual_seed(rank)
+    d, rows, world, programs = 64, 5, 2, 2
+    parts = [torch.randn(rows, d, generator=g).to(torch.float16) for _ in range(world)]
+    addrs = torch.tensor([p.data_ptr() for p in parts], dtype=torch.int64)
+    pads = [torch.zeros(8 * world, dtype=torch.int32) for _ in range(world)]
+    peer = 1 - rank
+    channels = range(1, programs + 1)  # channel 0 is left to torch's own barriers
+    for c in channels:
+        pads[rank][c * world + peer] = 1
+    signals = PeerSignals(
+        torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64), rank, programs
+    )
+    w = (1 + 0.1 * torch.randn(d, generator=g)).to(torch.float16)
+    res = torch.randn(rows, d, generator=g).to(torch.float16)
+    want = rms_norm_triton(sum(p.float() for p in parts).to(torch.float16), w, 1e-6, res)
+    got = rms_norm_of_sum(addrs, rows, w, 1e-6, res, peers=signals)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not pads[rank].any()  # every signal taken
+    signalled = [c * world + rank for c in channels]
+    assert pads[peer][signalled].tolist() == [1] * programs
+    assert pads[peer].sum().item() == programs  # and nothing else written
+
+
 def test_rms_norm_rejects_bad_shapes():
     with pytest.raises(ValueError, match="weight"):
         rms_norm_triton(torch.randn(2, 8), torch.ones(4), 1e-6)
@@ -64,6 +93,9 @@ def test_rms_norm_rejects_bad_shapes():
         rms_norm_of_sum(torch.zeros(2, dtype=torch.int32), 2, torch.ones(8), 1e-6)
     with pytest.raises(ValueError, match="residual"):
         rms_norm_of_sum(torch.zeros(2, dtype=torch.int64), 2, torch.ones(8), 1e-6, torch.ones(3, 8))
+    with pytest.raises(ValueError, match="signal pad per part"):
+        three = PeerSignals(torch.zeros(3, dtype=torch.int64), 0, 4)
+        rms_norm_of_sum(torch.zeros(2, dtype=torch.int64), 2, torch.ones(8), 1e-6, peers=three)
 
 
 def test_overlapped_launches_are_plain_off_hopper():

@@ -5,7 +5,7 @@ packages import from here, never from the modules."""
 from nv_kernels.backends import BACKEND_NAMES, AttentionBackend, get_attention_backend
 from nv_kernels.metadata import AttentionMetadata
 from nv_kernels.pdl import overlapped_launches
-from nv_kernels.rms_norm import rms_norm_of_sum, rms_norm_ref, rms_norm_triton
+from nv_kernels.rms_norm import PeerSignals, rms_norm_of_sum, rms_norm_ref, rms_norm_triton
 from nv_kernels.rope_store import qk_norm_rope, qk_norm_rope_store, use_qk_norm_rope_store
 from nv_kernels.sampler import Sampler, SamplingTensors, apply_penalties, sample, token_logprobs
 from nv_kernels.skinny_gemm import DISPATCH_ROWS as SKINNY_DISPATCH_ROWS
@@ -25,6 +25,7 @@ __all__ = [
     "SKINNY_DISPATCH_ROWS",
     "AttentionBackend",
     "AttentionMetadata",
+    "PeerSignals",
     "Sampler",
     "SamplingTensors",
     "apply_penalties",

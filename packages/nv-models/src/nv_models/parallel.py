@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from nv_kernels import rms_norm_of_sum
+from nv_kernels import PeerSignals, rms_norm_of_sum
 
 
 class PeerAllReduce:
@@ -18,14 +18,18 @@ class PeerAllReduce:
     messages. NVLink multicast is not used. Larger or other-dtype messages go to NCCL.
 
     `all_reduce_rms_norm` fuses a row-parallel layer's all-reduce with the residual add and
-    RMSNorm after it: copy into one of two slots, one barrier, then one kernel that reads every
-    rank's slot. Slots alternate, so a slot is written again only after the barrier of the call
-    between, which every peer passes after it finished reading that slot. A full all-reduce
+    RMSNorm after it: this rank's part goes into one of two slots, then one kernel meets the
+    other ranks (a barrier in its programs' first instructions) and reads every rank's slot.
+    Slots alternate, so a slot is written again only after the barrier of the call between,
+    which every peer passes after it finished reading that slot. A full all-reduce
     (the embedding's, first in every forward) starts the alternation again at slot 0: every
     peer has reached it, so every earlier read is done, and a forward's slot sequence is the
     same in every CUDA graph."""
 
     ALGORITHMS = ("one_shot", "two_shot")
+    # all_reduce_rms_norm's programs, at most (each loops over rows): few enough to be resident
+    # together on any GPU, since each waits for its namesakes on the other ranks
+    MAX_PROGRAMS = 128
 
     def __init__(
         self,
@@ -53,6 +57,12 @@ class PeerAllReduce:
             for s in range(2)
         ]
         self._next_slot = 0
+        pads = self.handle.get_signal_pad(self.handle.rank, dtype=torch.int32).numel()
+        self._signals = PeerSignals(
+            torch.tensor(self.handle.signal_pad_ptrs, dtype=torch.int64, device=device),
+            self.handle.rank,
+            max_programs=min(self.MAX_PROGRAMS, pads // self.handle.world_size - 1),
+        )
         self._release_stream = torch.cuda.Stream(device)
         # run release_peers' kernels once now, on a scratch pad: loading a kernel waits for
         # the device, which after a peer's death never comes
@@ -123,8 +133,9 @@ class PeerAllReduce:
         part = self._slot(slot, x.numel())
         if x.data_ptr() != part.data_ptr():  # else x is there already (see next_slot)
             part.copy_(x.view(-1))
-        self.handle.barrier(channel=0)  # every rank's part is in its slot
-        return rms_norm_of_sum(self._slot_addrs[slot], x.shape[0], weight, eps, residual)
+        return rms_norm_of_sum(
+            self._slot_addrs[slot], x.shape[0], weight, eps, residual, peers=self._signals
+        )
 
 
 @dataclass(frozen=True, slots=True)
