@@ -27,9 +27,11 @@ class PeerAllReduce:
     same in every CUDA graph."""
 
     ALGORITHMS = ("one_shot", "two_shot")
-    # all_reduce_rms_norm's programs, at most (each loops over rows): few enough to be resident
-    # together on any GPU, since each waits for its namesakes on the other ranks
-    MAX_PROGRAMS = 128
+    # all_reduce_rms_norm's programs, at most (each loops over its rows one after the other, so
+    # decode-sized calls get one program per row); the signal pads may bound it lower. A program
+    # waits only for its namesakes on the other ranks to start, which every rank's in-order
+    # dispatch of programs guarantees
+    MAX_PROGRAMS = 1024
 
     def __init__(
         self,
