@@ -61,8 +61,8 @@ if triton is not None:
         if SIGNAL:
             _meet_peers(signal_ptr, rank, PARTS)
         dtype = out_ptr.dtype.element_ty
-        for i in range(tl.program_id(0), T, tl.num_programs(0)):
-            row = i + tl.zeros([], tl.int64)  # 64-bit offsets
+        for t in range(tl.program_id(0), T, tl.num_programs(0)):
+            row = t + tl.zeros([], tl.int64)  # 64-bit offsets
             if PARTS == 0:
                 x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
             else:  # x = the sum of PARTS [T, D] tensors (other ranks': read past L1, ".cg")
