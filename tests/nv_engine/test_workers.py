@@ -228,6 +228,31 @@ def test_decode_plans_pickle_compactly():
     assert len(decode_plan(4000)) - len(decode_plan(100)) < 4 * (4000 // 16)
 
 
+def test_plans_travel_to_workers_whole():
+    # the plan pickles its rows as plain tuples (fast); the workers get the same plan back,
+    # extras included
+    import pickle
+
+    from nv_engine import SamplingParams
+    from nv_engine.core.plan import PenaltyInputs, PromptLogprobsInputs, ScheduledSeq, StepPlan
+
+    plain = ScheduledSeq(3, [9], 40, (1, 2), True, 0.7, 5, 0.9, 0.1, 11, 4)
+    extras = plain._replace(
+        seq_id=4,
+        banned_token_ids=(1, 2),
+        logprobs=3,
+        penalties=PenaltyInputs(1.1, 0.2, 0.3, (5, 6), (7,)),
+        prompt_logprobs=PromptLogprobsInputs(2, (8, 9)),
+        params=SamplingParams(logit_bias={5: 1.0}),
+        conditional_bans=((7, 8),),
+    )
+    plan = StepPlan(False, (plain, extras), has_extras=True)
+    back = pickle.loads(pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL))
+    assert back == plan
+    assert all(type(s) is ScheduledSeq for s in back.seqs)
+    assert back.seqs[1].penalties.output_ids == (7,)
+
+
 _ORPHAN_SCRIPT = """
 import sys, time
 from nv_engine import LLM
