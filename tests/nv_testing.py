@@ -252,14 +252,14 @@ def _compiled_so_far() -> list[int]:
     return [kernels, counters["stats"]["unique_graphs"]]
 
 
-def compiles_during_steps(model: str) -> tuple[list[int], list[int]]:
+def compiles_during_steps(model: str, enforce_eager: bool = False) -> tuple[list[int], list[int]]:
     """What a bf16 engine on `model` (a tiny Qwen3 checkpoint) compiled (`_compiled_so_far`)
     once started, and after steps of every shape: prompts of 1..450 tokens alone and in
     batches, prefix hits, chunked prefill, and every sampling path (greedy, seeded, top-p,
     top-k, min-p, logprobs with a penalty, prompt logprobs). Run it in a fresh process."""
     from nv_engine import LLM, SamplingParams
 
-    kw = dict(dtype="bfloat16", kvcache_block_size=16, max_num_seqs=64)
+    kw = dict(dtype="bfloat16", kvcache_block_size=16, max_num_seqs=64, enforce_eager=enforce_eager)
     with LLM(model, max_num_batched_tokens=256, **kw) as llm:
         before = _compiled_so_far()
         g = torch.Generator().manual_seed(0)

@@ -377,22 +377,26 @@ def test_steps_compile_no_sampler_kernel(fp32_model):
         assert compiled() == before
 
 
-def test_steps_compile_nothing(fp32_model):
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
+def test_steps_compile_nothing(fp32_model, enforce_eager):
     """After start-up, no step compiles a Triton kernel or a torch.compile graph, whatever its
     shape (`nv_testing.compiles_during_steps`: prompts of 1..450 tokens alone and in batches,
-    prefix hits, chunked prefill, every sampling path). A compile in the middle of serving
-    stalls every request for up to seconds, and with a dead tensor-parallel peer it never
-    ends. In a fresh process: kernels another test compiled would hide a missing warm-up."""
+    prefix hits, chunked prefill, every sampling path), with CUDA graphs and without (eager
+    decode steps: the attention kernel's split count varies with the batch). A compile in the
+    middle of serving stalls every request for up to seconds, and with a dead tensor-parallel
+    peer it never ends. In a fresh process: kernels another test compiled would hide a
+    missing warm-up."""
     import json
     import subprocess
     import sys
 
     code = (
         "import json, sys, nv_testing\n"
-        "print(json.dumps(nv_testing.compiles_during_steps(sys.argv[1])))"
+        "print(json.dumps(nv_testing.compiles_during_steps(sys.argv[1], sys.argv[2] == 'eager')))"
     )
+    mode = "eager" if enforce_eager else "graphs"
     r = subprocess.run(
-        [sys.executable, "-c", code, str(fp32_model[0])], capture_output=True, text=True,
+        [sys.executable, "-c", code, str(fp32_model[0]), mode], capture_output=True, text=True,
         timeout=300,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from nv_testing import hf_greedy, save_tiny_qwen3, shared_prefix_prompts
 
 from nv_engine import LLM, SamplingParams
@@ -221,6 +222,23 @@ def test_triton_backend_interpreted(model_dir):
         for o, r in zip(outs, refs, strict=False):
             assert o["token_ids"] == r[:4]
         assert_pool_whole(llm)
+
+
+def test_eager_decode_warm_up_runs_every_width_and_writes_nothing(model_dir):
+    # what start-up runs on CUDA without graphs (the Triton decode kernel's variants), here
+    # under the interpreter: one-sequence decode steps over tables of 1, 2, 4, 8, 16 blocks
+    path, prompts, refs = model_dir
+    kw = dict(device="cpu", attention_backend="triton", kvcache_block_size=4, max_model_len=64)
+    with LLM(str(path), **kw) as llm:
+        llm.generate(prompts[:1], SamplingParams(max_tokens=2), use_tqdm=False)
+        runner = llm.model_runner
+        assert runner.max_blocks_per_seq == 16
+        cache = runner.kv_cache.clone()
+        runner._warm_up_eager_decode()
+        assert torch.equal(runner.kv_cache, cache)
+        greedy = SamplingParams(temperature=0.0, max_tokens=4)
+        out = llm.generate(prompts[:1], greedy, use_tqdm=False)
+        assert out[0]["token_ids"] == refs[0][:4]
 
 
 @OVERLAP

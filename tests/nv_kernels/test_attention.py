@@ -155,3 +155,31 @@ def test_prefill_grid_covers_skewed_lengths(paged):
     out = prefill_attention(q, k, v, k_cache, v_cache, meta, 0.25)
     ref = prefill_ref(q, k, v, k_cache, v_cache, meta, 0.25)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "block_size,block_n,kv_heads,max_blocks,sms",
+    [(16, 64, 8, 256, 132), (256, 64, 8, 16, 132), (256, 128, 4, 17, 132), (48, 64, 2, 100, 20)],
+)
+def test_eager_decode_warm_up_covers_every_split_count(
+    monkeypatch, block_size, block_n, kv_heads, max_blocks, sms
+):
+    # The split count is a compile-time constant of the decode kernel: eager launches round it
+    # to a power of two, and start-up's one-sequence steps over eager_decode_widths must take
+    # every value a step of any batch size and table width can (else a step compiles)
+    from nv_kernels import eager_decode_widths, triton_attention
+
+    monkeypatch.setattr(triton_attention, "num_sms", lambda device, otherwise: sms)
+    cpu = torch.device("cpu")
+
+    def splits(seqs: int, width: int, captured: bool = False) -> int:
+        ctx = width * block_size
+        return triton_attention.decode_num_splits(seqs, kv_heads, ctx, cpu, block_n, captured)
+
+    warmed = {splits(1, w) for w in eager_decode_widths(max_blocks)}
+    taken = {splits(b, w) for b in range(1, 300) for w in range(1, max_blocks + 1)}
+    assert taken <= warmed
+    assert all(s & (s - 1) == 0 for s in taken) and len(warmed) <= 6
+    # a captured launch keeps the exact count (the graphs' tuning is unchanged)
+    exact = {splits(b, max_blocks, captured=True) for b in range(1, 40)}
+    assert exact - taken, "some captured count is not a power of two"

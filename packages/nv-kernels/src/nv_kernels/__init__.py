@@ -17,6 +17,7 @@ from nv_kernels.store_kvcache import (
     store_kvcache,
     store_kvcache_ref,
 )
+from nv_kernels.triton_attention import eager_decode_widths
 from nv_kernels.triton_utils import triton
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "SamplingTensors",
     "apply_penalties",
     "dequantize_kv",
+    "eager_decode_widths",
     "get_attention_backend",
     "overlapped_launches",
     "qk_norm_rope",

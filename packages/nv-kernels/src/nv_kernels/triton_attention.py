@@ -324,12 +324,34 @@ def _check_head_dim(head_dim: int) -> None:
 
 
 def decode_num_splits(
-    num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device, block_n: int
+    num_seqs: int,
+    num_kv_heads: int,
+    max_context: int,
+    device: torch.device,
+    block_n: int,
+    captured: bool = True,
 ) -> int:
     """Split the context so that small batches still put ~2 programs on every SM. Depends only
-    on shapes, so a captured CUDA graph keeps a valid grid."""
+    on shapes, so a captured CUDA graph keeps a valid grid. The count is a compile-time
+    constant of the kernel: an eager launch (not `captured`) rounds it down to a power of two,
+    so that eager decoding compiles at most six variants, which start-up can compile (one
+    sequence over block tables of 1, 2, 4, ... blocks takes every value an eager step can);
+    a CUDA graph compiles its own at capture."""
     want = -(-2 * num_sms(device, otherwise=4) // max(1, num_seqs * num_kv_heads))
-    return max(1, min(want, -(-max_context // (4 * block_n)), 32))
+    splits = max(1, min(want, -(-max_context // (4 * block_n)), 32))
+    return splits if captured else 1 << (splits.bit_length() - 1)
+
+
+def eager_decode_widths(max_blocks: int) -> list[int]:
+    """Block-table widths (1, 2, 4, ..., max_blocks) whose one-sequence decode steps launch,
+    between them, every decode kernel variant an eager step with tables up to max_blocks wide
+    can (`decode_num_splits`: the split count's power of two follows the widest table and
+    shrinks with more sequences; doubling the width at most doubles it). What start-up runs
+    without CUDA graphs."""
+    widths = [1]
+    while widths[-1] < max_blocks:
+        widths.append(min(2 * widths[-1], max_blocks))
+    return widths
 
 
 def prefill_attention(
@@ -433,7 +455,10 @@ def decode_attention(
         num_stages = (1 if fp8 else 4) if on_gpu else 2
     if num_splits is None:
         max_context = meta.block_tables.shape[1] * block_size
-        num_splits = decode_num_splits(num_seqs, num_kv_heads, max_context, q.device, block_n)
+        captured = on_gpu and torch.cuda.is_current_stream_capturing()
+        num_splits = decode_num_splits(
+            num_seqs, num_kv_heads, max_context, q.device, block_n, captured
+        )
     pdl = use_pdl(q.device)
     o = torch.empty_like(q)
     if num_splits > 1:

@@ -20,6 +20,7 @@ from nv_kernels import (
     AttentionMetadata,
     Sampler,
     SamplingTensors,
+    eager_decode_widths,
     get_attention_backend,
     skinny_variant_rows,
     token_logprobs,
@@ -85,6 +86,8 @@ class ModelRunner:
             self.graphs.capture(self.max_blocks_per_seq)
         if self.device.type == "cuda":
             self._warm_up_prefill()
+            if self.graphs is None:
+                self._warm_up_eager_decode()
             self._warm_up_sampler()
 
     def close(self, drain_timeout_s: float | None = None) -> None:
@@ -265,6 +268,26 @@ class ModelRunner:
         )
         ids = torch.zeros(n, dtype=torch.int64, device=dev)
         self.model(ids, torch.arange(n, device=dev), meta)  # any positions in the table
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    @torch.inference_mode()
+    def _warm_up_eager_decode(self) -> None:
+        """Without CUDA graphs: compile now what eager decode steps run. The decode attention
+        kernel's split count is a compile-time constant that follows the batch and its widest
+        block table; one sequence over the tables of `eager_decode_widths` takes every value an
+        eager step can. Reads block 0, writes nothing."""
+        dev = self.device
+        for width in eager_decode_widths(self.max_blocks_per_seq):
+            ctx = width * self.block_size
+            meta = AttentionMetadata(
+                is_prefill=False,
+                slot_mapping=torch.full((1,), -1, dtype=torch.int64, device=dev),
+                context_lens=torch.tensor([ctx], dtype=torch.int32, device=dev),
+                block_tables=torch.zeros(1, width, dtype=torch.int32, device=dev),
+            )
+            ids = torch.zeros(1, dtype=torch.int64, device=dev)
+            self.model(ids, torch.tensor([ctx - 1], device=dev), meta)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
