@@ -483,3 +483,25 @@ def test_api_key(engine):
             openai.OpenAI(base_url=served.base + "/v1", api_key="x", max_retries=0).models.list()
     finally:
         served.close()
+
+
+def test_profiler_routes_exist_only_with_the_directory_set(engine, base, tmp_path, monkeypatch):
+    # vLLM's POST /start_profile and /stop_profile: routed only when NV_TORCH_PROFILER_DIR is
+    # set; the engine core writes its trace there (and goes on serving)
+    monkeypatch.delenv("NV_TORCH_PROFILER_DIR", raising=False)
+    plain = _Served(engine, ServerConfig(NAME))
+    try:
+        assert httpx.post(plain.base + "/start_profile").status_code == 404
+    finally:
+        plain.close()
+    monkeypatch.setenv("NV_TORCH_PROFILER_DIR", str(tmp_path))
+    served = _Served(engine, ServerConfig(NAME))
+    try:
+        assert httpx.post(served.base + "/start_profile").status_code == 200
+        c = openai.OpenAI(base_url=served.base + "/v1", api_key="unused", max_retries=0)
+        out = c.completions.create(model=NAME, prompt="Hello", max_tokens=3, temperature=0)
+        assert out.choices[0].text is not None
+        assert httpx.post(served.base + "/stop_profile").status_code == 200
+        _wait_for(lambda: any(tmp_path.glob("nv-rank0-*.json.gz")))
+    finally:
+        served.close()

@@ -403,3 +403,40 @@ def test_external_ranks_with_different_settings_fail_at_once(tmp_path):
         assert "kvcache_block_size: rank 0 8, rank 1 16" in worker.stderr.read()
     finally:
         worker.kill()
+
+
+def _trace_events(path) -> list[dict]:
+    import gzip
+    import json
+
+    with gzip.open(path, "rt") as f:
+        return json.load(f)["traceEvents"]
+
+
+@pytest.mark.slow
+def test_profiling_traces_every_rank(tmp_path, monkeypatch):
+    # vLLM's start_profile()/stop_profile(): each rank writes a Chrome trace of the steps in
+    # between into $NV_TORCH_PROFILER_DIR; misuse raises and leaves the profilers as they were
+    save_tiny_qwen3(tmp_path / "model", seed=1)
+    traces = tmp_path / "traces"
+    with LLM(str(tmp_path / "model"), device="cpu", tensor_parallel_size=2) as llm:
+        with pytest.raises(RuntimeError, match="NV_TORCH_PROFILER_DIR"):
+            llm.start_profile()
+        with pytest.raises(RuntimeError, match="not running"):
+            llm.stop_profile()
+        monkeypatch.setenv("NV_TORCH_PROFILER_DIR", str(traces))
+        llm.start_profile()
+        with pytest.raises(RuntimeError, match="already running"):
+            llm.start_profile()
+        want = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0))
+        llm.stop_profile()
+        deadline = time.monotonic() + 30  # rank 1 writes its own, in its process
+        while len(list(traces.glob("*.json.gz"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        files = sorted(traces.glob("*.json.gz"))
+        assert [f.name.split("-")[1] for f in files] == ["rank0", "rank1"]
+        for f in files:  # each holds the steps' CPU ops (on CUDA, their kernels too)
+            assert any(e.get("name", "").startswith("aten::") for e in _trace_events(f))
+        # the engine goes on as before
+        again = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0))
+        assert again[0]["token_ids"] == want[0]["token_ids"]

@@ -244,6 +244,17 @@ class AsyncLLM:
         for stream in list(self._streams.values()):
             self._send(("abort", stream.ids))
 
+    def start_profile(self, directory: str) -> None:
+        """`LLMEngine.start_profile(directory)` in the core process, between two steps (a
+        failure, such as a profiler already running, is logged there)."""
+        self._raise_if_dead()
+        self._send(("profile", directory))
+
+    def stop_profile(self) -> None:
+        """`LLMEngine.stop_profile()` in the core process: every rank writes its trace."""
+        self._raise_if_dead()
+        self._send(("profile", None))
+
     def shutdown(self) -> None:
         """Stop the core process (open streams get EngineDeadError) and free the GPU.
         Idempotent."""

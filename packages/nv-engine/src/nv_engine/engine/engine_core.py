@@ -144,6 +144,14 @@ class _Core:
                     out = self.engine.abort_request(seq_id)
                     if out is not None:
                         self.pending.append(out)
+        elif kind == "profile":
+            try:
+                if message[1] is not None:
+                    self.engine.start_profile(message[1])
+                else:
+                    self.engine.stop_profile()
+            except RuntimeError:
+                logger.exception("the profiler command failed")
         elif kind == "shutdown":
             self.stopping = True
 

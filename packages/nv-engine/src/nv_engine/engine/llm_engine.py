@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import time
 from collections.abc import Sequence as Seq
@@ -29,6 +30,7 @@ from nv_engine.engine.model_files import (
 from nv_engine.outputs import RequestOutput
 from nv_engine.sampling_params import SamplingParams, check_for_model, expand_n
 from nv_engine.worker.model_runner import ModelRunner
+from nv_engine.worker.profiler import PROFILER_DIR_ENV, ProfileCommand
 from nv_engine.worker.tp_workers import ExternalWorkers, WorkerError, WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -114,6 +116,31 @@ class LLMEngine:
                     logger.warning("freeing rank 0 after a worker's death failed", exc_info=True)
         if workers is not None:
             workers.close()
+
+    # ---- profiling -----------------------------------------------------------------------------
+
+    def start_profile(self, directory: str | Path | None = None) -> None:
+        """Start torch.profiler on every rank (vLLM's API). `stop_profile()` writes one Chrome
+        trace per rank into `directory`, by default the one $NV_TORCH_PROFILER_DIR names."""
+        directory = str(directory or os.environ.get(PROFILER_DIR_ENV) or "")
+        if not directory:
+            raise RuntimeError(f"set {PROFILER_DIR_ENV} to the directory for the traces")
+        self._profile(ProfileCommand(start=True, directory=directory))
+
+    def stop_profile(self) -> None:
+        """Stop the profilers that `start_profile()` started and write their traces."""
+        self._profile(ProfileCommand(start=False, directory=""))
+
+    def _profile(self, command: ProfileCommand) -> None:
+        runner = self.model_runner
+        if runner is None:
+            raise RuntimeError("the engine is closed")
+        if runner.profiler.active == command.start:
+            state = "already running" if command.start else "not running"
+            raise RuntimeError(f"the profiler is {state}")
+        if self._workers is not None:
+            self._workers.send(command)  # the workers apply it between two steps, as rank 0
+        runner.profiler.apply(command)
 
     def __enter__(self) -> LLMEngine:
         return self

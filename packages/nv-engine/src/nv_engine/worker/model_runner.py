@@ -14,6 +14,7 @@ from nv_engine.core.plan import PenaltyInputs, ScheduledSeq, StepPlan
 from nv_engine.core.sequence import PENDING
 from nv_engine.worker.cuda_graphs import DecodeGraphs
 from nv_engine.worker.logits_processors import penalized, process_logits, prompt_logprobs
+from nv_engine.worker.profiler import RankProfiler
 from nv_engine.worker.staging import DeviceToHost, HostToDevice, SampledTokens
 from nv_kernels import (
     SKINNY_DISPATCH_ROWS,
@@ -58,6 +59,7 @@ class ModelRunner:
         self.dtype = config.resolved_dtype(self.device.type)
         self.kv_dtype = config.resolved_kv_cache_dtype(self.dtype)
         self.block_size = config.kvcache_block_size
+        self.profiler = RankProfiler(rank, self.device)  # start_profile() / stop_profile()
         hf = config.hf_config
         backend = get_attention_backend(config.attention_backend, self.device)
         if self.kv_dtype != self.dtype:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from nv_engine.config import Config, local_device_index
+from nv_engine.worker.profiler import ProfileCommand
 from nv_models import PeerAllReduce, TPGroup
 
 logger = logging.getLogger(__name__)
@@ -189,14 +190,26 @@ def _worker_main(
     receiver = StepReceiver(shm_name, ready, acked, parent_pid)
     try:
         runner = ModelRunner(config, rank, tp)
-        while (plan := receiver.recv()) != _EXIT:
-            runner.execute(plan)
+        while (message := receiver.recv()) != _EXIT:
+            if isinstance(message, ProfileCommand):
+                _apply_profile_command(runner, message)
+            else:
+                runner.execute(message)
         runner.close()  # graphs that captured collectives go before the group (see close())
         if os.getppid() == parent_pid:
             dist.barrier()  # leave with rank 0: tearing down early can abort a peer mid-read
     finally:
         receiver.shm.close()
         dist.destroy_process_group()
+
+
+def _apply_profile_command(runner: Any, command: ProfileCommand) -> None:
+    """A profiler command fails alone: rank 0 checked its own state before sending it, and a
+    worker that raised here would take the engine down with it."""
+    try:
+        runner.profiler.apply(command)
+    except Exception:
+        logger.exception("profiler command %s failed on this worker", command)
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -521,6 +534,9 @@ def serve_external_worker(config: Config) -> None:
                 runner.close()  # graphs that captured collectives go before the group
                 dist.barrier()
                 break
-            runner.execute(box[0])
+            if isinstance(box[0], ProfileCommand):
+                _apply_profile_command(runner, box[0])
+            else:
+                runner.execute(box[0])
     finally:
         dist.destroy_process_group()

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
 import signal
 import socket
@@ -28,6 +29,7 @@ from nv_engine.engine.async_llm import AsyncLLM, EngineDeadError
 from nv_engine.entrypoints.openai.metrics import ServerMetrics
 from nv_engine.entrypoints.openai.protocol import RequestError
 from nv_engine.entrypoints.openai.serving import OpenAIServing
+from nv_engine.worker.profiler import PROFILER_DIR_ENV
 
 logger = logging.getLogger("nv_engine.entrypoints.openai")
 
@@ -222,6 +224,19 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
         body = await _json_body(request)
         check_model(body)
         return await serving.detokenize(body)
+
+    profiler_dir = os.environ.get(PROFILER_DIR_ENV)
+    if profiler_dir:  # as vLLM: the routes exist only when it is set
+
+        @app.post("/start_profile")
+        async def start_profile() -> Response:
+            engine.start_profile(profiler_dir)
+            return Response(status_code=200)
+
+        @app.post("/stop_profile")
+        async def stop_profile() -> Response:
+            engine.stop_profile()
+            return Response(status_code=200)
 
     app.add_middleware(_Guard, api_key=config.api_key, max_body_bytes=config.max_request_body_bytes)
     return app
