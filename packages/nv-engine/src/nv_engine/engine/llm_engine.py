@@ -138,9 +138,9 @@ class LLMEngine:
         if runner.profiler.active == command.start:
             state = "already running" if command.start else "not running"
             raise RuntimeError(f"the profiler is {state}")
+        runner.profiler.apply(command)  # first: a directory it cannot write stops it here
         if self._workers is not None:
             self._workers.send(command)  # the workers apply it between two steps, as rank 0
-        runner.profiler.apply(command)
 
     def __enter__(self) -> LLMEngine:
         return self
