@@ -224,7 +224,7 @@ def test_triton_backend_interpreted(model_dir):
         assert_pool_whole(llm)
 
 
-def test_eager_decode_warm_up_runs_every_width_and_writes_nothing(model_dir):
+def test_warm_ups_run_every_shape_and_write_nothing(model_dir):
     # what start-up runs on CUDA without graphs (the Triton decode kernel's variants), here
     # under the interpreter: one-sequence decode steps over tables of 1, 2, 4, 8, 16 blocks
     path, prompts, refs = model_dir
@@ -235,6 +235,7 @@ def test_eager_decode_warm_up_runs_every_width_and_writes_nothing(model_dir):
         assert runner.max_blocks_per_seq == 16
         cache = runner.kv_cache.clone()
         runner._warm_up_eager_decode()
+        runner._warm_up_prefill()  # the prefill warm-ups (CUDA's too) write nothing either
         assert torch.equal(runner.kv_cache, cache)
         greedy = SamplingParams(temperature=0.0, max_tokens=4)
         out = llm.generate(prompts[:1], greedy, use_tqdm=False)

@@ -692,15 +692,3 @@ def test_generate_returns_with_the_engine_idle(llm):
     )
     assert out[0]["finish_reason"] == "stop"
     assert llm.is_finished()
-
-
-def test_prefill_warm_up_writes_nothing(llm):
-    """The start-up warm-up of eager prefill steps (run on CUDA, where it compiles every small
-    step's kernels) leaves the KV cache and the engine's outputs as they were."""
-    params = SamplingParams(temperature=0, max_tokens=6)
-    before = llm.generate(PROMPTS[:2], params, use_tqdm=False)
-    cache = llm.model_runner.kv_cache.clone()
-    llm.model_runner._warm_up_prefill()
-    assert torch.equal(llm.model_runner.kv_cache, cache)
-    after = llm.generate(PROMPTS[:2], params, use_tqdm=False)
-    assert [o["token_ids"] for o in after] == [o["token_ids"] for o in before]

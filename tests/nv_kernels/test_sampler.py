@@ -287,8 +287,14 @@ def _sharded_rank(rank: int, store_path: str, out_dir: str) -> None:
         w = logits.shape[1] // 2
         shard = logits[:, rank * w : (rank + 1) * w].contiguous()
         sampler = Sampler("cpu", compile=False, fused=True)
+
+        def gather(x: torch.Tensor) -> torch.Tensor:  # TPGroup.gather_ranks' contract
+            parts = [torch.empty_like(x) for _ in range(2)]
+            dist.all_gather(parts, x)
+            return torch.stack(parts)
+
         for name, s in (("sampled", st), ("greedy", None)):
-            tokens = sampler.sample_sharded(shard, s, rank * w, dist.group.WORLD)
+            tokens = sampler.sample_sharded(shard, s, rank * w, gather)
             torch.save(tokens, f"{out_dir}/{name}-{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -318,4 +324,4 @@ def test_sample_sharded_over_two_ranks_draws_what_one_rank_draws(tmp_path):
         for rank in (0, 1):
             assert torch.equal(torch.load(tmp_path / f"{name}-{rank}.pt"), want), (name, rank)
     with pytest.raises(ValueError, match="top-k"):
-        one.sample_sharded(logits, _st(5, 1.0, top_k=3, v=2400), 0, None)
+        one.sample_sharded(logits, _st(5, 1.0, top_k=3, v=2400), 0, lambda x: x[None])

@@ -168,4 +168,15 @@ def test_collectives_check_the_group_is_alive_first():
         tp.all_reduce(x)
     with pytest.raises(PeerDied, match="rank 1"):
         tp.gather_last_dim(x)
+    with pytest.raises(PeerDied, match="rank 1"):
+        tp.gather_ranks(x)
+
+    class TakesAll:  # a peer path that would take the fused norm's message
+        def handles(self, x: torch.Tensor) -> bool:
+            return True
+
+    fused = TPGroup(0, 2, None, TakesAll(), alive_check=dead)
+    with pytest.raises(PeerDied, match="rank 1"):
+        fused.all_reduce_rms_norm(x, x, torch.ones(4), 1e-6)
+    assert torch.equal(TPGroup().gather_ranks(x), x[None])  # one rank: its own, stacked
     assert torch.equal(TPGroup(alive_check=dead).all_reduce(x), x)  # one rank: nothing to check

@@ -4,7 +4,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
-import torch.distributed as dist
 
 from nv_kernels.sample_kernel import (
     LOG2E,
@@ -119,7 +118,8 @@ def _in_one_graph(
     compile anew: seconds in the middle of serving (docs/benchmarks.md)."""
     rows = logits.shape[0]
     copies = 2 if rows == 1 else 1
-    logits = logits.float().repeat(copies, 1)  # a copy, not a view
+    # one copy (not a view) in float32; a bf16 batch's float() is that copy already
+    logits = logits.float().repeat(2, 1) if rows == 1 else logits.to(torch.float32, copy=True)
     row_fields = {f: getattr(st, f).repeat(copies) for f in _ROW_FIELDS}  # copies, not views
     st = replace(st, use_top_k=True, use_top_p=True, use_min_p=True, **row_fields)
     return compiled(logits, st, keys)[:rows]
@@ -234,10 +234,6 @@ def _draw(st: SamplingTensors | None) -> tuple[torch.Tensor, ...]:
     return () if st is None or st.all_greedy else (st.temperatures, st.seeds, st.steps)
 
 
-# torch 2.13 renamed all_gather_into_tensor (the name torch 2.11 has)
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
 class Sampler:
     """Batched sampler. On CUDA, greedy and temperature-only batches take the fused Triton
     kernels (`sample_kernel.fused_sample`); batches with top-k, top-p or min-p take `sample`,
@@ -275,16 +271,14 @@ class Sampler:
         logits: torch.Tensor,
         st: SamplingTensors | None,
         vocab_offset: int,
-        group: dist.ProcessGroup,
+        gather: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         """The draw of `__call__` from a vocabulary-parallel LM head's shard `[B, V / ranks]`
-        (token ids from `vocab_offset`), without gathering the logits: every rank of `group`
-        calls it, takes its shard's chunk candidates, and gathers everyone's (a few kB), from
-        which every rank picks the same tokens. Only for batches that `takes_kernel`."""
+        (token ids from `vocab_offset`), without gathering the logits: every rank calls it,
+        takes its shard's chunk candidates, and gathers everyone's (a few kB) with `gather`
+        (a tensor -> every rank's, stacked: `[ranks, *shape]`, as `TPGroup.gather_ranks`),
+        from which every rank picks the same tokens. Only for batches that `takes_kernel`."""
         if not self.takes_kernel(st):
             raise ValueError("sample_sharded needs a batch without top-k, top-p or min-p")
         mine = chunk_candidates(logits, *_draw(st), vocab_offset=vocab_offset)
-        ranks = dist.get_world_size(group)
-        every = mine.new_empty((ranks * mine.shape[0], *mine.shape[1:]))  # rank after rank
-        _all_gather_single(every, mine, group=group)
-        return pick_candidates(every.view(ranks, *mine.shape))
+        return pick_candidates(gather(mine))

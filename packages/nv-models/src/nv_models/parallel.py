@@ -169,6 +169,26 @@ class TPGroup:
                 self.peer.synced()
         return x
 
+    def all_reduce_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(RMSNorm(residual + x reduced over the ranks), that sum) in one kernel, where the
+        peer path takes x (`PeerAllReduce.all_reduce_rms_norm`); else None (reduce, then
+        normalise)."""
+        if self.peer is None or not self.peer.handles(x) or not residual.is_contiguous():
+            return None
+        self.check()
+        return self.peer.all_reduce_rms_norm(x, residual, weight, eps)
+
+    def gather_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's x, stacked rank after rank: `[size, *x.shape]` on every rank."""
+        if self.size == 1:
+            return x.unsqueeze(0)
+        self.check()
+        every = x.new_empty((self.size * x.shape[0], *x.shape[1:]))
+        _all_gather_single(every, x.contiguous(), group=self.group)
+        return every.view(self.size, *x.shape)
+
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Rank `src`'s x on every rank, in place."""
         if self.size > 1:
@@ -184,6 +204,10 @@ class TPGroup:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
+
+
+# torch 2.13 renamed all_gather_into_tensor (the name torch 2.11 has)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:

@@ -5,6 +5,7 @@ import gc
 import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -243,55 +244,50 @@ class ModelRunner:
         every variant of the layers' skinny GEMM (`skinny_variant_rows`, by the step's token
         count); past them, two sizes, since the compiled elementwise ops between cuBLAS GEMMs
         (`compile_on_cuda`) turn dynamic on their second shape. A compile mid-serving stalls
-        every request, and with a dead tensor-parallel peer it never loads. Reads block 0,
-        writes nothing (every slot is -1)."""
+        every request, and with a dead tensor-parallel peer it never loads."""
         dev = self.device
         for n in (*skinny_variant_rows(), SKINNY_DISPATCH_ROWS + 1, SKINNY_DISPATCH_ROWS + 2):
-            meta = AttentionMetadata(
-                is_prefill=True,
-                slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev),
-                block_tables=None,
-                cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=dev),
-                cu_seqlens_k=torch.tensor([0, n], dtype=torch.int32, device=dev),
-                max_seqlen_q=n,
-                max_seqlen_k=n,
-            )
-            ids = torch.zeros(n, dtype=torch.int64, device=dev)
-            self.model(ids, torch.arange(n, device=dev), meta)
+            cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
+            self._forward_writing_nothing(
+                torch.arange(n, device=dev), is_prefill=True, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                max_seqlen_q=n, max_seqlen_k=n,
+            )  # fmt: skip
         n, ctx = 16, self.block_size + 16
-        meta = AttentionMetadata(
+        self._forward_writing_nothing(
+            torch.arange(n, device=dev),  # any positions in the table
             is_prefill=True,
-            slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev),
             block_tables=torch.zeros(1, -(-ctx // self.block_size), dtype=torch.int32, device=dev),
             cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=dev),
             cu_seqlens_k=torch.tensor([0, ctx], dtype=torch.int32, device=dev),
             max_seqlen_q=n,
             max_seqlen_k=ctx,
         )
-        ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.model(ids, torch.arange(n, device=dev), meta)  # any positions in the table
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
 
     @torch.inference_mode()
     def _warm_up_eager_decode(self) -> None:
         """Without CUDA graphs: compile now what eager decode steps run. The decode attention
         kernel's split count is a compile-time constant that follows the batch and its widest
         block table; one sequence over the tables of `eager_decode_widths` takes every value an
-        eager step can. Reads block 0, writes nothing."""
+        eager step can."""
         dev = self.device
         for width in eager_decode_widths(self.max_blocks_per_seq):
             ctx = width * self.block_size
-            meta = AttentionMetadata(
+            self._forward_writing_nothing(
+                torch.tensor([ctx - 1], device=dev),
                 is_prefill=False,
-                slot_mapping=torch.full((1,), -1, dtype=torch.int64, device=dev),
                 context_lens=torch.tensor([ctx], dtype=torch.int32, device=dev),
                 block_tables=torch.zeros(1, width, dtype=torch.int32, device=dev),
             )
-            ids = torch.zeros(1, dtype=torch.int64, device=dev)
-            self.model(ids, torch.tensor([ctx - 1], device=dev), meta)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+
+    def _forward_writing_nothing(self, positions: torch.Tensor, **meta: Any) -> None:
+        """A forward of token 0 at `positions` for the warm-ups: every cache slot is -1 (no
+        K/V written); `meta`, the rest of its AttentionMetadata (block tables read block 0)."""
+        n = positions.shape[0]
+        slots = torch.full((n,), -1, dtype=torch.int64, device=self.device)
+        ids = torch.zeros(n, dtype=torch.int64, device=self.device)
+        self.model(ids, positions, AttentionMetadata(slot_mapping=slots, **meta))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def _warm_up_sampler(self) -> None:
@@ -408,9 +404,8 @@ class ModelRunner:
 
     def _sample_sharded(self, logits: torch.Tensor, st: SamplingTensors | None) -> torch.Tensor:
         """Every rank's draw from its vocabulary shard `[B, V / ranks]` (`sample_sharded`)."""
-        self.tp.check()  # before the gather, as TPGroup's own collectives do
         start = self.tp.rank * logits.shape[-1]
-        return self.sampler.sample_sharded(logits, st, start, self.tp.group)
+        return self.sampler.sample_sharded(logits, st, start, self.tp.gather_ranks)
 
     def _pending_inputs(self, plan: StepPlan) -> list[int] | None:
         """For each row, the index of its input token among the previous step's sampled tokens,

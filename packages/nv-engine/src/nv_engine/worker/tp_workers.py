@@ -191,10 +191,7 @@ def _worker_main(
     try:
         runner = ModelRunner(config, rank, tp)
         while (message := receiver.recv()) != _EXIT:
-            if isinstance(message, ProfileCommand):
-                _apply_profile_command(runner, message)
-            else:
-                runner.execute(message)
+            _carry_out(runner, message)
         runner.close()  # graphs that captured collectives go before the group (see close())
         if os.getppid() == parent_pid:
             dist.barrier()  # leave with rank 0: tearing down early can abort a peer mid-read
@@ -203,13 +200,17 @@ def _worker_main(
         dist.destroy_process_group()
 
 
-def _apply_profile_command(runner: Any, command: ProfileCommand) -> None:
-    """A profiler command fails alone: rank 0 checked its own state before sending it, and a
-    worker that raised here would take the engine down with it."""
+def _carry_out(runner: Any, message: Any) -> None:
+    """A worker's share of rank 0's message: a step's plan, or a profiler command. The
+    latter fails alone: rank 0 applied it first, and a worker that raised here would take the
+    engine down with it."""
+    if not isinstance(message, ProfileCommand):
+        runner.execute(message)
+        return
     try:
-        runner.profiler.apply(command)
+        runner.profiler.apply(message)
     except Exception:
-        logger.exception("profiler command %s failed on this worker", command)
+        logger.exception("profiler command %s failed on this worker", message)
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -534,9 +535,6 @@ def serve_external_worker(config: Config) -> None:
                 runner.close()  # graphs that captured collectives go before the group
                 dist.barrier()
                 break
-            if isinstance(box[0], ProfileCommand):
-                _apply_profile_command(runner, box[0])
-            else:
-                runner.execute(box[0])
+            _carry_out(runner, box[0])
     finally:
         dist.destroy_process_group()

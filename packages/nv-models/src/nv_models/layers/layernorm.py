@@ -38,10 +38,9 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.tp is not None and residual is not None:
-            peer = self.tp.peer
-            if peer is not None and peer.handles(x) and residual.is_contiguous():
-                self.tp.check()
-                return peer.all_reduce_rms_norm(x, residual, self.weight, self.eps)
+            fused = self.tp.all_reduce_rms_norm(x, residual, self.weight, self.eps)
+            if fused is not None:
+                return fused
             x = self.tp.all_reduce(x)
         if _rows_for_triton(x) and (residual is None or _rows_for_triton(residual)):
             return rms_norm_triton(x, self.weight, self.eps, residual)
