@@ -189,6 +189,31 @@ def test_tensor_parallel_2_samples_from_vocabulary_shards(model_dir):
 
 
 @pytest.mark.slow
+def test_tensor_parallel_2_prefill_micro_batches(model_dir):
+    """TP=2 prefill steps as two micro-batches whose all-reduces overlap (forward_overlapped;
+    every step of 2+ tokens here): greedy tokens equal transformers', with chunks, mixed
+    decode rows and, the second time, cached prefixes (read through block tables)."""
+    path, prompts, refs = model_dir
+    params = [SamplingParams(temperature=0.0, max_tokens=n) for n in MAX_NEW]
+    kw = dict(device="cpu", kvcache_block_size=8, max_num_batched_tokens=48)
+    with LLM(
+        str(path), tensor_parallel_size=2, prefill_overlap_min_tokens=2, **kw,
+        mix_decode_and_prefill=True,
+    ) as llm:  # fmt: skip
+        model = llm.model_runner.model
+        halves, whole = [], model.forward_overlapped
+        model.forward_overlapped = lambda parts: halves.append(len(parts)) or whole(parts)
+        split = []  # steps split, by the end of each round
+        for _ in range(2):
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            assert [o["token_ids"] for o in outs] == refs
+            assert_pool_whole(llm)
+            split.append(len(halves))
+        assert any(o["num_cached_tokens"] for o in outs)
+        assert 0 < split[0] < split[1] and set(halves) == {2}
+
+
+@pytest.mark.slow
 def test_tensor_parallel_2_logprobs_and_penalties(model_dir):
     # prompt logprobs make every rank join extra LM-head gathers; penalties ride in the plan
     path, prompts, _ = model_dir

@@ -5,6 +5,7 @@ import gc
 import logging
 import time
 from collections.abc import Iterator
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -339,7 +340,14 @@ class ModelRunner:
         prompt_lps = None
         if plan.is_prefill:
             ids, pos, meta, logits_indices, st = self._prepare_prefill(plan, rows)
-            hidden = self.model(ids, pos, meta)
+            parts = None
+            if self.tp.size > 1:
+                min_tokens = self.config.tuning.prefill_overlap_min_tokens
+                parts = micro_batches(plan, ids, pos, meta, min_tokens)
+            if parts is None:
+                hidden = self.model(ids, pos, meta)
+            else:  # one half's all-reduces run under the other's layers
+                hidden = self.model.forward_overlapped(parts)
             # with TP, this rank's vocabulary shard (see _sample)
             logits = self.model.compute_logits(hidden, logits_indices, gather=False)
             if plan.has_extras and any(s.prompt_logprobs is not None for s in plan.seqs):
@@ -561,6 +569,45 @@ def _check_fp8_kv(config: Config, backend, device: torch.device) -> None:
                 f"{what} needs a GPU with fp8 support (compute capability 8.9 or newer); "
                 f"{torch.cuda.get_device_name(device)} is {major}.{minor}"
             )
+
+
+def micro_batches(
+    plan: StepPlan,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    meta: AttentionMetadata,
+    min_tokens: int,
+) -> list[tuple[torch.Tensor, torch.Tensor, AttentionMetadata]] | None:
+    """A prefill step's inputs as two micro-batches of whole sequences, split at the sequence
+    boundary nearest half its tokens (for `forward_overlapped`); None for a step of fewer than
+    `min_tokens` tokens (0: never split), or where no boundary leaves each half a quarter of
+    them (one long prompt)."""
+    lens = [len(s.token_ids) for s in plan.seqs]
+    total = sum(lens)
+    if min_tokens <= 0 or total < min_tokens or len(lens) < 2:
+        return None
+    cu = list(accumulate(lens, initial=0))
+    k = min(range(1, len(lens)), key=lambda i: abs(2 * cu[i] - total))
+    if 4 * min(cu[k], total - cu[k]) < total:
+        return None
+    ends = [s.start_pos + n for s, n in zip(plan.seqs, lens, strict=True)]
+    cu_k = list(accumulate(ends, initial=0))
+
+    def part(first: int, last: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        t0, t1, k0 = cu[first], cu[last], cu_k[first]
+        tables = meta.block_tables
+        half = AttentionMetadata(
+            is_prefill=True,
+            slot_mapping=meta.slot_mapping[t0:t1],
+            block_tables=None if tables is None else tables[first:last],
+            cu_seqlens_q=meta.cu_seqlens_q[first : last + 1] - t0,
+            cu_seqlens_k=meta.cu_seqlens_k[first : last + 1] - k0,
+            max_seqlen_q=max(lens[first:last]),
+            max_seqlen_k=max(ends[first:last]),
+        )
+        return ids[t0:t1], positions[t0:t1], half
+
+    return [part(0, k), part(k, len(lens))]
 
 
 def _padded_rows(tables: list[list[int]], width: int) -> list[int]:
