@@ -261,6 +261,10 @@ def test_warm_ups_run_every_shape_and_write_nothing(model_dir):
         cache = runner.kv_cache.clone()
         runner._warm_up_eager_decode()
         runner._warm_up_prefill()  # the prefill warm-ups (CUDA's too) write nothing either
+        cu = torch.tensor([0, 5], dtype=torch.int32)  # nor TP's, through forward_overlapped
+        meta = dict(is_prefill=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=5,
+                    max_seqlen_k=5)  # fmt: skip
+        runner._forward_writing_nothing(torch.arange(5), halves=2, **meta)
         assert torch.equal(runner.kv_cache, cache)
         greedy = SamplingParams(temperature=0.0, max_tokens=4)
         out = llm.generate(prompts[:1], greedy, use_tqdm=False)

@@ -233,30 +233,34 @@ def test_decode_plans_pickle_compactly():
 
 
 def test_micro_batches_split_whole_sequences_near_half():
-    # 4 sequences of 30, 10, 25, 35 new tokens after 0, 8, 0, 16 cached: the boundary nearest
-    # half of 100 tokens is after the second (40 | 60)
-    lens, starts = [30, 10, 25, 35], [0, 8, 0, 16]
+    # 4 sequences of 31, 10, 25, 34 new tokens after 0, 8, 0, 16 cached: the boundary nearest
+    # half of 100 tokens is after the second (41 | 59)
+    lens, starts = [31, 10, 25, 34], [0, 8, 0, 16]
     rows = enumerate(zip(lens, starts, strict=True))
     plan = StepPlan(True, tuple(ScheduledSeq(i, [7] * n, p, (i,), True) for i, (n, p) in rows))
     meta = AttentionMetadata(
         is_prefill=True,
         slot_mapping=torch.arange(100) + 1000,
-        block_tables=torch.arange(8).view(4, 2),
-        cu_seqlens_q=torch.tensor([0, 30, 40, 65, 100]),
-        cu_seqlens_k=torch.tensor([0, 30, 48, 73, 124]),
-        max_seqlen_q=35,
-        max_seqlen_k=51,
+        block_tables=torch.arange(12, dtype=torch.int32).view(4, 3),
+        cu_seqlens_q=torch.tensor([0, 31, 41, 66, 100]),
+        cu_seqlens_k=torch.tensor([0, 31, 49, 74, 124]),
+        max_seqlen_q=34,
+        max_seqlen_k=50,
     )
     ids, pos = torch.arange(100), torch.arange(100) + 500
     a, b = micro_batches(plan, ids, pos, meta, min_tokens=100)
-    assert a[0].tolist() == list(range(40)) and b[0].tolist() == list(range(40, 100))
-    assert b[1].tolist() == list(range(540, 600))
-    assert a[2].cu_seqlens_q.tolist() == [0, 30, 40] and b[2].cu_seqlens_q.tolist() == [0, 25, 60]
-    assert a[2].cu_seqlens_k.tolist() == [0, 30, 48] and b[2].cu_seqlens_k.tolist() == [0, 25, 76]
-    assert (a[2].max_seqlen_q, a[2].max_seqlen_k) == (30, 30)
-    assert (b[2].max_seqlen_q, b[2].max_seqlen_k) == (35, 51)
-    assert b[2].block_tables.tolist() == [[4, 5], [6, 7]]
-    assert b[2].slot_mapping.tolist() == list(range(1040, 1100))
+    assert a[0].tolist() == list(range(41)) and b[0].tolist() == list(range(41, 100))
+    assert b[1].tolist() == list(range(541, 600))
+    assert a[2].cu_seqlens_q.tolist() == [0, 31, 41] and b[2].cu_seqlens_q.tolist() == [0, 25, 59]
+    assert a[2].cu_seqlens_k.tolist() == [0, 31, 49] and b[2].cu_seqlens_k.tolist() == [0, 25, 75]
+    assert (a[2].max_seqlen_q, a[2].max_seqlen_k) == (31, 31)
+    assert (b[2].max_seqlen_q, b[2].max_seqlen_k) == (34, 50)
+    assert b[2].block_tables.tolist() == [[6, 7, 8], [9, 10, 11]]
+    assert b[2].slot_mapping.tolist() == list(range(1041, 1100))
+    # the second half starts 41 int64s (and 2 rows of 3 int32s) in: copies, 16-byte aligned,
+    # since Triton would compile a kernel variant in the step for an unaligned pointer
+    for t in (*b[:2], b[2].slot_mapping, b[2].block_tables):
+        assert t.data_ptr() % 16 == 0
     assert micro_batches(plan, ids, pos, meta, min_tokens=101) is None  # too few tokens
     assert micro_batches(plan, ids, pos, meta, min_tokens=0) is None  # never
     lopsided = StepPlan(True, (plan.seqs[0]._replace(token_ids=[7] * 90), plan.seqs[1]))
