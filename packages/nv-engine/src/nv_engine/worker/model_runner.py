@@ -244,8 +244,9 @@ class ModelRunner:
         read earlier tokens from the cache (prefix hits, chunked prefill); for small steps
         every variant of the layers' skinny GEMM (`skinny_variant_rows`, by the step's token
         count); past them, two sizes, since the compiled elementwise ops between cuBLAS GEMMs
-        (`compile_on_cuda`) turn dynamic on their second shape. A compile mid-serving stalls
-        every request, and with a dead tensor-parallel peer it never loads."""
+        (`compile_on_cuda`) turn dynamic on their second shape; the LM head's skinny GEMM
+        variants; with TP, a step split into overlapped micro-batches. A compile mid-serving
+        stalls every request, and with a dead tensor-parallel peer it never loads."""
         dev = self.device
         for n in (*skinny_variant_rows(), SKINNY_DISPATCH_ROWS + 1, SKINNY_DISPATCH_ROWS + 2):
             cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
@@ -253,6 +254,13 @@ class ModelRunner:
                 torch.arange(n, device=dev), is_prefill=True, cu_seqlens_q=cu, cu_seqlens_k=cu,
                 max_seqlen_q=n, max_seqlen_k=n,
             )  # fmt: skip
+        # the LM head projects a step's sampled rows (skinny GEMMs up to SKINNY_DISPATCH_ROWS):
+        # decode graphs compile its variants as they capture them; without graphs, eager
+        # decode steps would compile them in a step
+        width = self.config.hf_config.hidden_size
+        hidden = torch.zeros(SKINNY_DISPATCH_ROWS, width, dtype=self.dtype, device=dev)
+        for n in skinny_variant_rows():
+            self.model.compute_logits(hidden[:n], gather=False)
         if self.tp.size > 1 and self.config.tuning.prefill_overlap_min_tokens > 0:
             n = SKINNY_DISPATCH_ROWS + 1  # split steps' halves are larger: cuBLAS GEMMs
             cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
