@@ -57,8 +57,9 @@ class EngineTuning:
     peer_all_reduce_max_bytes: int = 0
     peer_all_reduce_algorithm: str = "one_shot"  # PeerAllReduce.ALGORITHMS
     # TP prefill steps of at least this many tokens run as two micro-batches whose all-reduces
-    # overlap the other's layers (forward_overlapped; 0: never)
-    prefill_overlap_min_tokens: int = 4096
+    # overlap the other's layers (forward_overlapped; 0: never). Off: on the 8B shape at TP=2
+    # over NCCL it changed workload A by +0.3 % (docs/benchmarks.md)
+    prefill_overlap_min_tokens: int = 0
     # greedy and temperature-only batches take the sampler's Triton kernels (which TP samples
     # from each rank's vocabulary shard with): None on CUDA; True on CPU runs them in Triton's
     # interpreter (TRITON_INTERPRET=1), for tests
