@@ -7,6 +7,7 @@ import torch
 from nv_testing import hf_greedy, save_tiny_qwen3, shared_prefix_prompts
 
 from nv_engine import LLM, SamplingParams
+from nv_kernels import skinny_variant_rows
 
 EOS = 2
 LENS = [3, 9, 17, 30, 5, 41]
@@ -189,31 +190,6 @@ def test_tensor_parallel_2_samples_from_vocabulary_shards(model_dir):
 
 
 @pytest.mark.slow
-def test_tensor_parallel_2_prefill_micro_batches(model_dir):
-    """TP=2 prefill steps as two micro-batches whose all-reduces overlap (forward_overlapped;
-    every step of 2+ tokens here): greedy tokens equal transformers', with chunks, mixed
-    decode rows and, the second time, cached prefixes (read through block tables)."""
-    path, prompts, refs = model_dir
-    params = [SamplingParams(temperature=0.0, max_tokens=n) for n in MAX_NEW]
-    kw = dict(device="cpu", kvcache_block_size=8, max_num_batched_tokens=48)
-    with LLM(
-        str(path), tensor_parallel_size=2, prefill_overlap_min_tokens=2, **kw,
-        mix_decode_and_prefill=True,
-    ) as llm:  # fmt: skip
-        model = llm.model_runner.model
-        halves, whole = [], model.forward_overlapped
-        model.forward_overlapped = lambda parts: halves.append(len(parts)) or whole(parts)
-        split = []  # steps split, by the end of each round
-        for _ in range(2):
-            outs = llm.generate(prompts, params, use_tqdm=False)
-            assert [o["token_ids"] for o in outs] == refs
-            assert_pool_whole(llm)
-            split.append(len(halves))
-        assert any(o["num_cached_tokens"] for o in outs)
-        assert 0 < split[0] < split[1] and set(halves) == {2}
-
-
-@pytest.mark.slow
 def test_tensor_parallel_2_logprobs_and_penalties(model_dir):
     # prompt logprobs make every rank join extra LM-head gathers; penalties ride in the plan
     path, prompts, _ = model_dir
@@ -260,11 +236,14 @@ def test_warm_ups_run_every_shape_and_write_nothing(model_dir):
         assert runner.max_blocks_per_seq == 16
         cache = runner.kv_cache.clone()
         runner._warm_up_eager_decode()
+        projected = []  # and they project every row-count class of the LM head's skinny GEMM
+        compute_logits = runner.model.compute_logits
+        runner.model.compute_logits = lambda h, *a, **k: (
+            projected.append(h.shape[0]) or compute_logits(h, *a, **k)
+        )
         runner._warm_up_prefill()  # the prefill warm-ups (CUDA's too) write nothing either
-        cu = torch.tensor([0, 5], dtype=torch.int32)  # nor TP's, through forward_overlapped
-        meta = dict(is_prefill=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=5,
-                    max_seqlen_k=5)  # fmt: skip
-        runner._forward_writing_nothing(torch.arange(5), halves=2, **meta)
+        assert set(skinny_variant_rows()) <= set(projected)
+        runner.model.compute_logits = compute_logits
         assert torch.equal(runner.kv_cache, cache)
         greedy = SamplingParams(temperature=0.0, max_tokens=4)
         out = llm.generate(prompts[:1], greedy, use_tqdm=False)

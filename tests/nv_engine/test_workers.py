@@ -7,13 +7,10 @@ import os
 import time
 
 import pytest
-import torch
 import torch.distributed as dist
 from nv_testing import assert_unguarded_tp2_script_fails_fast, save_tiny_qwen3
 
 from nv_engine import LLM, SamplingParams
-from nv_engine.core.plan import ScheduledSeq, StepPlan
-from nv_engine.worker.model_runner import micro_batches
 from nv_engine.worker.tp_workers import (
     StepChannel,
     StepReceiver,
@@ -21,7 +18,6 @@ from nv_engine.worker.tp_workers import (
     _exited,
     _stat_says_exiting,
 )
-from nv_kernels import AttentionMetadata
 
 
 def _reader(name, ready, acked, parent_pid, q):
@@ -230,41 +226,6 @@ def test_decode_plans_pickle_compactly():
 
     # A decode step carries one token and the block table, never the token history.
     assert len(decode_plan(4000)) - len(decode_plan(100)) < 4 * (4000 // 16)
-
-
-def test_micro_batches_split_whole_sequences_near_half():
-    # 4 sequences of 31, 10, 25, 34 new tokens after 0, 8, 0, 16 cached: the boundary nearest
-    # half of 100 tokens is after the second (41 | 59)
-    lens, starts = [31, 10, 25, 34], [0, 8, 0, 16]
-    rows = enumerate(zip(lens, starts, strict=True))
-    plan = StepPlan(True, tuple(ScheduledSeq(i, [7] * n, p, (i,), True) for i, (n, p) in rows))
-    meta = AttentionMetadata(
-        is_prefill=True,
-        slot_mapping=torch.arange(100) + 1000,
-        block_tables=torch.arange(12, dtype=torch.int32).view(4, 3),
-        cu_seqlens_q=torch.tensor([0, 31, 41, 66, 100]),
-        cu_seqlens_k=torch.tensor([0, 31, 49, 74, 124]),
-        max_seqlen_q=34,
-        max_seqlen_k=50,
-    )
-    ids, pos = torch.arange(100), torch.arange(100) + 500
-    a, b = micro_batches(plan, ids, pos, meta, min_tokens=100)
-    assert a[0].tolist() == list(range(41)) and b[0].tolist() == list(range(41, 100))
-    assert b[1].tolist() == list(range(541, 600))
-    assert a[2].cu_seqlens_q.tolist() == [0, 31, 41] and b[2].cu_seqlens_q.tolist() == [0, 25, 59]
-    assert a[2].cu_seqlens_k.tolist() == [0, 31, 49] and b[2].cu_seqlens_k.tolist() == [0, 25, 75]
-    assert (a[2].max_seqlen_q, a[2].max_seqlen_k) == (31, 31)
-    assert (b[2].max_seqlen_q, b[2].max_seqlen_k) == (34, 50)
-    assert b[2].block_tables.tolist() == [[6, 7, 8], [9, 10, 11]]
-    assert b[2].slot_mapping.tolist() == list(range(1041, 1100))
-    # the second half starts 41 int64s (and 2 rows of 3 int32s) in: copies, 16-byte aligned,
-    # since Triton would compile a kernel variant in the step for an unaligned pointer
-    for t in (*b[:2], b[2].slot_mapping, b[2].block_tables):
-        assert t.data_ptr() % 16 == 0
-    assert micro_batches(plan, ids, pos, meta, min_tokens=101) is None  # too few tokens
-    assert micro_batches(plan, ids, pos, meta, min_tokens=0) is None  # never
-    lopsided = StepPlan(True, (plan.seqs[0]._replace(token_ids=[7] * 90), plan.seqs[1]))
-    assert micro_batches(lopsided, ids, pos, meta, min_tokens=1) is None  # 90 | 10
 
 
 def test_plans_travel_to_workers_whole():

@@ -56,10 +56,6 @@ class EngineTuning:
     # (PeerAllReduce) instead of NCCL (0: NCCL always)
     peer_all_reduce_max_bytes: int = 0
     peer_all_reduce_algorithm: str = "one_shot"  # PeerAllReduce.ALGORITHMS
-    # TP prefill steps of at least this many tokens run as two micro-batches whose all-reduces
-    # overlap the other's layers (forward_overlapped; 0: never). Off: on the 8B shape at TP=2
-    # over NCCL it changed workload A by +0.3 % (docs/benchmarks.md)
-    prefill_overlap_min_tokens: int = 0
     # greedy and temperature-only batches take the sampler's Triton kernels (which TP samples
     # from each rank's vocabulary shard with): None on CUDA; True on CPU runs them in Triton's
     # interpreter (TRITON_INTERPRET=1), for tests
@@ -75,7 +71,6 @@ class EngineTuning:
         _positive_int("cpu_kvcache_bytes", self.cpu_kvcache_bytes)
         _int_at_least("cuda_graph_reserve_bytes", self.cuda_graph_reserve_bytes, 0)
         _int_at_least("peer_all_reduce_max_bytes", self.peer_all_reduce_max_bytes, 0)
-        _int_at_least("prefill_overlap_min_tokens", self.prefill_overlap_min_tokens, 0)
         from nv_models import PeerAllReduce
 
         if self.peer_all_reduce_algorithm not in PeerAllReduce.ALGORITHMS:

@@ -99,11 +99,6 @@ class PeerAllReduce:
     def handles(self, x: torch.Tensor) -> bool:
         return x.dtype == torch.bfloat16 and x.numel() <= self.max_numel and x.is_contiguous()
 
-    def holds(self, x: torch.Tensor) -> bool:
-        """x lives in this rank's buffer (a row-parallel GEMM wrote it into a slot)."""
-        start = self.buffer.data_ptr()
-        return start <= x.data_ptr() < start + self.buffer.numel() * self.buffer.element_size()
-
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         part = self.buffer[: x.numel()]
         part.copy_(x.view(-1))
@@ -173,19 +168,6 @@ class TPGroup:
             if self.peer is not None:
                 self.peer.synced()
         return x
-
-    def all_reduce_start(self, x: torch.Tensor) -> tuple[torch.Tensor, dist.Work | None]:
-        """Start summing x over the ranks, in place, through the process group (never the peer
-        path, whose kernels run on this stream). Returns the tensor that will hold the sum and
-        the handle to `wait()` on before reading it (None with one rank); on CUDA `wait()` only
-        orders this stream after the reduction, the host goes on. For interleaved
-        micro-batches (`Qwen3Model.forward_overlapped`)."""
-        if self.size == 1:
-            return x, None
-        self.check()
-        if self.peer is not None and self.peer.holds(x):
-            x = x.clone()  # in a peer slot, which the next row-parallel GEMM writes again
-        return x, dist.all_reduce(x, group=self.group, async_op=True)
 
     def all_reduce_rms_norm(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float

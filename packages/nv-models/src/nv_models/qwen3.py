@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,15 +115,11 @@ class Qwen3DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-MicroBatch = tuple[torch.Tensor, torch.Tensor, AttentionMetadata]  # input ids, positions, meta
-
-
 class Qwen3Model(nn.Module):
     def __init__(
         self, config: Any, tp: TPGroup, backend: AttentionBackend, spec: AttentionSpec
     ) -> None:
         super().__init__()
-        self.tp = tp
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         inv_freq, scale = rope_inv_freq(config, head_dim(config))
         self.rotary_emb = RotaryEmbedding(
@@ -144,47 +139,6 @@ class Qwen3Model(nn.Module):
         for layer in self.layers:
             x, residual = layer(cos_sin, x, residual, meta)
         x, _ = self.norm(x, residual)
-        return x
-
-    def forward_overlapped(self, parts: Sequence[MicroBatch]) -> torch.Tensor:
-        """forward() of a step's micro-batches (each whole sequences, their tokens in step
-        order), interleaved so that one's all-reduce runs while another's layers compute: with
-        tensor parallelism a large prefill step otherwise waits for every all-reduce (18 % of
-        an 8B TP=2 prefill step on NCCL, docs/benchmarks.md). Returns every token's hidden
-        state, as forward() of the whole step would."""
-        runs = [self._stages(*part) for part in parts]
-        pending = [self.tp.all_reduce_start(next(run)) for run in runs]
-        out: list[torch.Tensor | None] = [None] * len(runs)
-        while any(o is None for o in out):
-            for i, run in enumerate(runs):
-                if out[i] is not None:
-                    continue
-                x, work = pending[i]
-                if work is not None:
-                    work.wait()
-                try:
-                    pending[i] = self.tp.all_reduce_start(run.send(x))
-                except StopIteration as done:
-                    out[i] = done.value
-        return torch.cat(out)
-
-    def _stages(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
-    ) -> Generator[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """forward() of one micro-batch, paused at each all-reduce: yields this rank's partial
-        sum and resumes with the sum over the ranks (forward_overlapped's driver reduces it)."""
-        x = self.embed_tokens(input_ids)
-        cos_sin = self.rotary_emb(positions)
-        residual = None
-        for layer in self.layers:  # Qwen3DecoderLayer.forward, with the reductions outside
-            if residual is None:
-                x, residual = layer.input_layernorm(x), x
-            else:
-                x, residual = layer.input_layernorm((yield x), residual, reduced=True)
-            x = layer.self_attn(cos_sin, x, meta)
-            x, residual = layer.post_attention_layernorm((yield x), residual, reduced=True)
-            x = layer.mlp(x)
-        x, _ = self.norm((yield x), residual, reduced=True)
         return x
 
 
@@ -218,9 +172,6 @@ class Qwen3ForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
-
-    def forward_overlapped(self, parts: Sequence[MicroBatch]) -> torch.Tensor:
-        return self.model.forward_overlapped(parts)
 
     def compute_logits(
         self,

@@ -5,7 +5,6 @@ import gc
 import logging
 import time
 from collections.abc import Iterator
-from itertools import accumulate
 from typing import Any
 
 import torch
@@ -245,8 +244,8 @@ class ModelRunner:
         every variant of the layers' skinny GEMM (`skinny_variant_rows`, by the step's token
         count); past them, two sizes, since the compiled elementwise ops between cuBLAS GEMMs
         (`compile_on_cuda`) turn dynamic on their second shape; the LM head's skinny GEMM
-        variants; with TP, a step split into overlapped micro-batches. A compile mid-serving
-        stalls every request, and with a dead tensor-parallel peer it never loads."""
+        variants. A compile mid-serving stalls every request, and with a dead tensor-parallel
+        peer it never loads."""
         dev = self.device
         for n in (*skinny_variant_rows(), SKINNY_DISPATCH_ROWS + 1, SKINNY_DISPATCH_ROWS + 2):
             cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
@@ -261,12 +260,6 @@ class ModelRunner:
         hidden = torch.zeros(SKINNY_DISPATCH_ROWS, width, dtype=self.dtype, device=dev)
         for n in skinny_variant_rows():
             self.model.compute_logits(hidden[:n], gather=False)
-        if self.tp.size > 1 and self.config.tuning.prefill_overlap_min_tokens > 0:
-            n = SKINNY_DISPATCH_ROWS + 1  # split steps' halves are larger: cuBLAS GEMMs
-            cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
-            meta = dict(is_prefill=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n,
-                        max_seqlen_k=n)  # fmt: skip
-            self._forward_writing_nothing(torch.arange(n, device=dev), halves=2, **meta)
         n, ctx = 16, self.block_size + 16
         self._forward_writing_nothing(
             torch.arange(n, device=dev),  # any positions in the table
@@ -294,20 +287,13 @@ class ModelRunner:
                 block_tables=torch.zeros(1, width, dtype=torch.int32, device=dev),
             )
 
-    def _forward_writing_nothing(
-        self, positions: torch.Tensor, halves: int = 1, **meta: Any
-    ) -> None:
+    def _forward_writing_nothing(self, positions: torch.Tensor, **meta: Any) -> None:
         """A forward of token 0 at `positions` for the warm-ups: every cache slot is -1 (no
-        K/V written); `meta`, the rest of its AttentionMetadata (block tables read block 0).
-        `halves=2`: as two such micro-batches through `forward_overlapped`."""
+        K/V written); `meta`, the rest of its AttentionMetadata (block tables read block 0)."""
         n = positions.shape[0]
         slots = torch.full((n,), -1, dtype=torch.int64, device=self.device)
         ids = torch.zeros(n, dtype=torch.int64, device=self.device)
-        part = (ids, positions, AttentionMetadata(slot_mapping=slots, **meta))
-        if halves == 1:
-            self.model(*part)
-        else:
-            self.model.forward_overlapped([part] * halves)
+        self.model(ids, positions, AttentionMetadata(slot_mapping=slots, **meta))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -361,14 +347,7 @@ class ModelRunner:
         prompt_lps = None
         if plan.is_prefill:
             ids, pos, meta, logits_indices, st = self._prepare_prefill(plan, rows)
-            parts = None
-            if self.tp.size > 1:
-                min_tokens = self.config.tuning.prefill_overlap_min_tokens
-                parts = micro_batches(plan, ids, pos, meta, min_tokens)
-            if parts is None:
-                hidden = self.model(ids, pos, meta)
-            else:  # one half's all-reduces run under the other's layers
-                hidden = self.model.forward_overlapped(parts)
+            hidden = self.model(ids, pos, meta)
             # with TP, this rank's vocabulary shard (see _sample)
             logits = self.model.compute_logits(hidden, logits_indices, gather=False)
             if plan.has_extras and any(s.prompt_logprobs is not None for s in plan.seqs):
@@ -590,52 +569,6 @@ def _check_fp8_kv(config: Config, backend, device: torch.device) -> None:
                 f"{what} needs a GPU with fp8 support (compute capability 8.9 or newer); "
                 f"{torch.cuda.get_device_name(device)} is {major}.{minor}"
             )
-
-
-def micro_batches(
-    plan: StepPlan,
-    ids: torch.Tensor,
-    positions: torch.Tensor,
-    meta: AttentionMetadata,
-    min_tokens: int,
-) -> list[tuple[torch.Tensor, torch.Tensor, AttentionMetadata]] | None:
-    """A prefill step's inputs as two micro-batches of whole sequences, split at the sequence
-    boundary nearest half its tokens (for `forward_overlapped`); None for a step of fewer than
-    `min_tokens` tokens (0: never split), or where no boundary leaves each half a quarter of
-    them (one long prompt)."""
-    lens = [len(s.token_ids) for s in plan.seqs]
-    total = sum(lens)
-    if min_tokens <= 0 or total < min_tokens or len(lens) < 2:
-        return None
-    cu = list(accumulate(lens, initial=0))
-    k = min(range(1, len(lens)), key=lambda i: abs(2 * cu[i] - total))
-    if 4 * min(cu[k], total - cu[k]) < total:
-        return None
-    ends = [s.start_pos + n for s, n in zip(plan.seqs, lens, strict=True)]
-    cu_k = list(accumulate(ends, initial=0))
-
-    def part(first: int, last: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        t0, t1, k0 = cu[first], cu[last], cu_k[first]
-        tables = meta.block_tables
-        half = AttentionMetadata(
-            is_prefill=True,
-            slot_mapping=_aligned(meta.slot_mapping[t0:t1]),
-            block_tables=None if tables is None else _aligned(tables[first:last]),
-            cu_seqlens_q=meta.cu_seqlens_q[first : last + 1] - t0,
-            cu_seqlens_k=meta.cu_seqlens_k[first : last + 1] - k0,
-            max_seqlen_q=max(lens[first:last]),
-            max_seqlen_k=max(ends[first:last]),
-        )
-        return _aligned(ids[t0:t1]), _aligned(positions[t0:t1]), half
-
-    return [part(0, k), part(k, len(lens))]
-
-
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """t, or a copy of it where it starts off a 16-byte boundary: Triton specializes a kernel
-    on its pointers' alignment, and an unaligned slice would compile a variant mid-step
-    (an 8B TP=2 run's first split step, before this, took 0.5 s longer than the next ones)."""
-    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def _padded_rows(tables: list[list[int]], width: int) -> list[int]:

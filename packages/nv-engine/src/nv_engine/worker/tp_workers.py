@@ -488,7 +488,6 @@ _SHARED_TUNING = (
     "cuda_graph_batch_sizes",
     "peer_all_reduce_max_bytes",
     "peer_all_reduce_algorithm",
-    "prefill_overlap_min_tokens",
     "fused_sampler",
 )
 

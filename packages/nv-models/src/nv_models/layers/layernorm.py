@@ -26,7 +26,7 @@ class RMSNorm(nn.Module):
     With a tensor-parallel `tp`, the x of `forward(x, residual)` is this rank's partial sum (a
     `RowParallelLinear(reduce_results=False)`'s output), reduced here first: through
     PeerAllReduce in the same kernel as the add and the norm where it takes x, else an
-    all-reduce before them; `forward(x, residual, reduced=True)` takes x already reduced."""
+    all-reduce before them."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, tp: TPGroup | None = None) -> None:
         super().__init__()
@@ -35,9 +35,9 @@ class RMSNorm(nn.Module):
         self.tp = tp if tp is not None and tp.size > 1 else None
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, reduced: bool = False
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if self.tp is not None and residual is not None and not reduced:
+        if self.tp is not None and residual is not None:
             fused = self.tp.all_reduce_rms_norm(x, residual, self.weight, self.eps)
             if fused is not None:
                 return fused
