@@ -1,12 +1,15 @@
 """Decode GEMMs on the GPU: nv's skinny GEMM (swept configurations and the default one) against
-cuBLAS on Qwen3-0.6B's four decode GEMMs, at decode batch sizes from 1 to 256 rows. gate_up is
-the gated form (cuBLAS + the compiled silu_and_mul, as the model runs it without the kernel).
+cuBLAS on a model's four decode GEMMs (Qwen3-0.6B's by default), at decode batch sizes from 1 to
+256 rows. gate_up is the gated form (cuBLAS + the compiled silu_and_mul, as the model runs it
+without the kernel).
 
-Every time is per launch, from 28 launches on distinct weights (so nothing stays in L2) replayed
-as one CUDA graph; the last table adds the four GEMMs of all 28 layers interleaved, as in a step.
+Every time is per launch, from one launch per layer on distinct weights (so nothing stays in L2)
+replayed as one CUDA graph; the last table adds the four GEMMs of all layers interleaved, as in
+a step.
 
-    python benchmarks/gemm_sweep.py [--defaults | --wide] [rows ...]
-        --defaults: no sweep; --wide: sweep 64-128-row tiles (for 65-256 rows)
+    python benchmarks/gemm_sweep.py [--defaults | --wide] [--shape 0.6b|8b|8b-tp2] [rows ...]
+        --defaults: no sweep; --wide: sweep 64-128-row tiles (for 65-256 rows);
+        --shape: the model's GEMMs (8b-tp2: one rank's shard of Qwen3-8B's at TP=2)
 """
 
 from __future__ import annotations
@@ -21,20 +24,44 @@ from triton.testing import do_bench
 from nv_kernels.skinny_gemm import SkinnyConfig, default_config, skinny_gemm
 from nv_models.layers.activation import silu_and_mul
 
-SHAPES = {  # name: (weight rows, K, gated)
-    "qkv": (4096, 1024, False),
-    "o_proj": (1024, 2048, False),
-    "gate_up": (6144, 1024, True),
-    "down": (1024, 3072, False),
+MODELS = {  # --shape: ({name: (weight rows, K, gated)}, layers)
+    "0.6b": (
+        {
+            "qkv": (4096, 1024, False),
+            "o_proj": (1024, 2048, False),
+            "gate_up": (6144, 1024, True),
+            "down": (1024, 3072, False),
+        },
+        28,
+    ),
+    "8b": (
+        {
+            "qkv": (6144, 4096, False),
+            "o_proj": (4096, 4096, False),
+            "gate_up": (24576, 4096, True),
+            "down": (4096, 12288, False),
+        },
+        36,
+    ),
+    "8b-tp2": (
+        {
+            "qkv": (3072, 4096, False),
+            "o_proj": (4096, 2048, False),
+            "gate_up": (12288, 4096, True),
+            "down": (4096, 6144, False),
+        },
+        36,
+    ),
 }
-LAYERS = 28
+SHAPES, LAYERS = MODELS["0.6b"]
 DT = torch.bfloat16
 SMEM = 200 * 1024  # bytes of shared memory the pipeline may use
 
 
-def graph_us(run, launches: int = LAYERS) -> float:
+def graph_us(run, launches: int | None = None) -> float:
     """Time of `run` captured once as a CUDA graph and replayed, µs per launch (`run` makes
-    `launches` of them; 1: per replay)."""
+    `launches` of them, LAYERS by default; 1: per replay)."""
+    launches = LAYERS if launches is None else launches
     run()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
@@ -157,6 +184,8 @@ def main(rows: list[int], sweep: bool, wide: bool = False) -> None:
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(0), torch.__version__)
     args = sys.argv[1:]
+    if "--shape" in args:
+        SHAPES, LAYERS = MODELS[args[args.index("--shape") + 1]]
     main(
         [int(a) for a in args if a.isdigit()] or [1, 4, 16, 32, 64, 128, 256],
         "--defaults" not in args,
