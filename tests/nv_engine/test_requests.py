@@ -165,6 +165,7 @@ def test_streaming_api(llm):
         (dict(top_k=-2), "top_k"),
         (dict(min_p=2.0), "min_p"),
         (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens="8"), "max_tokens"),
         (dict(temperature="hot"), "temperature"),
         (dict(stop=[""]), "stop"),
         (dict(stop_token_ids=[-1]), "stop_token_ids"),
@@ -257,6 +258,16 @@ def test_bad_model_dirs(tmp_path, text_model):
         assert len(llm.generate(["ok"], SamplingParams(max_tokens=2), use_tqdm=False)) == 1
     with LLM(str(text_model), device="cpu") as llm:  # a valid one still works
         assert len(llm.generate(["ok"], SamplingParams(max_tokens=2), use_tqdm=False)) == 1
+
+
+def test_max_tokens_none_runs_to_the_model_length(text_model):
+    # vLLM's meaning of max_tokens=None: as many tokens as max_model_len leaves the prompt
+    with LLM(str(text_model), device="cpu", max_model_len=40, kvcache_block_size=4) as llm:
+        params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=None, min_tokens=3)
+        outs = llm.generate([[5] * 10, [6] * 37], params, use_tqdm=False)
+        assert [len(o["token_ids"]) for o in outs] == [30, 3]
+        assert {o["finish_reason"] for o in outs} == {"length"}
+    assert params.max_tokens is None  # the caller's params are left as given
 
 
 def test_max_model_len_capped_by_model(text_model):

@@ -14,7 +14,8 @@ class SamplingParams:
       positive and multiplies negative logits of tokens in the prompt or output, as
       transformers does. `frequency_penalty` subtracts itself times a token's count in the
       output, `presence_penalty` itself once for any output token (OpenAI's).
-    - Stopping: `stop` strings end the output and are left out of its text (unless
+    - Stopping: `max_tokens` output tokens at most (None: until the model's length, vLLM's
+      meaning); `stop` strings end the output and are left out of its text (unless
       `include_stop_str_in_output`). `stop_token_ids` end it, the token kept in token_ids.
       Before `min_tokens`, no EOS or stop token id is sampled and no stop string ends it.
     - Shaping the distribution (vLLM's): `logit_bias` ({token id: bias in [-100, 100]}) is
@@ -31,7 +32,7 @@ class SamplingParams:
     """
 
     temperature: float = 1.0
-    max_tokens: int = 64
+    max_tokens: int | None = 64
     ignore_eos: bool = False
     top_k: int = 0
     top_p: float = 1.0
@@ -60,11 +61,14 @@ class SamplingParams:
         _check_number("n", self.n, int)
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
-        _check_number("max_tokens", self.max_tokens, int)
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens is not None:
+            _check_number("max_tokens", self.max_tokens, int)
+            if self.max_tokens < 1:
+                raise ValueError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
         _check_number("min_tokens", self.min_tokens, int)
-        if not 0 <= self.min_tokens <= self.max_tokens:
+        if self.min_tokens < 0 or (
+            self.max_tokens is not None and self.min_tokens > self.max_tokens
+        ):
             raise ValueError(
                 f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
             )

@@ -196,6 +196,9 @@ class LLMEngine:
         return params
 
     def _add(self, token_ids: list[int], params: SamplingParams, stream: bool) -> int:
+        if params.max_tokens is None:  # vLLM's: as many as the model's length leaves
+            room = max(1, self.scheduler.max_model_len - len(token_ids))
+            params = dataclasses.replace(params, max_tokens=room)
         seed = (
             params.seed & _SEED_MASK if params.seed is not None else self._seed_rng.getrandbits(63)
         )
