@@ -9,7 +9,7 @@ import pytest
 import torch
 from nv_testing import save_tiny_qwen3
 
-from nv_engine import LLM, SamplingParams
+from nv_engine import LLM, Config, SamplingParams
 from nv_engine.entrypoints.demo import build_char_tokenizer
 
 
@@ -268,6 +268,13 @@ def test_max_tokens_none_runs_to_the_model_length(text_model):
         assert [len(o["token_ids"]) for o in outs] == [30, 3]
         assert {o["finish_reason"] for o in outs} == {"length"}
     assert params.max_tokens is None  # the caller's params are left as given
+
+
+def test_vllm_names_for_config_fields(text_model):
+    config = Config.of(text_model, block_size=8, num_gpu_blocks_override=12)
+    assert (config.kvcache_block_size, config.num_kvcache_blocks) == (8, 12)
+    with pytest.raises(TypeError, match="block_size and kvcache_block_size"):
+        Config.of(text_model, block_size=8, kvcache_block_size=16)
 
 
 def test_max_model_len_capped_by_model(text_model):

@@ -91,6 +91,8 @@ class EngineTuning:
 
 
 _TUNING_FIELDS = frozenset(f.name for f in dataclasses.fields(EngineTuning))
+# vLLM's engine-argument names for Config fields that keep Nano-vLLM's names here
+_VLLM_NAMES = {"block_size": "kvcache_block_size", "num_gpu_blocks_override": "num_kvcache_blocks"}
 
 
 @dataclass(slots=True)
@@ -149,7 +151,13 @@ class Config:
 
     @classmethod
     def from_kwargs(cls, model: str | os.PathLike, **kwargs: Any) -> Config:
-        """`kwargs`: Config's fields, and EngineTuning's (gathered into `tuning`)."""
+        """`kwargs`: Config's fields, and EngineTuning's (gathered into `tuning`); vLLM's names
+        for the fields nv names otherwise (`_VLLM_NAMES`: `block_size`, ...) are taken too."""
+        for vllm, ours in _VLLM_NAMES.items():
+            if vllm in kwargs:
+                if ours in kwargs:
+                    raise TypeError(f"give one of {vllm} and {ours} (the same setting)")
+                kwargs[ours] = kwargs.pop(vllm)
         names = {f.name for f in dataclasses.fields(cls)} - {"model", "hf_config", "tuning"}
         unknown = sorted(set(kwargs) - names - _TUNING_FIELDS)
         if unknown:

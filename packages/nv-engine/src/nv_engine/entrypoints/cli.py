@@ -28,6 +28,14 @@ _ENGINE_FLAGS = (
 )
 
 
+# more spellings of a flag: the short one, vLLM's name
+_SHORT_OR_VLLM = {
+    "tensor_parallel_size": ["-tp"],
+    "kvcache_block_size": ["--block-size"],
+    "num_kvcache_blocks": ["--num-gpu-blocks-override"],
+}
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every flag's help shows its default."""
 
@@ -38,9 +46,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     defaults = {f.name: f.default for c in (Config, EngineTuning) for f in dataclasses.fields(c)}
     g = p.add_argument_group("engine")
     for name, kind, text in _ENGINE_FLAGS:
-        flags = ["--" + name.replace("_", "-")] + (
-            ["-tp"] if name == "tensor_parallel_size" else []
-        )
+        flags = ["--" + name.replace("_", "-")] + _SHORT_OR_VLLM.get(name, [])
         g.add_argument(*flags, type=kind, default=defaults[name], help=text)
     g.add_argument(
         "--enforce-eager",
