@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 
 import pytest
@@ -270,6 +271,26 @@ def test_max_tokens_none_runs_to_the_model_length(text_model):
     assert params.max_tokens is None  # the caller's params are left as given
 
 
+def test_results_read_as_dicts_and_as_vllm_outputs(llm):
+    # Nano-vLLM's code indexes the result dicts; vLLM's reads RequestOutput's attributes
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=4, n=2)
+    (out,) = llm.generate(["Hello"], params, use_tqdm=False)
+    assert isinstance(out, dict) and out.finished and out["finished"]
+    assert [c.index for c in out.outputs] == [0, 1]
+    assert (
+        out.outputs[0].text == out["text"]
+        and out.outputs[1].token_ids == out["outputs"][1]["token_ids"]
+    )
+    assert out.prompt == "Hello" and out.prompt_token_ids == out["prompt_token_ids"]
+    assert out.outputs[0].finish_reason == "length"
+    with pytest.raises(AttributeError, match="no field 'nope'"):
+        _ = out.nope
+    (ids_only,) = llm.generate([out.prompt_token_ids], params, use_tqdm=False)
+    assert ids_only.prompt is None and ids_only.outputs[1].text
+    assert pickle.loads(pickle.dumps(out)) == out
+    assert json.loads(json.dumps(out))["outputs"][1]["index"] == 1
+
+
 def test_vllm_names_for_config_fields(text_model):
     config = Config.of(text_model, block_size=8, num_gpu_blocks_override=12)
     assert (config.kvcache_block_size, config.num_kvcache_blocks) == (8, 12)
@@ -517,7 +538,8 @@ def test_n_completions_per_prompt(llm):
     greedy = llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=5, n=2), False)[0]
     assert greedy["outputs"][0]["token_ids"] == greedy["outputs"][1]["token_ids"]
     one = llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=5), False)[0]
-    assert one["outputs"] == [{k: one[k] for k in one["outputs"][0]}]
+    (only,) = one["outputs"]
+    assert only == {"index": 0, **{k: one[k] for k in only if k != "index"}}
     with pytest.raises(ValueError, match="n=1"):
         llm.add_request(PROMPTS[0], SamplingParams(n=2))
 

@@ -89,26 +89,44 @@ class RequestOutput:
         `LLMEngine.step()` when it returned those dicts."""
         return self.to_dict()[key]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> Result:
         """Nano-vLLM's result dict (what `LLM.generate` returns): the first completion's
         `text`, `token_ids`, `finish_reason`, `logprobs`, `cumulative_logprob`; the prompt's
-        fields; and `outputs`, every completion as such a dict."""
+        fields; and `outputs`, every completion as such a dict. Its keys read as attributes
+        too (`Result`), so vLLM's `out.outputs[0].text` works on it as well."""
         completions = [
-            {
-                "text": c.text,
-                "token_ids": c.token_ids,
-                "finish_reason": c.finish_reason,
-                "stop_reason": c.stop_reason,
-                "logprobs": c.logprobs,
-                "cumulative_logprob": c.cumulative_logprob,
-            }
+            Result(
+                index=c.index,
+                text=c.text,
+                token_ids=c.token_ids,
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+                logprobs=c.logprobs,
+                cumulative_logprob=c.cumulative_logprob,
+            )
             for c in self.outputs
         ]
-        return {
-            "request_id": self.request_id,
-            **completions[0],
-            "prompt_token_ids": self.prompt_token_ids,
-            "num_cached_tokens": self.num_cached_tokens,
-            "prompt_logprobs": self.prompt_logprobs,
-            "outputs": completions,
-        }
+        first = {k: v for k, v in completions[0].items() if k != "index"}
+        return Result(
+            request_id=self.request_id,
+            **first,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            num_cached_tokens=self.num_cached_tokens,
+            prompt_logprobs=self.prompt_logprobs,
+            finished=self.finished,
+            outputs=completions,
+        )
+
+
+class Result(dict):
+    """A dict whose keys also read as attributes: `LLM.generate`'s results serve code written
+    for Nano-vLLM (`out["text"]`) and for vLLM (`out.outputs[0].text`, `out.prompt_token_ids`)."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"result has no field {name!r}") from None

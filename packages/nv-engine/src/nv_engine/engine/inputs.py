@@ -12,6 +12,13 @@ from typing import Any
 Prompt = str | list[int] | dict[str, Any]
 
 
+def prompt_text(prompt: Prompt) -> str | None:
+    """A prompt's text (RequestOutput.prompt, vLLM's): None for token ids."""
+    if isinstance(prompt, dict):
+        prompt = prompt.get("prompt")
+    return prompt if isinstance(prompt, str) else None
+
+
 def prompt_token_ids(prompt: Prompt, tokenizer: Any, vocab_size: int, where: str) -> list[int]:
     """A prompt's token ids, each checked to be in the vocabulary (not its length: see
     check_prompt_length). `where` names the prompt in errors."""

@@ -19,6 +19,7 @@ from nv_engine.engine.inputs import (
     Prompt,
     bad_words_token_ids,
     chat_prompt_ids,
+    prompt_text,
     prompt_token_ids,
 )
 from nv_engine.engine.model_files import (
@@ -351,7 +352,12 @@ class LLMEngine:
             for rid in ids:
                 if rid not in outputs:
                     self.abort_request(rid)
-        return [merge_n([outputs[rid] for rid in group]).to_dict() for group in groups]
+        results = []
+        for prompt, group in zip(prompts, groups, strict=True):
+            out = merge_n([outputs[rid] for rid in group])
+            out.prompt = prompt_text(prompt)
+            results.append(out.to_dict())
+        return results
 
     def chat(
         self,
@@ -411,4 +417,5 @@ def merge_n(outs: list[RequestOutput]) -> RequestOutput:
         finished=all(o.finished for o in outs),
         num_cached_tokens=first.num_cached_tokens,
         prompt_logprobs=first.prompt_logprobs,
+        prompt=first.prompt,
     )
