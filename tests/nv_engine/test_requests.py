@@ -291,6 +291,22 @@ def test_results_read_as_dicts_and_as_vllm_outputs(llm):
     assert json.loads(json.dumps(out))["outputs"][1]["index"] == 1
 
 
+def test_reset_prefix_cache_and_get_tokenizer(llm):
+    # vLLM's LLM.reset_prefix_cache(): the next run of a prompt computes it all again
+    assert llm.get_tokenizer() is llm.tokenizer is not None
+    prompt, params = PROMPTS[0] * 4, SamplingParams(temperature=0, max_tokens=3)
+    runs = [llm.generate([prompt], params, use_tqdm=False)[0] for _ in range(2)]
+    assert llm.reset_prefix_cache()
+    runs.append(llm.generate([prompt], params, use_tqdm=False)[0])
+    assert [r.num_cached_tokens > 0 for r in runs] == [False, True, False]
+    assert len({tuple(r.token_ids) for r in runs}) == 1
+    llm.add_request(prompt, params)
+    llm.step()
+    assert not llm.reset_prefix_cache()  # a request holds blocks
+    while not llm.is_finished():
+        llm.step()
+
+
 def test_vllm_names_for_config_fields(text_model):
     config = Config.of(text_model, block_size=8, num_gpu_blocks_override=12)
     assert (config.kvcache_block_size, config.num_kvcache_blocks) == (8, 12)

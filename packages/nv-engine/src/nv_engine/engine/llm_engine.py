@@ -155,6 +155,17 @@ class LLMEngine:
         except Exception:
             pass
 
+    def get_tokenizer(self) -> Any:
+        """The model's tokenizer (vLLM's): a transformers tokenizer, or None without one."""
+        return self.tokenizer
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (vLLM's), e.g. between benchmark runs; False, and nothing
+        forgotten, while a request holds KV blocks."""
+        if self._in_flight is not None:
+            return False
+        return self.scheduler.block_manager.reset_prefix_cache()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """What requests given no sampling_params use (vLLM's): SamplingParams' defaults, with
         the model's generation_config.json setting temperature, top_k, top_p, min_p,
