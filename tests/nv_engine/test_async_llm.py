@@ -150,13 +150,18 @@ def test_a_dead_core_kills_every_stream(model_dir):
     params = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
 
     async def main():
+        await engine.check_health()  # healthy: returns
+        assert engine.is_running and not engine.errored
+        assert await engine.get_tokenizer() is engine.tokenizer is not None
         tasks = [asyncio.create_task(_run(engine, p, params)) for p in PROMPTS]
         await _wait_until(lambda: engine.stats and engine.stats.num_running == len(PROMPTS))
         os.kill(engine._proc.pid, signal.SIGKILL)
         results = await asyncio.gather(*tasks, return_exceptions=True)
         assert all(isinstance(r, EngineDeadError) for r in results), results
         assert "engine core process exited" in str(results[0])
-        assert not engine.is_healthy()
+        assert not engine.is_healthy() and engine.errored and not engine.is_running
+        with pytest.raises(EngineDeadError, match="exited"):  # vLLM's health check
+            await engine.check_health()
         with pytest.raises(EngineDeadError, match="exited"):  # refused, not left waiting
             await asyncio.wait_for(_run(engine, "Hello", params), 60)  # (a guard on a hang)
 
@@ -193,6 +198,9 @@ def test_a_dead_tensor_parallel_worker_kills_every_stream(model_dir):
     params = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
 
     async def main():
+        await engine.check_health()  # healthy: returns
+        assert engine.is_running and not engine.errored
+        assert await engine.get_tokenizer() is engine.tokenizer is not None
         tasks = [asyncio.create_task(_run(engine, p, params)) for p in PROMPTS]
         await _wait_until(lambda: engine.stats and engine.stats.num_running == len(PROMPTS), 60)
         (worker,) = _spawned_children(engine._proc.pid)

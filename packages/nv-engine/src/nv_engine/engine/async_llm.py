@@ -151,6 +151,24 @@ class AsyncLLM:
     def is_healthy(self) -> bool:
         return self._dead is None
 
+    async def check_health(self) -> None:
+        """vLLM's: raise the EngineDeadError once the engine is dead or shut down."""
+        self._raise_if_dead()
+
+    @property
+    def is_running(self) -> bool:
+        """vLLM's: serving (neither dead nor shut down)."""
+        return self._dead is None and not self._stopping
+
+    @property
+    def errored(self) -> bool:
+        """vLLM's: the engine died (dead_error says why)."""
+        return self._dead is not None
+
+    async def get_tokenizer(self) -> Any:
+        """vLLM's: the model's tokenizer (the front end's copy), or None without one."""
+        return self.tokenizer
+
     @property
     def dead_error(self) -> EngineDeadError | None:
         """Why the engine stopped (None while it is healthy)."""
