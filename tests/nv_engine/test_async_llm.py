@@ -41,9 +41,7 @@ def engine(model_dir):
 
 
 def _all_free(engine: AsyncLLM) -> bool:
-    s = engine.stats  # the core's, as of its latest message (None: it never had a request)
-    if s is None:
-        return True
+    s = engine.stats  # the core's, as of its latest message
     return not s.num_running and not s.num_waiting and s.num_free_blocks == s.num_blocks
 
 
@@ -150,6 +148,8 @@ def test_a_dead_core_kills_every_stream(model_dir):
     params = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
 
     async def main():
+        s = engine.stats  # from the start, before any request (the core's ready message)
+        assert s.num_blocks > 0 and s.num_free_blocks == s.num_blocks and not s.num_running
         await engine.check_health()  # healthy: returns
         assert engine.is_running and not engine.errored
         assert await engine.get_tokenizer() is engine.tokenizer is not None
@@ -198,6 +198,8 @@ def test_a_dead_tensor_parallel_worker_kills_every_stream(model_dir):
     params = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
 
     async def main():
+        s = engine.stats  # from the start, before any request (the core's ready message)
+        assert s.num_blocks > 0 and s.num_free_blocks == s.num_blocks and not s.num_running
         await engine.check_health()  # healthy: returns
         assert engine.is_running and not engine.errored
         assert await engine.get_tokenizer() is engine.tokenizer is not None

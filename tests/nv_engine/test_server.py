@@ -107,6 +107,10 @@ def test_health_version_models(base, client):
     assert card["id"] == NAME and card["object"] == "model" and card["owned_by"] == "nv"
     assert isinstance(card["created"], int)
     assert [m.id for m in client.models.list()] == [NAME]
+    assert client.models.retrieve(NAME).id == NAME  # OpenAI's GET /v1/models/{id}
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
+    _error(httpx.get(base + "/v1/models/some/path"), 404, "model")  # names may hold slashes
 
 
 def test_completion_equals_the_python_api(client, expected):

@@ -92,7 +92,7 @@ class AsyncLLM:
         # each called as f(output, times, num_new_tokens) on the event loop, for every output
         # before it is yielded (the server's metrics are one)
         self.stat_loggers: list[Callable[[RequestOutput, RequestTimes, int], None]] = []
-        self.stats: EngineStats | None = None  # as of the core's latest message
+
         self._streams: dict[str, _Stream] = {}  # open streams, by request id
         self._completions: dict[int, tuple[_Stream, _Completion]] = {}  # by the core's id
         self._ids = itertools.count()
@@ -107,7 +107,9 @@ class AsyncLLM:
         )
         self._proc.start()
         child.close()
-        self.info: EngineInfo = self._wait_ready()
+        self.info: EngineInfo
+        self.stats: EngineStats  # as of the core's latest message
+        self.info, self.stats = self._wait_ready()
         self._receiver = threading.Thread(target=self._receive, name="nv-outputs", daemon=True)
         self._receiver.start()
         # a script that forgets shutdown() must not wait at exit for the core it started
@@ -118,7 +120,7 @@ class AsyncLLM:
     def from_config(cls, config: Config) -> AsyncLLM:
         return cls(config)
 
-    def _wait_ready(self) -> EngineInfo:
+    def _wait_ready(self) -> tuple[EngineInfo, EngineStats]:
         try:
             message = self._conn.recv()
         except EOFError:
@@ -127,7 +129,7 @@ class AsyncLLM:
                 f"the engine core process exited while starting (exit code {self._proc.exitcode})"
             ) from None
         if message[0] == "ready":
-            return message[1]
+            return message[1], message[2]
         self._proc.join()
         _, kind, text = message
         if kind in ("ValueError", "TypeError"):  # a bad setting: the same error as LLM gives

@@ -3,9 +3,9 @@ pipe. It has a GIL of its own, so HTTP, tokenization and streaming in the front 
 delay a step.
 
 Front end -> core: ("add", id, prompt_token_ids, params), ("abort", [ids]), ("shutdown",).
-Core -> front end: ("ready", EngineInfo) once; then ("outputs", [OutputDelta], EngineStats)
-after each step or command batch, ("error", id, type name, message) for a request the engine
-refused, and ("dead", message) if a step raised or a tensor-parallel worker died.
+Core -> front end: ("ready", EngineInfo, EngineStats) once; then ("outputs", [OutputDelta],
+EngineStats) after each step or command batch, ("error", id, type name, message) for a request
+the engine refused, and ("dead", message) if a step raised or a tensor-parallel worker died.
 """
 
 from __future__ import annotations
@@ -59,6 +59,21 @@ class OutputDelta(NamedTuple):
     prompt_logprobs: list[dict[int, float] | None] | None  # in a request's first delta only
 
 
+def engine_stats(engine: Any) -> EngineStats:
+    """The engine's scheduler and KV cache now."""
+    scheduler = engine.scheduler
+    s = scheduler.block_manager.stats()
+    return EngineStats(
+        len(scheduler.running),
+        len(scheduler.waiting),
+        s.num_blocks,
+        s.num_free_blocks,
+        s.prefix_cache_queries,
+        s.prefix_cache_hits,
+        scheduler.num_preemptions,
+    )
+
+
 def run_engine_core(config: Config, conn: Connection, parent_pid: int) -> None:
     """The core process's main: build the engine, say ready (or why not), serve commands
     until shutdown, or until the front end is gone."""
@@ -79,7 +94,7 @@ def run_engine_core(config: Config, conn: Connection, parent_pid: int) -> None:
             config.max_logprobs,
             dict(engine.default_sampling),
         )
-        conn.send(("ready", info))
+        conn.send(("ready", info, engine_stats(engine)))
         _Core(engine, conn, parent_pid).run()
     finally:
         engine.close()
@@ -181,17 +196,4 @@ class _Core:
             if out.finished:
                 del self.id_of[out.request_id], self.seq_of[rid]
         self.pending.clear()
-        self.conn.send(("outputs", deltas, self._stats()))
-
-    def _stats(self) -> EngineStats:
-        scheduler = self.engine.scheduler
-        s = scheduler.block_manager.stats()
-        return EngineStats(
-            len(scheduler.running),
-            len(scheduler.waiting),
-            s.num_blocks,
-            s.num_free_blocks,
-            s.prefix_cache_queries,
-            s.prefix_cache_hits,
-            scheduler.num_preemptions,
-        )
+        self.conn.send(("outputs", deltas, engine_stats(self.engine)))

@@ -136,7 +136,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
 
 
 def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
-    """The FastAPI app: /health, /version, /metrics, /v1/models, /v1/completions,
+    """The FastAPI app: /health, /version, /metrics, /v1/models[/{id}], /v1/completions,
     /v1/chat/completions, /tokenize, /detokenize. Errors follow OpenAI's schema."""
     app = FastAPI(title="nv", version=_version(), docs_url=None, redoc_url=None)
     serving = OpenAIServing(engine, config.model_name)
@@ -182,16 +182,24 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
     async def get_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        card = {
+    def model_card() -> dict[str, Any]:
+        return {
             "id": config.model_name,
             "object": "model",
             "created": created,
             "owned_by": "nv",
             "max_model_len": engine.max_model_len,
         }
-        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        """OpenAI's retrieve (a served name may be a path, slashes and all)."""
+        check_model({"model": model_id})
+        return model_card()
 
     async def generation(request: Request, handler: Callable) -> Response:
         check_alive()

@@ -10,7 +10,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from nv_engine.engine.async_llm import AsyncLLM, RequestTimes
-from nv_engine.engine.engine_core import EngineStats
 from nv_engine.outputs import RequestOutput
 
 # vLLM's buckets (seconds)
@@ -32,8 +31,6 @@ class _SchedulerCollector(Collector):
 
     def collect(self) -> Iterator:
         s = self.engine.stats
-        if s is None:  # no step yet
-            s = EngineStats(0, 0, 1, 1, 0, 0, 0)
         values = (
             (GaugeMetricFamily, "nv:num_requests_running", "Requests in the running batch",
              s.num_running),
