@@ -100,6 +100,7 @@ def _error(response: httpx.Response, status: int, param: str | None) -> str:
 
 def test_health_version_models(base, client):
     assert httpx.get(base + "/health").status_code == 200
+    assert httpx.get(base + "/ping").status_code == httpx.post(base + "/ping").status_code == 200
     assert isinstance(httpx.get(base + "/version").json()["version"], str)
     models = httpx.get(base + "/v1/models").json()
     assert models["object"] == "list"

@@ -170,6 +170,7 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
             )  # fmt: skip
 
     @app.get("/health")
+    @app.api_route("/ping", methods=["GET", "POST"])  # vLLM's (SageMaker's) name for it
     async def health() -> Response:
         check_alive()
         return Response(status_code=200)
