@@ -295,6 +295,7 @@ def test_reset_prefix_cache_and_get_tokenizer(llm):
     # vLLM's LLM.reset_prefix_cache(): the next run of a prompt computes it all again
     assert llm.get_tokenizer() is llm.tokenizer is not None
     prompt, params = PROMPTS[0] * 4, SamplingParams(temperature=0, max_tokens=3)
+    assert llm.reset_prefix_cache()  # what earlier tests on this engine cached
     runs = [llm.generate([prompt], params, use_tqdm=False)[0] for _ in range(2)]
     assert llm.reset_prefix_cache()
     runs.append(llm.generate([prompt], params, use_tqdm=False)[0])
