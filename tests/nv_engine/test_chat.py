@@ -42,6 +42,21 @@ def test_chat_renders_the_template_and_matches_hf(demo_dir):
         assert [out["token_ids"]] == hf_greedy(hf, [ids], [6])
 
 
+def test_chat_continues_the_final_message(demo_dir):
+    # vLLM's continue_final_message: a prefilled assistant reply, left open for the model
+    tok = AutoTokenizer.from_pretrained(demo_dir)
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Well, I"}]
+    with LLM(str(demo_dir), device="cpu") as llm:
+        (out,) = llm.chat(
+            conv, GREEDY, use_tqdm=False, add_generation_prompt=False, continue_final_message=True
+        )
+        with pytest.raises(ValueError, match="continue_final_message and add_generation_prompt"):
+            llm.chat(conv, GREEDY, use_tqdm=False, continue_final_message=True)
+    text = tok.apply_chat_template(conv, tokenize=False, continue_final_message=True)
+    assert text.endswith("<|im_start|>assistant\nWell, I")  # no end-of-turn after it
+    assert out["prompt_token_ids"] == tok.encode(text, add_special_tokens=False)
+
+
 def test_chat_bad_input_is_a_clear_error(demo_dir, tmp_path):
     with LLM(str(demo_dir), device="cpu") as llm:
         with pytest.raises(ValueError, match=r"messages\[1\]\[0\] must be a dict"):

@@ -306,6 +306,18 @@ def test_completion_logprobs(client, expected):
     assert tokens == lp.tokens
 
 
+def test_chat_continue_final_message(base, client):
+    # vLLM's extra field: the last (assistant) message left open for the model to go on with
+    messages = CHAT + [{"role": "assistant", "content": "Well"}]
+    body = dict(model=NAME, messages=messages, max_tokens=4, temperature=0)
+    open_turn = {"continue_final_message": True, "add_generation_prompt": False}
+    r = client.chat.completions.create(**body, extra_body=open_turn)
+    closed = client.chat.completions.create(**body)
+    assert r.usage.prompt_tokens < closed.usage.prompt_tokens  # no end of turn, no new turn
+    bad = httpx.post(base + "/v1/chat/completions", json={**body, "continue_final_message": True})
+    _error(bad, 400, "continue_final_message")  # add_generation_prompt left true
+
+
 def test_chat_logprobs(client):
     kw = dict(model=NAME, messages=CHAT, max_tokens=5, temperature=0, logprobs=True)
     r = client.chat.completions.create(top_logprobs=3, **kw)

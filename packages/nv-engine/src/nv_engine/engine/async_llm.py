@@ -190,9 +190,12 @@ class AsyncLLM:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
+        continue_final_message: bool = False,
     ) -> list[int]:
         """A conversation rendered with the chat template, as token ids (on the tokenizer pool)."""
-        render = functools.partial(chat_prompt_ids, self.tokenizer)
+        render = functools.partial(
+            chat_prompt_ids, self.tokenizer, continue_final_message=continue_final_message
+        )
         return await self._in_pool(render, messages, add_generation_prompt, chat_template_kwargs)
 
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -77,11 +77,19 @@ def chat_prompt_ids(
     add_generation_prompt: bool = True,
     chat_template_kwargs: dict[str, Any] | None = None,
     where: str = "messages",
+    continue_final_message: bool = False,
 ) -> list[int]:
     """One conversation rendered with the tokenizer's chat template, as token ids (the
-    template writes the special tokens, BOS included, itself)."""
+    template writes the special tokens, BOS included, itself). `continue_final_message`
+    (vLLM's): leave the last message open, for the model to go on with it (a prefilled
+    assistant reply); it excludes `add_generation_prompt`."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError("chat needs a tokenizer with a chat template")
+    if continue_final_message and add_generation_prompt:
+        raise ValueError(
+            "continue_final_message and add_generation_prompt cannot both be true "
+            "(set add_generation_prompt to false)"
+        )
     if not isinstance(conversation, (list, tuple)) or not conversation:
         raise ValueError(f"{where} must be a non-empty list of {{'role', 'content'}} dicts")
     messages = [_chat_message(m, f"{where}[{i}]") for i, m in enumerate(conversation)]
@@ -89,6 +97,7 @@ def chat_prompt_ids(
         messages,
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
         **(chat_template_kwargs or {}),
     )
     return tokenizer.encode(text, add_special_tokens=False)

@@ -377,11 +377,13 @@ class LLMEngine:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
+        continue_final_message: bool = False,
     ) -> list[dict[str, Any]]:
         """vLLM's `LLM.chat`: one conversation (a list of {"role": ..., "content": ...} dicts) or
         a list of them, each rendered with the tokenizer's chat template and generated from
-        (`chat_template_kwargs` go to the template, e.g. {"enable_thinking": False} for Qwen3).
-        Returns what `generate` returns, one dict per conversation."""
+        (`chat_template_kwargs` go to the template, e.g. {"enable_thinking": False} for Qwen3;
+        `continue_final_message` with `add_generation_prompt=False` continues the last
+        message). Returns what `generate` returns, one dict per conversation."""
         if not isinstance(messages, (list, tuple)) or not messages:
             raise TypeError("messages must be a conversation (a list of dicts) or a list of them")
         single = isinstance(messages[0], dict)
@@ -393,6 +395,7 @@ class LLMEngine:
                     add_generation_prompt,
                     chat_template_kwargs,
                     where="messages" if single else f"messages[{i}]",
+                    continue_final_message=continue_final_message,
                 )
             }
             for i, conv in enumerate(conversations)
@@ -405,11 +408,13 @@ class LLMEngine:
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
         where: str = "messages",
+        continue_final_message: bool = False,
     ) -> list[int]:
         """One conversation rendered with the tokenizer's chat template, as token ids."""
         return chat_prompt_ids(
-            self.tokenizer, conversation, add_generation_prompt, chat_template_kwargs, where
-        )
+            self.tokenizer, conversation, add_generation_prompt, chat_template_kwargs, where,
+            continue_final_message,
+        )  # fmt: skip
 
 
 def merge_n(outs: list[RequestOutput]) -> RequestOutput:

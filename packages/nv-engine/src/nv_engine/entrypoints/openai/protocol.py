@@ -80,6 +80,7 @@ CHAT_FIELDS = _COMMON | {
     "logit_bias",
     "echo",
     "add_generation_prompt",
+    "continue_final_message",
     "chat_template_kwargs",
 }
 
@@ -172,6 +173,7 @@ def parse_chat(body: dict[str, Any], defaults: dict[str, Any], max_logprobs: int
             "response_format",
         )
     _typed(body, "add_generation_prompt", bool, "a boolean")
+    _typed(body, "continue_final_message", bool, "a boolean")
     _typed(body, "chat_template_kwargs", dict, "an object")
     want = _typed(body, "logprobs", bool, "a boolean")
     top = _typed(body, "top_logprobs", int, "an integer")
