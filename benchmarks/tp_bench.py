@@ -11,6 +11,9 @@ sections:
              two-shot)
   profile    8B shape, 256 sequences decoding: wall ms per step at TP=1 and TP=2 (NCCL, peer),
              and rank 0's GPU kernels per step (torch.profiler)
+  phases     workload A on the 8B shape with every LLM.step timed, summed by kind and batch
+             size (a step's time is the wait for the step before it, with overlapped
+             scheduling): where TP=2 gains or loses against TP=1
 TP_SHAPES=8b and TP_RUNS=tp1,tp2_peer (tags as reported) run a subset.
 Prints one JSON line per result.
 """
@@ -165,11 +168,53 @@ def profile() -> None:
             )
 
 
+PHASES = ((1, 16), (17, 64), (65, 128), (129, 192), (193, 255), (256, 256))  # decode rows
+
+
+def phases() -> None:
+    from nv_engine.entrypoints.bench import nano_vllm_workload, run_benchmark
+
+    prompts, params = nano_vllm_workload()
+    runs = [
+        ("tp1", dict(tensor_parallel_size=1)),
+        ("tp2", dict(tensor_parallel_size=2)),
+        ("tp2_peer", dict(tensor_parallel_size=2, peer_all_reduce_max_bytes=8 << 20)),
+    ]
+    runs = [r for r in runs if r[0] in os.environ.get("TP_RUNS", r[0]).split(",")]
+    for tag, kw in runs:
+        with make_llm(QWEN3_8B, kvcache_block_size=256, **kw) as llm:
+            steps: list[tuple[bool, int, float]] = []  # (prefill, tokens, seconds)
+            step = llm.step
+
+            def timed_step():
+                t = time.perf_counter()
+                out = step()
+                steps.append((*llm.last_step, time.perf_counter() - t))
+                return out
+
+            llm.step = timed_step
+            r = run_benchmark(llm, prompts, params)
+        sums: dict[str, list[float]] = {}
+        for prefill, tokens, seconds in steps:
+            kind = "prefill" if prefill else next(
+                f"decode {a}-{b}" for a, b in PHASES if a <= tokens <= b
+            )  # fmt: skip
+            total = sums.setdefault(kind, [0, 0.0])
+            total[0] += 1
+            total[1] += seconds
+        report(
+            f"phases_8b_{tag}",
+            tok_per_s=round(r["tok_per_s"]),
+            seconds=round(r["seconds"], 3),
+            steps={k: [n, round(s, 3)] for k, (n, s) in sorted(sums.items())},
+        )
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for s in sys.argv[1:] or ["allreduce", "scaling"]:
         t = time.perf_counter()
-        {"allreduce": allreduce, "scaling": scaling, "profile": profile}[s]()
+        {"allreduce": allreduce, "scaling": scaling, "profile": profile, "phases": phases}[s]()
         print(f"# section {s}: {time.perf_counter() - t:.1f}s", flush=True)
 
 

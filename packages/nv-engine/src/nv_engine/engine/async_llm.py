@@ -92,7 +92,6 @@ class AsyncLLM:
         # each called as f(output, times, num_new_tokens) on the event loop, for every output
         # before it is yielded (the server's metrics are one)
         self.stat_loggers: list[Callable[[RequestOutput, RequestTimes, int], None]] = []
-
         self._streams: dict[str, _Stream] = {}  # open streams, by request id
         self._completions: dict[int, tuple[_Stream, _Completion]] = {}  # by the core's id
         self._ids = itertools.count()
@@ -107,8 +106,7 @@ class AsyncLLM:
         )
         self._proc.start()
         child.close()
-        self.info: EngineInfo
-        self.stats: EngineStats  # as of the core's latest message
+        # the core's settings, and its stats as of its latest message (the first: ready)
         self.info, self.stats = self._wait_ready()
         self._receiver = threading.Thread(target=self._receive, name="nv-outputs", daemon=True)
         self._receiver.start()

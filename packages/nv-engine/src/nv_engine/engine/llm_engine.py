@@ -161,7 +161,7 @@ class LLMEngine:
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix (vLLM's), e.g. between benchmark runs; False, and nothing
-        forgotten, while a request holds KV blocks."""
+        forgotten, while a request holds KV blocks or a step is still in flight."""
         if self._in_flight is not None:
             return False
         return self.scheduler.block_manager.reset_prefix_cache()

@@ -173,7 +173,13 @@ def parse_chat(body: dict[str, Any], defaults: dict[str, Any], max_logprobs: int
             "response_format",
         )
     _typed(body, "add_generation_prompt", bool, "a boolean")
-    _typed(body, "continue_final_message", bool, "a boolean")
+    if _typed(body, "continue_final_message", bool, "a boolean") and (
+        body.get("add_generation_prompt") is not False  # (vLLM's default: true)
+    ):
+        raise RequestError(
+            "continue_final_message needs add_generation_prompt set to false",
+            "continue_final_message",
+        )
     _typed(body, "chat_template_kwargs", dict, "an object")
     want = _typed(body, "logprobs", bool, "a boolean")
     top = _typed(body, "top_logprobs", int, "an integer")

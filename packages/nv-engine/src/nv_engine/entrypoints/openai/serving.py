@@ -186,18 +186,12 @@ class OpenAIServing:
         self._check_for_model(parsed, body)
         messages = chat_messages(body)
         add_generation_prompt = body.get("add_generation_prompt")
-        continue_final = bool(body.get("continue_final_message"))
-        if continue_final and add_generation_prompt is not False:
-            raise RequestError(
-                "continue_final_message needs add_generation_prompt set to false",
-                "continue_final_message",
-            )
         try:
             token_ids = await self.engine.encode_chat(
                 messages,
                 True if add_generation_prompt is None else add_generation_prompt,
                 body.get("chat_template_kwargs"),
-                continue_final,
+                bool(body.get("continue_final_message")),
             )
             token_ids = await self._encode({"prompt_token_ids": token_ids}, "messages")
         except (ValueError, TypeError) as e:
