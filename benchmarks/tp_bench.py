@@ -108,10 +108,9 @@ def allreduce() -> None:
         mp.spawn(_allreduce_rank, args=(os.path.join(d, "store"),), nprocs=2, join=True)
 
 
-def scaling() -> None:
-    from nv_engine.entrypoints.bench import nano_vllm_workload, run_benchmark
-
-    prompts, params = nano_vllm_workload()
+def tp_runs(cfg: dict) -> list[tuple[str, dict]]:
+    """The engine settings compared, by tag; TP_RUNS (comma-separated tags) picks a subset."""
+    every_step = 16384 * cfg["hidden_size"] * 2  # a full prefill step's message, in bytes
     runs = [
         ("tp1", dict(tensor_parallel_size=1)),
         ("tp2", dict(tensor_parallel_size=2)),
@@ -125,15 +124,22 @@ def scaling() -> None:
                 peer_all_reduce_algorithm="two_shot",
             ),
         ),
+        # every step's norms fused with their all-reduce through peer memory, prefill's too
+        ("tp2_peer_all", dict(tensor_parallel_size=2, peer_all_reduce_max_bytes=every_step)),
     ]
-    # TP_SHAPES / TP_RUNS (comma-separated tags) pick a subset, for a short device call
-    shapes = os.environ.get("TP_SHAPES", "8b,0.6b").split(",")
-    runs = [r for r in runs if r[0] in os.environ.get("TP_RUNS", r[0]).split(",")]
+    return [r for r in runs if r[0] in os.environ.get("TP_RUNS", r[0]).split(",")]
+
+
+def scaling() -> None:
+    from nv_engine.entrypoints.bench import nano_vllm_workload, run_benchmark
+
+    prompts, params = nano_vllm_workload()
+    shapes = os.environ.get("TP_SHAPES", "8b,0.6b").split(",")  # a subset, for a short call
     for shape, cfg in (("8b", QWEN3_8B), ("0.6b", QWEN3_06B)):
         if shape not in shapes:
             continue
         base = None
-        for tag, kw in runs:
+        for tag, kw in tp_runs(cfg):
             t = time.perf_counter()
             try:
                 with make_llm(cfg, kvcache_block_size=256, **kw) as llm:
@@ -154,13 +160,7 @@ def scaling() -> None:
 
 
 def profile() -> None:
-    runs = [
-        ("tp1", dict(tensor_parallel_size=1)),
-        ("tp2", dict(tensor_parallel_size=2)),
-        ("tp2_peer", dict(tensor_parallel_size=2, peer_all_reduce_max_bytes=8 << 20)),
-    ]
-    runs = [r for r in runs if r[0] in os.environ.get("TP_RUNS", r[0]).split(",")]
-    for tag, kw in runs:
+    for tag, kw in tp_runs(QWEN3_8B):
         with make_llm(QWEN3_8B, kvcache_block_size=256, **kw) as llm:
             wall, gpu = profile_decode(llm, 256, 500, f"# 8b {tag} batch 256 (rank 0's kernels)")
             report(
@@ -175,13 +175,7 @@ def phases() -> None:
     from nv_engine.entrypoints.bench import nano_vllm_workload, run_benchmark
 
     prompts, params = nano_vllm_workload()
-    runs = [
-        ("tp1", dict(tensor_parallel_size=1)),
-        ("tp2", dict(tensor_parallel_size=2)),
-        ("tp2_peer", dict(tensor_parallel_size=2, peer_all_reduce_max_bytes=8 << 20)),
-    ]
-    runs = [r for r in runs if r[0] in os.environ.get("TP_RUNS", r[0]).split(",")]
-    for tag, kw in runs:
+    for tag, kw in tp_runs(QWEN3_8B):
         with make_llm(QWEN3_8B, kvcache_block_size=256, **kw) as llm:
             steps: list[tuple[bool, int, float]] = []  # (prefill, tokens, seconds)
             step = llm.step

@@ -86,8 +86,9 @@ def test_all_reduce_routes_what_the_peer_path_handles(monkeypatch):
         def __init__(self) -> None:
             self.seen: list[torch.Tensor] = []
 
-        def handles(self, x: torch.Tensor) -> bool:
-            return x.dtype == torch.bfloat16 and x.numel() <= 4
+        def handles(self, x: torch.Tensor, fused: bool = True) -> bool:
+            # the fused norm would take 8 elements; a plain all-reduce only 4
+            return x.dtype == torch.bfloat16 and x.numel() <= (8 if fused else 4)
 
         def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
             self.seen.append(x)
@@ -122,8 +123,8 @@ def test_norms_reduce_what_row_parallel_layers_leave_unreduced(monkeypatch):
     calls = []
 
     class Peer:
-        def handles(self, x: torch.Tensor) -> bool:
-            return x.shape[0] <= 2
+        def handles(self, x: torch.Tensor, fused: bool = True) -> bool:
+            return fused and x.shape[0] <= 2
 
         def all_reduce_rms_norm(self, x, residual, weight, eps):
             calls.append(x.shape[0])
@@ -172,7 +173,7 @@ def test_collectives_check_the_group_is_alive_first():
         tp.gather_ranks(x)
 
     class TakesAll:  # a peer path that would take the fused norm's message
-        def handles(self, x: torch.Tensor) -> bool:
+        def handles(self, x: torch.Tensor, fused: bool = True) -> bool:
             return True
 
     fused = TPGroup(0, 2, None, TakesAll(), alive_check=dead)

@@ -32,6 +32,10 @@ class PeerAllReduce:
     # waits only for its namesakes on the other ranks to start, which every rank's in-order
     # dispatch of programs guarantees
     MAX_PROGRAMS = 1024
+    # torch's one-shot kernel (the unfused `all_reduce`, the embedding's) beats NCCL up to a few
+    # MiB and loses above (docs/benchmarks.md: 16 MiB, 106 against 93 µs on 2 x H200); larger
+    # full all-reduces go to NCCL whatever max_bytes is
+    ONE_SHOT_MAX_BYTES = 4 << 20
 
     def __init__(
         self,
@@ -47,12 +51,13 @@ class PeerAllReduce:
         self.algorithm = algorithm
         self.group_name = group.group_name
         self.max_numel = n = max_bytes // 16 * 8  # slots start at 16-byte multiples
-        # [one-shot buffer | slot 0 | slot 1]
-        self.buffer = symm_mem.empty(3 * n, dtype=torch.bfloat16, device=device)
+        self.one_shot_numel = m = min(n, self.ONE_SHOT_MAX_BYTES // 2)
+        # [one-shot buffer (m) | slot 0 (n) | slot 1 (n)]
+        self.buffer = symm_mem.empty(m + 2 * n, dtype=torch.bfloat16, device=device)
         self.handle = symm_mem.rendezvous(self.buffer, self.group_name)
         self._slot_addrs = [
             torch.tensor(
-                [ptr + (1 + s) * n * 2 for ptr in self.handle.buffer_ptrs],
+                [ptr + (m + s * n) * 2 for ptr in self.handle.buffer_ptrs],
                 dtype=torch.int64,
                 device=device,
             )
@@ -96,8 +101,10 @@ class PeerAllReduce:
         first, which would then wait forever. The process's exit releases the memory."""
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(self))
 
-    def handles(self, x: torch.Tensor) -> bool:
-        return x.dtype == torch.bfloat16 and x.numel() <= self.max_numel and x.is_contiguous()
+    def handles(self, x: torch.Tensor, fused: bool = True) -> bool:
+        """Whether `all_reduce_rms_norm` (fused) or `all_reduce` takes x."""
+        limit = self.max_numel if fused else self.one_shot_numel
+        return x.dtype == torch.bfloat16 and x.numel() <= limit and x.is_contiguous()
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         part = self.buffer[: x.numel()]
@@ -124,7 +131,7 @@ class PeerAllReduce:
 
     def _slot(self, slot: int, numel: int) -> torch.Tensor:
         """The first `numel` elements of slot 0 or 1 of this rank's buffer."""
-        start = (1 + slot) * self.max_numel
+        start = self.one_shot_numel + slot * self.max_numel
         return self.buffer[start : start + numel]
 
     def all_reduce_rms_norm(
@@ -162,7 +169,7 @@ class TPGroup:
         """x reduced over the ranks with `op`, in place."""
         if self.size > 1:
             self.check()
-            if op == dist.ReduceOp.SUM and self.peer is not None and self.peer.handles(x):
+            if op == dist.ReduceOp.SUM and self.peer is not None and self.peer.handles(x, False):
                 return self.peer.all_reduce(x)
             dist.all_reduce(x, op=op, group=self.group)
             if self.peer is not None:
