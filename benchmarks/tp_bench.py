@@ -14,7 +14,8 @@ sections:
   phases     workload A on the 8B shape with every LLM.step timed, summed by kind and batch
              size (a step's time is the wait for the step before it, with overlapped
              scheduling): where TP=2 gains or loses against TP=1
-TP_SHAPES=8b and TP_RUNS=tp1,tp2_peer (tags as reported) run a subset.
+TP_SHAPES=8b and TP_RUNS=tp1,tp2_peer (tags as reported) run a subset; each run is a fresh
+process (a process joins torch's symmetric memory once).
 Prints one JSON line per result.
 """
 
@@ -111,10 +112,11 @@ def allreduce() -> None:
 def tp_runs(cfg: dict) -> list[tuple[str, dict]]:
     """The engine settings compared, by tag; TP_RUNS (comma-separated tags) picks a subset."""
     every_step = 16384 * cfg["hidden_size"] * 2  # a full prefill step's message, in bytes
+    nccl = dict(tensor_parallel_size=2, peer_all_reduce_max_bytes=0)
     runs = [
         ("tp1", dict(tensor_parallel_size=1)),
-        ("tp2", dict(tensor_parallel_size=2)),
-        ("tp2_sync", dict(tensor_parallel_size=2, async_scheduling=False)),
+        ("tp2", nccl),
+        ("tp2_sync", dict(nccl, async_scheduling=False)),
         ("tp2_peer", dict(tensor_parallel_size=2, peer_all_reduce_max_bytes=8 << 20)),
         (
             "tp2_peer2",
@@ -130,6 +132,36 @@ def tp_runs(cfg: dict) -> list[tuple[str, dict]]:
     return [r for r in runs if r[0] in os.environ.get("TP_RUNS", r[0]).split(",")]
 
 
+def in_own_processes(section: str) -> None:
+    """Run `section` once per engine setting and shape, each in a fresh process: a process
+    joins torch's symmetric memory once (PeerAllReduce.unavailable), so a second peer-memory
+    engine in it would run on NCCL. Forwards each run's JSON lines, adding to scaling's the
+    speedup over the shape's first run (tp1)."""
+    import subprocess
+
+    shapes = os.environ.get("TP_SHAPES", "8b,0.6b" if section == "scaling" else "8b")
+    for shape in shapes.split(","):
+        base = None
+        for tag, _ in tp_runs(QWEN3_8B):
+            env = dict(os.environ, TP_CHILD="1", TP_SHAPES=shape, TP_RUNS=tag)
+            argv = [sys.executable, __file__, section]
+            r = subprocess.run(argv, env=env, stdout=subprocess.PIPE, text=True)
+            for line in r.stdout.splitlines():
+                if line.startswith("{") and section == "scaling":
+                    row = json.loads(line)
+                    if "tok_per_s" in row:
+                        base = base or row["tok_per_s"]
+                        row["speedup_vs_first"] = round(row["tok_per_s"] / base, 3)
+                    line = json.dumps(row)
+                print(line, flush=True)
+            if r.returncode:
+                report(f"{section}_{shape}_{tag}_FAILED", returncode=r.returncode)
+
+
+def peer_used(llm) -> bool:
+    return llm.model_runner.tp.peer is not None
+
+
 def scaling() -> None:
     from nv_engine.entrypoints.bench import nano_vllm_workload, run_benchmark
 
@@ -138,23 +170,22 @@ def scaling() -> None:
     for shape, cfg in (("8b", QWEN3_8B), ("0.6b", QWEN3_06B)):
         if shape not in shapes:
             continue
-        base = None
         for tag, kw in tp_runs(cfg):
             t = time.perf_counter()
             try:
                 with make_llm(cfg, kvcache_block_size=256, **kw) as llm:
                     start = time.perf_counter() - t
                     r = run_benchmark(llm, prompts, params)
+                    peer = peer_used(llm)
             except Exception as e:  # keep going: report and try the next setting
                 report(f"scaling_{shape}_{tag}_FAILED", error=repr(e)[:500])
                 continue
-            base = base or r["tok_per_s"]
             report(
                 f"scaling_{shape}_{tag}",
                 tok_per_s=round(r["tok_per_s"]),
                 seconds=round(r["seconds"], 2),
                 output_tokens=r["output_tokens"],
-                speedup_vs_tp1=round(r["tok_per_s"] / base, 3),
+                peer_all_reduce=peer,
                 startup_s=round(start, 1),
             )
 
@@ -188,6 +219,7 @@ def phases() -> None:
 
             llm.step = timed_step
             r = run_benchmark(llm, prompts, params)
+            peer = peer_used(llm)
         sums: dict[str, list[float]] = {}
         for prefill, tokens, seconds in steps:
             kind = "prefill" if prefill else next(
@@ -200,6 +232,7 @@ def phases() -> None:
             f"phases_8b_{tag}",
             tok_per_s=round(r["tok_per_s"]),
             seconds=round(r["seconds"], 3),
+            peer_all_reduce=peer,
             steps={k: [n, round(s, 3)] for k, (n, s) in sorted(sums.items())},
         )
 
@@ -208,7 +241,10 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for s in sys.argv[1:] or ["allreduce", "scaling"]:
         t = time.perf_counter()
-        {"allreduce": allreduce, "scaling": scaling, "profile": profile, "phases": phases}[s]()
+        if s != "allreduce" and not os.environ.get("TP_CHILD"):
+            in_own_processes(s)
+        else:
+            {"allreduce": allreduce, "scaling": scaling, "profile": profile, "phases": phases}[s]()
         print(f"# section {s}: {time.perf_counter() - t:.1f}s", flush=True)
 
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from nv_testing import tiny_qwen3_config
 
 from nv_engine.entrypoints.bench import nano_vllm_workload, shared_prefix_workload
@@ -120,3 +121,31 @@ def test_kv_cache_dtype_flag(tmp_path, monkeypatch, capsys):
     assert main([*argv, "--kv-cache-dtype", "int4"]) == 2
     errors = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
     assert len(errors) == 1 and "kv_cache_dtype" in errors[0]
+
+
+def test_peer_all_reduce_bytes_default_to_on_for_spawned_ranks(tmp_path):
+    """peer_all_reduce_max_bytes=None (the default) means the peer path for ranks spawned on one
+    machine and NCCL for ranks started elsewhere; a number is taken as given; a bad one is an
+    error naming the field."""
+    from nv_engine.config import PEER_ALL_REDUCE_AUTO_BYTES, Config, EngineTuning
+
+    assert EngineTuning().peer_all_reduce_max_bytes is None
+    for value in (-1, 1.5, "8"):
+        with pytest.raises((ValueError, TypeError), match="peer_all_reduce_max_bytes"):
+            EngineTuning(peer_all_reduce_max_bytes=value)
+
+    tiny_qwen3_config().save_pretrained(tmp_path)  # a config.json is all Config reads
+
+    def resolved(backend: str, chosen: int | None) -> int:
+        config = Config.from_kwargs(
+            str(tmp_path),
+            device="cpu",
+            distributed_executor_backend=backend,
+            peer_all_reduce_max_bytes=chosen,
+        )
+        return config.peer_all_reduce_bytes()
+
+    assert resolved("mp", None) == PEER_ALL_REDUCE_AUTO_BYTES > 0
+    assert resolved("external", None) == 0
+    assert resolved("mp", 0) == 0
+    assert resolved("external", 1 << 20) == 1 << 20

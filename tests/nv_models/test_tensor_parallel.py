@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from nv_testing import load_ours, save_tiny_qwen3
 
 from nv_kernels import AttentionMetadata
-from nv_models import TPGroup
+from nv_models import PeerAllReduce, TPGroup
 
 
 def _meta(ids, cu):
@@ -181,3 +181,19 @@ def test_collectives_check_the_group_is_alive_first():
         fused.all_reduce_rms_norm(x, x, torch.ones(4), 1e-6)
     assert torch.equal(TPGroup().gather_ranks(x), x[None])  # one rank: its own, stacked
     assert torch.equal(TPGroup(alive_check=dead).all_reduce(x), x)  # one rank: nothing to check
+
+
+def test_peer_all_reduce_says_why_it_is_unavailable(monkeypatch):
+    """A process joins at most one PeerAllReduce (torch's rendezvous keys count per process, so
+    a second would wait forever for newly spawned peers), and only over GPUs that can map each
+    other's memory; otherwise `unavailable` names the reason, which keeps every rank on NCCL."""
+    import nv_models.parallel as parallel
+
+    access = {(0, 1): True, (1, 0): True, (0, 2): False}
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: access[(a, b)])
+    monkeypatch.setattr(parallel, "_joined_before", False)
+    assert PeerAllReduce.unavailable([0, 1], 0) is None
+    assert PeerAllReduce.unavailable([1, 0], 0) is None
+    assert "GPU 0 cannot access GPU 2" in PeerAllReduce.unavailable([0, 1, 2], 0)
+    monkeypatch.setattr(parallel, "_joined_before", True)
+    assert "already joined" in PeerAllReduce.unavailable([0, 1], 0)

@@ -30,6 +30,9 @@ DEFAULT_CUDA_GRAPH_BATCH_SIZES = (
 )
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's: "fp8" is e4m3
+# EngineTuning.peer_all_reduce_max_bytes=None on one machine: a decode step of 256 rows at hidden
+# size 4096 (docs/tensor_parallel.md has the measurements behind it)
+PEER_ALL_REDUCE_AUTO_BYTES = 8 << 20
 logger = logging.getLogger(__name__)
 
 
@@ -53,8 +56,9 @@ class EngineTuning:
     max_num_kvcache_blocks: int = 1 << 18
     distributed_timeout_s: float = 300.0
     # TP all-reduces of bf16 messages up to this size go through symmetric memory
-    # (PeerAllReduce) instead of NCCL (0: NCCL always)
-    peer_all_reduce_max_bytes: int = 0
+    # (PeerAllReduce) instead of NCCL (0: NCCL always; None: PEER_ALL_REDUCE_AUTO_BYTES when the
+    # ranks are one machine's spawned processes, else 0)
+    peer_all_reduce_max_bytes: int | None = None
     peer_all_reduce_algorithm: str = "one_shot"  # PeerAllReduce.ALGORITHMS
     # greedy and temperature-only batches take the sampler's Triton kernels (which TP samples
     # from each rank's vocabulary shard with): None on CUDA; True on CPU runs them in Triton's
@@ -70,7 +74,8 @@ class EngineTuning:
         _positive_int("prompt_logprobs_chunk", self.prompt_logprobs_chunk)
         _positive_int("cpu_kvcache_bytes", self.cpu_kvcache_bytes)
         _int_at_least("cuda_graph_reserve_bytes", self.cuda_graph_reserve_bytes, 0)
-        _int_at_least("peer_all_reduce_max_bytes", self.peer_all_reduce_max_bytes, 0)
+        if self.peer_all_reduce_max_bytes is not None:
+            _int_at_least("peer_all_reduce_max_bytes", self.peer_all_reduce_max_bytes, 0)
         from nv_models import PeerAllReduce
 
         if self.peer_all_reduce_algorithm not in PeerAllReduce.ALGORITHMS:
@@ -246,6 +251,15 @@ class Config:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} but CUDA is not available")
         return self.device
+
+    def peer_all_reduce_bytes(self) -> int:
+        """The largest bf16 all-reduce that goes through peer memory (0: none): the tuning's
+        `peer_all_reduce_max_bytes`, or when that is None, PEER_ALL_REDUCE_AUTO_BYTES for ranks
+        spawned on one machine ("mp") and 0 for ranks started elsewhere ("external")."""
+        chosen = self.tuning.peer_all_reduce_max_bytes
+        if chosen is not None:
+            return chosen
+        return PEER_ALL_REDUCE_AUTO_BYTES if self.distributed_executor_backend == "mp" else 0
 
     def resolved_kv_cache_dtype(self, model_dtype):
         """The KV cache's torch dtype: the model's (auto), float8_e4m3fn or float8_e5m2."""

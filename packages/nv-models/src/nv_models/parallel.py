@@ -9,6 +9,11 @@ import torch.distributed as dist
 
 from nv_kernels import PeerSignals, rms_norm_of_sum
 
+# processes that joined a PeerAllReduce: torch's symmetric-memory rendezvous numbers its store
+# keys with a process-wide counter, so a process that already joined one waits forever for a
+# newly started peer (whose counter starts at 0) in the next
+_joined_before = False
+
 
 class PeerAllReduce:
     """All-reduce of small bf16 messages through symmetric (peer-mapped) memory: each rank copies
@@ -54,6 +59,8 @@ class PeerAllReduce:
         self.one_shot_numel = m = min(n, self.ONE_SHOT_MAX_BYTES // 2)
         # [one-shot buffer (m) | slot 0 (n) | slot 1 (n)]
         self.buffer = symm_mem.empty(m + 2 * n, dtype=torch.bfloat16, device=device)
+        global _joined_before
+        _joined_before = True  # set before: a rendezvous that failed half-way counted too
         self.handle = symm_mem.rendezvous(self.buffer, self.group_name)
         self._slot_addrs = [
             torch.tensor(
@@ -76,6 +83,20 @@ class PeerAllReduce:
         scratch = torch.zeros_like(self.handle.get_signal_pad(self.handle.rank, dtype=torch.int32))
         self._release(lambda rank: scratch)
         torch.cuda.synchronize(device)
+
+    @staticmethod
+    def unavailable(devices: list[int], mine: int) -> str | None:
+        """Why this process cannot join a PeerAllReduce over the GPUs `devices` (one per rank,
+        this rank's `mine`), or None. Every rank must be able to, or none may try."""
+        if _joined_before:
+            return (
+                "this process already joined one, and torch's symmetric-memory rendezvous "
+                "cannot meet newly started peers a second time"
+            )
+        for other in devices:
+            if other != mine and not torch.cuda.can_device_access_peer(mine, other):
+                return f"GPU {mine} cannot access GPU {other}'s memory (no peer-to-peer path)"
+        return None
 
     def release_peers(self) -> None:
         """After a peer died, for a teardown: let this device's queued barriers pass without the

@@ -159,13 +159,32 @@ def init_distributed(config: Config, rank: int, store: dist.Store | None) -> TPG
         timeout=timedelta(seconds=config.tuning.distributed_timeout_s),
     )
     peer = None
-    if backend == "nccl" and config.tuning.peer_all_reduce_max_bytes > 0:
-        device = torch.device("cuda", torch.cuda.current_device())
-        t = config.tuning
-        peer = PeerAllReduce(
-            dist.group.WORLD, device, t.peer_all_reduce_max_bytes, t.peer_all_reduce_algorithm
-        )
+    if backend == "nccl" and config.peer_all_reduce_bytes() > 0:
+        peer = _join_peer_all_reduce(config, rank)
     return TPGroup(rank, world, dist.group.WORLD, peer)
+
+
+def _join_peer_all_reduce(config: Config, rank: int) -> PeerAllReduce | None:
+    """The peer-memory all-reduce if every rank can set one up, else None (NCCL only): the
+    ranks agree first (one all-reduce of a flag), so that none waits in a rendezvous the others
+    skip. Rank 0 logs why when it is off."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    devices = [local_device_index(r) for r in range(config.tensor_parallel_size)]
+    reason = PeerAllReduce.unavailable(devices, local_device_index(rank))
+    every = torch.tensor([reason is None], dtype=torch.int32, device=device)
+    dist.all_reduce(every, op=dist.ReduceOp.MIN)
+    if not every.item():
+        if rank == 0:
+            logger.warning(
+                "tensor parallelism: all-reduces through NCCL only (peer_all_reduce_max_bytes "
+                "not used): %s",
+                reason or "another rank cannot map its peers' memory",
+            )
+        return None
+    t = config.tuning
+    return PeerAllReduce(
+        dist.group.WORLD, device, config.peer_all_reduce_bytes(), t.peer_all_reduce_algorithm
+    )
 
 
 def _worker_main(
