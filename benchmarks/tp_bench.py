@@ -128,6 +128,7 @@ def tp_runs(cfg: dict) -> list[tuple[str, dict]]:
         ),
         # every step's norms fused with their all-reduce through peer memory, prefill's too
         ("tp2_peer_all", dict(tensor_parallel_size=2, peer_all_reduce_max_bytes=every_step)),
+        ("tp2_default", dict(tensor_parallel_size=2)),  # as a user gets it
     ]
     return [r for r in runs if r[0] in os.environ.get("TP_RUNS", r[0]).split(",")]
 

@@ -233,9 +233,10 @@ def assert_unguarded_tp2_script_fails_fast(model: Path, tmp_path: Path, **llm_kw
     assert "__main__" in r.stderr.splitlines()[-1], r.stderr[-3000:]
 
 
-def _compiled_so_far() -> list[int]:
-    """[Triton kernels compiled in this process by every nv_kernels JIT function, graphs
-    torch.compile produced]."""
+def _compiled_so_far() -> dict[str, list[str]]:
+    """What this process compiled: per nv_kernels JIT function ("module.name"), the keys of
+    its compiled variants (Triton's specialisations: constexprs, dtypes, alignments); and the
+    graphs torch.compile produced, under "torch.compile" (their count)."""
     import importlib
     import pkgutil
 
@@ -244,15 +245,17 @@ def _compiled_so_far() -> list[int]:
 
     import nv_kernels
 
-    kernels = 0
+    compiled = {}
     for info in pkgutil.iter_modules(nv_kernels.__path__):
-        for obj in vars(importlib.import_module(f"nv_kernels.{info.name}")).values():
+        for name, obj in vars(importlib.import_module(f"nv_kernels.{info.name}")).items():
             if isinstance(obj, JITFunction):
-                kernels += sum(len(c[0]) for c in obj.device_caches.values())
-    return [kernels, counters["stats"]["unique_graphs"]]
+                keys = [str(k) for c in obj.device_caches.values() for k in c[0]]
+                compiled[f"{info.name}.{name}"] = sorted(keys)
+    compiled["torch.compile"] = [str(counters["stats"]["unique_graphs"])]
+    return compiled
 
 
-def compiles_during_steps(model: str, enforce_eager: bool = False) -> tuple[list[int], list[int]]:
+def compiles_during_steps(model: str, enforce_eager: bool = False) -> tuple[dict, dict]:
     """What a bf16 engine on `model` (a tiny Qwen3 checkpoint) compiled (`_compiled_so_far`)
     once started, and after steps of every shape: prompts of 1..450 tokens alone and in
     batches, prefix hits, chunked prefill, and every sampling path (greedy, seeded, top-p,

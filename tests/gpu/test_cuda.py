@@ -251,19 +251,21 @@ _MANY_ROWS_SCRIPT = """
 import json, sys, torch
 sys.path[:0] = [sys.argv[2], sys.argv[2] + "/.."]  # tests/gpu, tests (nv_testing)
 from test_cuda import _rel, _step_logits
-g = torch.Generator().manual_seed(1)
-prompt = torch.randint(0, 151936, (1500,), generator=g).tolist()
-kw = dict(tensor_parallel_size=2, max_model_len=2048)
-runs = {}
-for name, bytes_ in (("nccl", 0), ("peer", 4 << 20), ("again", 4 << 20)):
-    logits, tokens = _step_logits(sys.argv[1], prompt, peer_all_reduce_max_bytes=bytes_, **kw)
-    runs[name] = (logits, tokens, _step_logits.peer)
-(nccl, tokens, _), out = runs["nccl"], {}
-for name in ("peer", "again"):
-    logits, other, peer = runs[name]
-    out[name] = dict(rel=[_rel(b, a) for a, b in zip(nccl, logits, strict=True)], peer=peer,
-                     first_token_equal=other[0] == tokens[0])
-print(json.dumps(out))
+
+if __name__ == "__main__":  # the TP workers are spawned: they import this file
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 151936, (1500,), generator=g).tolist()
+    kw = dict(tensor_parallel_size=2, max_model_len=2048)
+    runs = {}
+    for name, bytes_ in (("nccl", 0), ("peer", 4 << 20), ("again", 4 << 20)):
+        logits, tokens = _step_logits(sys.argv[1], prompt, peer_all_reduce_max_bytes=bytes_, **kw)
+        runs[name] = (logits, tokens, _step_logits.peer)
+    (nccl, tokens, _), out = runs["nccl"], {}
+    for name in ("peer", "again"):
+        logits, other, peer = runs[name]
+        out[name] = dict(rel=[_rel(b, a) for a, b in zip(nccl, logits, strict=True)], peer=peer,
+                         first_token_equal=other[0] == tokens[0])
+    print(json.dumps(out))
 """
 
 
@@ -451,7 +453,8 @@ def test_steps_compile_nothing(fp32_model, enforce_eager):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     before, after = json.loads(r.stdout.strip().splitlines()[-1])
-    assert after == before, (before, after)
+    new = {k: sorted(set(v) - set(before.get(k, []))) for k, v in after.items()}
+    assert not any(new.values()), {k: v for k, v in new.items() if v}
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

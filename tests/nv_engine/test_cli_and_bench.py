@@ -123,11 +123,12 @@ def test_kv_cache_dtype_flag(tmp_path, monkeypatch, capsys):
     assert len(errors) == 1 and "kv_cache_dtype" in errors[0]
 
 
-def test_peer_all_reduce_bytes_default_to_on_for_spawned_ranks(tmp_path):
-    """peer_all_reduce_max_bytes=None (the default) means the peer path for ranks spawned on one
-    machine and NCCL for ranks started elsewhere; a number is taken as given; a bad one is an
+def test_peer_all_reduce_covers_every_step_for_spawned_ranks(tmp_path):
+    """peer_all_reduce_max_bytes=None (the default) means the peer path for every message of
+    ranks spawned on one machine (a full step's: max_num_batched_tokens rows of the hidden size,
+    in bf16) and NCCL for ranks started elsewhere; a number is taken as given; a bad one is an
     error naming the field."""
-    from nv_engine.config import PEER_ALL_REDUCE_AUTO_BYTES, Config, EngineTuning
+    from nv_engine.config import Config, EngineTuning
 
     assert EngineTuning().peer_all_reduce_max_bytes is None
     for value in (-1, 1.5, "8"):
@@ -140,12 +141,13 @@ def test_peer_all_reduce_bytes_default_to_on_for_spawned_ranks(tmp_path):
         config = Config.from_kwargs(
             str(tmp_path),
             device="cpu",
+            max_num_batched_tokens=512,
             distributed_executor_backend=backend,
             peer_all_reduce_max_bytes=chosen,
         )
         return config.peer_all_reduce_bytes()
 
-    assert resolved("mp", None) == PEER_ALL_REDUCE_AUTO_BYTES > 0
+    assert resolved("mp", None) == 512 * tiny_qwen3_config().hidden_size * 2
     assert resolved("external", None) == 0
     assert resolved("mp", 0) == 0
     assert resolved("external", 1 << 20) == 1 << 20

@@ -30,9 +30,6 @@ DEFAULT_CUDA_GRAPH_BATCH_SIZES = (
 )
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's: "fp8" is e4m3
-# EngineTuning.peer_all_reduce_max_bytes=None on one machine: a decode step of 256 rows at hidden
-# size 4096 (docs/tensor_parallel.md has the measurements behind it)
-PEER_ALL_REDUCE_AUTO_BYTES = 8 << 20
 logger = logging.getLogger(__name__)
 
 
@@ -56,8 +53,8 @@ class EngineTuning:
     max_num_kvcache_blocks: int = 1 << 18
     distributed_timeout_s: float = 300.0
     # TP all-reduces of bf16 messages up to this size go through symmetric memory
-    # (PeerAllReduce) instead of NCCL (0: NCCL always; None: PEER_ALL_REDUCE_AUTO_BYTES when the
-    # ranks are one machine's spawned processes, else 0)
+    # (PeerAllReduce) instead of NCCL (0: NCCL always; None: every step's, when the ranks are
+    # one machine's spawned processes, else 0; Config.peer_all_reduce_bytes)
     peer_all_reduce_max_bytes: int | None = None
     peer_all_reduce_algorithm: str = "one_shot"  # PeerAllReduce.ALGORITHMS
     # greedy and temperature-only batches take the sampler's Triton kernels (which TP samples
@@ -254,12 +251,16 @@ class Config:
 
     def peer_all_reduce_bytes(self) -> int:
         """The largest bf16 all-reduce that goes through peer memory (0: none): the tuning's
-        `peer_all_reduce_max_bytes`, or when that is None, PEER_ALL_REDUCE_AUTO_BYTES for ranks
-        spawned on one machine ("mp") and 0 for ranks started elsewhere ("external")."""
+        `peer_all_reduce_max_bytes`, or when that is None, for ranks spawned on one machine
+        ("mp"), a full step's message (max_num_batched_tokens rows of the hidden size: every
+        all-reduce then goes through peer memory, fused with the norm after it), and for ranks
+        started elsewhere ("external"), 0. docs/tensor_parallel.md has the measurements."""
         chosen = self.tuning.peer_all_reduce_max_bytes
         if chosen is not None:
             return chosen
-        return PEER_ALL_REDUCE_AUTO_BYTES if self.distributed_executor_backend == "mp" else 0
+        if self.distributed_executor_backend != "mp":
+            return 0
+        return self.max_num_batched_tokens * self.hf_config.hidden_size * 2  # bf16
 
     def resolved_kv_cache_dtype(self, model_dtype):
         """The KV cache's torch dtype: the model's (auto), float8_e4m3fn or float8_e5m2."""

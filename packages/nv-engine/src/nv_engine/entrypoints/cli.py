@@ -65,8 +65,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=defaults["peer_all_reduce_max_bytes"],
         help="tensor parallelism: bf16 all-reduces up to this size go through peer memory, "
-        "fused with the RMSNorm after them, instead of NCCL (0: NCCL always; default: 8 MiB "
-        "for ranks on one machine; see docs/tensor_parallel.md)",
+        "fused with the RMSNorm after them, instead of NCCL (0: NCCL always; default: every "
+        "step's, for ranks on one machine; see docs/tensor_parallel.md)",
     )
     g.add_argument(
         "--no-prefix-caching",
