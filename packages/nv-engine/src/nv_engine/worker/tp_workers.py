@@ -158,33 +158,37 @@ def init_distributed(config: Config, rank: int, store: dist.Store | None) -> TPG
         world_size=world,
         timeout=timedelta(seconds=config.tuning.distributed_timeout_s),
     )
-    peer = None
-    if backend == "nccl" and config.peer_all_reduce_bytes() > 0:
-        peer = _join_peer_all_reduce(config, rank)
-    return TPGroup(rank, world, dist.group.WORLD, peer)
+    return TPGroup(rank, world, dist.group.WORLD)
 
 
-def _join_peer_all_reduce(config: Config, rank: int) -> PeerAllReduce | None:
-    """The peer-memory all-reduce if every rank can set one up, else None (NCCL only): the
-    ranks agree first (one all-reduce of a flag), so that none waits in a rendezvous the others
-    skip. Rank 0 logs why when it is off."""
+def join_peer_memory(config: Config, tp: TPGroup) -> TPGroup:
+    """`tp` with the peer-memory all-reduce (`PeerAllReduce`) where the settings ask for it
+    and every rank can set one up; else `tp` (NCCL only), rank 0 logging why. The ranks agree
+    first (one all-reduce of a flag), so that none waits in a rendezvous the others skip. It is
+    the group's first NCCL collective: rank 0 calls it once its workers are watched (a dead one
+    aborts the group), and every rank after comparing settings."""
+    if config.peer_all_reduce_bytes() == 0 or not config.resolved_device().startswith("cuda"):
+        return tp
     device = torch.device("cuda", torch.cuda.current_device())
-    devices = [local_device_index(r) for r in range(config.tensor_parallel_size)]
-    reason = PeerAllReduce.unavailable(devices, local_device_index(rank))
+    devices = [local_device_index(r) for r in range(tp.size)]
+    reason = PeerAllReduce.unavailable(devices, local_device_index(tp.rank))
     every = torch.tensor([reason is None], dtype=torch.int32, device=device)
-    dist.all_reduce(every, op=dist.ReduceOp.MIN)
+    tp.all_reduce(every, op=dist.ReduceOp.MIN)
     if not every.item():
-        if rank == 0:
+        if tp.rank == 0:
             logger.warning(
                 "tensor parallelism: all-reduces through NCCL only (peer_all_reduce_max_bytes "
                 "not used): %s",
                 reason or "another rank cannot map its peers' memory",
             )
-        return None
-    t = config.tuning
-    return PeerAllReduce(
-        dist.group.WORLD, device, config.peer_all_reduce_bytes(), t.peer_all_reduce_algorithm
+        return tp
+    peer = PeerAllReduce(
+        tp.group,
+        device,
+        config.peer_all_reduce_bytes(),
+        config.tuning.peer_all_reduce_algorithm,
     )
+    return replace(tp, peer=peer)
 
 
 def _worker_main(
@@ -208,6 +212,7 @@ def _worker_main(
     tp = init_distributed(config, rank, store)
     receiver = StepReceiver(shm_name, ready, acked, parent_pid)
     try:
+        tp = join_peer_memory(config, tp)
         runner = ModelRunner(config, rank, tp)
         while (message := receiver.recv()) != _EXIT:
             _carry_out(runner, message)
@@ -290,7 +295,7 @@ class WorkerPool:
         self._watchdog.start()
         # every collective call first polls: after the watchdog's abort at start-up, a collective
         # called behind it would wait forever
-        return replace(tp, alive_check=self.poll)
+        return join_peer_memory(self.config, replace(tp, alive_check=self.poll))
 
     def _watch(self) -> None:
         """From the rendezvous to close(): notice a worker's death (poll() reports it). Until
@@ -466,7 +471,7 @@ class ExternalWorkers:
             dist.destroy_process_group()
             raise
         self.ctrl = ctrl
-        return tp
+        return join_peer_memory(self.config, tp)
 
     def all_alive(self) -> bool:
         return True  # (see check_alive)
@@ -546,6 +551,7 @@ def serve_external_worker(config: Config) -> None:
     try:
         ctrl = _control_group(config)
         check_same_settings(config, ctrl)
+        tp = join_peer_memory(config, tp)
         runner = ModelRunner(config, rank, tp)
         while True:
             box: list[Any] = [None]
