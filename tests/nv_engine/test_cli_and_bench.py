@@ -125,10 +125,10 @@ def test_kv_cache_dtype_flag(tmp_path, monkeypatch, capsys):
 
 def test_peer_all_reduce_covers_every_step_for_spawned_ranks(tmp_path):
     """peer_all_reduce_max_bytes=None (the default) means the peer path for every message of
-    ranks spawned on one machine (a full step's: max_num_batched_tokens rows of the hidden size,
-    in bf16) and NCCL for ranks started elsewhere; a number is taken as given; a bad one is an
-    error naming the field."""
-    from nv_engine.config import Config, EngineTuning
+    two ranks spawned on one machine (a full step's: max_num_batched_tokens rows of the hidden
+    size, in bf16), for decode-sized ones with more ranks, and NCCL for ranks started elsewhere;
+    a number is taken as given; a bad one is an error naming the field."""
+    from nv_engine.config import PEER_ALL_REDUCE_MANY_RANKS_BYTES, Config, EngineTuning
 
     assert EngineTuning().peer_all_reduce_max_bytes is None
     for value in (-1, 1.5, "8"):
@@ -137,17 +137,20 @@ def test_peer_all_reduce_covers_every_step_for_spawned_ranks(tmp_path):
 
     tiny_qwen3_config().save_pretrained(tmp_path)  # a config.json is all Config reads
 
-    def resolved(backend: str, chosen: int | None) -> int:
+    def resolved(backend: str, chosen: int | None, ranks: int = 2) -> int:
         config = Config.from_kwargs(
             str(tmp_path),
             device="cpu",
             max_num_batched_tokens=512,
+            tensor_parallel_size=ranks,
             distributed_executor_backend=backend,
             peer_all_reduce_max_bytes=chosen,
         )
         return config.peer_all_reduce_bytes()
 
     assert resolved("mp", None) == 512 * tiny_qwen3_config().hidden_size * 2
+    # more ranks: decode-sized messages only (each rank reads every other's whole message)
+    assert resolved("mp", None, ranks=4) == PEER_ALL_REDUCE_MANY_RANKS_BYTES
     assert resolved("external", None) == 0
     assert resolved("mp", 0) == 0
     assert resolved("external", 1 << 20) == 1 << 20

@@ -30,6 +30,10 @@ DEFAULT_CUDA_GRAPH_BATCH_SIZES = (
 )
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's: "fp8" is e4m3
+# peer-memory all-reduces by default with more than two ranks: a decode step's messages (256
+# rows of hidden size 8192); larger ones cost each rank (ranks - 1) reads of the whole message,
+# where NCCL's ring moves about two
+PEER_ALL_REDUCE_MANY_RANKS_BYTES = 4 << 20
 logger = logging.getLogger(__name__)
 
 
@@ -252,14 +256,18 @@ class Config:
     def peer_all_reduce_bytes(self) -> int:
         """The largest bf16 all-reduce that goes through peer memory (0: none): the tuning's
         `peer_all_reduce_max_bytes`, or when that is None, for ranks spawned on one machine
-        ("mp"), a full step's message (max_num_batched_tokens rows of the hidden size: every
-        all-reduce then goes through peer memory, fused with the norm after it), and for ranks
-        started elsewhere ("external"), 0. docs/tensor_parallel.md has the measurements."""
+        ("mp"): with two ranks a full step's message (max_num_batched_tokens rows of the hidden
+        size: every all-reduce goes through peer memory, fused with the norm after it); with
+        more, decode-sized messages (PEER_ALL_REDUCE_MANY_RANKS_BYTES), since each rank reads
+        every other rank's whole message; for ranks started elsewhere ("external"), 0.
+        docs/tensor_parallel.md has the measurements (two ranks only)."""
         chosen = self.tuning.peer_all_reduce_max_bytes
         if chosen is not None:
             return chosen
         if self.distributed_executor_backend != "mp":
             return 0
+        if self.tensor_parallel_size > 2:
+            return PEER_ALL_REDUCE_MANY_RANKS_BYTES
         return self.max_num_batched_tokens * self.hf_config.hidden_size * 2  # bf16
 
     def resolved_kv_cache_dtype(self, model_dtype):
