@@ -16,13 +16,15 @@ _joined_before = False
 
 
 class PeerAllReduce:
-    """All-reduce of small bf16 messages through symmetric (peer-mapped) memory: each rank copies
-    its part into a buffer every peer can read, then torch's symmetric-memory kernels sum them:
-    `one_shot` (one kernel reads every part) or `two_shot` (each rank reduces a slice, then
-    gathers the others', in place). No ring steps, one or two launches, for decode-sized
-    messages. NVLink multicast is not used. Larger or other-dtype messages go to NCCL.
+    """All-reduce of bf16 messages through symmetric (peer-mapped) memory. NVLink multicast is
+    not used; other dtypes go to NCCL.
 
-    `all_reduce_rms_norm` fuses a row-parallel layer's all-reduce with the residual add and
+    `all_reduce` (up to ONE_SHOT_MAX_BYTES, the embedding's): each rank copies its part into a
+    buffer every peer can read, then torch's symmetric-memory kernels sum them: `one_shot` (one
+    kernel reads every part) or `two_shot` (each rank reduces a slice, then gathers the others',
+    in place). No ring steps, one or two launches.
+
+    `all_reduce_rms_norm` (up to `max_bytes`) fuses a row-parallel layer's all-reduce with the residual add and
     RMSNorm after it: this rank's part goes into one of two slots, then one kernel meets the
     other ranks (a barrier in its programs' first instructions) and reads every rank's slot.
     Slots alternate, so a slot is written again only after the barrier of the call between,
