@@ -24,13 +24,13 @@ class PeerAllReduce:
     kernel reads every part) or `two_shot` (each rank reduces a slice, then gathers the others',
     in place). No ring steps, one or two launches.
 
-    `all_reduce_rms_norm` (up to `max_bytes`) fuses a row-parallel layer's all-reduce with the residual add and
-    RMSNorm after it: this rank's part goes into one of two slots, then one kernel meets the
-    other ranks (a barrier in its programs' first instructions) and reads every rank's slot.
-    Slots alternate, so a slot is written again only after the barrier of the call between,
-    which every peer passes after it finished reading that slot. A full all-reduce
-    (the embedding's, first in every forward) starts the alternation again at slot 0: every
-    peer has reached it, so every earlier read is done, and a forward's slot sequence is the
+    `all_reduce_rms_norm` (up to `max_bytes`) fuses a row-parallel layer's all-reduce with the
+    residual add and RMSNorm after it: this rank's part goes into one of two slots, then one
+    kernel meets the other ranks (a barrier in its programs' first instructions) and reads every
+    rank's slot. Slots alternate, so a slot is written again only after the barrier of the call
+    between, which every peer passes after it finished reading that slot. A full all-reduce (the
+    embedding's, first in every forward) starts the alternation again at slot 0: every peer has
+    reached it, so every earlier read is done, and a forward's slot sequence is the
     same in every CUDA graph."""
 
     ALGORITHMS = ("one_shot", "two_shot")
