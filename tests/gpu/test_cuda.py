@@ -539,6 +539,7 @@ _SHUTDOWN_CASES = [
     ("clean", "async", "peer"),
     ("kill", "async", "peer"),
     ("startkill", "async", "nccl"),  # a worker killed while the engine starts
+    ("startkill", "async", "peer"),  # ... while rank 0's kernels meet it in peer memory
 ]
 # all run at once; each phase also has the script's own guard (120 + 40 + 40 + 20 s), so
 # a hang fails through the guard, with its stack in the log, before this deadline

@@ -440,3 +440,39 @@ def test_profiling_traces_every_rank(tmp_path, monkeypatch):
         # the engine goes on as before
         again = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0))
         assert again[0]["token_ids"] == want[0]["token_ids"]
+
+
+def test_a_death_during_start_up_releases_rank_0s_peer_barriers(monkeypatch):
+    """With the all-reduces in peer memory, rank 0's queued kernels meet a dead worker in a
+    barrier on the device, which aborting the group does not reach: the watchdog, seeing the
+    death during start-up, also releases those barriers, from close() on until the device's
+    queue drains (or a bound passes), so start-up's host waits return and it can raise."""
+    import threading
+
+    import nv_engine.worker.tp_workers as workers
+
+    class Peer:  # PeerAllReduce's two calls the release uses
+        def __init__(self, drains: bool) -> None:
+            self.releases, self.drains = 0, drains
+
+        def release_peers(self) -> None:
+            self.releases += 1
+
+        def device_idle(self) -> bool:
+            return self.drains
+
+    aborts = []
+    monkeypatch.setattr(workers, "_abort_group", lambda: aborts.append(1) or True)
+    monkeypatch.setattr(workers, "_ABORT_WAIT_S", 0.3)
+    for drains in (True, False):  # a device that never drains: released for _ABORT_WAIT_S more
+        pool = workers.WorkerPool(None)  # no workers spawned: only the watchdog's logic runs
+        pool._peer = peer = Peer(drains)
+        monkeypatch.setattr(pool, "all_alive", lambda: False)
+        pool._watch()  # sees the death at its first poll, releases, aborts, returns
+        assert pool._saw_death and pool._aborted and aborts
+        release = next(t for t in threading.enumerate() if t.name == "nv-tp-release")
+        time.sleep(0.1)
+        assert release.is_alive() and peer.releases > 1  # until close(), whatever the device
+        pool._closing.set()
+        release.join(2)
+        assert not release.is_alive()

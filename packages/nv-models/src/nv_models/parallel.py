@@ -118,6 +118,10 @@ class PeerAllReduce:
                     mine[r::world].fill_(1)
                     pad(r)[me::world].fill_(0)
 
+    def device_idle(self) -> bool:
+        """Whether this rank's device finished everything queued on its current stream."""
+        return torch.cuda.current_stream(self.buffer.device).query()
+
     def abandon(self) -> None:
         """Never free this object's peer memory, for when a peer died while this device may
         still wait on it in a barrier: torch's free of symmetric memory synchronises the device

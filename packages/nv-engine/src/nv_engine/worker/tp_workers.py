@@ -263,6 +263,7 @@ class WorkerPool:
         self._saw_death = False  # the watchdog's verdict: a worker died or began to
         self._abort_on_death = True  # the watchdog's, until ready()
         self._aborted = False  # the watchdog aborted the group
+        self._peer: PeerAllReduce | None = None  # rank 0's, once joined (start())
 
     def start(self) -> TPGroup:
         world = self.config.tensor_parallel_size
@@ -295,7 +296,9 @@ class WorkerPool:
         self._watchdog.start()
         # every collective call first polls: after the watchdog's abort at start-up, a collective
         # called behind it would wait forever
-        return join_peer_memory(self.config, replace(tp, alive_check=self.poll))
+        tp = join_peer_memory(self.config, replace(tp, alive_check=self.poll))
+        self._peer = tp.peer
+        return tp
 
     def _watch(self) -> None:
         """From the rendezvous to close(): notice a worker's death (poll() reports it). Until
@@ -310,8 +313,27 @@ class WorkerPool:
                     # before the abort, not behind it: host-side calls take microseconds
                     time.sleep(_ABORT_AFTER_S)
                     self._aborted = True
+                    if self._peer is not None:
+                        threading.Thread(
+                            target=self._release_peer_barriers, name="nv-tp-release", daemon=True
+                        ).start()
                     _abort_group()  # may never return (see close())
                 return
+
+    def _release_peer_barriers(self) -> None:
+        """Start-up, after a worker's death: the peer-memory kernels rank 0 queued meet the dead
+        peer in a barrier on the device, which no abort of the group reaches, so start-up's
+        host waits behind them would never return. Release them (`release_peers`) until
+        close(), then until the device's queue drains (at most _ABORT_WAIT_S more): the host
+        waits return, and start-up's next collective call raises, naming the rank."""
+        peer, deadline = self._peer, None
+        while True:
+            peer.release_peers()
+            if self._closing.is_set():
+                deadline = deadline or time.monotonic() + _ABORT_WAIT_S
+                if peer.device_idle() or time.monotonic() > deadline:
+                    return
+            time.sleep(0.01)
 
     def ready(self) -> None:
         """The engine is built: from now on the step's wait notices a death (it polls), and the
