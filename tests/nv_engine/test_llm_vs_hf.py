@@ -225,6 +225,43 @@ def test_triton_backend_interpreted(model_dir):
         assert_pool_whole(llm)
 
 
+def test_attention_kernels_get_16_byte_aligned_metadata(model_dir, monkeypatch):
+    """Every tensor the attention kernels read their metadata from (block tables, context
+    lengths, slots, cumulative lengths) starts at a 16-byte boundary, in decode steps of any
+    batch size and in prefill steps with cached context: Triton specialises a kernel on its
+    pointers' alignment, so a misaligned view compiles another variant in the middle of a step
+    (the GPU test `test_steps_compile_nothing[eager]` found tables staged after an odd number
+    of context lengths)."""
+    import nv_kernels.triton_attention as attention
+    from nv_kernels import AttentionMetadata
+
+    seen = []
+    fields = ("block_tables", "context_lens", "slot_mapping", "cu_seqlens_q", "cu_seqlens_k")
+
+    def recording(fn):
+        def call(*args, **kwargs):
+            meta = next(a for a in args if isinstance(a, AttentionMetadata))
+            kind = "prefill" if meta.is_prefill else "decode"
+            seen.extend((f"{kind} {name}", getattr(meta, name)) for name in fields)
+            return fn(*args, **kwargs)
+
+        return call
+
+    for name in ("decode_attention", "prefill_attention"):
+        monkeypatch.setattr(attention, name, recording(getattr(attention, name)))
+    path, prompts, _ = model_dir
+    kw = dict(device="cpu", attention_backend="triton", kvcache_block_size=4, enforce_eager=True)
+    with LLM(str(path), **kw) as llm:
+        for count in (1, 3, 5):  # decode batches of 1, 3 and 5 rows (lengths of odd counts)
+            params = SamplingParams(temperature=0.0, max_tokens=3)
+            llm.generate(prompts[:count], params, use_tqdm=False)  # shared prefixes: cache hits
+    staged = [(name, t) for name, t in seen if t is not None]
+    assert {name for name, _ in staged} >= {
+        "decode block_tables", "decode context_lens", "prefill block_tables", "prefill cu_seqlens_k"
+    }  # fmt: skip
+    assert [name for name, t in staged if t.data_ptr() % 16] == []
+
+
 def test_warm_ups_run_every_shape_and_write_nothing(model_dir):
     # what start-up runs on CUDA without graphs (the Triton decode kernel's variants), here
     # under the interpreter: one-sequence decode steps over tables of 1, 2, 4, 8, 16 blocks

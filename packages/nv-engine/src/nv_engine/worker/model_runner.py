@@ -496,22 +496,22 @@ class ModelRunner:
         width = max(map(len, tables))
         src = self._pending_inputs(plan)
         h = self.staging
-        # ids, positions, slots | context lengths, block tables | pending rows' sources
+        # ids, positions, slots | context lengths | block tables | pending rows' sources: the
+        # tables are a part of their own, 16-byte aligned (Triton specialises kernels on pointer
+        # alignment: tables after an odd number of lengths compiled new variants in steps)
         i64_at = h.add(ids + [0] * pad + positions + [0] * pad + slots + [-1] * pad, torch.int64)
-        i32_at = h.add(
-            [p + 1 for p in positions] + [1] * pad + _padded_rows(tables, width), torch.int32
-        )
+        lens_at = h.add([p + 1 for p in positions] + [1] * pad, torch.int32)
+        tables_at = h.add(_padded_rows(tables, width), torch.int32)
         if src is not None:
             pending = h.add(src + [-1] * pad, torch.int64)
         sampling = self._add_sampling(rows)
         parts = h.send()
-        i64, i32 = parts[i64_at], parts[i32_at]
-        ids_t, pos_t, slots_t = i64.view(3, padded)
+        ids_t, pos_t, slots_t = parts[i64_at].view(3, padded)
         if src is not None:
             src_t = parts[pending]
             prev = self._last_sampled[0]
             ids_t = torch.where(src_t >= 0, prev[src_t.clamp(min=0)], ids_t)
-        meta = AttentionMetadata(False, slots_t, i32[:padded], i32[padded:].view(n, width))
+        meta = AttentionMetadata(False, slots_t, parts[lens_at], parts[tables_at].view(n, width))
         return ids_t, pos_t, meta, sampling(parts)
 
     def _add_sampling(self, rows: list[ScheduledSeq]):
