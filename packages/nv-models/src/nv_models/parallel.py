@@ -40,8 +40,8 @@ class PeerAllReduce:
     # dispatch of programs guarantees
     MAX_PROGRAMS = 1024
     # torch's one-shot kernel (the unfused `all_reduce`, the embedding's) beats NCCL up to a few
-    # MiB and loses above (docs/benchmarks.md: 16 MiB, 106 against 93 µs on 2 x H200); larger
-    # full all-reduces go to NCCL whatever max_bytes is
+    # MiB and loses above (docs/benchmarks.md, the all-reduce table); larger full all-reduces go
+    # to NCCL whatever max_bytes is
     ONE_SHOT_MAX_BYTES = 4 << 20
 
     def __init__(
