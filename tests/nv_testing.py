@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -231,6 +233,49 @@ def assert_unguarded_tp2_script_fails_fast(model: Path, tmp_path: Path, **llm_kw
     assert r.returncode != 0
     assert "tensor-parallel worker rank 1 exited while starting" in r.stderr, r.stderr[-3000:]
     assert "__main__" in r.stderr.splitlines()[-1], r.stderr[-3000:]
+
+
+@contextlib.contextmanager
+def triton_specialisations() -> Iterator[dict[str, set[str]]]:
+    """Under Triton's interpreter (CPU), record for each nv_kernels JIT function the key of
+    the variant each launch would compile on a GPU, as Triton specialises: constexprs and launch
+    options by value, integers by class (1, a multiple of 16, other) unless
+    `do_not_specialize`d, tensors by dtype and whether they start at a 16-byte boundary.
+    Yields {kernel name: keys seen}, filled as kernels launch. What a CPU run can say about
+    compiles in a step, for the kernels it runs (attention, KV store, sampler)."""
+    import inspect
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    seen: dict[str, set[str]] = {}
+    run = InterpretedFunction.run
+
+    def key(fn: InterpretedFunction, args: tuple, kwargs: dict) -> str:
+        params = inspect.signature(fn.fn).parameters
+        exempt = set(fn.kwargs.get("do_not_specialize") or ())
+        parts = []
+        # positional arguments, then keywords (constexprs, and launch options: not parameters)
+        for name, v in [*zip(fn.arg_names, args, strict=False), *sorted(kwargs.items())]:
+            if name not in params or "constexpr" in str(params[name].annotation):
+                parts.append(f"{name}={v!r}")
+            elif isinstance(v, torch.Tensor):
+                parts.append(f"{name}:{v.dtype}:{v.data_ptr() % 16 == 0}")
+            elif isinstance(v, int) and not isinstance(v, bool) and name not in exempt:
+                parts.append(f"{name}:{'1' if v == 1 else '16' if v % 16 == 0 else 'n'}")
+            else:  # floats, and integers Triton does not specialise on
+                parts.append(name)
+        return " ".join(parts)
+
+    def recording(self, *args, grid, warmup, **kwargs):
+        if self.fn.__module__.startswith("nv_kernels"):
+            seen.setdefault(self.fn.__name__, set()).add(key(self, args, kwargs))
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = recording
+    try:
+        yield seen
+    finally:
+        InterpretedFunction.run = run
 
 
 def _compiled_so_far() -> dict[str, list[str]]:

@@ -262,6 +262,37 @@ def test_attention_kernels_get_16_byte_aligned_metadata(model_dir, monkeypatch):
     assert [name for name, t in staged if t.data_ptr() % 16] == []
 
 
+def test_eager_steps_launch_no_kernel_variant_start_up_did_not(model_dir):
+    """What CUDA start-up runs without graphs (the prefill, eager-decode and sampler warm-ups)
+    launches every Triton variant that eager steps of any shape then launch: decode batches of
+    1 to 5 rows, prefix hits, a chunked prompt, greedy and sampled rows. Under the interpreter,
+    each launch's specialisation key is recorded as a GPU would compile it
+    (`nv_testing.triton_specialisations`), for the kernels a CPU run has: attention, KV store,
+    sampler. A variant first seen in a step is a compile in the middle of serving on a GPU
+    (`test_steps_compile_nothing`, its GPU counterpart, checks every kernel)."""
+    from nv_testing import triton_specialisations
+
+    path, prompts, _ = model_dir
+    kw = dict(device="cpu", attention_backend="triton", kvcache_block_size=4, enforce_eager=True)
+    with (
+        triton_specialisations() as seen,
+        LLM(str(path), **kw, fused_sampler=True, max_num_batched_tokens=32) as llm,
+    ):
+        runner = llm.model_runner
+        runner._warm_up_prefill()
+        runner._warm_up_eager_decode()
+        runner._warm_up_sampler()
+        started = {name: set(keys) for name, keys in seen.items()}
+        for count in (1, 2, 3, 5):  # shared prefixes: cache hits after the first
+            params = [SamplingParams(temperature=t, max_tokens=3) for t in (0.0, 0.8)]
+            llm.generate(prompts[:count], params[count % 2], use_tqdm=False)
+        long = list(range(3, 60))  # past max_num_batched_tokens: a chunked prefill
+        llm.generate([long], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
+    assert {"_decode_kernel", "_prefill_kernel"} <= seen.keys()
+    new = {name: keys - started.get(name, set()) for name, keys in seen.items()}
+    assert {name: keys for name, keys in new.items() if keys} == {}
+
+
 def test_warm_ups_run_every_shape_and_write_nothing(model_dir):
     # what start-up runs on CUDA without graphs (the Triton decode kernel's variants), here
     # under the interpreter: one-sequence decode steps over tables of 1, 2, 4, 8, 16 blocks

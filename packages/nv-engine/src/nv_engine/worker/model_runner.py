@@ -312,7 +312,8 @@ class ModelRunner:
                 self._sample_random(3, dtype=torch.float32, **sampling)
             if self.tp.size > 1:
                 self._sample_random(3, sharded=True, **sampling)
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _sample_random(
         self, n: int, sharded: bool = False, dtype: torch.dtype | None = None, **sampling: float
