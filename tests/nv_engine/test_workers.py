@@ -11,13 +11,8 @@ import torch.distributed as dist
 from nv_testing import assert_unguarded_tp2_script_fails_fast, save_tiny_qwen3
 
 from nv_engine import LLM, SamplingParams
-from nv_engine.worker.tp_workers import (
-    StepChannel,
-    StepReceiver,
-    WorkerError,
-    _exited,
-    _stat_says_exiting,
-)
+from nv_engine.worker.step_channel import StepChannel, StepReceiver
+from nv_engine.worker.tp_workers import WorkerError, _exited, _stat_says_exiting
 
 
 def _reader(name, ready, acked, parent_pid, q):

@@ -30,9 +30,10 @@ from nv_engine.engine.model_files import (
 )
 from nv_engine.outputs import RequestOutput
 from nv_engine.sampling_params import SamplingParams, check_for_model, expand_n
+from nv_engine.worker.external_workers import ExternalWorkers
 from nv_engine.worker.model_runner import ModelRunner
 from nv_engine.worker.profiler import PROFILER_DIR_ENV, ProfileCommand
-from nv_engine.worker.tp_workers import ExternalWorkers, WorkerError, WorkerPool
+from nv_engine.worker.tp_workers import WorkerError, WorkerPool
 
 logger = logging.getLogger(__name__)
 

@@ -173,7 +173,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 def cmd_worker(a: argparse.Namespace) -> int:
     from nv_engine.config import Config
-    from nv_engine.worker.tp_workers import serve_external_worker
+    from nv_engine.worker.external_workers import serve_external_worker
 
     config = Config.from_kwargs(
         a.model,

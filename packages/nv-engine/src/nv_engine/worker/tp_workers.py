@@ -1,17 +1,16 @@
-"""Tensor-parallel worker processes and the shared-memory channel rank 0 drives them with."""
+"""Tensor-parallel ranks on one machine: rank 0 spawns the workers (`WorkerPool`), every rank
+joins the group (`init_distributed`, `join_peer_memory`), and each worker carries out the plans
+rank 0 sends it through a `StepChannel`. Ranks started elsewhere: `external_workers.py`."""
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
 import os
-import pickle
 import threading
 import time
-import uuid
 from dataclasses import replace
 from datetime import timedelta
-from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
 import torch
@@ -19,13 +18,11 @@ import torch.distributed as dist
 
 from nv_engine.config import Config, local_device_index
 from nv_engine.worker.profiler import ProfileCommand
+from nv_engine.worker.step_channel import EXIT, StepChannel, StepReceiver
 from nv_models import PeerAllReduce, TPGroup
 
 logger = logging.getLogger(__name__)
 
-_HEADER = 8  # payload length, little endian
-_RESIZE = "__nv_resize__"
-_EXIT = "__nv_exit__"
 _POLL_S = 0.5
 _ABORT_AFTER_S = 0.1  # the watchdog: from its verdict (read before collective calls) to its abort
 _ABORT_WAIT_S = 10.0  # close(): how long to wait for an abort (the watchdog's, or its own)
@@ -33,77 +30,6 @@ _ABORT_WAIT_S = 10.0  # close(): how long to wait for an abort (the watchdog's, 
 
 class WorkerError(RuntimeError):
     """A tensor-parallel worker died or stopped answering."""
-
-
-class StepChannel:
-    """One writer (rank 0), N readers, through a uniquely named shared-memory segment.
-
-    Every message is acknowledged by each reader before the next one is written, so a slow reader
-    never sees a half-overwritten message. A message larger than the segment makes the writer
-    move everyone to a larger segment first (a small resize message travels in the old one).
-
-    `ready` and `acked` are semaphores, one pair per reader: releasing one never waits for the
-    other side. (A multiprocessing Event's set() waits for every process sleeping in its wait()
-    to wake, and a reader killed there never does: rank 0 hung in set(), measured on NCCL.)
-    """
-
-    def __init__(self, num_readers: int, ctx: Any, size: int = 1 << 20) -> None:
-        self.shm = SharedMemory(create=True, size=size, name=_unique_name())
-        self._retired: list[SharedMemory] = []
-        self.ready = [ctx.Semaphore(0) for _ in range(num_readers)]
-        self.acked = [ctx.Semaphore(1) for _ in range(num_readers)]
-
-    def send(self, obj: Any, alive: Any) -> None:
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        if _HEADER + len(data) > self.shm.size:
-            new = SharedMemory(
-                create=True, size=max(2 * self.shm.size, 2 * len(data)), name=_unique_name()
-            )
-            self._write(pickle.dumps((_RESIZE, new.name)), alive)
-            self._retired.append(self.shm)
-            self.shm = new
-        self._write(data, alive)
-
-    def _write(self, data: bytes, alive: Any) -> None:
-        for acked in self.acked:
-            while not acked.acquire(timeout=_POLL_S):
-                alive()
-        self.shm.buf[:_HEADER] = len(data).to_bytes(_HEADER, "little")
-        self.shm.buf[_HEADER : _HEADER + len(data)] = data
-        for ready in self.ready:
-            ready.release()
-
-    def close(self) -> None:
-        for shm in [self.shm, *self._retired]:
-            shm.close()
-            try:
-                shm.unlink()
-            except FileNotFoundError:
-                pass
-
-
-class StepReceiver:
-    """A worker's end of the StepChannel."""
-
-    def __init__(self, name: str, ready: Any, acked: Any, parent_pid: int) -> None:
-        self.shm = SharedMemory(name=name)
-        self.ready, self.acked = ready, acked
-        self.parent_pid = parent_pid
-
-    def recv(self) -> Any:
-        while True:
-            while not self.ready.acquire(timeout=_POLL_S):
-                if os.getppid() != self.parent_pid:
-                    return _EXIT  # the engine process is gone: leave, don't linger
-            n = int.from_bytes(self.shm.buf[:_HEADER], "little")
-            obj = pickle.loads(self.shm.buf[_HEADER : _HEADER + n])
-            if isinstance(obj, tuple) and len(obj) == 2 and obj[0] == _RESIZE:
-                self.shm.close()
-                self.shm = SharedMemory(name=obj[1])
-                self.acked.release()
-                continue
-            self.acked.release()
-            return obj
 
 
 _PF_EXITING = 0x4  # Linux task flag: the process has begun to exit
@@ -136,10 +62,6 @@ def _exit_status(proc: mp.Process) -> str:
 
 def _started_key(rank: int) -> str:
     return f"nv-worker-{rank}-started"
-
-
-def _unique_name() -> str:
-    return f"nv-{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
 def init_distributed(config: Config, rank: int, store: dist.Store | None) -> TPGroup:
@@ -214,8 +136,8 @@ def _worker_main(
     try:
         tp = join_peer_memory(config, tp)
         runner = ModelRunner(config, rank, tp)
-        while (message := receiver.recv()) != _EXIT:
-            _carry_out(runner, message)
+        while (message := receiver.recv()) != EXIT:
+            carry_out(runner, message)
         runner.close()  # graphs that captured collectives go before the group (see close())
         if os.getppid() == parent_pid:
             dist.barrier()  # leave with rank 0: tearing down early can abort a peer mid-read
@@ -224,8 +146,9 @@ def _worker_main(
         dist.destroy_process_group()
 
 
-def _carry_out(runner: Any, message: Any) -> None:
-    """A worker's share of rank 0's message: a step's plan, or a profiler command. The
+def carry_out(runner: Any, message: Any) -> None:
+    """A worker's share of rank 0's message: a step's plan, or a profiler command (either
+    kind of worker). The
     latter fails alone: rank 0 applied it first, and a worker that raised here would take the
     engine down with it."""
     if not isinstance(message, ProfileCommand):
@@ -404,7 +327,7 @@ class WorkerPool:
         clean = False
         if self.channel is not None and self.procs and not self._saw_death and self.all_alive():
             try:
-                self.channel.send(_EXIT, self.check_alive)
+                self.channel.send(EXIT, self.check_alive)
                 if dist.is_initialized():
                     dist.barrier()
                 clean = True
@@ -450,138 +373,3 @@ def _abort_group() -> bool:
     except Exception:
         logger.warning("aborting the process group failed", exc_info=True)
         return False
-
-
-def _env_rank(config: Config) -> int:
-    missing = [
-        v for v in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE") if v not in os.environ
-    ]
-    if missing:
-        raise ValueError(
-            f"distributed_executor_backend='external' needs {missing} in the "
-            "environment (torchrun sets them)"
-        )
-    world = int(os.environ["WORLD_SIZE"])
-    if world != config.tensor_parallel_size:
-        raise ValueError(
-            f"WORLD_SIZE={world} but tensor_parallel_size={config.tensor_parallel_size}"
-        )
-    return int(os.environ["RANK"])
-
-
-class ExternalWorkers:
-    """Ranks launched outside the engine, on this machine or others (torchrun, or
-    `nv-engine worker` by hand), joined through torch.distributed's env:// rendezvous.
-    Rank 0, the engine, broadcasts each step's plan to them over a gloo group."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.ctrl: dist.ProcessGroup | None = None
-
-    def start(self) -> TPGroup:
-        rank = _env_rank(self.config)
-        if rank != 0:
-            raise ValueError(
-                f"RANK={rank}: the engine (LLM) is rank 0; run `nv-engine worker` "
-                "for the other ranks"
-            )
-        tp = init_distributed(self.config, 0, None)
-        ctrl = _control_group(self.config)
-        try:
-            check_same_settings(self.config, ctrl)
-        except ValueError:
-            dist.destroy_process_group()
-            raise
-        self.ctrl = ctrl
-        return join_peer_memory(self.config, tp)
-
-    def all_alive(self) -> bool:
-        return True  # (see check_alive)
-
-    def check_alive(self) -> None:
-        """Remote processes cannot be watched: a dead rank surfaces as a collective timeout."""
-
-    def poll(self) -> None:
-        """(see check_alive)"""
-
-    def ready(self) -> None:
-        """(see check_alive)"""
-
-    def wait_for_failure(self, grace_s: float = 0.0) -> None:
-        """Nothing to wait for (see check_alive)."""
-
-    def send(self, plan: Any) -> None:
-        dist.broadcast_object_list([plan], src=0, group=self.ctrl)
-
-    def close(self) -> None:
-        if self.ctrl is not None:
-            try:
-                self.send(_EXIT)
-                dist.barrier()
-            finally:
-                self.ctrl = None
-                dist.destroy_process_group()
-
-
-# Settings every rank must share: with different ones, ranks would pad a step differently (graph
-# sizes, eager or not), route all-reduces differently, wait for a sampled-token broadcast that
-# never comes, or read the cache in another layout: a hang or wrong tokens rather than an error.
-_SHARED_SETTINGS = (
-    "tensor_parallel_size", "max_model_len", "max_num_seqs", "kvcache_block_size", "dtype",
-    "kv_cache_dtype", "enforce_eager", "attention_backend", "async_scheduling",
-)  # fmt: skip
-_SHARED_TUNING = (
-    "cuda_graph_batch_sizes",
-    "peer_all_reduce_max_bytes",
-    "peer_all_reduce_algorithm",
-    "fused_sampler",
-)
-
-
-def check_same_settings(config: Config, ctrl: dist.ProcessGroup) -> None:
-    """Every rank shows the others its settings (over the control group); all raise the same
-    ValueError, naming each setting and each rank's value, when they differ. Ranks launched
-    apart (`nv-engine worker`) get theirs from their own flags."""
-    mine = {name: getattr(config, name) for name in _SHARED_SETTINGS}
-    mine.update({name: getattr(config.tuning, name) for name in _SHARED_TUNING})
-    every: list[Any] = [None] * config.tensor_parallel_size
-    dist.all_gather_object(every, mine, group=ctrl)
-    differ = [name for name in mine if len({repr(s[name]) for s in every}) > 1]
-    if differ:
-        values = "; ".join(
-            f"{name}: " + ", ".join(f"rank {r} {s[name]!r}" for r, s in enumerate(every))
-            for name in differ
-        )
-        raise ValueError(f"tensor-parallel ranks were started with different settings ({values})")
-
-
-def _control_group(config: Config) -> dist.ProcessGroup:
-    return dist.new_group(
-        backend="gloo", timeout=timedelta(seconds=config.tuning.distributed_timeout_s)
-    )
-
-
-def serve_external_worker(config: Config) -> None:
-    """A non-zero rank launched by hand or by torchrun: join, build this rank's shard, and run
-    every plan rank 0 broadcasts until it says exit."""
-    from nv_engine.worker.model_runner import ModelRunner
-
-    rank = _env_rank(config)
-    if rank == 0:
-        raise ValueError("RANK=0 runs the engine (LLM); workers are ranks 1..WORLD_SIZE-1")
-    tp = init_distributed(config, rank, None)
-    try:
-        ctrl = _control_group(config)
-        check_same_settings(config, ctrl)
-        tp = join_peer_memory(config, tp)
-        runner = ModelRunner(config, rank, tp)
-        while True:
-            box: list[Any] = [None]
-            dist.broadcast_object_list(box, src=0, group=ctrl)
-            if box[0] == _EXIT:
-                runner.close()  # graphs that captured collectives go before the group
-                dist.barrier()
-                break
-            _carry_out(runner, box[0])
-    finally:
-        dist.destroy_process_group()
