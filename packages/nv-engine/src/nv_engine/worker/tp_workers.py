@@ -84,17 +84,21 @@ def init_distributed(config: Config, rank: int, store: dist.Store | None) -> TPG
 
 
 def join_peer_memory(config: Config, tp: TPGroup) -> TPGroup:
-    """`tp` with the peer-memory all-reduce (`PeerAllReduce`) where the settings ask for it
-    and every rank can set one up; else `tp` (NCCL only), rank 0 logging why. The ranks agree
-    first (one all-reduce of a flag), so that none waits in a rendezvous the others skip. It is
-    the group's first NCCL collective: rank 0 calls it once its workers are watched (a dead one
-    aborts the group), and every rank after comparing settings."""
-    if config.peer_all_reduce_bytes() == 0 or not config.resolved_device().startswith("cuda"):
+    """`tp` with the peer-memory all-reduce (`PeerAllReduce`) where the settings ask for it, the
+    model runs in bf16 and every rank can set one up; else `tp` (NCCL only), rank 0 logging why
+    when a rank cannot. The ranks agree first (one all-reduce of a flag), so that none waits in
+    a rendezvous the others skip. It is the group's first NCCL collective: rank 0 calls it once
+    its workers are watched (a dead one aborts the group), and every rank after comparing
+    settings."""
+    device = config.resolved_device()
+    if not device.startswith("cuda") or config.peer_all_reduce_bytes() == 0:
         return tp
-    device = torch.device("cuda", torch.cuda.current_device())
+    if config.resolved_dtype(device) != torch.bfloat16:
+        return tp  # PeerAllReduce sums bf16 only: every message would go to NCCL anyway
+    gpu = torch.device("cuda", torch.cuda.current_device())
     devices = [local_device_index(r) for r in range(tp.size)]
     reason = PeerAllReduce.unavailable(devices, local_device_index(tp.rank))
-    every = torch.tensor([reason is None], dtype=torch.int32, device=device)
+    every = torch.tensor([reason is None], dtype=torch.int32, device=gpu)
     tp.all_reduce(every, op=dist.ReduceOp.MIN)
     if not every.item():
         if tp.rank == 0:
@@ -106,7 +110,7 @@ def join_peer_memory(config: Config, tp: TPGroup) -> TPGroup:
         return tp
     peer = PeerAllReduce(
         tp.group,
-        device,
+        gpu,
         config.peer_all_reduce_bytes(),
         config.tuning.peer_all_reduce_algorithm,
     )
