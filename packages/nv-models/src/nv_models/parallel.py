@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,6 +58,9 @@ class PeerAllReduce:
             raise ValueError(f"algorithm must be one of {self.ALGORITHMS}, got {algorithm!r}")
         self.algorithm = algorithm
         self.group_name = group.group_name
+        # nv's kernels never use NVLink multicast; unless told otherwise, torch's rendezvous
+        # would map a multicast object for the buffer where the GPUs support it
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
         self.max_numel = n = max_bytes // 16 * 8  # slots start at 16-byte multiples
         self.one_shot_numel = m = min(n, self.ONE_SHOT_MAX_BYTES // 2)
         # [one-shot buffer (m) | slot 0 (n) | slot 1 (n)]
