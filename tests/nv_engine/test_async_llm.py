@@ -104,7 +104,7 @@ def test_leaving_a_stream_aborts_its_request(engine):
                 pass
 
         task = asyncio.create_task(consume())
-        await _wait_until(lambda: engine.stats and engine.stats.num_running)
+        await _wait_until(lambda: engine.stats.num_running)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await _wait_until(lambda: _all_free(engine))
@@ -154,7 +154,7 @@ def test_a_dead_core_kills_every_stream(model_dir):
         assert engine.is_running and not engine.errored
         assert await engine.get_tokenizer() is engine.tokenizer is not None
         tasks = [asyncio.create_task(_run(engine, p, params)) for p in PROMPTS]
-        await _wait_until(lambda: engine.stats and engine.stats.num_running == len(PROMPTS))
+        await _wait_until(lambda: engine.stats.num_running == len(PROMPTS))
         os.kill(engine._proc.pid, signal.SIGKILL)
         results = await asyncio.gather(*tasks, return_exceptions=True)
         assert all(isinstance(r, EngineDeadError) for r in results), results
@@ -204,7 +204,7 @@ def test_a_dead_tensor_parallel_worker_kills_every_stream(model_dir):
         assert engine.is_running and not engine.errored
         assert await engine.get_tokenizer() is engine.tokenizer is not None
         tasks = [asyncio.create_task(_run(engine, p, params)) for p in PROMPTS]
-        await _wait_until(lambda: engine.stats and engine.stats.num_running == len(PROMPTS), 60)
+        await _wait_until(lambda: engine.stats.num_running == len(PROMPTS), 60)
         (worker,) = _spawned_children(engine._proc.pid)
         os.kill(worker, signal.SIGKILL)
         results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
