@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from nv_kernels import AttentionMetadata
+from nv_kernels import AttentionMetadata, allocate_kv_cache
 from nv_kernels.triton_attention import decode_attention
 
 H, HKV, D = 16, 8, 128
@@ -48,6 +48,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16")
     ap.add_argument("--quick", action="store_true")
+    # the engine's layout (allocate_kv_cache: V token-minor in fp8 caches), or V as 16-bit
+    # caches store it, for comparison
+    ap.add_argument("--v-layout", choices=["engine", "head-dim-minor"], default="engine")
     for opt in ("block-n", "warps", "stages", "splits"):  # override the sweep's lists
         ap.add_argument(f"--{opt}", type=int, nargs="+")
     args = ap.parse_args()
@@ -61,8 +64,10 @@ def main() -> None:
     for block_size, cases in shapes.items():
         token_bytes = HKV * D * (1 if fp8 else 2)
         num_blocks = CACHE_GIB * 2**30 // (2 * block_size * token_bytes)
-        kc = torch.zeros(num_blocks, block_size, HKV, D, device="cuda", dtype=kv_dtype)
-        vc = torch.zeros_like(kc)
+        shape = (num_blocks, block_size, HKV, D)
+        kc, vc = (c[0] for c in allocate_kv_cache(1, *shape, kv_dtype, "cuda"))
+        if args.v_layout == "head-dim-minor":
+            vc = torch.zeros_like(kc)
         for batch, ctx in cases:
             per = -(-ctx // block_size)
             ids = torch.randperm(num_blocks, device="cuda")[: batch * per]
@@ -111,6 +116,7 @@ def main() -> None:
                 err = ((out - ref).norm() / ref.norm()).item()
                 row = dict(
                     kv_dtype=str(kv_dtype),
+                    v_token_minor=vc.stride(1) == 1,
                     block_size=block_size,
                     batch=batch,
                     ctx=ctx,

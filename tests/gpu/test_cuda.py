@@ -17,7 +17,7 @@ from nv_testing import (
 )
 
 from nv_engine.entrypoints.bench import QWEN3_0_6B_SHAPE
-from nv_kernels import AttentionMetadata, store_kvcache, store_kvcache_ref
+from nv_kernels import AttentionMetadata, allocate_kv_cache, store_kvcache, store_kvcache_ref
 from nv_kernels.torch_attention import decode_ref, prefill_ref
 from nv_kernels.triton_attention import decode_attention, prefill_attention
 
@@ -689,11 +689,13 @@ def test_pdl_decode_graphs_give_the_same_tokens(tmp_path):
 # ---- fp8 KV cache ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("v_layout", ["head-dim-minor", "token-minor"])
 @pytest.mark.parametrize("block_size", [16, 256])
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
-def test_fp8_kv_kernels_match_reference(block_size, fp8):
+def test_fp8_kv_kernels_match_reference(block_size, fp8, v_layout):
     """On the GPU the fp8 store is bit for bit torch's quantization (no interpreter
-    exceptions), and decode/prefill over fp8 caches match the torch reference in bf16."""
+    exceptions), and decode/prefill over fp8 caches match the torch reference in bf16, with V
+    stored as 16-bit caches store it or token-minor (the engine's fp8 layout)."""
     from nv_testing import assert_fp8_cache_equal
 
     gen = torch.Generator().manual_seed(block_size)
@@ -707,6 +709,10 @@ def test_fp8_kv_kernels_match_reference(block_size, fp8):
     k = (torch.randn(len(flat), hkv, d, generator=gen) * 100).to(DEV, torch.bfloat16)
     v = torch.randn(len(flat), hkv, d, generator=gen).to(DEV, torch.bfloat16)
     caches = [torch.zeros(blocks, block_size, hkv, d, dtype=fp8, device=DEV) for _ in range(4)]
+    if v_layout == "token-minor":
+        shape = (blocks, block_size, hkv, d)
+        caches[:2] = [c[0] for c in allocate_kv_cache(1, *shape, fp8, DEV)]
+        assert caches[1].stride(1) == 1
     store_kvcache(k, v, caches[0], caches[1], flat, *scales)
     store_kvcache_ref(k, v, caches[2], caches[3], flat, *scales)
     assert_fp8_cache_equal(caches[0], caches[2])
@@ -719,11 +725,14 @@ def test_fp8_kv_kernels_match_reference(block_size, fp8):
     ref = decode_ref(q, caches[0], caches[1], meta, 0.1, scales).float()
     # the kernels then read caches whose every unowned slot is NaN: an fp8 V tile is loaded
     # unmasked (masked tokens point into block 0) and its masked rows zeroed after the cast
-    poisoned = [c.clone() for c in caches[:2]]
+    # (head_dim-minor) or clamped to finite values their zero weights cancel (token-minor)
+    poisoned = [c.clone(memory_format=torch.preserve_format) for c in caches[:2]]
+    assert poisoned[1].stride() == caches[1].stride()
     unused = torch.ones(blocks * block_size, dtype=torch.bool, device=DEV)
     unused[flat] = False
-    for c in poisoned:
-        c.view(torch.uint8).view(-1, hkv, d)[unused] = 0x7F  # NaN in e4m3fn and e5m2
+    unused = unused.nonzero()[:, 0]
+    for c in poisoned:  # NaN in e4m3fn and e5m2
+        c.view(torch.uint8)[unused // block_size, unused % block_size] = 0x7F
     out = decode_attention(q, *poisoned, meta, 0.1, kv_scales=scales).float()
     assert (out - ref).norm() / ref.norm() < 2e-2
     # prefill: each sequence's last 5 tokens (3 for the 1- and 3-token ones) against the cache

@@ -28,7 +28,9 @@ def test_greedy_tokens_are_transformers_choice(tiny):
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in MAX_NEW]
     kw = dict(device="cpu", kvcache_block_size=4, max_num_batched_tokens=8)
     with LLM(str(path), kv_cache_dtype="fp8", **kw) as llm:
-        assert llm.model_runner.kv_cache.dtype == torch.float8_e4m3fn
+        k_cache, v_cache = llm.model_runner.kv_cache
+        assert k_cache.dtype == v_cache.dtype == torch.float8_e4m3fn
+        assert v_cache.stride(2) == 1  # V token-minor [layers, blocks, tokens, heads, dims]
         outs = llm.generate(prompts, params, use_tqdm=False)
         bm = llm.scheduler.block_manager
         assert bm.num_free_blocks == bm.num_blocks
@@ -152,7 +154,7 @@ def test_calibrated_scales_from_the_checkpoint(tiny, tmp_path):
             llm.generate([prompt], p, use_tqdm=False)
             # the prompt's K/V (block 0): one prefill that attends to its fresh K/V, so they do
             # not depend on the cache (the generated tokens may)
-            stored[name] = llm.model_runner.kv_cache[:, :, 0, :30].float().clone()
+            stored[name] = [c[:, 0, :30].float() for c in llm.model_runner.kv_cache]
     # the same K (V) stored divided by 0.25 (0.125), a power of two: 4x (8x) the unit-scale
     # values, exactly, except where the unit-scale ones were subnormal (coarser steps)
     for i, factor in ((0, 4.0), (1, 8.0)):

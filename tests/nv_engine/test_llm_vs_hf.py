@@ -302,7 +302,7 @@ def test_warm_ups_run_every_shape_and_write_nothing(model_dir):
         llm.generate(prompts[:1], SamplingParams(max_tokens=2), use_tqdm=False)
         runner = llm.model_runner
         assert runner.max_blocks_per_seq == 16
-        cache = runner.kv_cache.clone()
+        cache = [c.clone() for c in runner.kv_cache]
         runner._warm_up_eager_decode()
         projected = []  # and they project every row-count class of the LM head's skinny GEMM
         compute_logits = runner.model.compute_logits
@@ -312,7 +312,7 @@ def test_warm_ups_run_every_shape_and_write_nothing(model_dir):
         runner._warm_up_prefill()  # the prefill warm-ups (CUDA's too) write nothing either
         assert set(skinny_variant_rows()) <= set(projected)
         runner.model.compute_logits = compute_logits
-        assert torch.equal(runner.kv_cache, cache)
+        assert all(map(torch.equal, runner.kv_cache, cache))
         greedy = SamplingParams(temperature=0.0, max_tokens=4)
         out = llm.generate(prompts[:1], greedy, use_tqdm=False)
         assert out[0]["token_ids"] == refs[0][:4]

@@ -27,13 +27,17 @@ from nv_kernels.triton_attention import _decode_kernel, _decode_reduce_kernel, _
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def compile_kernel(kernel, constexprs: dict, types: dict | None = None, **options) -> None:
+def compile_kernel(
+    kernel, constexprs: dict, types: dict | None = None, aligned: tuple = (), **options
+):
     """Arguments named *_ptr are bf16 pointers, the rest int32, unless `types` says otherwise;
-    parameters declared `tl.constexpr` take their value from `constexprs`."""
+    parameters declared `tl.constexpr` take their value from `constexprs`, and so do integers
+    named there (Triton's launcher specialises an integer equal to 1 so). `aligned`: arguments
+    divisible by 16, as the launcher finds them. Returns the compiled kernel."""
     types = types or {}
     signature = {}
     for p in kernel.params:
-        if p.is_constexpr:
+        if p.is_constexpr or p.name in constexprs:
             signature[p.name] = "constexpr"
         else:
             signature[p.name] = types.get(p.name, "*bf16" if p.name.endswith("_ptr") else "i32")
@@ -42,9 +46,41 @@ def compile_kernel(kernel, constexprs: dict, types: dict | None = None, **option
     if missing:
         raise ValueError(f"{kernel.fn.__name__}: no value for {missing}")
     src = ASTSource(
-        kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()}
+        kernel,
+        signature,
+        constexprs={(names.index(k),): v for k, v in constexprs.items()},
+        attrs={(names.index(k),): [["tt.divisibility", 16]] for k in aligned},
     )
-    triton.compile(src, target=TARGET, options={"num_warps": 4, **options})
+    return triton.compile(src, target=TARGET, options={"num_warps": 4, **options})
+
+
+def fp8_decode_reads_v_as_an_operand() -> list[str]:
+    """What is wrong with the fp8 decode kernel's PTX as the engine launches it (V token-minor,
+    128-token tiles of 256-token blocks, a pipeline of 3 stages, 16-byte aligned arguments):
+    both tiles should be copied into shared memory asynchronously and read from there into
+    the tensor cores' operands, V with no transpose (kv_cache.py)."""
+    aligned = [p.name for p in _decode_kernel.params if p.name.endswith("_ptr")]
+    aligned += ["stride_qt", "stride_qh", "stride_ckb", "stride_ckt", "stride_ckh"]
+    aligned += ["stride_cvb", "stride_cvh", "stride_cvd", "stride_ot", "stride_oh"]
+    kernel = compile_kernel(
+        _decode_kernel,
+        dict(G=2, G_PAD=16, BLOCK_SIZE=256, D=128, BLOCK_N=128, V_TOKEN_MINOR=True,
+             NUM_SPLITS=1, PRECISION=None, DOT_DTYPE=tl.float16, PDL=False, stride_cvt=1),
+        dict(block_tables_ptr="*i32", context_lens_ptr="*i32", mid_o_ptr="*fp32",
+             mid_lse_ptr="*fp32", scale="fp32", k_scale="fp32", v_scale="fp32",
+             k_cache_ptr="*fp8e4nv", v_cache_ptr="*fp8e4nv"),
+        aligned=tuple(aligned),
+        num_stages=3,
+    )  # fmt: skip
+    ptx = kernel.asm["ptx"]
+    problems = []
+    if "ld.shared.b8" in ptx or "ld.shared.u8" in ptx:
+        problems.append("reads a tile from shared memory one byte at a time")
+    if ".trans" in ptx:
+        problems.append("transposes a tile in shared memory (ldmatrix.trans)")
+    if ptx.count("cp.async.cg.shared.global") < 2:
+        problems.append("does not copy both K and V tiles into shared memory asynchronously")
+    return problems
 
 
 def main() -> int:
@@ -62,14 +98,15 @@ def main() -> int:
     scales = dict(scale="fp32", k_scale="fp32", v_scale="fp32")
     fp8 = dict(k_cache_ptr="*fp8e4nv", v_cache_ptr="*fp8e4nv")
     e5m2 = dict(k_cache_ptr="*fp8e5", v_cache_ptr="*fp8e5")
-    for (splits, block_size), pdl, kv in itertools.product(
-        ((1, 256), (7, 16)), (False, True), ({}, fp8, e5m2)
+    for (splits, block_size), pdl, (kv, token_minor) in itertools.product(
+        ((1, 256), (7, 16)), (False, True), (({}, False), (fp8, False), (fp8, True), (e5m2, True))
     ):
         jobs.append((
             _decode_kernel,
             dict(G=2, G_PAD=16, BLOCK_SIZE=block_size, D=128, BLOCK_N=128 if kv else 64,
-                 NUM_SPLITS=splits, PRECISION=None, DOT_DTYPE=tl.float16 if kv else tl.bfloat16,
-                 PDL=pdl),
+                 V_TOKEN_MINOR=token_minor, NUM_SPLITS=splits, PRECISION=None,
+                 DOT_DTYPE=tl.float16 if kv else tl.bfloat16, PDL=pdl,
+                 **{"stride_cvt" if token_minor else "stride_cvd": 1}),
             dict(block_tables_ptr="*i32", context_lens_ptr="*i32", mid_o_ptr="*fp32",
                  mid_lse_ptr="*fp32", **scales, **kv),
             dict(num_stages=4, launch_pdl=pdl),
@@ -85,17 +122,22 @@ def main() -> int:
                 dict(BLOCK=1024, HAS_RES=res, PARTS=parts, SIGNAL=signal, PDL=pdl),
                 dict(eps="fp32", parts_ptr="*i64", signal_ptr="*i64"), dict(launch_pdl=pdl),
             ))  # fmt: skip
-    for paged, kv in ((False, {}), (True, {}), (True, fp8), (True, e5m2)):
+    for paged, kv, token_minor in (
+        (False, {}, False), (True, {}, False), (True, fp8, False), (True, fp8, True),
+        (True, e5m2, True),
+    ):  # fmt: skip
         jobs.append((
             _prefill_kernel,
             dict(G=2, BLOCK_SIZE=256 if paged else 1, D=128, BLOCK_M=64, BLOCK_N=32, PAGED=paged,
-                 PRECISION=None, DOT_DTYPE=tl.float16 if kv else tl.bfloat16),
+                 V_TOKEN_MINOR=token_minor, PRECISION=None,
+                 DOT_DTYPE=tl.float16 if kv else tl.bfloat16),
             dict(cu_q_ptr="*i32", cu_k_ptr="*i32", block_tables_ptr="*i32", **scales, **kv),
             dict(num_stages=2),
         ))  # fmt: skip
     for kv, fp8_max in (({}, 0.0), (fp8, 448.0), (e5m2, 57344.0)):
         jobs.append((
-            _store_kvcache_kernel, dict(D=1024, BLOCK=1024, FP8_MAX=fp8_max),
+            _store_kvcache_kernel,
+            dict(HEAD_DIM=128, D=1024, BLOCK=1024, BLOCK_SIZE=256, FP8_MAX=fp8_max),
             dict(slot_mapping_ptr="*i64", k_scale="fp32", v_scale="fp32", **kv), {},
         ))  # fmt: skip
     for norm, pdl, (kv, fp8_max) in itertools.product(
@@ -103,8 +145,8 @@ def main() -> int:
     ):
         jobs.append((
             _qk_norm_rope_store_kernel,
-            dict(H=16, HKV=8, H_PAD=16, HKV_PAD=8, HALF=64, HAS_NORM=norm, FP8_MAX=fp8_max,
-                 PDL=pdl),
+            dict(H=16, HKV=8, H_PAD=16, HKV_PAD=8, HALF=64, HAS_NORM=norm, BLOCK_SIZE=256,
+                 FP8_MAX=fp8_max, PDL=pdl),
             dict(cos_sin_ptr="*fp32", slot_mapping_ptr="*i64", eps="fp32", k_scale="fp32",
                  v_scale="fp32", **kv),
             dict(launch_pdl=pdl),
@@ -118,7 +160,9 @@ def main() -> int:
     jobs.append((
         _pick_kernel, dict(CANDS=256), dict(cand_ptr="*i32", out_ptr="*i64"), {},
     ))  # fmt: skip
-    failed = 0
+    failed = len(problems := fp8_decode_reads_v_as_an_operand())
+    for problem in problems:
+        print(f"FAILED fp8 decode kernel's PTX: {problem}", file=sys.stderr)
     for kernel, constexprs, types, options in jobs:
         try:
             compile_kernel(kernel, constexprs, types, **options)

@@ -10,6 +10,7 @@ from nv_testing import assert_fp8_cache_equal, paged_layout
 
 from nv_kernels import (
     AttentionMetadata,
+    allocate_kv_cache,
     dequantize_kv,
     quantize_kv,
     store_kvcache,
@@ -21,6 +22,17 @@ from nv_kernels.triton_attention import decode_attention, prefill_attention
 FP8 = torch.float8_e4m3fn
 FP8S = [torch.float8_e4m3fn, torch.float8_e5m2]
 SCALES = [(1.0, 1.0), (0.05, 3.0)]
+# V head_dim-minor, as 16-bit caches store it, or token-minor, as the engine's fp8 caches do
+V_LAYOUTS = ["head-dim-minor", "token-minor"]
+
+
+def fp8_caches(shape, dtype, v_layout):
+    """Zeroed K and V caches [blocks, block_size, KV heads, head_dim] with V in `v_layout`."""
+    if v_layout == "token-minor":
+        k, v = allocate_kv_cache(1, *shape, dtype, "cpu")
+        assert v[0].stride(1) == 1  # what the kernels key on
+        return k[0], v[0]
+    return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
 
 
 def test_quantize_saturates_and_rounds_like_torch():
@@ -35,9 +47,10 @@ def test_quantize_saturates_and_rounds_like_torch():
     torch.testing.assert_close(back[[0, 1, 2, 6]], x[[0, 1, 2, 6]], rtol=0.07, atol=0)
 
 
+@pytest.mark.parametrize("v_layout", V_LAYOUTS)
 @pytest.mark.parametrize("kv_scales", SCALES)
 @pytest.mark.parametrize("dtype", FP8S)
-def test_store_kvcache_fp8_matches_reference(kv_scales, dtype):
+def test_store_kvcache_fp8_matches_reference(kv_scales, dtype, v_layout):
     gen = torch.Generator().manual_seed(1)
     n, hkv, d, blocks, bs = 19, 2, 16, 8, 4
     fp8_max = torch.finfo(dtype).max
@@ -45,7 +58,10 @@ def test_store_kvcache_fp8_matches_reference(kv_scales, dtype):
     v = torch.randn(n, hkv, d, generator=gen)
     slots = torch.randperm(blocks * bs, generator=gen)[:n].clone()
     slots[3] = -1
-    caches = [torch.zeros(blocks, bs, hkv, d, dtype=dtype) for _ in range(4)]
+    caches = [
+        *fp8_caches((blocks, bs, hkv, d), dtype, v_layout),
+        *fp8_caches((blocks, bs, hkv, d), dtype, "head-dim-minor"),
+    ]
     store_kvcache(k, v, caches[0], caches[1], slots, *kv_scales)
     store_kvcache_ref(k, v, caches[2], caches[3], slots, *kv_scales)
     for ours, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
@@ -53,11 +69,12 @@ def test_store_kvcache_fp8_matches_reference(kv_scales, dtype):
     assert caches[0].float().abs().max() == fp8_max  # saturated, not NaN
 
 
+@pytest.mark.parametrize("v_layout", V_LAYOUTS)
 @pytest.mark.parametrize("kv_scales", SCALES)
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dtype", FP8S)
-def test_decode_fp8_cache_matches_reference(kv_scales, num_splits, q_dtype, dtype):
+def test_decode_fp8_cache_matches_reference(kv_scales, num_splits, q_dtype, dtype, v_layout):
     gen = torch.Generator().manual_seed(num_splits)
     heads, hkv, d, bs, blocks = 4, 2, 16, 4, 48
     lens = [1, 5, 17, 33]
@@ -66,8 +83,9 @@ def test_decode_fp8_cache_matches_reference(kv_scales, num_splits, q_dtype, dtyp
         table[i, : -(-n // bs)] += 1
     slots = [[slot + bs for slot in seq] for seq in slots]
     shape = (blocks, bs, hkv, d)
-    k_cache = quantize_kv(torch.randn(shape, generator=gen), torch.empty(0, dtype=dtype), 1.0)
-    v_cache = quantize_kv(torch.randn(shape, generator=gen), torch.empty(0, dtype=dtype), 1.0)
+    k_cache, v_cache = fp8_caches(shape, dtype, v_layout)
+    for cache in (k_cache, v_cache):
+        cache.copy_(quantize_kv(torch.randn(shape, generator=gen), cache, 1.0))
     q = torch.randn(len(lens), heads, d, generator=gen).to(q_dtype)
     meta = AttentionMetadata(
         False,
@@ -78,13 +96,16 @@ def test_decode_fp8_cache_matches_reference(kv_scales, num_splits, q_dtype, dtyp
     ref = decode_ref(q.float(), k_cache, v_cache, meta, 0.3, kv_scales)
     plain = decode_ref(q.float(), k_cache, v_cache, meta, 0.3)
     # then every slot no sequence owns holds a NaN byte (in e4m3fn and e5m2 alike): the kernel
-    # reads an fp8 V tile unmasked (masked tokens point into block 0, owned by none) and zeroes
-    # the masked rows after the cast. Triton's interpreter decodes e4m3fn's as 480, so there it
-    # checks that masked tokens carry no weight; tests/gpu checks the NaN itself
+    # reads an fp8 V tile unmasked (masked tokens point into block 0, owned by none), then
+    # zeroes the masked rows after the cast (head_dim-minor V) or clamps them to finite values
+    # that the masked scores weigh by 0 (token-minor). Triton's interpreter decodes e4m3fn's
+    # NaN as 480, so there it checks that masked tokens carry no weight; tests/gpu checks the
+    # NaN itself
     unused = torch.ones(blocks * bs, dtype=torch.bool)
     unused[[slot for seq in slots for slot in seq]] = False
+    unused = unused.nonzero()[:, 0]
     for cache in (k_cache, v_cache):
-        cache.view(torch.uint8).view(-1, hkv, d)[unused] = 0x7F
+        cache.view(torch.uint8)[unused // bs, unused % bs] = 0x7F
     out = decode_attention(
         q, k_cache, v_cache, meta, 0.3, num_splits=num_splits, kv_scales=kv_scales
     )
@@ -96,16 +117,17 @@ def test_decode_fp8_cache_matches_reference(kv_scales, num_splits, q_dtype, dtyp
         assert not torch.allclose(plain, ref, atol=1e-3)
 
 
+@pytest.mark.parametrize("v_layout", V_LAYOUTS)
 @pytest.mark.parametrize("kv_scales", SCALES)
 @pytest.mark.parametrize("dtype", FP8S)
-def test_prefill_fp8_paged_context_matches_reference(kv_scales, dtype):
+def test_prefill_fp8_paged_context_matches_reference(kv_scales, dtype, v_layout):
     gen = torch.Generator().manual_seed(5)
     heads, hkv, d, bs, blocks = 4, 2, 16, 4, 48
     lens_q, lens_k = [3, 8, 1], [3, 8 + 9, 1 + 4]  # prefixes of 0, 9 and 4 cached tokens
     table, slot_lists = paged_layout(gen, lens_k, bs, blocks)
     slots = torch.tensor([x for row in slot_lists for x in row])
     shape = (blocks, bs, hkv, d)
-    k_cache, v_cache = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+    k_cache, v_cache = fp8_caches(shape, dtype, v_layout)
     # the whole context goes through the store, as chunked prefill and prefix hits leave it
     k_all = torch.randn(len(slots), hkv, d, generator=gen)
     v_all = torch.randn(len(slots), hkv, d, generator=gen)

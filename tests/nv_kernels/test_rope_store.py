@@ -4,6 +4,7 @@ import pytest
 import torch
 from nv_testing import assert_fp8_cache_equal
 
+from nv_kernels import allocate_kv_cache
 from nv_kernels.rope_store import qk_norm_rope_store, qk_norm_rope_store_ref
 
 
@@ -48,6 +49,7 @@ def test_rejects_bad_inputs():
 @pytest.mark.parametrize("kv_scales", [(1.0, 1.0), (0.5, 0.25)])
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
 def test_fp8_caches_match_reference(kv_scales, fp8):
+    # the engine's fp8 layout (V token-minor) against the reference's writes into plain caches
     # float32 activations, so any difference in the fp8 bytes would be the kernel's quantization
     g = torch.Generator().manual_seed(11)
     heads, kv_heads, head_dim, t = 4, 2, 32, 9
@@ -55,8 +57,10 @@ def test_fp8_caches_match_reference(kv_scales, fp8):
     cos_sin = torch.randn(t, head_dim, generator=g)
     weights = [torch.rand(head_dim, generator=g) + 0.5 for _ in "qk"]
     slots = torch.tensor([3, 0, -1, 7, 12, 19, 5, -1, 22])
-    caches = [torch.zeros(6, 4, kv_heads, head_dim, dtype=fp8) for _ in "kv"]
-    ref_qkv, ref_caches = qkv.clone(), [c.clone() for c in caches]
+    caches = [c[0] for c in allocate_kv_cache(1, 6, 4, kv_heads, head_dim, fp8, "cpu")]
+    assert caches[1].stride(1) == 1
+    ref_qkv = qkv.clone()
+    ref_caches = [torch.zeros(6, 4, kv_heads, head_dim, dtype=fp8) for _ in "kv"]
     qk_norm_rope_store(qkv, cos_sin, *weights, 1e-6, heads, kv_heads, *caches, slots, *kv_scales)
     qk_norm_rope_store_ref(
         ref_qkv, cos_sin, *weights, 1e-6, heads, kv_heads, *ref_caches, slots, *kv_scales

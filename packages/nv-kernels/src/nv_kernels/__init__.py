@@ -1,8 +1,9 @@
-"""nv's kernels: attention backends over a paged KV cache, the KV store and fused rope+store
-kernels, RMSNorm, the small-batch GEMM, programmatic dependent launch and the sampler. Other
-packages import from here, never from the modules."""
+"""nv's kernels: attention backends over a paged KV cache, its layout, the KV store and fused
+rope+store kernels, RMSNorm, the small-batch GEMM, programmatic dependent launch and the
+sampler. Other packages import from here, never from the modules."""
 
 from nv_kernels.backends import BACKEND_NAMES, AttentionBackend, get_attention_backend
+from nv_kernels.kv_cache import allocate_kv_cache
 from nv_kernels.metadata import AttentionMetadata
 from nv_kernels.pdl import overlapped_launches
 from nv_kernels.rms_norm import PeerSignals, rms_norm_of_sum, rms_norm_ref, rms_norm_triton
@@ -29,6 +30,7 @@ __all__ = [
     "PeerSignals",
     "Sampler",
     "SamplingTensors",
+    "allocate_kv_cache",
     "apply_penalties",
     "dequantize_kv",
     "eager_decode_widths",

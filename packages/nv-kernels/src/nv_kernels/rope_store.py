@@ -11,7 +11,7 @@ import torch
 
 from nv_kernels.pdl import pdl_kwargs, pdl_wait, use_pdl
 from nv_kernels.rms_norm import rms_norm_ref
-from nv_kernels.store_kvcache import fp8_max, store_kvcache_ref
+from nv_kernels.store_kvcache import check_k_cache, fp8_max, store_kvcache_ref
 from nv_kernels.triton_utils import tl, triton
 
 
@@ -119,12 +119,19 @@ if triton is not None:
         eps,
         k_scale,
         v_scale,
+        stride_kb,
+        stride_kt,
+        stride_vb,
+        stride_vt,
+        stride_vh,
+        stride_vd,
         H: tl.constexpr,
         HKV: tl.constexpr,
         H_PAD: tl.constexpr,
         HKV_PAD: tl.constexpr,
         HALF: tl.constexpr,
         HAS_NORM: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
         FP8_MAX: tl.constexpr,
         PDL: tl.constexpr,
     ):
@@ -164,17 +171,22 @@ if triton is not None:
         tl.store(k_ptrs, k1, mask=kv_mask)
         tl.store(k_ptrs + HALF, k2, mask=kv_mask)
 
-        slot = tl.load(slot_mapping_ptr + t)
+        slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
         if slot >= 0:
             v_ptrs = k_ptrs + HKV * D
             v1 = tl.load(v_ptrs, mask=kv_mask, other=0.0)
             v2 = tl.load(v_ptrs + HALF, mask=kv_mask, other=0.0)
-            dst = slot * (HKV * D) + hk * D + offs_d[None, :]
+            block = slot // BLOCK_SIZE
+            in_block = slot % BLOCK_SIZE
+            k_dst = block * stride_kb + in_block * stride_kt + hk * D + offs_d[None, :]
+            v_dst = block * stride_vb + in_block * stride_vt + hk * stride_vh
+            v_dst += offs_d[None, :] * stride_vd  # kv_cache.py: token-minor in fp8 caches
             ty = k_cache_ptr.dtype.element_ty
-            tl.store(k_cache_ptr + dst, to_cache(k1, k_scale, ty, FP8_MAX), mask=kv_mask)
-            tl.store(k_cache_ptr + dst + HALF, to_cache(k2, k_scale, ty, FP8_MAX), mask=kv_mask)
-            tl.store(v_cache_ptr + dst, to_cache(v1, v_scale, ty, FP8_MAX), mask=kv_mask)
-            tl.store(v_cache_ptr + dst + HALF, to_cache(v2, v_scale, ty, FP8_MAX), mask=kv_mask)
+            tl.store(k_cache_ptr + k_dst, to_cache(k1, k_scale, ty, FP8_MAX), mask=kv_mask)
+            tl.store(k_cache_ptr + k_dst + HALF, to_cache(k2, k_scale, ty, FP8_MAX), mask=kv_mask)
+            tl.store(v_cache_ptr + v_dst, to_cache(v1, v_scale, ty, FP8_MAX), mask=kv_mask)
+            v_dst += HALF * stride_vd
+            tl.store(v_cache_ptr + v_dst, to_cache(v2, v_scale, ty, FP8_MAX), mask=kv_mask)
 
 
 def qk_norm_rope_store(
@@ -194,8 +206,8 @@ def qk_norm_rope_store(
     """qkv `[T, (H + 2 Hkv) D]` (the QKV projection's output, contiguous): normalise q and k per
     head when the weights are given (both or neither), rotate them by `cos_sin` `[T, D]` (float32,
     cos | sin halves), in place, and write k and v into the caches `[num_blocks, block_size, Hkv,
-    D]` at `slot_mapping` (negative: skip). Returns views q `[T, H, D]`, k, v `[T, Hkv, D]` of
-    `qkv`."""
+    D]` (V at any strides: kv_cache.py) at `slot_mapping` (negative: skip). Returns views q
+    `[T, H, D]`, k, v `[T, Hkv, D]` of `qkv`."""
     t, width = qkv.shape
     head_dim = k_cache.shape[-1]
     if width != (num_heads + 2 * num_kv_heads) * head_dim or qkv.stride(-1) != 1:
@@ -204,8 +216,7 @@ def qk_norm_rope_store(
         )
     if (q_weight is None) != (k_weight is None):
         raise ValueError("give both q and k norm weights or neither")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("qk_norm_rope_store needs contiguous caches")
+    check_k_cache(k_cache)
     if t:
         _qk_norm_rope_store_kernel[(t, 2)](
             qkv,
@@ -220,12 +231,16 @@ def qk_norm_rope_store(
             eps,
             k_scale,
             v_scale,
+            k_cache.stride(0),
+            k_cache.stride(1),
+            *v_cache.stride(),
             H=num_heads,
             HKV=num_kv_heads,
             H_PAD=triton.next_power_of_2(num_heads),
             HKV_PAD=triton.next_power_of_2(num_kv_heads),
             HALF=head_dim // 2,
             HAS_NORM=q_weight is not None,
+            BLOCK_SIZE=k_cache.shape[1],
             FP8_MAX=fp8_max(k_cache),
             num_warps=4,
             **pdl_kwargs(use_pdl(qkv.device)),

@@ -22,6 +22,17 @@ def quantize_kv(x: torch.Tensor, cache: torch.Tensor, scale: float) -> torch.Ten
     return x.to(cache.dtype)
 
 
+def check_k_cache(k_cache: torch.Tensor) -> None:
+    """The store kernels write each token's K heads as one contiguous row."""
+    _, _, num_kv_heads, head_dim = k_cache.shape
+    if k_cache.stride(3) != 1 or k_cache.stride(2) != head_dim:
+        raise ValueError(
+            "the K cache must hold each token's heads contiguously: [blocks, block_size, "
+            f"{num_kv_heads}, {head_dim}] with strides (..., ..., {head_dim}, 1), got "
+            f"{k_cache.stride()}"
+        )
+
+
 def dequantize_kv(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
     """Cached values back in `dtype` (fp8: times `scale`)."""
     if x.dtype in FP8_KV_DTYPES:
@@ -38,13 +49,13 @@ def store_kvcache_ref(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> None:
-    """Torch reference: cache.view(-1, H, D)[slot] = key[t] for every token with slot >= 0
-    (quantized as `quantize_kv` says)."""
-    num_kv_heads, head_dim = key.shape[1], key.shape[2]
+    """Torch reference: cache[slot // block_size, slot % block_size] = key[t] for every token
+    with slot >= 0 (quantized as `quantize_kv` says), whatever the caches' strides."""
+    block_size = k_cache.shape[1]
     valid = slot_mapping >= 0
-    slots = slot_mapping[valid]
-    k_cache.view(-1, num_kv_heads, head_dim)[slots] = quantize_kv(key[valid], k_cache, k_scale)
-    v_cache.view(-1, num_kv_heads, head_dim)[slots] = quantize_kv(value[valid], v_cache, v_scale)
+    blocks, offsets = slot_mapping[valid] // block_size, slot_mapping[valid] % block_size
+    k_cache[blocks, offsets] = quantize_kv(key[valid], k_cache, k_scale)
+    v_cache[blocks, offsets] = quantize_kv(value[valid], v_cache, v_scale)
 
 
 if triton is not None:
@@ -70,23 +81,36 @@ if triton is not None:
         slot_mapping_ptr,
         k_scale,
         v_scale,
+        stride_kb,
+        stride_kt,
+        stride_vb,
+        stride_vt,
+        stride_vh,
+        stride_vd,
+        HEAD_DIM: tl.constexpr,
         D: tl.constexpr,
         BLOCK: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
         FP8_MAX: tl.constexpr,
     ):
-        # One program per token; D = num_kv_heads * head_dim contiguous elements.
+        # One program per token; D = num_kv_heads * head_dim elements, contiguous in K's cache,
+        # at V's strides in V's (kv_cache.py: token-minor in fp8 caches).
         t = tl.program_id(0)
-        slot = tl.load(slot_mapping_ptr + t)
+        slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
         if slot < 0:
             return
         offs = tl.arange(0, BLOCK)
         mask = offs < D
         k = tl.load(key_ptr + t * key_stride + offs, mask=mask)
         v = tl.load(value_ptr + t * value_stride + offs, mask=mask)
-        dst = slot.to(tl.int64) * D + offs
+        block = slot // BLOCK_SIZE
+        in_block = slot % BLOCK_SIZE
+        k_dst = block * stride_kb + in_block * stride_kt + offs
+        v_dst = block * stride_vb + in_block * stride_vt
+        v_dst += (offs // HEAD_DIM) * stride_vh + (offs % HEAD_DIM) * stride_vd
         cache_ty = k_cache_ptr.dtype.element_ty
-        tl.store(k_cache_ptr + dst, to_cache(k, k_scale, cache_ty, FP8_MAX), mask=mask)
-        tl.store(v_cache_ptr + dst, to_cache(v, v_scale, cache_ty, FP8_MAX), mask=mask)
+        tl.store(k_cache_ptr + k_dst, to_cache(k, k_scale, cache_ty, FP8_MAX), mask=mask)
+        tl.store(v_cache_ptr + v_dst, to_cache(v, v_scale, cache_ty, FP8_MAX), mask=mask)
 
 
 def store_kvcache(
@@ -100,13 +124,13 @@ def store_kvcache(
 ) -> None:
     """Write key/value `[num_tokens, num_kv_heads, head_dim]` into the paged caches
     `[num_blocks, block_size, num_kv_heads, head_dim]` at `slot_mapping` (negative: skip). fp8
-    caches get value / scale, saturated (`quantize_kv`)."""
+    caches get value / scale, saturated (`quantize_kv`). K's cache holds each token's heads
+    contiguously; V's may have any strides (kv_cache.py)."""
     num_tokens, num_kv_heads, head_dim = key.shape
     d = num_kv_heads * head_dim
     if key.stride(-1) != 1 or key.stride(1) != head_dim or value.stride(1) != head_dim:
         raise ValueError("store_kvcache needs each token's heads contiguous in key and value")
-    if k_cache.stride(1) != d or not k_cache.is_contiguous() or not v_cache.is_contiguous():
-        raise ValueError("store_kvcache needs contiguous caches")
+    check_k_cache(k_cache)
     if num_tokens == 0:
         return
     _store_kvcache_kernel[(num_tokens,)](
@@ -119,7 +143,12 @@ def store_kvcache(
         slot_mapping,
         k_scale,
         v_scale,
+        k_cache.stride(0),
+        k_cache.stride(1),
+        *v_cache.stride(),
+        HEAD_DIM=head_dim,
         D=d,
         BLOCK=triton.next_power_of_2(d),
+        BLOCK_SIZE=k_cache.shape[1],
         FP8_MAX=fp8_max(k_cache),
     )

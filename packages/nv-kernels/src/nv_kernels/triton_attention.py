@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from nv_kernels.attention_backend import AttentionBackend
+from nv_kernels.kv_cache import v_token_minor
 from nv_kernels.metadata import AttentionMetadata
 from nv_kernels.pdl import pdl_kwargs, pdl_wait, use_pdl
 from nv_kernels.store_kvcache import fp8_max
@@ -25,28 +26,54 @@ if triton is not None:
         n_mask,
         offs_d,
         kv_head,
-        stride_cb,
-        stride_ct,
-        stride_ch,
+        stride_kb,
+        stride_kt,
+        stride_kh,
+        stride_vb,
+        stride_vt,
+        stride_vh,
+        stride_vd,
         BLOCK_SIZE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        V_TOKEN_MINOR: tl.constexpr,
     ):
-        """K and V tiles [len(offs_n), D] of one KV head: tokens `offs_n` of the sequence whose
-        block-table row starts at `table_ptr` (zeros where not `n_mask`). An fp8 V tile comes
-        back as fp16: p·V's operand is V transposed, and Triton reads a byte tile masked at the
-        load back from shared memory one byte at a time for it (docs/benchmarks.md); loaded
-        unmasked (masked tokens point into block 0) and cast before the mask, it goes through
-        shared memory as fp16 (ldmatrix.trans)."""
-        page = tl.load(table_ptr + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
-        rows = page.to(tl.int64) * stride_cb + (offs_n % BLOCK_SIZE) * stride_ct
-        rows += kv_head * stride_ch
+        """K and V tiles [BLOCK_N, D] of one KV head: tokens `offs_n` (from a multiple of
+        BLOCK_N) of the sequence whose block-table row starts at `table_ptr`. Tokens not in
+        `n_mask` carry no weight: K is zero there, V zero or finite (their scores are -inf).
+
+        K is head_dim-minor. So is V in 16-bit caches; fp8 caches store V token-minor
+        (`V_TOKEN_MINOR`, nv_kernels.kv_cache), so that p·V's operand is contiguous along the
+        dot's reduction as bytes: Triton then copies it into shared memory asynchronously and
+        reads it from there straight into the tensor cores' operand layout, as it does K. A
+        head_dim-minor fp8 V needs a transpose that 8-bit elements have no instruction for
+        (docs/benchmarks.md: byte-wise reads, or a second pass through shared memory as fp16)."""
+        page = tl.load(table_ptr + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        in_block = offs_n % BLOCK_SIZE
+        rows = page * stride_kb + in_block * stride_kt + kv_head * stride_kh
         k = tl.load(k_cache_ptr + rows[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        if v_cache_ptr.dtype.element_ty.is_fp8():
-            v = tl.load(v_cache_ptr + rows[:, None] + offs_d[None, :])
+        v_offs = (page * stride_vb + in_block * stride_vt + kv_head * stride_vh)[:, None]
+        v_offs += (offs_d * stride_vd)[None, :]
+        if V_TOKEN_MINOR:
+            # Runs of min(BLOCK_N, BLOCK_SIZE) tokens are contiguous and start 16-byte aligned
+            # (tiles start at multiples of BLOCK_N; strides are multiples of 16: kv_cache.py).
+            if BLOCK_SIZE % 16 == 0:
+                run: tl.constexpr = min(BLOCK_N, BLOCK_SIZE)
+                v_offs = tl.max_contiguous(tl.multiple_of(v_offs, [16, 16]), [run, 1])
+            # Loaded whole (a masked token's page is block 0, which exists): a mask along the
+            # contiguous axis would split the load into bytes. Clamping to the finite range
+            # (the store saturates, so only a never-written NaN byte changes) keeps masked
+            # tokens' weight at 0 * finite = 0; Triton applies it in the operand's registers.
+            e5m2: tl.constexpr = v_cache_ptr.dtype.element_ty == tl.float8e5
+            fp8_max: tl.constexpr = 57344.0 if e5m2 else 448.0
+            v = tl.load(v_cache_ptr + v_offs).to(tl.float16)
+            v = tl.minimum(tl.maximum(v, -fp8_max), fp8_max)
+        elif v_cache_ptr.dtype.element_ty.is_fp8():
+            # Loaded unmasked and cast before the mask, it goes through shared memory as fp16
+            # (ldmatrix.trans) rather than one byte at a time.
+            v = tl.load(v_cache_ptr + v_offs)
             v = tl.where(n_mask[:, None], v.to(tl.float16), 0.0)
         else:
-            v = tl.load(
-                v_cache_ptr + rows[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0
-            )
+            v = tl.load(v_cache_ptr + v_offs, mask=n_mask[:, None], other=0.0)
         return k, v
 
     @triton.jit
@@ -100,9 +127,13 @@ if triton is not None:
         stride_kh,
         stride_vt,
         stride_vh,
-        stride_cb,
-        stride_ct,
-        stride_ch,
+        stride_ckb,
+        stride_ckt,
+        stride_ckh,
+        stride_cvb,
+        stride_cvt,
+        stride_cvh,
+        stride_cvd,
         stride_bt,
         stride_ot,
         stride_oh,
@@ -112,6 +143,7 @@ if triton is not None:
         D: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        V_TOKEN_MINOR: tl.constexpr,
         PAGED: tl.constexpr,
         PRECISION: tl.constexpr,
         DOT_DTYPE: tl.constexpr,
@@ -154,10 +186,16 @@ if triton is not None:
                     n_mask,
                     offs_d,
                     kv_head,
-                    stride_cb,
-                    stride_ct,
-                    stride_ch,
+                    stride_ckb,
+                    stride_ckt,
+                    stride_ckh,
+                    stride_cvb,
+                    stride_cvt,
+                    stride_cvh,
+                    stride_cvd,
                     BLOCK_SIZE,
+                    BLOCK_N,
+                    V_TOKEN_MINOR,
                 )
             else:
                 rows = (k_start + offs_n).to(tl.int64)
@@ -196,9 +234,13 @@ if triton is not None:
         v_scale,
         stride_qt,
         stride_qh,
-        stride_cb,
-        stride_ct,
-        stride_ch,
+        stride_ckb,
+        stride_ckt,
+        stride_ckh,
+        stride_cvb,
+        stride_cvt,
+        stride_cvh,
+        stride_cvd,
         stride_bt,
         stride_ot,
         stride_oh,
@@ -207,6 +249,7 @@ if triton is not None:
         BLOCK_SIZE: tl.constexpr,
         D: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        V_TOKEN_MINOR: tl.constexpr,
         NUM_SPLITS: tl.constexpr,
         PRECISION: tl.constexpr,
         DOT_DTYPE: tl.constexpr,
@@ -242,7 +285,8 @@ if triton is not None:
             n_mask = offs_n < end
             k, v = _load_paged_kv(
                 k_cache_ptr, v_cache_ptr, table, offs_n, n_mask, offs_d, kv_head,
-                stride_cb, stride_ct, stride_ch, BLOCK_SIZE,
+                stride_ckb, stride_ckt, stride_ckh, stride_cvb, stride_cvt, stride_cvh, stride_cvd,
+                BLOCK_SIZE, BLOCK_N, V_TOKEN_MINOR,
             )  # fmt: skip
             m_i, l_i, acc = _softmax_tile(
                 q, k, v, n_mask[None, :], m_i, l_i, acc, qk_scale, PRECISION
@@ -408,6 +452,7 @@ def prefill_attention(
         cache_k.stride(0),
         cache_k.stride(1) if paged else 0,
         cache_k.stride(2) if paged else 0,
+        *(v_cache.stride() if paged else (0, 0, 0, 1)),
         block_tables.stride(0),
         o.stride(0),
         o.stride(1),
@@ -417,6 +462,7 @@ def prefill_attention(
         D=head_dim,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        V_TOKEN_MINOR=paged and v_token_minor(v_cache),
         PAGED=paged,
         PRECISION=_precision(q.dtype),
         DOT_DTYPE=_dot_dtype(q, cache_k, dot_dtype),
@@ -484,6 +530,7 @@ def decode_attention(
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
+        *v_cache.stride(),
         meta.block_tables.stride(0),
         o.stride(0),
         o.stride(1),
@@ -492,6 +539,7 @@ def decode_attention(
         BLOCK_SIZE=block_size,
         D=head_dim,
         BLOCK_N=block_n,
+        V_TOKEN_MINOR=v_token_minor(v_cache),
         NUM_SPLITS=num_splits,
         PRECISION=_precision(q.dtype),
         DOT_DTYPE=_dot_dtype(q, k_cache, dot_dtype),

@@ -22,6 +22,7 @@ from nv_kernels import (
     AttentionMetadata,
     Sampler,
     SamplingTensors,
+    allocate_kv_cache,
     eager_decode_widths,
     get_attention_backend,
     skinny_variant_rows,
@@ -172,10 +173,12 @@ class ModelRunner:
                 "no memory left for the KV cache: lower max_num_batched_tokens / max_num_seqs or "
                 "raise gpu_memory_utilization"
             )
-        shape = (2, len(layers), num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        self.kv_cache = allocate_kv_cache(
+            len(layers), num_blocks, self.block_size, a.num_kv_heads, a.head_dim, self.kv_dtype,
+            self.device,
+        )  # fmt: skip
         for i, layer in enumerate(layers):
-            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+            layer.k_cache, layer.v_cache = self.kv_cache[0][i], self.kv_cache[1][i]
         logger.info(
             "KV cache: %d blocks of %d tokens (%.2f GiB, %s)",
             num_blocks,
