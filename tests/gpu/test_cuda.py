@@ -17,7 +17,14 @@ from nv_testing import (
 )
 
 from nv_engine.entrypoints.bench import QWEN3_0_6B_SHAPE
-from nv_kernels import AttentionMetadata, allocate_kv_cache, store_kvcache, store_kvcache_ref
+from nv_kernels import (
+    AttentionMetadata,
+    allocate_kv_cache,
+    qk_norm_rope_store,
+    quantize_kv,
+    store_kvcache,
+    store_kvcache_ref,
+)
 from nv_kernels.torch_attention import decode_ref, prefill_ref
 from nv_kernels.triton_attention import decode_attention, prefill_attention
 
@@ -723,16 +730,19 @@ def test_fp8_kv_kernels_match_reference(block_size, fp8, v_layout):
         torch.tensor(lens, dtype=torch.int32, device=DEV), bt,
     )  # fmt: skip
     ref = decode_ref(q, caches[0], caches[1], meta, 0.1, scales).float()
-    # the kernels then read caches whose every unowned slot is NaN: an fp8 V tile is loaded
-    # unmasked (masked tokens point into block 0) and its masked rows zeroed after the cast
-    # (head_dim-minor) or clamped to finite values their zero weights cancel (token-minor)
+    # the kernels then read caches whose every unowned slot holds garbage: K NaN (masked at the
+    # load); V NaN in the head_dim-minor layout (loaded unmasked, its masked rows zeroed after
+    # the cast), the largest finite value in the token-minor one (loaded whole: masked tokens'
+    # weights of 0 cancel any finite value, and the store never writes NaN, checked below)
     poisoned = [c.clone(memory_format=torch.preserve_format) for c in caches[:2]]
     assert poisoned[1].stride() == caches[1].stride()
     unused = torch.ones(blocks * block_size, dtype=torch.bool, device=DEV)
     unused[flat] = False
     unused = unused.nonzero()[:, 0]
-    for c in poisoned:  # NaN in e4m3fn and e5m2
-        c.view(torch.uint8)[unused // block_size, unused % block_size] = 0x7F
+    largest = quantize_kv(torch.tensor(1e9), caches[1], 1.0).view(torch.uint8).item()
+    v_byte = largest if v_layout == "token-minor" else 0x7F  # 0x7F: NaN in e4m3fn and e5m2
+    for c, byte in zip(poisoned, (0x7F, v_byte), strict=True):
+        c.view(torch.uint8)[unused // block_size, unused % block_size] = byte
     out = decode_attention(q, *poisoned, meta, 0.1, kv_scales=scales).float()
     assert (out - ref).norm() / ref.norm() < 2e-2
     # prefill: each sequence's last 5 tokens (3 for the 1- and 3-token ones) against the cache
@@ -749,6 +759,16 @@ def test_fp8_kv_kernels_match_reference(block_size, fp8, v_layout):
     ref = prefill_ref(*args).float()
     out = prefill_attention(*args[:3], *poisoned, *args[5:]).float()
     assert (out - ref).norm() / ref.norm() < 2e-2
+    # the store kernels saturate NaN and infinities (the GPU's max/min return the other operand)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0], device=DEV)
+    bad = special.repeat(hkv * d // 4).view(1, hkv, d).to(torch.bfloat16)
+    store_kvcache(bad, bad, caches[0], caches[1], flat[:1], *scales)
+    qkv = torch.cat([q[:1].flatten(1), bad.flatten(1), bad.flatten(1)], dim=1).contiguous()
+    cos_sin = torch.randn(1, d, device=DEV)
+    qk_norm_rope_store(qkv, cos_sin, None, None, 1e-6, heads, hkv, *caches[:2], flat[1:2], *scales)
+    for c in caches[:2]:
+        written = c[flat[:2] // block_size, flat[:2] % block_size].float()
+        assert written.isfinite().all()
 
 
 def test_fp8_kv_engine_tokens_are_transformers_choice(fp32_model):

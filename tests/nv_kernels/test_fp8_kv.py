@@ -12,6 +12,7 @@ from nv_kernels import (
     AttentionMetadata,
     allocate_kv_cache,
     dequantize_kv,
+    qk_norm_rope_store,
     quantize_kv,
     store_kvcache,
     store_kvcache_ref,
@@ -69,6 +70,27 @@ def test_store_kvcache_fp8_matches_reference(kv_scales, dtype, v_layout):
     assert caches[0].float().abs().max() == fp8_max  # saturated, not NaN
 
 
+@pytest.mark.parametrize("dtype", FP8S)
+def test_fp8_stores_never_write_nan(dtype):
+    # what the attention kernels' token-minor V loads rely on: a cache holds no NaN (e5m2: no
+    # Inf either), whatever the model hands the store. Both store kernels saturate NaN and
+    # infinities to the finite range.
+    k = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0] * 4).view(1, 1, 16)
+    v = k.flip(-1).clone()
+    caches = fp8_caches((2, 4, 1, 16), dtype, "token-minor")
+    store_kvcache(k, v, *caches, torch.tensor([5]), 0.5, 2.0)
+    qkv = torch.cat([torch.randn(1, 16), k[0], v[0]], dim=-1)  # 1 query head, 1 KV head
+    qk_norm_rope_store(
+        qkv, torch.randn(1, 16), None, None, 1e-6, 1, 1, *caches, torch.tensor([2]), 0.5, 2.0
+    )
+    for cache in caches:
+        written = cache[[1, 0], [1, 2]].float()  # slots 5 and 2
+        assert written.isfinite().all(), written
+    # V as handed over (K is normed and rotated in the fused store): the specials saturated
+    special = ~v[0].isfinite()
+    assert (caches[1][[1, 0], [1, 2]].float().abs()[:, special] == torch.finfo(dtype).max).all()
+
+
 @pytest.mark.parametrize("v_layout", V_LAYOUTS)
 @pytest.mark.parametrize("kv_scales", SCALES)
 @pytest.mark.parametrize("num_splits", [1, 3])
@@ -95,17 +117,18 @@ def test_decode_fp8_cache_matches_reference(kv_scales, num_splits, q_dtype, dtyp
     )
     ref = decode_ref(q.float(), k_cache, v_cache, meta, 0.3, kv_scales)
     plain = decode_ref(q.float(), k_cache, v_cache, meta, 0.3)
-    # then every slot no sequence owns holds a NaN byte (in e4m3fn and e5m2 alike): the kernel
-    # reads an fp8 V tile unmasked (masked tokens point into block 0, owned by none), then
-    # zeroes the masked rows after the cast (head_dim-minor V) or clamps them to finite values
-    # that the masked scores weigh by 0 (token-minor). Triton's interpreter decodes e4m3fn's
-    # NaN as 480, so there it checks that masked tokens carry no weight; tests/gpu checks the
-    # NaN itself
+    # then every slot no sequence owns holds garbage: K a NaN byte (in e4m3fn and e5m2 alike),
+    # masked at the load. V: a NaN byte in the head_dim-minor layout (loaded unmasked, its
+    # masked rows zeroed after the cast); the largest finite value in the token-minor one,
+    # which is loaded whole and relies on the store never writing NaN (below), so that masked
+    # tokens' weights of 0 cancel it. Triton's interpreter decodes e4m3fn's NaN as 480, so there
+    # the NaN cases check that masked tokens carry no weight; tests/gpu checks the NaN itself
     unused = torch.ones(blocks * bs, dtype=torch.bool)
     unused[[slot for seq in slots for slot in seq]] = False
     unused = unused.nonzero()[:, 0]
-    for cache in (k_cache, v_cache):
-        cache.view(torch.uint8)[unused // bs, unused % bs] = 0x7F
+    largest = quantize_kv(torch.tensor(1e9), v_cache, 1.0).view(torch.uint8)
+    for cache, byte in ((k_cache, 0x7F), (v_cache, largest if v_layout == "token-minor" else 0x7F)):
+        cache.view(torch.uint8)[unused // bs, unused % bs] = byte
     out = decode_attention(
         q, k_cache, v_cache, meta, 0.3, num_splits=num_splits, kv_scales=kv_scales
     )

@@ -39,7 +39,8 @@ if triton is not None:
     ):
         """K and V tiles [BLOCK_N, D] of one KV head: tokens `offs_n` (from a multiple of
         BLOCK_N) of the sequence whose block-table row starts at `table_ptr`. Tokens not in
-        `n_mask` carry no weight: K is zero there, V zero or finite (their scores are -inf).
+        `n_mask` carry no weight: K is zero there, V zero or a finite value (their scores are
+        -inf, so their weights are 0).
 
         K is head_dim-minor. So is V in 16-bit caches; fp8 caches store V token-minor
         (`V_TOKEN_MINOR`, nv_kernels.kv_cache), so that p·V's operand is contiguous along the
@@ -54,19 +55,17 @@ if triton is not None:
         v_offs = (page * stride_vb + in_block * stride_vt + kv_head * stride_vh)[:, None]
         v_offs += (offs_d * stride_vd)[None, :]
         if V_TOKEN_MINOR:
-            # Runs of min(BLOCK_N, BLOCK_SIZE) tokens are contiguous and start 16-byte aligned
-            # (tiles start at multiples of BLOCK_N; strides are multiples of 16: kv_cache.py).
             if BLOCK_SIZE % 16 == 0:
+                # Runs of min(BLOCK_N, BLOCK_SIZE) tokens are contiguous and start 16-byte
+                # aligned (tiles start at multiples of BLOCK_N; strides are multiples of 16).
                 run: tl.constexpr = min(BLOCK_N, BLOCK_SIZE)
                 v_offs = tl.max_contiguous(tl.multiple_of(v_offs, [16, 16]), [run, 1])
-            # Loaded whole (a masked token's page is block 0, which exists): a mask along the
-            # contiguous axis would split the load into bytes. Clamping to the finite range
-            # (the store saturates, so only a never-written NaN byte changes) keeps masked
-            # tokens' weight at 0 * finite = 0; Triton applies it in the operand's registers.
-            e5m2: tl.constexpr = v_cache_ptr.dtype.element_ty == tl.float8e5
-            fp8_max: tl.constexpr = 57344.0 if e5m2 else 448.0
-            v = tl.load(v_cache_ptr + v_offs).to(tl.float16)
-            v = tl.minimum(tl.maximum(v, -fp8_max), fp8_max)
+            # Loaded whole: a mask along the contiguous axis would split the load into bytes.
+            # A masked token reads block 0 (its page is 0) or its own block's unwritten slots,
+            # finite either way: the caches start zeroed and the store kernels saturate (a NaN
+            # becomes a finite limit), so its weight of 0 cancels it. Cleaning the tile here
+            # (clamping NaN away) cost 13 % of the kernel's time (docs/benchmarks.md).
+            v = tl.load(v_cache_ptr + v_offs)
         elif v_cache_ptr.dtype.element_ty.is_fp8():
             # Loaded unmasked and cast before the mask, it goes through shared memory as fp16
             # (ldmatrix.trans) rather than one byte at a time.
@@ -493,12 +492,12 @@ def decode_attention(
     g = num_heads // num_kv_heads
     on_gpu = q.device.type == "cuda"
     # From decode_sweep.py on an H200 (docs/benchmarks.md). bf16 caches: 64-token tiles, 4
-    # stages. fp8 caches: 128-token tiles, no software pipelining (1 stage), dots in fp16.
+    # stages. fp8 caches (V token-minor): 128-token tiles, 3 stages, dots in fp16.
     fp8 = bool(fp8_max(k_cache))
     if block_n is None:
         block_n = (128 if fp8 else 64) if on_gpu else 16
     if num_stages is None:
-        num_stages = (1 if fp8 else 4) if on_gpu else 2
+        num_stages = (3 if fp8 else 4) if on_gpu else 2
     if num_splits is None:
         max_context = meta.block_tables.shape[1] * block_size
         captured = on_gpu and torch.cuda.is_current_stream_capturing()
