@@ -189,8 +189,10 @@ def _step_logits(path, prompt, **config) -> tuple[list[torch.Tensor], list[int]]
     from nv_engine import LLM, SamplingParams
 
     steps: list[torch.Tensor] = []
-    # one sequence: max_num_seqs=4 captures three graphs (1, 2, 4), not all 256 sizes
+    # one sequence: max_num_seqs=4 captures three graphs (1, 2, 4), not all 256 sizes; half
+    # the memory: the TP=2 shutdown scripts run beside (tp2_shutdown_runs)
     kw = dict(dtype="bfloat16", max_model_len=1024, kvcache_block_size=16, max_num_seqs=4)
+    kw.update(gpu_memory_utilization=0.5)
     with LLM(str(path), **{**kw, **config}) as llm:
         runner = llm.model_runner
         compute_logits, replay = runner.model.compute_logits, runner.graphs.replay
@@ -474,6 +476,7 @@ def test_tp2_nccl_matches_hf(fp32_model, async_scheduling):
     # max_num_seqs: the graphs the 6 prompts use (1..8 rows), not all 256 sizes
     kw = dict(kvcache_block_size=16, async_scheduling=async_scheduling, max_num_seqs=8)
     kw.update(peer_all_reduce_max_bytes=0)  # NCCL (peer memory takes bf16 only anyway)
+    kw.update(gpu_memory_utilization=0.5)  # the TP=2 shutdown scripts run beside
     with LLM(str(path), dtype="float32", tensor_parallel_size=2, **kw) as llm:
         procs = list(llm._workers.procs)
         outs = llm.generate(prompts, params, use_tqdm=False)
@@ -510,15 +513,17 @@ if __name__ == "__main__":
         ModelRunner._warm_up_prefill = kill_workers_before(ModelRunner._warm_up_prefill)
         try:
             LLM(model, tensor_parallel_size=2, kvcache_block_size=16, max_num_seqs=4,
-                max_model_len=256, **comm)
+                max_model_len=256, num_kvcache_blocks=80, **comm)
         except Exception as e:
             print("start failed:", type(e).__name__, e, f"({time.monotonic() - t:.1f} s)",
                   flush=True)
         faulthandler.dump_traceback_later(20, exit=True)
         sys.exit(0)  # nothing to close: the constructor raised
-    # few graph sizes and a short max_model_len: start-up is not what is tested
+    # few graph sizes and a short max_model_len: start-up is not what is tested. A fixed KV pool
+    # (num_kvcache_blocks): the 8 scripts start together beside the suite's TP=2 engines, and
+    # one that measured free memory while another allocated found none (seen on the card)
     llm = LLM(model, tensor_parallel_size=2, kvcache_block_size=16, async_scheduling=overlap,
-              max_num_seqs=4, max_model_len=256, **comm)
+              max_num_seqs=4, max_model_len=256, num_kvcache_blocks=80, **comm)
     print(f"started in {time.monotonic() - t:.1f} s", flush=True)
     faulthandler.dump_traceback_later(40, exit=True)
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)

@@ -375,6 +375,31 @@ def test_failed_start_raises_its_own_error_and_leaves_no_worker(tmp_path, monkey
     assert not mp.active_children()  # the spawned worker was terminated, not left behind
 
 
+@pytest.mark.slow
+def test_a_start_up_failing_on_every_rank_raises_without_asking_the_workers_to_leave(
+    tmp_path, monkeypatch
+):
+    """Every rank fails in its start-up after the group formed (a tensor missing from the
+    checkpoint): LLM raises the loader's error. Rank 0 must not send the exit message nor wait
+    in the leaving barrier: only workers in their step loop meet those, and on the card a
+    worker failing like rank 0 sat in its group's destroy while rank 0 waited there forever."""
+    from safetensors.torch import load_file, save_file
+
+    import nv_engine.worker.tp_workers as workers
+
+    save_tiny_qwen3(tmp_path, seed=1)
+    (file,) = tmp_path.glob("*.safetensors")
+    tensors = load_file(file)
+    del tensors["model.norm.weight"]
+    save_file(tensors, file, metadata={"format": "pt"})
+    barriers = []
+    monkeypatch.setattr(workers.dist, "barrier", lambda *a, **k: barriers.append(a))
+    with pytest.raises(Exception, match="model.norm.weight"):
+        LLM(str(tmp_path), device="cpu", tensor_parallel_size=2, distributed_timeout_s=20)
+    assert barriers == []
+    assert not mp.active_children()
+
+
 def test_a_script_without_the_main_guard_fails_fast_and_says_why(tmp_path):
     """Spawned workers re-import the script: without `if __name__ == "__main__":` they die at
     once. The engine says so within seconds, not after the rendezvous timeout."""

@@ -67,7 +67,10 @@ class LLMEngine:
             if self._workers is not None:
                 self._workers.ready()  # a worker's death is now the step's to report
         except BaseException as e:
-            failed_elsewhere = isinstance(e, Exception) and not isinstance(e, WorkerError)
+            # a collective that failed (torch raises RuntimeErrors) may have failed because a
+            # worker died: then the death is the cause. A ValueError or TypeError is rank 0's
+            # own (a setting, a checkpoint), though the workers failed on it too.
+            failed_elsewhere = isinstance(e, RuntimeError) and not isinstance(e, WorkerError)
             dead = self._dead_worker() if failed_elsewhere else None
             self.close()
             if dead is not None:  # name the rank that died, not the collective that failed

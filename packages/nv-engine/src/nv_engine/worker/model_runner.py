@@ -168,8 +168,8 @@ class ModelRunner:
         if self.tp.size > 1:  # every rank must agree on the pool
             t = torch.tensor([num_blocks], device=self.device)
             num_blocks = int(self.tp.all_reduce(t, op=dist.ReduceOp.MIN).item())
-        if num_blocks < 1:
-            raise RuntimeError(
+        if num_blocks < 1:  # a ValueError, as vLLM's: the settings ask for too much
+            raise ValueError(
                 "no memory left for the KV cache: lower max_num_batched_tokens / max_num_seqs or "
                 "raise gpu_memory_utilization"
             )

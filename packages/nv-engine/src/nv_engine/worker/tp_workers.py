@@ -189,6 +189,7 @@ class WorkerPool:
         self._watchdog: threading.Thread | None = None
         self._saw_death = False  # the watchdog's verdict: a worker died or began to
         self._abort_on_death = True  # the watchdog's, until ready()
+        self._serving = False  # ready(): the workers are in their step loop
         self._aborted = False  # the watchdog aborted the group
         self._peer: PeerAllReduce | None = None  # rank 0's, once joined (start())
 
@@ -269,6 +270,7 @@ class WorkerPool:
         abort that may never return (ncclCommAbort with a dead peer did not, on the card), and
         generate hangs instead of raising."""
         self._abort_on_death = False
+        self._serving = True
 
     def _wait_started(self, store: dist.TCPStore) -> None:
         """Wait until every worker has reached the store, failing at once, naming the rank,
@@ -324,12 +326,22 @@ class WorkerPool:
         group at the same time (NCCL's teardown waits for its peers: rank 0 must not wait for
         the workers to exit first). With a worker dead, rank 0 aborts its group instead, never
         waiting for the abort longer than _ABORT_WAIT_S: ncclCommAbort itself hung with a
-        killed peer (measured), and a close() that hangs is what this must prevent."""
+        killed peer (measured), and a close() that hangs is what this must prevent. Before
+        ready() (start-up failed) the workers are not in their step loop, where the exit
+        message and the barrier meet them: rank 0 aborts then too. (On the card, a worker
+        whose start-up failed like rank 0's waited in its group's destroy while rank 0 waited
+        in the barrier.)"""
         self._closing.set()
         if self._watchdog is not None:
             self._watchdog.join(_ABORT_WAIT_S)
         clean = False
-        if self.channel is not None and self.procs and not self._saw_death and self.all_alive():
+        if (
+            self._serving
+            and self.channel
+            and self.procs
+            and not self._saw_death
+            and self.all_alive()
+        ):
             try:
                 self.channel.send(EXIT, self.check_alive)
                 if dist.is_initialized():
