@@ -86,7 +86,7 @@ def qk_norm_rope_store_ref(
 
 
 if triton is not None:
-    from nv_kernels.store_kvcache import to_cache
+    from nv_kernels.store_kvcache import slot_starts, to_cache
 
     @triton.jit
     def _norm_rotate(
@@ -176,11 +176,9 @@ if triton is not None:
             v_ptrs = k_ptrs + HKV * D
             v1 = tl.load(v_ptrs, mask=kv_mask, other=0.0)
             v2 = tl.load(v_ptrs + HALF, mask=kv_mask, other=0.0)
-            block = slot // BLOCK_SIZE
-            in_block = slot % BLOCK_SIZE
-            k_dst = block * stride_kb + in_block * stride_kt + hk * D + offs_d[None, :]
-            v_dst = block * stride_vb + in_block * stride_vt + hk * stride_vh
-            v_dst += offs_d[None, :] * stride_vd  # kv_cache.py: token-minor in fp8 caches
+            k_dst, v_dst = slot_starts(slot, stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE)
+            k_dst += hk * D + offs_d[None, :]
+            v_dst += hk * stride_vh + offs_d[None, :] * stride_vd
             ty = k_cache_ptr.dtype.element_ty
             tl.store(k_cache_ptr + k_dst, to_cache(k1, k_scale, ty, FP8_MAX), mask=kv_mask)
             tl.store(k_cache_ptr + k_dst + HALF, to_cache(k2, k_scale, ty, FP8_MAX), mask=kv_mask)

@@ -71,6 +71,14 @@ if triton is not None:
             return x.to(cache_ty)
 
     @triton.jit
+    def slot_starts(slot, stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE: tl.constexpr):
+        """Where cache slot `slot` (block * BLOCK_SIZE + token in block) starts in K's cache and
+        in V's, whose strides are their own (kv_cache.py: token-minor in fp8 caches)."""
+        block = slot // BLOCK_SIZE
+        in_block = slot % BLOCK_SIZE
+        return block * stride_kb + in_block * stride_kt, block * stride_vb + in_block * stride_vt
+
+    @triton.jit
     def _store_kvcache_kernel(
         key_ptr,
         key_stride,
@@ -103,10 +111,8 @@ if triton is not None:
         mask = offs < D
         k = tl.load(key_ptr + t * key_stride + offs, mask=mask)
         v = tl.load(value_ptr + t * value_stride + offs, mask=mask)
-        block = slot // BLOCK_SIZE
-        in_block = slot % BLOCK_SIZE
-        k_dst = block * stride_kb + in_block * stride_kt + offs
-        v_dst = block * stride_vb + in_block * stride_vt
+        k_dst, v_dst = slot_starts(slot, stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_SIZE)
+        k_dst += offs
         v_dst += (offs // HEAD_DIM) * stride_vh + (offs % HEAD_DIM) * stride_vd
         cache_ty = k_cache_ptr.dtype.element_ty
         tl.store(k_cache_ptr + k_dst, to_cache(k, k_scale, cache_ty, FP8_MAX), mask=mask)
