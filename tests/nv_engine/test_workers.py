@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import subprocess
 import time
 
 import pytest
@@ -302,8 +303,9 @@ print(json.dumps([o["token_ids"] for o in outs]), flush=True)
 
 
 def _external_ranks(model, block_size: int, **worker_kw):
-    """Rank 1 as `nv-engine worker` (a Popen, with `block_size`) and a function that runs rank 0
-    (`_RANK0_SCRIPT`, block size 8) to completion; both meet through MASTER_ADDR/MASTER_PORT."""
+    """Rank 1 as `nv-engine worker` (a Popen, with `block_size`), a function that runs rank 0
+    (`_RANK0_SCRIPT`, block size 8) to completion, and the rendezvous' environment (both meet
+    through MASTER_ADDR/MASTER_PORT)."""
     import subprocess
     import sys
 
@@ -323,7 +325,7 @@ def _external_ranks(model, block_size: int, **worker_kw):
             timeout=120,
         )
 
-    return worker, rank0
+    return worker, rank0, env
 
 
 @pytest.mark.slow
@@ -333,7 +335,7 @@ def test_external_ranks_via_env_rendezvous(tmp_path):
     import json
 
     save_tiny_qwen3(tmp_path, seed=2)
-    worker, rank0 = _external_ranks(tmp_path, 8)
+    worker, rank0, _ = _external_ranks(tmp_path, 8)
     try:
         out = rank0()
         assert out.returncode == 0, out.stderr[-2000:]
@@ -346,6 +348,45 @@ def test_external_ranks_via_env_rendezvous(tmp_path):
             [[5, 6, 7, 8], [9, 10, 11]], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False
         )
     assert got == [o["token_ids"] for o in ref]
+
+
+@pytest.mark.slow
+def test_external_ranks_whose_start_up_fails_everywhere_leave_with_the_error(tmp_path, monkeypatch):
+    """A checkpoint missing a tensor fails every rank's start-up, after the ranks met: rank 0
+    (here, in this process) raises the loader's error without the exit handshake of the step
+    loop, which the worker never reached (on NCCL its barrier would wait forever), and the
+    worker ends too."""
+    from safetensors.torch import load_file, save_file
+
+    import nv_engine.worker.external_workers as external
+
+    save_tiny_qwen3(tmp_path, seed=2)
+    (file,) = tmp_path.glob("*.safetensors")
+    tensors = load_file(file)
+    del tensors["model.norm.weight"]
+    save_file(tensors, file, metadata={"format": "pt"})
+    worker, _, env = _external_ranks(tmp_path, 8, stderr=subprocess.PIPE, text=True)
+    try:
+        for var in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE"):
+            monkeypatch.setenv(var, env[var])
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        handshakes = []
+        monkeypatch.setattr(external.dist, "barrier", lambda *a, **k: handshakes.append(a))
+        with pytest.raises(ValueError, match="model.norm.weight"):
+            LLM(
+                str(tmp_path),
+                device="cpu",
+                tensor_parallel_size=2,
+                kvcache_block_size=8,
+                distributed_executor_backend="external",
+                distributed_timeout_s=30,
+            )
+        assert handshakes == []
+        assert worker.wait(30) != 0
+        assert "model.norm.weight" in worker.stderr.read()
+    finally:
+        worker.kill()
 
 
 def test_external_backend_needs_the_rendezvous_env(tmp_path, monkeypatch):
@@ -414,7 +455,7 @@ def test_external_ranks_with_different_settings_fail_at_once(tmp_path):
     import subprocess
 
     save_tiny_qwen3(tmp_path, seed=2)
-    worker, rank0 = _external_ranks(tmp_path, 16, stderr=subprocess.PIPE, text=True)
+    worker, rank0, _ = _external_ranks(tmp_path, 16, stderr=subprocess.PIPE, text=True)
     try:
         out = rank0()
         assert out.returncode != 0

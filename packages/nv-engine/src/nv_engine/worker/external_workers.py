@@ -11,7 +11,12 @@ import torch.distributed as dist
 
 from nv_engine.config import Config
 from nv_engine.worker.step_channel import EXIT
-from nv_engine.worker.tp_workers import carry_out, init_distributed, join_peer_memory
+from nv_engine.worker.tp_workers import (
+    carry_out,
+    init_distributed,
+    join_peer_memory,
+    leave_group_bounded,
+)
 from nv_models import TPGroup
 
 
@@ -40,6 +45,7 @@ class ExternalWorkers:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.ctrl: dist.ProcessGroup | None = None
+        self._serving = False  # ready(): every rank is in its step loop
 
     def start(self) -> TPGroup:
         rank = _env_rank(self.config)
@@ -68,7 +74,9 @@ class ExternalWorkers:
         """(see check_alive)"""
 
     def ready(self) -> None:
-        """(see check_alive)"""
+        """The engine is built: the other ranks are in their step loops, where close() meets
+        them."""
+        self._serving = True
 
     def wait_for_failure(self, grace_s: float = 0.0) -> None:
         """Nothing to wait for (see check_alive)."""
@@ -77,13 +85,21 @@ class ExternalWorkers:
         dist.broadcast_object_list([plan], src=0, group=self.ctrl)
 
     def close(self) -> None:
-        if self.ctrl is not None:
-            try:
-                self.send(EXIT)
-                dist.barrier()
-            finally:
-                self.ctrl = None
-                dist.destroy_process_group()
+        """The exit message and a barrier, which the other ranks meet in their step loops, then
+        the group's destroy. Before ready() (start-up failed, likely on every rank) no rank may
+        be there to meet: rank 0 leaves the group alone, bounded (on NCCL a barrier with a
+        rank that never comes waits forever)."""
+        ctrl, self.ctrl = self.ctrl, None
+        if ctrl is None:
+            return
+        if not self._serving:
+            leave_group_bounded()
+            return
+        try:
+            dist.broadcast_object_list([EXIT], src=0, group=ctrl)
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 # Settings every rank must share: with different ones, ranks would pad a step differently (graph

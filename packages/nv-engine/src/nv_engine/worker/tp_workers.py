@@ -354,9 +354,7 @@ class WorkerPool:
             if clean:
                 dist.destroy_process_group()
             else:
-                leave = threading.Thread(target=_leave_group, name="nv-tp-abort", daemon=True)
-                leave.start()
-                leave.join(_ABORT_WAIT_S)
+                leave_group_bounded()
         # workers that never joined rank 0 (start() failed) cannot leave by themselves
         deadline = time.monotonic() + (10 if clean else 0)
         for proc in self.procs:
@@ -368,6 +366,15 @@ class WorkerPool:
         if self.channel is not None:
             self.channel.close()
             self.channel = None
+
+
+def leave_group_bounded() -> None:
+    """Leave the process group without meeting the peers (one died, or never reached the step
+    loop): `_leave_group` in a thread, waited for at most _ABORT_WAIT_S (ncclCommAbort with a
+    killed peer did not return, on the card)."""
+    leave = threading.Thread(target=_leave_group, name="nv-tp-abort", daemon=True)
+    leave.start()
+    leave.join(_ABORT_WAIT_S)
 
 
 def _leave_group() -> None:
