@@ -188,8 +188,8 @@ class WorkerPool:
         self._closing = threading.Event()
         self._watchdog: threading.Thread | None = None
         self._saw_death = False  # the watchdog's verdict: a worker died or began to
-        self._abort_on_death = True  # the watchdog's, until ready()
-        self._serving = False  # ready(): the workers are in their step loop
+        # ready(): the workers are in their step loop; until then the watchdog aborts on a death
+        self._serving = False
         self._aborted = False  # the watchdog aborted the group
         self._peer: PeerAllReduce | None = None  # rank 0's, once joined (start())
 
@@ -236,7 +236,7 @@ class WorkerPool:
         while not self._closing.wait(_POLL_S):
             if not self.all_alive():
                 self._saw_death = True
-                if self._abort_on_death:
+                if not self._serving:
                     # a collective call already past its check (poll) is issued
                     # before the abort, not behind it: host-side calls take microseconds
                     time.sleep(_ABORT_AFTER_S)
@@ -269,7 +269,6 @@ class WorkerPool:
         watchdog would race the steps: the engine's next collective call then waits behind an
         abort that may never return (ncclCommAbort with a dead peer did not, on the card), and
         generate hangs instead of raising."""
-        self._abort_on_death = False
         self._serving = True
 
     def _wait_started(self, store: dist.TCPStore) -> None:
@@ -335,13 +334,8 @@ class WorkerPool:
         if self._watchdog is not None:
             self._watchdog.join(_ABORT_WAIT_S)
         clean = False
-        if (
-            self._serving
-            and self.channel
-            and self.procs
-            and not self._saw_death
-            and self.all_alive()
-        ):
+        in_loop = self._serving and self.channel is not None and bool(self.procs)
+        if in_loop and not self._saw_death and self.all_alive():
             try:
                 self.channel.send(EXIT, self.check_alive)
                 if dist.is_initialized():
