@@ -517,6 +517,8 @@ if __name__ == "__main__":
         except Exception as e:
             print("start failed:", type(e).__name__, e, f"({time.monotonic() - t:.1f} s)",
                   flush=True)
+        import threading  # for the log: what is left running at the interpreter's exit
+        print("threads:", [th.name for th in threading.enumerate()], flush=True)
         faulthandler.dump_traceback_later(20, exit=True)
         sys.exit(0)  # nothing to close: the constructor raised
     # few graph sizes and a short max_model_len: start-up is not what is tested. A fixed KV pool

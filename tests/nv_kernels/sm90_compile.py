@@ -120,7 +120,8 @@ def main() -> int:
             jobs.append((
                 _rms_norm_kernel,
                 dict(BLOCK=1024, HAS_RES=res, PARTS=parts, SIGNAL=signal, PDL=pdl),
-                dict(eps="fp32", parts_ptr="*i64", signal_ptr="*i64"), dict(launch_pdl=pdl),
+                dict(eps="fp32", parts_ptr="*i64", signal_ptr="*i64", abort_addr="i64"),
+                dict(launch_pdl=pdl),
             ))  # fmt: skip
     for paged, kv, token_minor in (
         (False, {}, False), (True, {}, False), (True, fp8, False), (True, fp8, True),

@@ -67,8 +67,12 @@ def test_rms_norm_of_sum_meets_the_peers_in_its_programs(rank):
     channels = range(1, programs + 1)  # channel 0 is left to torch's own barriers
     for c in channels:
         pads[rank][c * world + peer] = 1
+    never = torch.zeros(1, dtype=torch.int32)  # the abort flag, left unset
     signals = PeerSignals(
-        torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64), rank, programs
+        torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64),
+        rank,
+        programs,
+        never.data_ptr(),
     )
     w = (1 + 0.1 * torch.randn(d, generator=g)).to(torch.float16)
     res = torch.randn(rows, d, generator=g).to(torch.float16)
@@ -80,6 +84,27 @@ def test_rms_norm_of_sum_meets_the_peers_in_its_programs(rank):
     signalled = [c * world + rank for c in channels]
     assert pads[peer][signalled].tolist() == [1] * programs
     assert pads[peer].sum().item() == programs  # and nothing else written
+
+
+@pytest.mark.parametrize("waits_for", ["signal", "taken"])
+def test_rms_norm_of_sum_gives_up_its_barrier_once_aborted(waits_for):
+    # rank 0 of two whose peer died: it never signals ("signal": rank 0 waits for it), or it
+    # never took rank 0's last signal ("taken": rank 0 waits to signal again). With the abort
+    # flag set, the call returns (it would spin forever without it) and sums what is there
+    d, rows, world, programs = 16, 3, 2, 2
+    parts = [torch.full((rows, d), float(i + 1), dtype=torch.float16) for i in range(world)]
+    addrs = torch.tensor([p.data_ptr() for p in parts], dtype=torch.int64)
+    pads = [torch.zeros(8 * world, dtype=torch.int32) for _ in range(world)]
+    if waits_for == "taken":
+        for c in range(1, programs + 1):
+            pads[1][c * world + 0] = 1  # rank 0's signals, never taken by the dead rank 1
+    abort = torch.ones(1, dtype=torch.int32)
+    signals = PeerSignals(
+        torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64), 0, programs, abort.data_ptr()
+    )
+    w = torch.ones(d, dtype=torch.float16)
+    got = rms_norm_of_sum(addrs, rows, w, 1e-6, peers=signals)
+    torch.testing.assert_close(got, rms_norm_triton(parts[0] + parts[1], w, 1e-6), rtol=0, atol=0)
 
 
 def test_rms_norm_rejects_bad_shapes():
@@ -94,7 +119,7 @@ def test_rms_norm_rejects_bad_shapes():
     with pytest.raises(ValueError, match="residual"):
         rms_norm_of_sum(torch.zeros(2, dtype=torch.int64), 2, torch.ones(8), 1e-6, torch.ones(3, 8))
     with pytest.raises(ValueError, match="signal pad per part"):
-        three = PeerSignals(torch.zeros(3, dtype=torch.int64), 0, 4)
+        three = PeerSignals(torch.zeros(3, dtype=torch.int64), 0, 4, 0)
         rms_norm_of_sum(torch.zeros(2, dtype=torch.int64), 2, torch.ones(8), 1e-6, peers=three)
 
 

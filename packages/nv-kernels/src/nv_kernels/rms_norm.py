@@ -29,6 +29,8 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 
 
 if triton is not None:
+    # a barrier's wait reads the abort flag once per this many tries (the flag is in host memory)
+    _ABORT_EVERY = tl.constexpr(16)
 
     @triton.jit
     def _rms_norm_kernel(
@@ -39,6 +41,7 @@ if triton is not None:
         out_ptr,
         res_out_ptr,
         signal_ptr,
+        abort_addr,
         T,
         D,
         stride_x,
@@ -59,7 +62,7 @@ if triton is not None:
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         pdl_wait(PDL)
         if SIGNAL:
-            _meet_peers(signal_ptr, rank, PARTS)
+            _meet_peers(signal_ptr, rank, abort_addr, PARTS)
         dtype = out_ptr.dtype.element_ty
         for t in range(tl.program_id(0), T, tl.num_programs(0)):
             row = t + tl.zeros([], tl.int64)  # 64-bit offsets
@@ -83,27 +86,40 @@ if triton is not None:
             tl.store(out_ptr + row * D + cols, (w * y).to(dtype), mask=mask)
 
     @triton.jit
-    def _meet_peers(signal_ptr, rank, WORLD: tl.constexpr):
+    def _meet_peers(signal_ptr, rank, abort_addr, WORLD: tl.constexpr):
         """A barrier between this program and the programs of the same id on the other ranks,
         through the signal pads at the addresses `signal_ptr` ([WORLD] int64): torch's
         symmetric-memory protocol, on channel program_id + 1 (slot channel * WORLD + r of a
         rank's pad is written by rank r). Signal every peer (0 -> 1 in its pad, once it took
         the last signal), then take every peer's signal (1 -> 0 in this rank's pad). The
         release and acquire are system-wide: the peers' writes before their signal (their
-        part) are visible after it."""
+        part) are visible after it. A wait that spins also reads the int32 at `abort_addr` (host
+        memory the device maps, a PCIe round trip) every _ABORT_EVERY tries, and gives up once
+        it is set."""
         base = (tl.program_id(0) + 1) * WORLD
         mine = tl.load(signal_ptr + rank).to(tl.pointer_type(tl.int32))
+        abort = abort_addr.to(tl.pointer_type(tl.int32))
         for r in tl.static_range(WORLD):
             if r != rank:
                 peer = tl.load(signal_ptr + r).to(tl.pointer_type(tl.int32))
                 old = tl.atomic_cas(peer + base + rank, 0, 1, sem="release", scope="sys")
+                spins = 0
                 while old != 0:
                     old = tl.atomic_cas(peer + base + rank, 0, 1, sem="release", scope="sys")
+                    spins += 1
+                    if spins % _ABORT_EVERY == 0:  # noqa: SIM102 (the load only then)
+                        if tl.load(abort, volatile=True) != 0:
+                            old = 0
         for r in tl.static_range(WORLD):
             if r != rank:
                 old = tl.atomic_cas(mine + base + r, 1, 0, sem="acquire", scope="sys")
+                spins = 0
                 while old != 1:
                     old = tl.atomic_cas(mine + base + r, 1, 0, sem="acquire", scope="sys")
+                    spins += 1
+                    if spins % _ABORT_EVERY == 0:  # noqa: SIM102 (the load only then)
+                        if tl.load(abort, volatile=True) != 0:
+                            old = 1
 
 
 def rms_norm_triton(
@@ -131,6 +147,7 @@ def rms_norm_triton(
             out,
             res_out,
             x,  # no signal pads
+            0,
             t,
             d,
             x.stride(0),
@@ -189,6 +206,7 @@ def rms_norm_of_sum(
             out,
             res_out,
             part_addrs if peers is None else peers.addrs,
+            0 if peers is None else peers.abort_addr,
             rows,
             d,
             0,
@@ -208,9 +226,13 @@ def rms_norm_of_sum(
 class PeerSignals(NamedTuple):
     """Where `rms_norm_of_sum` meets the other ranks: `addrs`, the device addresses (int64
     `[ranks]`) of every rank's signal pad (int32 slots, torch's symmetric-memory layout: slot
-    `channel * ranks + r` is written by rank r); this rank's index; and the most programs a
-    call may launch, each of which uses channel program_id + 1 (channel 0 stays torch's)."""
+    `channel * ranks + r` is written by rank r); this rank's index; the most programs a
+    call may launch, each of which uses channel program_id + 1 (channel 0 stays torch's); and
+    `abort_addr`, the address of an int32 the device can read (pinned host memory) whose
+    setting makes every wait in the barrier give up: after a peer died, the host releases the
+    barriers with one store and no CUDA call (a call could wait behind them)."""
 
     addrs: torch.Tensor
     rank: int
     max_programs: int
+    abort_addr: int

@@ -78,10 +78,14 @@ class PeerAllReduce:
         ]
         self._next_slot = 0
         pads = self.handle.get_signal_pad(self.handle.rank, dtype=torch.int32).numel()
+        # set by release_peers: the fused kernel's barriers read it while they wait (pinned
+        # host memory, which the device reads at the same address)
+        self._abort = torch.zeros(1, dtype=torch.int32, pin_memory=True)
         self._signals = PeerSignals(
             torch.tensor(self.handle.signal_pad_ptrs, dtype=torch.int64, device=device),
             self.handle.rank,
             max_programs=min(self.MAX_PROGRAMS, pads // self.handle.world_size - 1),
+            abort_addr=self._abort.data_ptr(),
         )
         self._release_stream = torch.cuda.Stream(device)
         # run release_peers' kernels once now, on a scratch pad: loading a kernel waits for
@@ -106,11 +110,18 @@ class PeerAllReduce:
 
     def release_peers(self) -> None:
         """After a peer died, for a teardown: let this device's queued barriers pass without the
-        other ranks. Slot `k * world + r` of a rank's signal pad is written by rank r; this sets
-        every other rank's slots in this rank's pad as if they had signalled, and clears this
-        rank's slots in theirs as if they had taken its signals. From a side stream, since the
-        main one is stuck in a barrier; the reductions that follow read stale peer data. Call it
-        until the device's queue drains."""
+        other ranks; the reductions that follow read stale peer data. Call it until the device's
+        queue drains.
+
+        First the abort flag, which the fused kernel's barriers read while they wait: a store
+        to host memory, no CUDA call. (A CUDA call can wait behind those barriers: loading a
+        kernel, which start-up still does, waits for the device and blocks other threads'
+        launches meanwhile. Rank 0 hung so on the card, with a worker killed in start-up.)
+        Then torch's own barriers (the unfused `all_reduce`): slot `k * world + r` of a rank's
+        signal pad is written by rank r; this sets every other rank's slots in this rank's pad
+        as if they had signalled, and clears this rank's slots in theirs as if they had taken
+        its signals, from a side stream, since the main one is stuck in a barrier."""
+        self._abort.fill_(1)
         self._release(lambda rank: self.handle.get_signal_pad(rank, dtype=torch.int32))
 
     def _release(self, pad: Callable[[int], torch.Tensor]) -> None:

@@ -369,6 +369,12 @@ def leave_group_bounded() -> None:
     leave = threading.Thread(target=_leave_group, name="nv-tp-abort", daemon=True)
     leave.start()
     leave.join(_ABORT_WAIT_S)
+    if leave.is_alive():
+        logger.warning(
+            "leaving the process group did not finish within %.0f s (a peer is gone, and "
+            "NCCL's abort can wait for it); going on without it",
+            _ABORT_WAIT_S,
+        )
 
 
 def _leave_group() -> None:
