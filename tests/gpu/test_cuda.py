@@ -633,6 +633,50 @@ def test_tp2_script_without_the_main_guard_fails_fast(fp32_model, tmp_path):
     assert_unguarded_tp2_script_fails_fast(fp32_model[0], tmp_path, max_num_seqs=4)
 
 
+_ABORT_SCRIPT = """
+import threading, time, torch
+from nv_kernels import PeerSignals, rms_norm_of_sum, rms_norm_triton
+
+dev, d, rows, programs = "cuda", 1024, 64, 4
+parts = [torch.randn(rows, d, device=dev, dtype=torch.bfloat16) for _ in range(2)]
+addrs = torch.tensor([p.data_ptr() for p in parts], dtype=torch.int64, device=dev)
+pads = [torch.zeros(2 * (programs + 1), dtype=torch.int32, device=dev) for _ in range(2)]
+abort = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+signals = PeerSignals(
+    torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64, device=dev), 0, programs,
+    abort.data_ptr(),
+)
+w = torch.ones(d, device=dev, dtype=torch.bfloat16)
+x, w2 = torch.randn(3, 96, device=dev, dtype=torch.bfloat16), w[:96].clone()
+torch.cuda.synchronize()
+rms_norm_of_sum(addrs, rows, w, 1e-6, peers=signals)  # rank 1 never signals: it spins
+time.sleep(0.5)
+print("spinning:", not torch.cuda.current_stream().query(), flush=True)
+threading.Timer(1.0, abort.fill_, (1,)).start()  # a store to host memory, no CUDA call
+# a kernel loaded now waits for the device (CUDA's lazy loading), as start-up's loads do
+rms_norm_triton(x, w2, 1e-6)
+torch.cuda.synchronize()
+print("drained", flush=True)
+"""
+
+
+def test_peer_barrier_gives_up_when_the_host_sets_the_abort_flag(tmp_path):
+    # rank 0 of two whose peer is gone, in one process: its fused all-reduce + norm spins in
+    # the barrier, then the main thread loads a new kernel (which waits for the device) while
+    # another thread sets the abort flag in pinned host memory. The barrier must give up and
+    # the device drain. A subprocess with a time limit: a failure here is a hang
+    import subprocess
+    import sys
+
+    script = tmp_path / "abort.py"
+    script.write_text(_ABORT_SCRIPT)
+    r = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.splitlines() == ["spinning: True", "drained"], r.stdout + r.stderr[-3000:]
+
+
 def test_pdl_chain_in_a_graph_equals_plain_launches():
     # skinny GEMMs and RMSNorms launched with programmatic dependent launch (each starts while
     # the one before runs) inside a CUDA graph: bit for bit the plain launches' result
