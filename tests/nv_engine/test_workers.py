@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -537,3 +538,39 @@ def test_a_death_during_start_up_releases_rank_0s_peer_barriers(monkeypatch):
         pool._closing.set()
         release.join(2)
         assert not release.is_alive()
+
+
+_EXIT_SCRIPT = """
+import sys, threading, time
+import torch.distributed as dist
+from nv_engine.worker import tp_workers
+
+done, never = sys.argv[1], sys.argv[2] == "never"
+
+def abort():  # torch's abort, slower than close()'s wait (or never returning)
+    if never:
+        threading.Event().wait()
+    time.sleep(1.0)
+    open(done, "w").write("aborted")
+
+dist.distributed_c10d._abort_process_group = abort
+tp_workers._ABORT_WAIT_S, tp_workers._EXIT_WAIT_S = 0.1, 5.0 if not never else 0.5
+tp_workers.leave_group_bounded()
+print("left", flush=True)
+"""
+
+
+@pytest.mark.parametrize("abort", ["slow", "never"])
+def test_the_interpreter_exit_waits_for_an_abort_still_running(tmp_path, abort):
+    # close() waits _ABORT_WAIT_S for the group's abort; one that outlasts it must not come
+    # back while the interpreter finalises (on the card that took the process down): the exit
+    # waits for it, bounded, and an abort that never returns does not hold the exit
+    script, done = tmp_path / "exit.py", tmp_path / "done"
+    script.write_text(_EXIT_SCRIPT)
+    r = subprocess.run(
+        [sys.executable, str(script), str(done), abort], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "left\n"
+    assert "waiting up to" in r.stderr  # the exit says why it waits
+    assert done.exists() == (abort == "slow"), r.stderr

@@ -4,6 +4,7 @@ rank 0 sends it through a `StepChannel`. Ranks started elsewhere: `external_work
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing as mp
 import os
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 _POLL_S = 0.5
 _ABORT_AFTER_S = 0.1  # the watchdog: from its verdict (read before collective calls) to its abort
 _ABORT_WAIT_S = 10.0  # close(): how long to wait for an abort (the watchdog's, or its own)
+_EXIT_WAIT_S = 30.0  # the interpreter's exit: how long to wait for an abort still running
 
 
 class WorkerError(RuntimeError):
@@ -371,7 +373,7 @@ def leave_group_bounded() -> None:
     leave.join(_ABORT_WAIT_S)
     if leave.is_alive():
         logger.warning(
-            "leaving the process group did not finish within %.0f s (a peer is gone, and "
+            "leaving the process group did not finish within %g s (a peer is gone, and "
             "NCCL's abort can wait for it); going on without it",
             _ABORT_WAIT_S,
         )
@@ -384,15 +386,40 @@ def _leave_group() -> None:
         dist.destroy_process_group()
 
 
+_aborting: set[threading.Thread] = set()  # threads inside _abort_group
+
+
 def _abort_group() -> bool:
     """Abort every process group of this process: its pending collectives fail rather than
-    wait. Whether it could."""
+    wait. Whether it could. Runs in a daemon thread (the watchdog's, or leave_group_bounded's),
+    since it may take long or never return; the interpreter's exit waits for it, bounded
+    (`_wait_for_aborts`)."""
     abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
     if abort is None:
         return False
+    me = threading.current_thread()
+    _aborting.add(me)
     try:
         abort()
         return True
     except Exception:
         logger.warning("aborting the process group failed", exc_info=True)
         return False
+    finally:
+        _aborting.discard(me)
+
+
+@atexit.register
+def _wait_for_aborts() -> None:
+    """At the interpreter's exit, give an abort still running in a daemon thread up to
+    _EXIT_WAIT_S to finish. A daemon thread that comes back from torch while the interpreter
+    finalises takes the process down ("terminate called without an active exception": seen on
+    the card, a worker killed in start-up and the group's abort outlasting close()'s wait);
+    one that never comes back does no harm."""
+    threads = [t for t in list(_aborting) if t is not threading.current_thread()]
+    if not threads:
+        return
+    logger.warning("waiting up to %.0f s for the process group's abort to finish", _EXIT_WAIT_S)
+    deadline = time.monotonic() + _EXIT_WAIT_S
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
