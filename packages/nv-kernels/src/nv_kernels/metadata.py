@@ -17,6 +17,10 @@ class AttentionMetadata:
       (prefix hits, earlier chunks); without it, from this step's K/V directly.
     - decode: one query token per sequence; `context_lens[i]` keys are read through
       `block_tables[i]` (rows padded with any valid block id; lengths bound the reads).
+      `shared_prefix_len` (whole blocks, 0: none): every row's first that many tokens are the
+      same cache blocks (block_tables[0]'s first ones), all before its newest token. A backend
+      may attend to them once for the whole batch (cascade attention) and to each row's rest
+      alone; the result is the same.
     """
 
     is_prefill: bool
@@ -27,3 +31,4 @@ class AttentionMetadata:
     cu_seqlens_k: torch.Tensor | None = None  # [num_seqs + 1] int32
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
+    shared_prefix_len: int = 0

@@ -66,6 +66,8 @@ class ModelRunner:
         backend = get_attention_backend(config.attention_backend, self.device)
         if self.kv_dtype != self.dtype:
             _check_fp8_kv(config, backend, self.device)
+        # decode steps with a long shared prefix take cascade attention (_shared_prefix)
+        self._cascade = backend.shared_prefix_decode and config.tuning.shared_prefix_min_tokens > 0
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = build_model(hf, tp, backend)
         self.model.eval()
@@ -92,6 +94,8 @@ class ModelRunner:
             self._warm_up_prefill()
             if self.graphs is None:
                 self._warm_up_eager_decode()
+            if self._cascade:
+                self._warm_up_shared_prefix_decode()
             self._warm_up_sampler()
 
     def close(self, drain_timeout_s: float | None = None) -> None:
@@ -290,6 +294,19 @@ class ModelRunner:
                 block_tables=torch.zeros(1, width, dtype=torch.int32, device=dev),
             )
 
+    @torch.inference_mode()
+    def _warm_up_shared_prefix_decode(self) -> None:
+        """Compile now what a decode step with a shared prefix runs (cascade attention: its
+        own kernel, and the decode kernel's variant that merges its result)."""
+        bs, dev = self.block_size, self.device
+        self._forward_writing_nothing(
+            torch.tensor([bs], device=dev),
+            is_prefill=False,
+            context_lens=torch.tensor([bs + 1], dtype=torch.int32, device=dev),
+            block_tables=torch.zeros(1, 2, dtype=torch.int32, device=dev),
+            shared_prefix_len=bs,
+        )
+
     def _forward_writing_nothing(self, positions: torch.Tensor, **meta: Any) -> None:
         """A forward of token 0 at `positions` for the warm-ups: every cache slot is -1 (no
         K/V written); `meta`, the rest of its AttentionMetadata (block tables read block 0)."""
@@ -358,9 +375,12 @@ class ModelRunner:
                 chunk = self.config.tuning.prompt_logprobs_chunk
                 prompt_lps = prompt_logprobs(self.model, hidden, plan, chunk, self.rank == 0)
         else:
-            use_graph = self.graphs is not None and self.graphs.can_run(len(plan.seqs))
+            prefix = self._shared_prefix(plan)
+            use_graph = (
+                not prefix and self.graphs is not None and self.graphs.can_run(len(plan.seqs))
+            )
             padded = self.graphs.padded_size(len(plan.seqs)) if use_graph else len(plan.seqs)
-            ids, pos, meta, st = self._prepare_decode(plan, padded, rows)
+            ids, pos, meta, st = self._prepare_decode(plan, padded, rows, prefix)
             if use_graph:
                 logits = self.graphs.replay(ids, pos, meta)[: len(plan.seqs)]
             else:
@@ -487,7 +507,25 @@ class ModelRunner:
         positions_t, logits_indices_t = parts[at["positions"]], parts[at["logits_indices"]]
         return ids_t, positions_t, meta, logits_indices_t, sampling(parts)
 
-    def _prepare_decode(self, plan: StepPlan, padded: int, rows: list[ScheduledSeq]):
+    def _shared_prefix(self, plan: StepPlan) -> int:
+        """For a decode step: how many tokens (whole blocks) every row's context starts with in
+        the same cache blocks, before each row's newest token, when cascade attention takes
+        them (enough rows and tokens, EngineTuning.shared_prefix_min_*); else 0. Rows that
+        differ from the first block on (no shared prefix) cost one comparison."""
+        tuning, seqs = self.config.tuning, plan.seqs
+        if not self._cascade or len(seqs) < tuning.shared_prefix_min_seqs:
+            return 0
+        limit = min(s.start_pos for s in seqs) // self.block_size
+        first = seqs[0].block_table
+        n = 0
+        while n < limit and all(s.block_table[n] == first[n] for s in seqs):
+            n += 1
+        tokens = n * self.block_size
+        return tokens if tokens >= tuning.shared_prefix_min_tokens else 0
+
+    def _prepare_decode(
+        self, plan: StepPlan, padded: int, rows: list[ScheduledSeq], shared_prefix_len: int = 0
+    ):
         """Inputs for `padded` rows: the plan's sequences, then padding rows that read one cached
         token and write none (slot -1). One staged copy."""
         bs = self.block_size
@@ -515,7 +553,13 @@ class ModelRunner:
             src_t = parts[pending]
             prev = self._last_sampled[0]
             ids_t = torch.where(src_t >= 0, prev[src_t.clamp(min=0)], ids_t)
-        meta = AttentionMetadata(False, slots_t, parts[lens_at], parts[tables_at].view(n, width))
+        meta = AttentionMetadata(
+            False,
+            slots_t,
+            parts[lens_at],
+            parts[tables_at].view(n, width),
+            shared_prefix_len=shared_prefix_len,
+        )
         return ids_t, pos_t, meta, sampling(parts)
 
     def _add_sampling(self, rows: list[ScheduledSeq]):
