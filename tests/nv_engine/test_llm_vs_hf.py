@@ -236,15 +236,16 @@ def test_decode_with_a_shared_prefix_takes_cascade_attention(model_dir, monkeypa
     g = torch.Generator().manual_seed(5)
     system = torch.randint(3, 512, (13,), generator=g).tolist()
     prompts = [system + torch.randint(3, 512, (n,), generator=g).tolist() for n in (1, 4, 6, 9)]
-    max_new = [10, 7, 12, 9]
+    prompts.append(torch.randint(3, 512, (15,), generator=g).tolist())  # no system prompt
+    max_new = [10, 7, 12, 9, 11]
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     refs = hf_greedy(hf, prompts, max_new, EOS)
     prefixes = []
     cascade = attention._shared_prefix_attention
 
-    def recording(q, k_cache, v_cache, table, prefix_len, *args):
-        prefixes.append(prefix_len)
-        return cascade(q, k_cache, v_cache, table, prefix_len, *args)
+    def recording(q, k_cache, v_cache, blocks, rows, *args):
+        prefixes.append((blocks.numel(), rows.sum().item(), rows.numel()))
+        return cascade(q, k_cache, v_cache, blocks, rows, *args)
 
     monkeypatch.setattr(attention, "_shared_prefix_attention", recording)
     kw = dict(device="cpu", attention_backend="triton", kvcache_block_size=4)
@@ -256,8 +257,10 @@ def test_decode_with_a_shared_prefix_takes_cascade_attention(model_dir, monkeypa
         outs = llm.generate(prompts, params, use_tqdm=False)
         assert [o["token_ids"] for o in outs] == refs
         assert_pool_whole(llm)
-    # 12 of the system prompt's 13 tokens fill 3 blocks of 4, while 3 or more rows decode
-    assert prefixes and set(prefixes) == {12}
+    # 12 of the system prompt's 13 tokens fill 3 blocks of 4, shared while 3 or more of the
+    # rows that have it decode (the fifth never shares it)
+    assert prefixes and {blocks for blocks, _, _ in prefixes} == {3}
+    assert all(3 <= members < rows for _, members, rows in prefixes)
 
 
 def test_attention_kernels_get_16_byte_aligned_metadata(model_dir, monkeypatch):

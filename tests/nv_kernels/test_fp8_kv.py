@@ -165,7 +165,8 @@ def test_decode_fp8_cache_with_a_shared_prefix_matches_reference(q_dtype, v_layo
         torch.zeros(len(lens), dtype=torch.int64),
         torch.tensor(lens, dtype=torch.int32),
         table,
-        shared_prefix_len=2 * bs,
+        shared_prefix_blocks=torch.tensor(shared, dtype=torch.int32),
+        shared_prefix_rows=torch.ones(len(lens), dtype=torch.int32),
     )
     ref = decode_ref(q.float(), k_cache, v_cache, meta, 0.3, kv_scales)
     out = decode_attention(q, k_cache, v_cache, meta, 0.3, kv_scales=kv_scales)

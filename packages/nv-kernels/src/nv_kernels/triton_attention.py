@@ -218,7 +218,7 @@ if triton is not None:
             mask=m_mask[:, None],
         )
 
-    @triton.jit(do_not_specialize=["stride_bt", "kv_start"])
+    @triton.jit(do_not_specialize=["stride_bt", "prefix_len"])
     def _decode_kernel(
         q_ptr,
         k_cache_ptr,
@@ -230,7 +230,8 @@ if triton is not None:
         mid_lse_ptr,
         prefix_o_ptr,
         prefix_lse_ptr,
-        kv_start,
+        prefix_rows_ptr,
+        prefix_len,
         scale,
         k_scale,
         v_scale,
@@ -261,13 +262,14 @@ if triton is not None:
         pdl_wait(PDL)
         # One program per (sequence, KV head, split): the G query heads sharing this KV head
         # are the rows of one tile, so each K/V tile is read once for all of them. With
-        # CASCADE (NUM_SPLITS == 1), the keys from kv_start on only: the shared prefix before
-        # it was attended by _shared_prefix_kernel, whose result is merged in at the end.
+        # CASCADE (NUM_SPLITS == 1), a row that shares the prefix (prefix_rows) reads the keys
+        # from prefix_len on only: _shared_prefix_kernel attended to the prefix, and its
+        # result is merged in at the end (a log-sum-exp of -inf for the other rows).
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
         ctx = tl.load(context_lens_ptr + seq)
-        lo = kv_start if CASCADE else 0
+        lo = tl.load(prefix_rows_ptr + seq) * prefix_len if CASCADE else 0
         split_len = tl.cdiv(tl.cdiv(ctx - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
         start = lo + split * split_len
         end = tl.minimum(start + split_len, ctx)
@@ -338,6 +340,7 @@ if triton is not None:
         table_ptr,
         o_ptr,
         lse_ptr,
+        rows_ptr,
         prefix_len,
         num_seqs,
         scale,
@@ -361,12 +364,13 @@ if triton is not None:
         PRECISION: tl.constexpr,
         DOT_DTYPE: tl.constexpr,
     ):
-        """Cascade attention's first half: every decode row's query heads of one KV head
-        against the `prefix_len` tokens the rows share (blocks from `table_ptr`), as one
-        streaming softmax over tiles of BLOCK_M (row, head) pairs, so each shared K/V tile is
-        read once per tile of rows rather than once per row. Writes each pair's normalised
-        output (float32 [num_seqs, H, D]) and log-sum-exp (base 2, [num_seqs, H]), which
-        `_decode_kernel` (CASCADE) merges with the rest of the row's context."""
+        """Cascade attention's first half: the decode rows' query heads of one KV head against
+        the `prefix_len` tokens in the blocks at `table_ptr`, as one streaming softmax over
+        tiles of BLOCK_M (row, head) pairs, so each shared K/V tile is read once per tile of
+        rows rather than once per row. Writes each pair's normalised output (float32
+        [num_seqs, H, D]) and log-sum-exp (base 2, [num_seqs, H]; -inf for the rows that do not
+        share the prefix, `rows_ptr`), which `_decode_kernel` (CASCADE) merges with the rest of
+        the row's context."""
         kv_head = tl.program_id(0)
         pairs = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = pairs < num_seqs * G
@@ -396,7 +400,8 @@ if triton is not None:
         at = seq * G * tl.num_programs(0) + heads  # [B, H]
         tl.store(o_ptr + at[:, None] * D + offs_d[None, :], acc * (v_scale / l_i)[:, None],
                  mask=m_mask[:, None])  # fmt: skip
-        tl.store(lse_ptr + at, m_i + tl.log2(l_i), mask=m_mask)
+        member = tl.load(rows_ptr + seq, mask=m_mask, other=0) != 0
+        tl.store(lse_ptr + at, tl.where(member, m_i + tl.log2(l_i), float("-inf")), mask=m_mask)
 
     @triton.jit
     def _decode_reduce_kernel(
@@ -578,19 +583,18 @@ def decode_attention(
 ) -> torch.Tensor:
     """Paged decode attention. The launch settings default to what benchmarks/decode_sweep.py
     chose on an H200 (`dot_dtype` overrides `_dot_dtype`'s choice, for that sweep). With
-    `meta.shared_prefix_len`, cascade attention: the shared prefix once for the batch
-    (`_shared_prefix_kernel`), then each row's rest, merged (no split K)."""
+    `meta.shared_prefix_blocks`, cascade attention: the shared prefix once for the rows that
+    share it (`_shared_prefix_kernel`), then each row's rest, merged (no split K)."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     _check_head_dim(head_dim)
     g = num_heads // num_kv_heads
     on_gpu = q.device.type == "cuda"
-    prefix_len = meta.shared_prefix_len
+    prefix_blocks, prefix_rows = meta.shared_prefix_blocks, meta.shared_prefix_rows
+    prefix_len = 0 if prefix_blocks is None else prefix_blocks.shape[0] * block_size
     if prefix_len:
-        if prefix_len % block_size:
-            raise ValueError(
-                f"shared_prefix_len must be whole blocks of {block_size}, got {prefix_len}"
-            )
+        if prefix_rows is None or prefix_rows.shape != (num_seqs,):
+            raise ValueError(f"shared_prefix_rows must be [{num_seqs}] with shared_prefix_blocks")
         num_splits = 1
     # From decode_sweep.py on an H200 (docs/benchmarks.md). bf16 caches: 64-token tiles, 4
     # stages. fp8 caches (V token-minor): 128-token tiles, 3 stages, dots in fp16.
@@ -617,10 +621,10 @@ def decode_attention(
     dot_dtype = _dot_dtype(q, k_cache, dot_dtype)
     if prefix_len:
         prefix_o, prefix_lse = _shared_prefix_attention(
-            q, k_cache, v_cache, meta.block_tables[0], prefix_len, scale, kv_scales, dot_dtype
+            q, k_cache, v_cache, prefix_blocks, prefix_rows, scale, kv_scales, dot_dtype
         )
     else:
-        prefix_o = prefix_lse = o  # unused
+        prefix_o = prefix_lse = prefix_rows = o  # unused
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -632,6 +636,7 @@ def decode_attention(
         mid_lse,
         prefix_o,
         prefix_lse,
+        prefix_rows,
         prefix_len,
         scale,
         *_cache_scales(k_cache, kv_scales),
@@ -677,16 +682,17 @@ def _shared_prefix_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    table: torch.Tensor,
-    prefix_len: int,
+    blocks: torch.Tensor,
+    rows: torch.Tensor,
     scale: float,
     kv_scales: tuple[float, float],
     dot_dtype: tl.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every decode row's attention to the `prefix_len` tokens in the blocks `table` starts
-    with: (normalised output float32 [rows, H, D], log-sum-exp base 2 [rows, H])."""
+    """The decode rows' attention to the tokens in the cache blocks `blocks`: (normalised
+    output float32 [rows, H, D], log-sum-exp base 2 [rows, H], -inf where `rows` is 0)."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
+    prefix_len = blocks.shape[0] * block_size
     g = num_heads // num_kv_heads
     on_gpu = q.device.type == "cuda"
     block_m = 64 if on_gpu else 16
@@ -696,9 +702,10 @@ def _shared_prefix_attention(
         q,
         k_cache,
         v_cache,
-        table,
+        blocks,
         o,
         lse,
+        rows,
         prefix_len,
         num_seqs,
         scale,
