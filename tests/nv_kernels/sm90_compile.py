@@ -73,7 +73,8 @@ def fp8_decode_reads_v_as_an_operand() -> list[str]:
              NUM_SPLITS=1, CASCADE=False, PRECISION=None, DOT_DTYPE=tl.float16, PDL=False,
              stride_cvt=1),
         dict(block_tables_ptr="*i32", context_lens_ptr="*i32", mid_o_ptr="*fp32",
-             mid_lse_ptr="*fp32", prefix_o_ptr="*fp32", prefix_lse_ptr="*fp32", scale="fp32",
+             mid_lse_ptr="*fp32", prefix_o_ptr="*fp32", prefix_lse_ptr="*fp32",
+             prefix_rows_ptr="*i32", scale="fp32",
              k_scale="fp32", v_scale="fp32", k_cache_ptr="*fp8e4nv", v_cache_ptr="*fp8e4nv"),
         aligned=tuple(aligned),
         num_stages=3,
@@ -115,7 +116,8 @@ def main() -> int:
                  DOT_DTYPE=tl.float16 if kv else tl.bfloat16, PDL=pdl,
                  **{"stride_cvt" if token_minor else "stride_cvd": 1}),
             dict(block_tables_ptr="*i32", context_lens_ptr="*i32", mid_o_ptr="*fp32",
-                 mid_lse_ptr="*fp32", prefix_o_ptr="*fp32", prefix_lse_ptr="*fp32", **scales,
+                 mid_lse_ptr="*fp32", prefix_o_ptr="*fp32", prefix_lse_ptr="*fp32",
+                 prefix_rows_ptr="*i32", **scales,
                  **kv),
             dict(num_stages=4, launch_pdl=pdl),
         ))  # fmt: skip
@@ -125,7 +127,8 @@ def main() -> int:
             dict(G=2, BLOCK_SIZE=256, D=128, BLOCK_M=64, BLOCK_N=64, V_TOKEN_MINOR=token_minor,
                  PRECISION=None, DOT_DTYPE=tl.float16 if kv else tl.bfloat16,
                  **{"stride_cvt" if token_minor else "stride_cvd": 1}),
-            dict(table_ptr="*i32", o_ptr="*fp32", lse_ptr="*fp32", **scales, **kv),
+            dict(table_ptr="*i32", o_ptr="*fp32", lse_ptr="*fp32", rows_ptr="*i32", **scales,
+                 **kv),
             dict(num_stages=3),
         ))  # fmt: skip
     for pdl in (False, True):
