@@ -109,43 +109,6 @@ def test_kernels_match_reference(dtype, head_dim, block_size, heads):
         assert (out.float() - ref).norm() / ref.norm() < _tol(dtype), splits
 
 
-@pytest.mark.parametrize("kv", ["bf16", "fp8"])
-def test_decode_with_a_shared_prefix_matches_reference(kv):
-    # cascade attention as the engine launches it: 300 rows (several query tiles), most
-    # sharing 2 blocks of 256 tokens, each with its own 1-300 more; bf16, and fp8 with V
-    # token-minor
-    gen = torch.Generator().manual_seed(1)
-    rows, bs, heads, kv_heads, d, blocks = 300, 256, 16, 8, 128, 1024
-    cache_dtype = torch.float8_e4m3fn if kv == "fp8" else torch.bfloat16
-    caches = allocate_kv_cache(1, blocks, bs, kv_heads, d, cache_dtype, DEV)
-    k_cache, v_cache = (c[0] for c in caches)
-    for cache in (k_cache, v_cache):
-        cache.copy_(quantize_kv(torch.randn(cache.shape, generator=gen).to(DEV), cache, 1.0))
-    perm = torch.randperm(blocks, generator=gen).tolist()
-    shared, own = perm[:2], iter(perm[2:])
-    lens = [2 * bs + 1 + (i * 37) % 300 for i in range(rows)]
-    members = [int(i % 50 != 7) for i in range(rows)]  # a few rows hold their own copy
-    tables = [
-        (shared if m else [next(own), next(own)]) + [next(own) for _ in range(-(-n // bs) - 2)]
-        for n, m in zip(lens, members, strict=True)
-    ]
-    width = max(map(len, tables))
-    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-    q = torch.randn(rows, heads, d, generator=gen).to(DEV, torch.bfloat16)
-    meta = AttentionMetadata(
-        False,
-        torch.zeros(rows, dtype=torch.int64, device=DEV),
-        torch.tensor(lens, dtype=torch.int32, device=DEV),
-        table.to(DEV),
-        shared_prefix_blocks=torch.tensor(shared, dtype=torch.int32, device=DEV),
-        shared_prefix_rows=torch.tensor(members, dtype=torch.int32, device=DEV),
-    )
-    ref = decode_ref(q.float(), k_cache, v_cache, meta, d**-0.5)
-    out = decode_attention(q, k_cache, v_cache, meta, d**-0.5)
-    assert not out.isnan().any()
-    assert (out.float() - ref).norm() / ref.norm() < 2e-2
-
-
 # ---- the engine in float32 on the GPU, against transformers ------------------------------------
 
 LENS = [3, 9, 17, 30, 5, 41]

@@ -225,44 +225,6 @@ def test_triton_backend_interpreted(model_dir):
         assert_pool_whole(llm)
 
 
-def test_decode_with_a_shared_prefix_takes_cascade_attention(model_dir, monkeypatch):
-    # requests that share a cached prefix (a system prompt) decode with cascade attention
-    # (the shared blocks attended once for the batch): still transformers' greedy tokens
-    import transformers
-
-    import nv_kernels.triton_attention as attention
-
-    path = model_dir[0]
-    g = torch.Generator().manual_seed(5)
-    system = torch.randint(3, 512, (13,), generator=g).tolist()
-    prompts = [system + torch.randint(3, 512, (n,), generator=g).tolist() for n in (1, 4, 6, 9)]
-    prompts.append(torch.randint(3, 512, (15,), generator=g).tolist())  # no system prompt
-    max_new = [10, 7, 12, 9, 11]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    refs = hf_greedy(hf, prompts, max_new, EOS)
-    prefixes = []
-    cascade = attention._shared_prefix_attention
-
-    def recording(q, k_cache, v_cache, blocks, rows, *args):
-        prefixes.append((blocks.numel(), rows.sum().item(), rows.numel()))
-        return cascade(q, k_cache, v_cache, blocks, rows, *args)
-
-    monkeypatch.setattr(attention, "_shared_prefix_attention", recording)
-    kw = dict(device="cpu", attention_backend="triton", kvcache_block_size=4)
-    tuning = dict(shared_prefix_min_tokens=8, shared_prefix_min_seqs=3)
-    with LLM(str(path), **kw, **tuning) as llm:
-        # the first request fills the prefix cache; the batch's then share its blocks
-        llm.generate([system + [7]], SamplingParams(max_tokens=1), use_tqdm=False)
-        params = [SamplingParams(temperature=0.0, max_tokens=n) for n in max_new]
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        assert [o["token_ids"] for o in outs] == refs
-        assert_pool_whole(llm)
-    # 12 of the system prompt's 13 tokens fill 3 blocks of 4, shared while 3 or more of the
-    # rows that have it decode (the fifth never shares it)
-    assert prefixes and {blocks for blocks, _, _ in prefixes} == {3}
-    assert all(3 <= members < rows for _, members, rows in prefixes)
-
-
 def test_attention_kernels_get_16_byte_aligned_metadata(model_dir, monkeypatch):
     """Every tensor the attention kernels read their metadata from (block tables, context
     lengths, slots, cumulative lengths) starts at a 16-byte boundary, in decode steps of any

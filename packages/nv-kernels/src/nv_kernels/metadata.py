@@ -17,10 +17,6 @@ class AttentionMetadata:
       (prefix hits, earlier chunks); without it, from this step's K/V directly.
     - decode: one query token per sequence; `context_lens[i]` keys are read through
       `block_tables[i]` (rows padded with any valid block id; lengths bound the reads).
-      `shared_prefix_blocks` (int32 [n], or None): cache blocks that the rows marked in
-      `shared_prefix_rows` (int32 [num_seqs], 1 or 0) all start with, before their newest
-      token. A backend may attend to them once for those rows together (cascade attention)
-      and to each row's rest alone; the result is the same.
     """
 
     is_prefill: bool
@@ -31,5 +27,3 @@ class AttentionMetadata:
     cu_seqlens_k: torch.Tensor | None = None  # [num_seqs + 1] int32
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
-    shared_prefix_blocks: torch.Tensor | None = None  # [n] int32
-    shared_prefix_rows: torch.Tensor | None = None  # [num_seqs] int32

@@ -4,7 +4,6 @@ import contextlib
 import gc
 import logging
 import time
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -67,8 +66,6 @@ class ModelRunner:
         backend = get_attention_backend(config.attention_backend, self.device)
         if self.kv_dtype != self.dtype:
             _check_fp8_kv(config, backend, self.device)
-        # decode steps with a long shared prefix take cascade attention (_shared_prefix)
-        self._cascade = backend.shared_prefix_decode and config.tuning.shared_prefix_min_tokens > 0
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = build_model(hf, tp, backend)
         self.model.eval()
@@ -95,8 +92,6 @@ class ModelRunner:
             self._warm_up_prefill()
             if self.graphs is None:
                 self._warm_up_eager_decode()
-            if self._cascade:
-                self._warm_up_shared_prefix_decode()
             self._warm_up_sampler()
 
     def close(self, drain_timeout_s: float | None = None) -> None:
@@ -295,20 +290,6 @@ class ModelRunner:
                 block_tables=torch.zeros(1, width, dtype=torch.int32, device=dev),
             )
 
-    @torch.inference_mode()
-    def _warm_up_shared_prefix_decode(self) -> None:
-        """Compile now what a decode step with a shared prefix runs (cascade attention: its
-        own kernel, and the decode kernel's variant that merges its result)."""
-        bs, dev = self.block_size, self.device
-        self._forward_writing_nothing(
-            torch.tensor([bs], device=dev),
-            is_prefill=False,
-            context_lens=torch.tensor([bs + 1], dtype=torch.int32, device=dev),
-            block_tables=torch.zeros(1, 2, dtype=torch.int32, device=dev),
-            shared_prefix_blocks=torch.zeros(1, dtype=torch.int32, device=dev),
-            shared_prefix_rows=torch.ones(1, dtype=torch.int32, device=dev),
-        )
-
     def _forward_writing_nothing(self, positions: torch.Tensor, **meta: Any) -> None:
         """A forward of token 0 at `positions` for the warm-ups: every cache slot is -1 (no
         K/V written); `meta`, the rest of its AttentionMetadata (block tables read block 0)."""
@@ -377,12 +358,9 @@ class ModelRunner:
                 chunk = self.config.tuning.prompt_logprobs_chunk
                 prompt_lps = prompt_logprobs(self.model, hidden, plan, chunk, self.rank == 0)
         else:
-            shared = self._shared_prefix(plan)
-            use_graph = (
-                shared is None and self.graphs is not None and self.graphs.can_run(len(plan.seqs))
-            )
+            use_graph = self.graphs is not None and self.graphs.can_run(len(plan.seqs))
             padded = self.graphs.padded_size(len(plan.seqs)) if use_graph else len(plan.seqs)
-            ids, pos, meta, st = self._prepare_decode(plan, padded, rows, shared)
+            ids, pos, meta, st = self._prepare_decode(plan, padded, rows)
             if use_graph:
                 logits = self.graphs.replay(ids, pos, meta)[: len(plan.seqs)]
             else:
@@ -509,40 +487,9 @@ class ModelRunner:
         positions_t, logits_indices_t = parts[at["positions"]], parts[at["logits_indices"]]
         return ids_t, positions_t, meta, logits_indices_t, sampling(parts)
 
-    def _shared_prefix(self, plan: StepPlan) -> tuple[list[int], list[int]] | None:
-        """For a decode step: the cache blocks that most rows' contexts start with, before each
-        one's newest token, and which rows (1 or 0 per row), when cascade attention takes them
-        (enough rows and tokens, EngineTuning.shared_prefix_min_*); else None. Requests
-        prefilled in one step hold copies of their common prefix, so a few rows may not share
-        the one the others do."""
-        tuning, seqs, bs = self.config.tuning, plan.seqs, self.block_size
-        if not self._cascade or len(seqs) < tuning.shared_prefix_min_seqs:
-            return None
-        firsts = Counter(s.block_table[0] for s in seqs if s.start_pos >= bs)
-        if not firsts:
-            return None
-        head, count = firsts.most_common(1)[0]
-        if count < tuning.shared_prefix_min_seqs:
-            return None
-        rows = [int(s.start_pos >= bs and s.block_table[0] == head) for s in seqs]
-        members = [s for s, r in zip(seqs, rows, strict=True) if r]
-        limit = min(s.start_pos for s in members) // bs  # whole blocks before the newest tokens
-        first = members[0].block_table
-        n = 1
-        while n < limit and all(s.block_table[n] == first[n] for s in members):
-            n += 1
-        return (first[:n], rows) if n * bs >= tuning.shared_prefix_min_tokens else None
-
-    def _prepare_decode(
-        self,
-        plan: StepPlan,
-        padded: int,
-        rows: list[ScheduledSeq],
-        shared: tuple[list[int], list[int]] | None = None,
-    ):
+    def _prepare_decode(self, plan: StepPlan, padded: int, rows: list[ScheduledSeq]):
         """Inputs for `padded` rows: the plan's sequences, then padding rows that read one cached
-        token and write none (slot -1); `shared`, a shared prefix's blocks and rows (eager
-        steps only). One staged copy."""
+        token and write none (slot -1). One staged copy."""
         bs = self.block_size
         n = len(plan.seqs)
         pad = padded - n
@@ -561,8 +508,6 @@ class ModelRunner:
         tables_at = h.add(_padded_rows(tables, width), torch.int32)
         if src is not None:
             pending = h.add(src + [-1] * pad, torch.int64)
-        if shared is not None:
-            prefix_at, members_at = h.add(shared[0], torch.int32), h.add(shared[1], torch.int32)
         sampling = self._add_sampling(rows)
         parts = h.send()
         ids_t, pos_t, slots_t = parts[i64_at].view(3, padded)
@@ -571,8 +516,6 @@ class ModelRunner:
             prev = self._last_sampled[0]
             ids_t = torch.where(src_t >= 0, prev[src_t.clamp(min=0)], ids_t)
         meta = AttentionMetadata(False, slots_t, parts[lens_at], parts[tables_at].view(n, width))
-        if shared is not None:
-            meta.shared_prefix_blocks, meta.shared_prefix_rows = parts[prefix_at], parts[members_at]
         return ids_t, pos_t, meta, sampling(parts)
 
     def _add_sampling(self, rows: list[ScheduledSeq]):
