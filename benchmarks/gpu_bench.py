@@ -306,18 +306,22 @@ def workload_p() -> None:
     from nv_engine.entrypoints.bench import run_benchmark, shared_prefix_workload
 
     prompts, params = shared_prefix_workload()
-    for caching in (True, False):
-        for bs in (256,):
-            with make_llm(kvcache_block_size=bs, enable_prefix_caching=caching) as llm:
-                r = run_benchmark(llm, prompts, params)
-                hit = llm.scheduler.block_manager.stats().hit_rate
-            report(
-                "workload_P",
-                prefix_caching=caching,
-                block_size=bs,
-                hit_rate=round(hit, 3),
-                **{k: round(v, 2) for k, v in r.items()},
-            )
+    # cascade attention (decode steps attend to the shared prefix once for the batch) is on by
+    # default; shared_prefix_min_tokens=0 turns it off
+    for caching, cascade in ((True, True), (True, False), (False, False)):
+        bs = 256
+        off = {} if cascade else dict(shared_prefix_min_tokens=0)
+        with make_llm(kvcache_block_size=bs, enable_prefix_caching=caching, **off) as llm:
+            r = run_benchmark(llm, prompts, params)
+            hit = llm.scheduler.block_manager.stats().hit_rate
+        report(
+            "workload_P",
+            prefix_caching=caching,
+            cascade=cascade,
+            block_size=bs,
+            hit_rate=round(hit, 3),
+            **{k: round(v, 2) for k, v in r.items()},
+        )
 
 
 def start_decoding(llm, num_seqs: int, prompt_len: int, max_tokens: int) -> None:

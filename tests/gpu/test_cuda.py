@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+import transformers
 from nv_testing import (
     assert_unguarded_tp2_script_fails_fast,
     hf_greedy,
@@ -107,6 +108,44 @@ def test_kernels_match_reference(dtype, head_dim, block_size, heads):
     for splits in (None, 1, 7):
         out = decode_attention(qd, k_cache, v_cache, dmeta, scale, num_splits=splits)
         assert (out.float() - ref).norm() / ref.norm() < _tol(dtype), splits
+
+
+@pytest.mark.parametrize("kv", ["bf16", "fp8"])
+def test_decode_with_a_shared_prefix_matches_reference(kv):
+    # cascade attention as the engine launches it: 300 rows (several query tiles), most
+    # sharing 2 blocks of 256 tokens, each with its own 1-300 more; bf16, and fp8 with V
+    # token-minor
+    gen = torch.Generator().manual_seed(1)
+    rows, bs, heads, kv_heads, d, blocks = 300, 256, 16, 8, 128, 1024
+    cache_dtype = torch.float8_e4m3fn if kv == "fp8" else torch.bfloat16
+    caches = allocate_kv_cache(1, blocks, bs, kv_heads, d, cache_dtype, DEV)
+    k_cache, v_cache = (c[0] for c in caches)
+    for cache in (k_cache, v_cache):
+        cache.copy_(quantize_kv(torch.randn(cache.shape, generator=gen).to(DEV), cache, 1.0))
+    perm = torch.randperm(blocks, generator=gen).tolist()
+    shared, own = perm[:2], iter(perm[2:])
+    lens = [2 * bs + 1 + (i * 37) % 300 for i in range(rows)]
+    members = [int(i % 50 != 7) for i in range(rows)]  # a few rows hold their own copy
+    tables = [
+        (shared if m else [next(own), next(own)]) + [next(own) for _ in range(-(-n // bs) - 2)]
+        for n, m in zip(lens, members, strict=True)
+    ]
+    width = max(map(len, tables))
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    q = torch.randn(rows, heads, d, generator=gen).to(DEV, torch.bfloat16)
+    meta = AttentionMetadata(
+        False,
+        torch.zeros(rows, dtype=torch.int64, device=DEV),
+        torch.tensor(lens, dtype=torch.int32, device=DEV),
+        table.to(DEV),
+        shared_prefix_len=torch.tensor([2 * bs], dtype=torch.int32, device=DEV),
+        shared_prefix_blocks=torch.tensor(shared, dtype=torch.int32, device=DEV),
+        shared_prefix_rows=torch.tensor(members, dtype=torch.int32, device=DEV),
+    )
+    ref = decode_ref(q.float(), k_cache, v_cache, meta, d**-0.5)
+    out = decode_attention(q, k_cache, v_cache, meta, d**-0.5)
+    assert not out.isnan().any()
+    assert (out.float() - ref).norm() / ref.norm() < 2e-2
 
 
 # ---- the engine in float32 on the GPU, against transformers ------------------------------------
@@ -216,6 +255,46 @@ def _step_logits(path, prompt, **config) -> tuple[list[torch.Tensor], list[int]]
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
+
+
+def test_engine_with_a_shared_prefix_takes_the_cascade_graphs(fp32_model, monkeypatch):
+    # requests that share a cached prefix (a system prompt) decode in the cascade graphs (the
+    # shared blocks attended once for the rows that have them; one row has not): still
+    # transformers' greedy tokens
+    from nv_engine import LLM, SamplingParams
+    from nv_engine.worker.model_runner import ModelRunner
+
+    path = fp32_model[0]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(DEV)
+    g = torch.Generator().manual_seed(5)
+    system = torch.randint(3, 512, (13,), generator=g).tolist()
+    prompts = [system + torch.randint(3, 512, (n,), generator=g).tolist() for n in (1, 4, 6, 9, 2)]
+    prompts.append(torch.randint(3, 512, (15,), generator=g).tolist())  # no system prompt
+    max_new = [10, 7, 12, 9, 8, 11]
+    refs = hf_greedy(hf, prompts, max_new, eos=2)
+    shared = []
+    find = ModelRunner._shared_prefix
+
+    def recording(self, plan):
+        found = find(self, plan)
+        shared.append(None if found is None else (len(found[0]), sum(found[1])))
+        return found
+
+    monkeypatch.setattr(ModelRunner, "_shared_prefix", recording)
+    tuning = dict(
+        shared_prefix_min_tokens=8, shared_prefix_min_seqs=4, cuda_graph_batch_sizes=(1, 2, 4, 8)
+    )
+    with LLM(str(path), kvcache_block_size=4, **tuning) as llm:
+        # the first request fills the prefix cache; the batch's then share its blocks
+        llm.generate([system + [7]], SamplingParams(max_tokens=1), use_tqdm=False)
+        params = [SamplingParams(temperature=0.0, max_tokens=n) for n in max_new]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert [o["token_ids"] for o in outs] == refs
+    # 12 of the system prompt's 13 tokens fill 3 blocks of 4, shared while 4 or more of the
+    # rows that have it decode
+    found = [f for f in shared if f is not None]
+    assert found and {blocks for blocks, _ in found} == {3}
+    assert all(members >= 4 for _, members in found)
 
 
 def test_bf16_logits_qwen3_06b_shape(qwen3_06b):

@@ -22,7 +22,12 @@ from nv_kernels.rope_store import _qk_norm_rope_store_kernel
 from nv_kernels.sample_kernel import _chunk_best_kernel, _pick_kernel
 from nv_kernels.skinny_gemm import _skinny_gemm_kernel
 from nv_kernels.store_kvcache import _store_kvcache_kernel
-from nv_kernels.triton_attention import _decode_kernel, _decode_reduce_kernel, _prefill_kernel
+from nv_kernels.triton_attention import (
+    _decode_kernel,
+    _decode_reduce_kernel,
+    _prefill_kernel,
+    _shared_prefix_kernel,
+)
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -65,10 +70,12 @@ def fp8_decode_reads_v_as_an_operand() -> list[str]:
     kernel = compile_kernel(
         _decode_kernel,
         dict(G=2, G_PAD=16, BLOCK_SIZE=256, D=128, BLOCK_N=128, V_TOKEN_MINOR=True,
-             NUM_SPLITS=1, PRECISION=None, DOT_DTYPE=tl.float16, PDL=False, stride_cvt=1),
+             NUM_SPLITS=1, CASCADE=False, PRECISION=None, DOT_DTYPE=tl.float16, PDL=False,
+             stride_cvt=1),
         dict(block_tables_ptr="*i32", context_lens_ptr="*i32", mid_o_ptr="*fp32",
-             mid_lse_ptr="*fp32", scale="fp32", k_scale="fp32", v_scale="fp32",
-             k_cache_ptr="*fp8e4nv", v_cache_ptr="*fp8e4nv"),
+             mid_lse_ptr="*fp32", prefix_o_ptr="*fp32", prefix_lse_ptr="*fp32",
+             prefix_rows_ptr="*i32", prefix_len_ptr="*i32", scale="fp32",
+             k_scale="fp32", v_scale="fp32", k_cache_ptr="*fp8e4nv", v_cache_ptr="*fp8e4nv"),
         aligned=tuple(aligned),
         num_stages=3,
     )  # fmt: skip
@@ -98,18 +105,30 @@ def main() -> int:
     scales = dict(scale="fp32", k_scale="fp32", v_scale="fp32")
     fp8 = dict(k_cache_ptr="*fp8e4nv", v_cache_ptr="*fp8e4nv")
     e5m2 = dict(k_cache_ptr="*fp8e5", v_cache_ptr="*fp8e5")
-    for (splits, block_size), pdl, (kv, token_minor) in itertools.product(
-        ((1, 256), (7, 16)), (False, True), (({}, False), (fp8, False), (fp8, True), (e5m2, True))
-    ):
+    for (splits, block_size, cascade), pdl, (kv, token_minor) in itertools.product(
+        ((1, 256, False), (7, 16, False), (1, 256, True)), (False, True),
+        (({}, False), (fp8, False), (fp8, True), (e5m2, True)),
+    ):  # fmt: skip
         jobs.append((
             _decode_kernel,
             dict(G=2, G_PAD=16, BLOCK_SIZE=block_size, D=128, BLOCK_N=128 if kv else 64,
-                 V_TOKEN_MINOR=token_minor, NUM_SPLITS=splits, PRECISION=None,
+                 V_TOKEN_MINOR=token_minor, NUM_SPLITS=splits, CASCADE=cascade, PRECISION=None,
                  DOT_DTYPE=tl.float16 if kv else tl.bfloat16, PDL=pdl,
                  **{"stride_cvt" if token_minor else "stride_cvd": 1}),
             dict(block_tables_ptr="*i32", context_lens_ptr="*i32", mid_o_ptr="*fp32",
-                 mid_lse_ptr="*fp32", **scales, **kv),
+                 mid_lse_ptr="*fp32", prefix_o_ptr="*fp32", prefix_lse_ptr="*fp32",
+                 prefix_rows_ptr="*i32", prefix_len_ptr="*i32", **scales, **kv),
             dict(num_stages=4, launch_pdl=pdl),
+        ))  # fmt: skip
+    for kv, token_minor in (({}, False), (fp8, True)):
+        jobs.append((
+            _shared_prefix_kernel,
+            dict(G=2, BLOCK_SIZE=256, D=128, BLOCK_M=64, BLOCK_N=64, V_TOKEN_MINOR=token_minor,
+                 PRECISION=None, DOT_DTYPE=tl.float16 if kv else tl.bfloat16,
+                 **{"stride_cvt" if token_minor else "stride_cvd": 1}),
+            dict(table_ptr="*i32", o_ptr="*fp32", lse_ptr="*fp32", rows_ptr="*i32",
+                 prefix_len_ptr="*i32", **scales, **kv),
+            dict(num_stages=3),
         ))  # fmt: skip
     for pdl in (False, True):
         jobs.append((

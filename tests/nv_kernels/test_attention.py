@@ -112,6 +112,57 @@ def test_decode_matches_reference(block_size, num_splits, num_heads, num_kv_head
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("block_size", [16, 7])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (6, 2), (2, 2)])
+@pytest.mark.parametrize("prefix_blocks", [1, 3])
+def test_decode_with_a_shared_prefix_matches_reference(
+    block_size, num_heads, num_kv_heads, prefix_blocks
+):
+    # cascade attention: rows whose tables start with the same blocks attend to them once,
+    # then to their own rest; rows with no tokens past the prefix but the newest one, rows that
+    # do not share it (every third: their own copy of it, as requests prefilled in one step
+    # hold), more (row, head) pairs than a query tile (16 on CPU) holds, 3 heads per KV head
+    gen = torch.Generator().manual_seed(block_size * 5 + prefix_blocks + num_heads)
+    head_dim, num_blocks, rows = 16, 160, 11
+    prefix = prefix_blocks * block_size
+    shared = torch.randperm(num_blocks, generator=gen)[:prefix_blocks].tolist()
+    free = [b for b in torch.randperm(num_blocks, generator=gen).tolist() if b not in shared]
+    lens, tables, members = [], [], []
+    for i in range(rows):
+        ctx = prefix + 1 + (i * 5) % (3 * block_size)
+        own = -(-ctx // block_size) - prefix_blocks
+        member = i % 3 != 1
+        start = shared if member else [free.pop() for _ in shared]
+        tables.append(start + [free.pop() for _ in range(own)])
+        lens.append(ctx)
+        members.append(int(member))
+    width = max(map(len, tables))
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    q = torch.randn(rows, num_heads, head_dim, generator=gen)
+    meta = AttentionMetadata(
+        False,
+        torch.zeros(rows, dtype=torch.int64),
+        torch.tensor(lens, dtype=torch.int32),
+        block_tables,
+        shared_prefix_len=torch.tensor([prefix], dtype=torch.int32),
+        shared_prefix_blocks=torch.tensor(shared + [0, 0], dtype=torch.int32),  # a wider buffer
+        shared_prefix_rows=torch.tensor(members, dtype=torch.int32),
+    )
+    ref = decode_ref(q, k_cache, v_cache, meta, 0.3)
+    out = decode_attention(q, k_cache, v_cache, meta, 0.3)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # a CUDA graph's step without a shared prefix: length 0, no row in it
+    meta.shared_prefix_len.zero_()
+    meta.shared_prefix_rows.zero_()
+    out = decode_attention(q, k_cache, v_cache, meta, 0.3)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="shared_prefix_rows"):
+        meta.shared_prefix_rows = None
+        decode_attention(q, k_cache, v_cache, meta, 0.3)
+
+
 def test_torch_backend_writes_cache_then_attends():
     gen = torch.Generator().manual_seed(0)
     k_cache = torch.zeros(4, 2, 1, 16)

@@ -141,6 +141,41 @@ def test_decode_fp8_cache_matches_reference(kv_scales, num_splits, q_dtype, dtyp
 
 
 @pytest.mark.parametrize("v_layout", V_LAYOUTS)
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+def test_decode_fp8_cache_with_a_shared_prefix_matches_reference(q_dtype, v_layout):
+    # cascade attention over an fp8 cache: the shared blocks once for the batch, then each
+    # row's own, merged; scaled, e4m3
+    gen = torch.Generator().manual_seed(3)
+    heads, hkv, d, bs, blocks, kv_scales = 4, 2, 16, 16, 24, (0.05, 3.0)
+    shared = [5, 2]
+    lens = [2 * bs + 1, 2 * bs + 7, 3 * bs + 2, 2 * bs + 16]
+    own = iter([b for b in range(1, blocks) if b not in shared])
+    table = torch.tensor(
+        [shared + [next(own) for _ in range(-(-n // bs) - 2)] + [0] * (4 - -(-n // bs))
+         for n in lens],
+        dtype=torch.int32,
+    )  # fmt: skip
+    shape = (blocks, bs, hkv, d)
+    k_cache, v_cache = fp8_caches(shape, FP8, v_layout)
+    for cache in (k_cache, v_cache):
+        cache.copy_(quantize_kv(torch.randn(shape, generator=gen), cache, 1.0))
+    q = torch.randn(len(lens), heads, d, generator=gen).to(q_dtype)
+    meta = AttentionMetadata(
+        False,
+        torch.zeros(len(lens), dtype=torch.int64),
+        torch.tensor(lens, dtype=torch.int32),
+        table,
+        shared_prefix_len=torch.tensor([2 * bs], dtype=torch.int32),
+        shared_prefix_blocks=torch.tensor(shared, dtype=torch.int32),
+        shared_prefix_rows=torch.ones(len(lens), dtype=torch.int32),
+    )
+    ref = decode_ref(q.float(), k_cache, v_cache, meta, 0.3, kv_scales)
+    out = decode_attention(q, k_cache, v_cache, meta, 0.3, kv_scales=kv_scales)
+    tol = 1e-5 if q_dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("v_layout", V_LAYOUTS)
 @pytest.mark.parametrize("kv_scales", SCALES)
 @pytest.mark.parametrize("dtype", FP8S)
 def test_prefill_fp8_paged_context_matches_reference(kv_scales, dtype, v_layout):

@@ -65,6 +65,13 @@ class EngineTuning:
     # from each rank's vocabulary shard with): None on CUDA; True on CPU runs them in Triton's
     # interpreter (TRITON_INTERPRET=1), for tests
     fused_sampler: bool | None = None
+    # cascade attention: in a decode step of at least shared_prefix_min_seqs rows (CUDA graphs
+    # of that many rows or more get a cascade twin), the rows whose block tables start with
+    # the same blocks, shared_prefix_min_tokens tokens or more of them (a common system
+    # prompt, a prefix-cache hit), attend to those once together (0: never); backends that
+    # gain from it only (the Triton one)
+    shared_prefix_min_tokens: int = 1024
+    shared_prefix_min_seqs: int = 64
 
     def __post_init__(self) -> None:
         sizes = tuple(sorted(set(self.cuda_graph_batch_sizes)))
@@ -88,6 +95,8 @@ class EngineTuning:
             kind = type(self.fused_sampler).__name__
             raise TypeError(f"fused_sampler must be a bool or None, got {kind}")
         _positive_int("max_num_kvcache_blocks", self.max_num_kvcache_blocks)
+        _int_at_least("shared_prefix_min_tokens", self.shared_prefix_min_tokens, 0)
+        _positive_int("shared_prefix_min_seqs", self.shared_prefix_min_seqs)
         if not isinstance(self.distributed_timeout_s, (int, float)) or not (
             self.distributed_timeout_s > 0
         ):

@@ -228,6 +228,10 @@ if triton is not None:
         o_ptr,
         mid_o_ptr,
         mid_lse_ptr,
+        prefix_o_ptr,
+        prefix_lse_ptr,
+        prefix_rows_ptr,
+        prefix_len_ptr,
         scale,
         k_scale,
         v_scale,
@@ -250,19 +254,24 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         V_TOKEN_MINOR: tl.constexpr,
         NUM_SPLITS: tl.constexpr,
+        CASCADE: tl.constexpr,
         PRECISION: tl.constexpr,
         DOT_DTYPE: tl.constexpr,
         PDL: tl.constexpr,
     ):
         pdl_wait(PDL)
         # One program per (sequence, KV head, split): the G query heads sharing this KV head
-        # are the rows of one tile, so each K/V tile is read once for all of them.
+        # are the rows of one tile, so each K/V tile is read once for all of them. With
+        # CASCADE (NUM_SPLITS == 1), a row that shares the prefix (prefix_rows) reads the keys
+        # from the prefix's length on only: _shared_prefix_kernel attended to the prefix, and
+        # its result is merged in at the end (a log-sum-exp of -inf for the other rows).
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
         ctx = tl.load(context_lens_ptr + seq)
-        split_len = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        start = split * split_len
+        lo = tl.load(prefix_rows_ptr + seq) * tl.load(prefix_len_ptr) if CASCADE else 0
+        split_len = tl.cdiv(tl.cdiv(ctx - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = lo + split * split_len
         end = tl.minimum(start + split_len, ctx)
 
         offs_g = tl.arange(0, G_PAD)
@@ -290,7 +299,24 @@ if triton is not None:
             m_i, l_i, acc = _softmax_tile(
                 q, k, v, n_mask[None, :], m_i, l_i, acc, qk_scale, PRECISION
             )
-        if NUM_SPLITS == 1:
+        if CASCADE:
+            # merge with the shared prefix's normalised output and log-sum-exp (base 2)
+            at = seq * G * tl.num_programs(1) + heads  # [B, H]
+            lse_p = tl.load(prefix_lse_ptr + at, mask=g_mask, other=float("-inf"))
+            o_p = tl.load(prefix_o_ptr + at[:, None] * D + offs_d[None, :], mask=g_mask[:, None])
+            nonempty = l_i > 0
+            lse_s = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+            top = tl.maximum(lse_p, lse_s)
+            w_p = tl.exp2(lse_p - top)
+            w_s = tl.exp2(lse_s - top)
+            o_s = acc * (v_scale / tl.where(nonempty, l_i, 1.0))[:, None]
+            out = (o_p * w_p[:, None] + o_s * w_s[:, None]) / (w_p + w_s)[:, None]
+            tl.store(
+                o_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                out.to(o_ptr.dtype.element_ty),
+                mask=g_mask[:, None],
+            )
+        elif NUM_SPLITS == 1:
             out = acc * (v_scale / l_i)[:, None]
             tl.store(
                 o_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
@@ -305,6 +331,80 @@ if triton is not None:
             row = (seq * G * tl.num_programs(1) + heads) * NUM_SPLITS + split  # [B, H, S]
             tl.store(mid_o_ptr + row[:, None] * D + offs_d[None, :], out, mask=g_mask[:, None])
             tl.store(mid_lse_ptr + row, lse, mask=g_mask)
+
+    @triton.jit(do_not_specialize=["num_seqs"])
+    def _shared_prefix_kernel(
+        q_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        table_ptr,
+        o_ptr,
+        lse_ptr,
+        rows_ptr,
+        prefix_len_ptr,
+        num_seqs,
+        scale,
+        k_scale,
+        v_scale,
+        stride_qt,
+        stride_qh,
+        stride_ckb,
+        stride_ckt,
+        stride_ckh,
+        stride_cvb,
+        stride_cvt,
+        stride_cvh,
+        stride_cvd,
+        G: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        V_TOKEN_MINOR: tl.constexpr,
+        PRECISION: tl.constexpr,
+        DOT_DTYPE: tl.constexpr,
+    ):
+        """Cascade attention's first half: the decode rows' query heads of one KV head against
+        the first *prefix_len_ptr tokens of the blocks at `table_ptr`, as one streaming softmax over
+        tiles of BLOCK_M (row, head) pairs, so each shared K/V tile is read once per tile of
+        rows rather than once per row. Writes each pair's normalised output (float32
+        [num_seqs, H, D]) and log-sum-exp (base 2, [num_seqs, H]; -inf for the rows that do not
+        share the prefix, `rows_ptr`), which `_decode_kernel` (CASCADE) merges with the rest of
+        the row's context."""
+        kv_head = tl.program_id(0)
+        pairs = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = pairs < num_seqs * G
+        seq = pairs // G
+        heads = kv_head * G + pairs % G
+        offs_d = tl.arange(0, D)
+        q = tl.load(
+            q_ptr + seq[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=m_mask[:, None],
+            other=0.0,
+        ).to(DOT_DTYPE)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        qk_scale = scale * k_scale * 1.4426950408889634  # (see the prefill kernel)
+        prefix_len = tl.load(prefix_len_ptr)
+        for n0 in range(0, prefix_len, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < prefix_len
+            k, v = _load_paged_kv(
+                k_cache_ptr, v_cache_ptr, table_ptr, offs_n, n_mask, offs_d, kv_head,
+                stride_ckb, stride_ckt, stride_ckh, stride_cvb, stride_cvt, stride_cvh, stride_cvd,
+                BLOCK_SIZE, BLOCK_N, V_TOKEN_MINOR,
+            )  # fmt: skip
+            m_i, l_i, acc = _softmax_tile(
+                q, k, v, n_mask[None, :], m_i, l_i, acc, qk_scale, PRECISION
+            )
+        at = seq * G * tl.num_programs(0) + heads  # [B, H]
+        # a row outside the prefix, or a prefix of 0 tokens: weight 0 (and a finite output)
+        member = (tl.load(rows_ptr + seq, mask=m_mask, other=0) != 0) & (l_i > 0)
+        l_safe = tl.where(member, l_i, 1.0)
+        tl.store(o_ptr + at[:, None] * D + offs_d[None, :], acc * (v_scale / l_safe)[:, None],
+                 mask=m_mask[:, None])  # fmt: skip
+        tl.store(lse_ptr + at, tl.where(member, m_i + tl.log2(l_safe), float("-inf")), mask=m_mask)
 
     @triton.jit
     def _decode_reduce_kernel(
@@ -485,12 +585,22 @@ def decode_attention(
     dot_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Paged decode attention. The launch settings default to what benchmarks/decode_sweep.py
-    chose on an H200 (`dot_dtype` overrides `_dot_dtype`'s choice, for that sweep)."""
+    chose on an H200 (`dot_dtype` overrides `_dot_dtype`'s choice, for that sweep). With
+    `meta.shared_prefix_blocks`, cascade attention: the shared prefix once for the rows that
+    share it (`_shared_prefix_kernel`), then each row's rest, merged (no split K)."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     _check_head_dim(head_dim)
     g = num_heads // num_kv_heads
     on_gpu = q.device.type == "cuda"
+    cascade = meta.shared_prefix_len is not None
+    if cascade:
+        rows, blocks = meta.shared_prefix_rows, meta.shared_prefix_blocks
+        if rows is None or rows.shape != (num_seqs,) or blocks is None:
+            raise ValueError(
+                f"shared_prefix_len needs shared_prefix_rows [{num_seqs}] and shared_prefix_blocks"
+            )
+        num_splits = 1
     # From decode_sweep.py on an H200 (docs/benchmarks.md). bf16 caches: 64-token tiles, 4
     # stages. fp8 caches (V token-minor): 128-token tiles, 3 stages, dots in fp16.
     fp8 = bool(fp8_max(k_cache))
@@ -513,6 +623,14 @@ def decode_attention(
         mid_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         mid_o = mid_lse = o  # unused
+    dot_dtype = _dot_dtype(q, k_cache, dot_dtype)
+    if cascade:
+        prefix_o, prefix_lse = _shared_prefix_attention(
+            q, k_cache, v_cache, meta, scale, kv_scales, dot_dtype
+        )
+        prefix_rows, prefix_len = meta.shared_prefix_rows, meta.shared_prefix_len
+    else:
+        prefix_o = prefix_lse = prefix_rows = prefix_len = o  # unused
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -522,6 +640,10 @@ def decode_attention(
         o,
         mid_o,
         mid_lse,
+        prefix_o,
+        prefix_lse,
+        prefix_rows,
+        prefix_len,
         scale,
         *_cache_scales(k_cache, kv_scales),
         q.stride(0),
@@ -540,8 +662,9 @@ def decode_attention(
         BLOCK_N=block_n,
         V_TOKEN_MINOR=v_token_minor(v_cache),
         NUM_SPLITS=num_splits,
+        CASCADE=cascade,
         PRECISION=_precision(q.dtype),
-        DOT_DTYPE=_dot_dtype(q, k_cache, dot_dtype),
+        DOT_DTYPE=dot_dtype,
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_kwargs(pdl),
@@ -561,10 +684,61 @@ def decode_attention(
     return o
 
 
+def _shared_prefix_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    kv_scales: tuple[float, float],
+    dot_dtype: tl.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode rows' attention to their shared prefix (`meta.shared_prefix_*`): (normalised
+    output float32 [rows, H, D], log-sum-exp base 2 [rows, H], -inf for rows outside it)."""
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    g = num_heads // num_kv_heads
+    on_gpu = q.device.type == "cuda"
+    block_m = 64 if on_gpu else 16
+    o = torch.empty(num_seqs, num_heads, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(num_seqs, num_heads, dtype=torch.float32, device=q.device)
+    _shared_prefix_kernel[(num_kv_heads, triton.cdiv(num_seqs * g, block_m))](
+        q,
+        k_cache,
+        v_cache,
+        meta.shared_prefix_blocks,
+        o,
+        lse,
+        meta.shared_prefix_rows,
+        meta.shared_prefix_len,
+        num_seqs,
+        scale,
+        *_cache_scales(k_cache, kv_scales),
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        *v_cache.stride(),
+        G=g,
+        BLOCK_SIZE=block_size,
+        D=head_dim,
+        BLOCK_M=block_m,
+        BLOCK_N=64 if on_gpu else 16,
+        V_TOKEN_MINOR=v_token_minor(v_cache),
+        PRECISION=_precision(q.dtype),
+        DOT_DTYPE=dot_dtype,
+        num_warps=4,
+        num_stages=3 if on_gpu else 2,
+    )
+    return o, lse
+
+
 class TritonAttentionBackend(AttentionBackend):
     """Default backend on CUDA. Runs on CPU only under TRITON_INTERPRET=1 (tests)."""
 
     name = "triton"
+    shared_prefix_decode = True
 
     def prefill(
         self,

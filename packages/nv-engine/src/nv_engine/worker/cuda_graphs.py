@@ -19,17 +19,26 @@ class DecodeGraphs:
     Graphs of up to `config.tuning.pdl_max_batch_size` rows launch nv's kernels with programmatic
     dependent launch (`overlapped_launches`, Hopper and newer): each kernel starts, and loads its
     weights, while the one before it finishes; small batches gain most (`benchmarks/pdl_sweep.py`,
-    numbers in docs/benchmarks.md)."""
+    numbers in docs/benchmarks.md).
 
-    def __init__(self, model: nn.Module, device: torch.device, config: Config) -> None:
+    With `cascade`, sizes of at least `shared_prefix_min_seqs` rows get a second graph that
+    runs cascade attention (AttentionMetadata.shared_prefix_*: the prefix most rows share read
+    once for them), for the steps whose rows share one (ModelRunner._shared_prefix)."""
+
+    def __init__(
+        self, model: nn.Module, device: torch.device, config: Config, cascade: bool = False
+    ) -> None:
         self.model = model
         self.device = device
         sizes = [b for b in config.tuning.cuda_graph_batch_sizes if b <= config.max_num_seqs]
         if not sizes or sizes[-1] < config.max_num_seqs:
             sizes.append(min(config.max_num_seqs, config.tuning.cuda_graph_batch_sizes[-1]))
         self.sizes = sorted(set(sizes))
+        min_rows = config.tuning.shared_prefix_min_seqs
+        self.cascade_sizes = {b for b in self.sizes if b >= min_rows} if cascade else set()
         self.pdl_max_batch_size = config.tuning.pdl_max_batch_size
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (batch size, cascade) -> (graph, its logits)
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def close(self) -> None:
         """Free every graph now, even while something still references this object: NCCL's
@@ -53,21 +62,29 @@ class DecodeGraphs:
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
         self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.prefix_len = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.prefix_blocks = torch.zeros(max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.prefix_rows = torch.zeros(n, dtype=torch.int32, device=dev)
         pool = None
         for b in reversed(self.sizes):
-            self._forward(b)  # warm up (and compile) outside the capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool):
-                out = self._forward(b)
-            self.graphs[b] = (graph, out)  # out: logits living in the graph's pool
-            if pool is None:
-                pool = graph.pool()
-            torch.cuda.synchronize(dev)
+            for cascade in (False, True) if b in self.cascade_sizes else (False,):
+                self._forward(b, cascade)  # warm up (and compile) outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool):
+                    out = self._forward(b, cascade)
+                self.graphs[b, cascade] = (graph, out)  # out: logits in the graph's pool
+                if pool is None:
+                    pool = graph.pool()
+                torch.cuda.synchronize(dev)
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, b: int, cascade: bool) -> torch.Tensor:
         meta = AttentionMetadata(
             False, self.slot_mapping[:b], self.context_lens[:b], self.block_tables[:b]
         )
+        if cascade:
+            meta.shared_prefix_len = self.prefix_len
+            meta.shared_prefix_blocks = self.prefix_blocks
+            meta.shared_prefix_rows = self.prefix_rows[:b]
         with overlapped_launches(b <= self.pdl_max_batch_size):
             hidden = self.model(self.input_ids[:b], self.positions[:b], meta)
             return self.model.compute_logits(hidden, gather=False)  # TP: this rank's shard
@@ -76,7 +93,8 @@ class DecodeGraphs:
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """Inputs already padded to a captured size (see `padded_size`), except the block table,
-        which has only the real rows."""
+        which has only the real rows. With `meta.shared_prefix_len`, the cascade graph (the
+        size must have one: `cascade_sizes`)."""
         g = input_ids.shape[0]
         rows, width = meta.block_tables.shape
         self.input_ids[:g] = input_ids
@@ -84,6 +102,11 @@ class DecodeGraphs:
         self.slot_mapping[:g] = meta.slot_mapping
         self.context_lens[:g] = meta.context_lens
         self.block_tables[:rows, :width] = meta.block_tables
-        graph, logits = self.graphs[g]
+        cascade = meta.shared_prefix_len is not None
+        if cascade:
+            self.prefix_len.copy_(meta.shared_prefix_len)
+            self.prefix_blocks[: meta.shared_prefix_blocks.shape[0]] = meta.shared_prefix_blocks
+            self.prefix_rows[:g] = meta.shared_prefix_rows
+        graph, logits = self.graphs[g, cascade]
         graph.replay()
         return logits

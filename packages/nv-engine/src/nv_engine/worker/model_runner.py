@@ -4,6 +4,7 @@ import contextlib
 import gc
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -66,6 +67,9 @@ class ModelRunner:
         backend = get_attention_backend(config.attention_backend, self.device)
         if self.kv_dtype != self.dtype:
             _check_fp8_kv(config, backend, self.device)
+        # decode steps with a long shared prefix take cascade attention (_shared_prefix), in
+        # their CUDA graphs (eagerly, the host's work outweighed the saving: docs/benchmarks.md)
+        cascade = backend.shared_prefix_decode and config.tuning.shared_prefix_min_tokens > 0
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = build_model(hf, tp, backend)
         self.model.eval()
@@ -86,7 +90,7 @@ class ModelRunner:
         self.num_blocks = self._allocate_kv_cache()
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager and backend.cuda_graph_safe:
-            self.graphs = DecodeGraphs(self.model, self.device, config)
+            self.graphs = DecodeGraphs(self.model, self.device, config, cascade)
             self.graphs.capture(self.max_blocks_per_seq)
         if self.device.type == "cuda":
             self._warm_up_prefill()
@@ -358,9 +362,10 @@ class ModelRunner:
                 chunk = self.config.tuning.prompt_logprobs_chunk
                 prompt_lps = prompt_logprobs(self.model, hidden, plan, chunk, self.rank == 0)
         else:
+            shared = self._shared_prefix(plan)  # only where a cascade graph can run it
             use_graph = self.graphs is not None and self.graphs.can_run(len(plan.seqs))
             padded = self.graphs.padded_size(len(plan.seqs)) if use_graph else len(plan.seqs)
-            ids, pos, meta, st = self._prepare_decode(plan, padded, rows)
+            ids, pos, meta, st = self._prepare_decode(plan, padded, rows, shared)
             if use_graph:
                 logits = self.graphs.replay(ids, pos, meta)[: len(plan.seqs)]
             else:
@@ -487,9 +492,43 @@ class ModelRunner:
         positions_t, logits_indices_t = parts[at["positions"]], parts[at["logits_indices"]]
         return ids_t, positions_t, meta, logits_indices_t, sampling(parts)
 
-    def _prepare_decode(self, plan: StepPlan, padded: int, rows: list[ScheduledSeq]):
+    def _shared_prefix(self, plan: StepPlan) -> tuple[list[int], list[int]] | None:
+        """For a decode step: the cache blocks that most rows' contexts start with, before each
+        one's newest token, and which rows (1 or 0 per row), when cascade attention takes them
+        (enough rows and tokens, EngineTuning.shared_prefix_min_*); else None. Requests
+        prefilled in one step hold copies of their common prefix, so a few rows may not share
+        the one the others do."""
+        tuning, seqs, bs = self.config.tuning, plan.seqs, self.block_size
+        graphs = self.graphs
+        if graphs is None or not graphs.can_run(len(seqs)):
+            return None
+        if graphs.padded_size(len(seqs)) not in graphs.cascade_sizes:
+            return None
+        firsts = Counter(s.block_table[0] for s in seqs if s.start_pos >= bs)
+        if not firsts:
+            return None
+        head, count = firsts.most_common(1)[0]
+        if count < tuning.shared_prefix_min_seqs:
+            return None
+        rows = [int(s.start_pos >= bs and s.block_table[0] == head) for s in seqs]
+        members = [s for s, r in zip(seqs, rows, strict=True) if r]
+        limit = min(s.start_pos for s in members) // bs  # whole blocks before the newest tokens
+        first = members[0].block_table
+        n = 1
+        while n < limit and all(s.block_table[n] == first[n] for s in members):
+            n += 1
+        return (first[:n], rows) if n * bs >= tuning.shared_prefix_min_tokens else None
+
+    def _prepare_decode(
+        self,
+        plan: StepPlan,
+        padded: int,
+        rows: list[ScheduledSeq],
+        shared: tuple[list[int], list[int]] | None = None,
+    ):
         """Inputs for `padded` rows: the plan's sequences, then padding rows that read one cached
-        token and write none (slot -1). One staged copy."""
+        token and write none (slot -1); `shared`, a shared prefix's blocks and rows (for the
+        cascade graphs). One staged copy."""
         bs = self.block_size
         n = len(plan.seqs)
         pad = padded - n
@@ -508,6 +547,10 @@ class ModelRunner:
         tables_at = h.add(_padded_rows(tables, width), torch.int32)
         if src is not None:
             pending = h.add(src + [-1] * pad, torch.int64)
+        if shared is not None:
+            blocks, members = shared
+            prefix_at = h.add([len(blocks) * bs, *blocks], torch.int32)
+            members_at = h.add(members + [0] * pad, torch.int32)
         sampling = self._add_sampling(rows)
         parts = h.send()
         ids_t, pos_t, slots_t = parts[i64_at].view(3, padded)
@@ -516,6 +559,10 @@ class ModelRunner:
             prev = self._last_sampled[0]
             ids_t = torch.where(src_t >= 0, prev[src_t.clamp(min=0)], ids_t)
         meta = AttentionMetadata(False, slots_t, parts[lens_at], parts[tables_at].view(n, width))
+        if shared is not None:
+            meta.shared_prefix_len = parts[prefix_at][:1]
+            meta.shared_prefix_blocks = parts[prefix_at][1:]
+            meta.shared_prefix_rows = parts[members_at]
         return ids_t, pos_t, meta, sampling(parts)
 
     def _add_sampling(self, rows: list[ScheduledSeq]):
