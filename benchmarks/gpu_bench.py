@@ -306,12 +306,12 @@ def workload_p() -> None:
     from nv_engine.entrypoints.bench import run_benchmark, shared_prefix_workload
 
     prompts, params = shared_prefix_workload()
-    # cascade attention (decode steps attend to the shared prefix once for the batch) is on by
-    # default; shared_prefix_min_tokens=0 turns it off
+    # cascade attention (decode steps attend to the shared prefix once for the rows sharing
+    # it) is opt-in: shared_prefix_min_tokens > 0
     for caching, cascade in ((True, True), (True, False), (False, False)):
         bs = 256
-        off = {} if cascade else dict(shared_prefix_min_tokens=0)
-        with make_llm(kvcache_block_size=bs, enable_prefix_caching=caching, **off) as llm:
+        opt = dict(shared_prefix_min_tokens=1024 if cascade else 0)
+        with make_llm(kvcache_block_size=bs, enable_prefix_caching=caching, **opt) as llm:
             r = run_benchmark(llm, prompts, params)
             hit = llm.scheduler.block_manager.stats().hit_rate
         report(

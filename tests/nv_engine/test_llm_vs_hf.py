@@ -225,6 +225,102 @@ def test_triton_backend_interpreted(model_dir):
         assert_pool_whole(llm)
 
 
+class _Replay:
+    """A CUDA graph stand-in for the CPU: replay() runs the forward it was "captured" with
+    (on DecodeGraphs' static buffers) and writes its logits where the graph's live."""
+
+    def __init__(self, forward, logits):
+        self.forward, self.logits = forward, logits
+
+    def replay(self):
+        self.logits.copy_(self.forward())
+
+    def reset(self):
+        pass
+
+
+def test_decode_with_a_shared_prefix_takes_the_cascade_graphs(model_dir, monkeypatch):
+    # requests that share a cached prefix (a system prompt) decode in DecodeGraphs' cascade
+    # twins, their prefix's length, blocks and rows copied into the graphs' input buffers by
+    # replay(); one request does not share it. Graphs are CUDA's: here each "graph" replays
+    # its forward on the same buffers (the Triton kernels interpreted). Still transformers'
+    # greedy tokens. On the GPU: test_engine_with_a_shared_prefix_takes_the_cascade_graphs
+    import transformers
+
+    import nv_kernels.triton_attention as attention
+    from nv_engine.worker import model_runner
+    from nv_engine.worker.cuda_graphs import DecodeGraphs
+
+    def capture(self, max_blocks_per_seq):
+        n, dev = self.sizes[-1], self.device
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.prefix_len = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.prefix_blocks = torch.zeros(max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.prefix_rows = torch.zeros(n, dtype=torch.int32, device=dev)
+        for b in self.sizes:
+            for cascade in (False, True) if b in self.cascade_sizes else (False,):
+                forward = lambda b=b, c=cascade: self._forward(b, c)
+                logits = forward()
+                self.graphs[b, cascade] = (_Replay(forward, logits), logits)
+
+    monkeypatch.setattr(DecodeGraphs, "capture", capture)
+    build = model_runner.ModelRunner.__init__
+
+    def with_graphs(self, *args, **kwargs):  # the runner builds graphs on CUDA only
+        build(self, *args, **kwargs)
+        self.graphs = DecodeGraphs(self.model, self.device, self.config, cascade=True)
+        self.graphs.capture(self.max_blocks_per_seq)
+
+    monkeypatch.setattr(model_runner.ModelRunner, "__init__", with_graphs)
+    path = model_dir[0]
+    g = torch.Generator().manual_seed(5)
+    system = torch.randint(3, 512, (13,), generator=g).tolist()
+    prompts = [system + torch.randint(3, 512, (n,), generator=g).tolist() for n in (1, 4, 6, 9, 2)]
+    prompts.append(torch.randint(3, 512, (15,), generator=g).tolist())  # no system prompt
+    max_new = [10, 7, 12, 9, 8, 11]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    refs = hf_greedy(hf, prompts, max_new, EOS)
+    shared = []
+    find = model_runner.ModelRunner._shared_prefix
+
+    def recording(self, plan):
+        found = find(self, plan)
+        shared.append(None if found is None else (len(found[0]), sum(found[1])))
+        return found
+
+    monkeypatch.setattr(model_runner.ModelRunner, "_shared_prefix", recording)
+    cascades = []  # what the cascade kernel got from the graph's buffers: (tokens, rows in it)
+    cascade = attention._shared_prefix_attention
+
+    def attending(q, k_cache, v_cache, meta, *args):
+        cascades.append((meta.shared_prefix_len.item(), meta.shared_prefix_rows.sum().item()))
+        return cascade(q, k_cache, v_cache, meta, *args)
+
+    monkeypatch.setattr(attention, "_shared_prefix_attention", attending)
+    kw = dict(device="cpu", attention_backend="triton", kvcache_block_size=4)
+    tuning = dict(
+        shared_prefix_min_tokens=8, shared_prefix_min_seqs=4, cuda_graph_batch_sizes=(1, 2, 4, 8)
+    )
+    with LLM(str(path), **kw, **tuning) as llm:
+        # the first request fills the prefix cache; the batch's then share its blocks
+        llm.generate([system + [7]], SamplingParams(max_tokens=1), use_tqdm=False)
+        params = [SamplingParams(temperature=0.0, max_tokens=n) for n in max_new]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert [o["token_ids"] for o in outs] == refs
+        assert_pool_whole(llm)
+    # 12 of the system prompt's 13 tokens fill 3 blocks of 4, shared while 4 or more of the
+    # 5 rows that have it decode (in the graph for 8 rows)
+    found = [f for f in shared if f is not None]
+    assert found and {blocks for blocks, _ in found} == {3}
+    assert all(4 <= members <= 5 for _, members in found)
+    # and the kernel attended to them: 12 tokens for as many rows, once per layer and step
+    assert cascades.count((12, 5)) >= 2 * found.count((3, 5))
+
+
 def test_attention_kernels_get_16_byte_aligned_metadata(model_dir, monkeypatch):
     """Every tensor the attention kernels read their metadata from (block tables, context
     lengths, slots, cumulative lengths) starts at a 16-byte boundary, in decode steps of any
