@@ -252,15 +252,7 @@ def test_decode_with_a_shared_prefix_takes_the_cascade_graphs(model_dir, monkeyp
     from nv_engine.worker.cuda_graphs import DecodeGraphs
 
     def capture(self, max_blocks_per_seq):
-        n, dev = self.sizes[-1], self.device
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=dev)
-        self.prefix_len = torch.zeros(1, dtype=torch.int32, device=dev)
-        self.prefix_blocks = torch.zeros(max_blocks_per_seq, dtype=torch.int32, device=dev)
-        self.prefix_rows = torch.zeros(n, dtype=torch.int32, device=dev)
+        self._allocate_inputs(max_blocks_per_seq)
         for b in self.sizes:
             for cascade in (False, True) if b in self.cascade_sizes else (False,):
                 forward = lambda b=b, c=cascade: self._forward(b, c)

@@ -55,16 +55,7 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self, max_blocks_per_seq: int) -> None:
-        n = self.sizes[-1]
-        dev = self.device
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=dev)
-        self.prefix_len = torch.zeros(1, dtype=torch.int32, device=dev)
-        self.prefix_blocks = torch.zeros(max_blocks_per_seq, dtype=torch.int32, device=dev)
-        self.prefix_rows = torch.zeros(n, dtype=torch.int32, device=dev)
+        self._allocate_inputs(max_blocks_per_seq)
         pool = None
         for b in reversed(self.sizes):
             for cascade in (False, True) if b in self.cascade_sizes else (False,):
@@ -75,7 +66,20 @@ class DecodeGraphs:
                 self.graphs[b, cascade] = (graph, out)  # out: logits in the graph's pool
                 if pool is None:
                     pool = graph.pool()
-                torch.cuda.synchronize(dev)
+                torch.cuda.synchronize(self.device)
+
+    def _allocate_inputs(self, max_blocks_per_seq: int) -> None:
+        """The buffers every graph reads its inputs from (replay copies a step's in)."""
+        n = self.sizes[-1]
+        dev = self.device
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.prefix_len = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.prefix_blocks = torch.zeros(max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.prefix_rows = torch.zeros(n, dtype=torch.int32, device=dev)
 
     def _forward(self, b: int, cascade: bool) -> torch.Tensor:
         meta = AttentionMetadata(
