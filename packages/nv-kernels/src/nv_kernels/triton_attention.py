@@ -456,6 +456,22 @@ def _dot_dtype(q: torch.Tensor, cache: torch.Tensor, override: torch.dtype | Non
     ]
 
 
+def _scales_and_strides(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_scales: tuple[float, float]
+) -> tuple:
+    """The decode kernels' arguments from k_scale to stride_cvd: the caches' scales, q's token
+    and head strides, K's block, token and head strides, and V's four."""
+    return (
+        *_cache_scales(k_cache, kv_scales),
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        *v_cache.stride(),
+    )
+
+
 def _cache_scales(cache: torch.Tensor, kv_scales: tuple[float, float]) -> tuple[float, float]:
     """The scales the kernels apply: an fp8 cache's, 1.0 for caches in the model's dtype."""
     return (float(kv_scales[0]), float(kv_scales[1])) if fp8_max(cache) else (1.0, 1.0)
@@ -645,13 +661,7 @@ def decode_attention(
         prefix_rows,
         prefix_len,
         scale,
-        *_cache_scales(k_cache, kv_scales),
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        *v_cache.stride(),
+        *_scales_and_strides(q, k_cache, v_cache, kv_scales),
         meta.block_tables.stride(0),
         o.stride(0),
         o.stride(1),
@@ -713,13 +723,7 @@ def _shared_prefix_attention(
         meta.shared_prefix_len,
         num_seqs,
         scale,
-        *_cache_scales(k_cache, kv_scales),
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        *v_cache.stride(),
+        *_scales_and_strides(q, k_cache, v_cache, kv_scales),
         G=g,
         BLOCK_SIZE=block_size,
         D=head_dim,
