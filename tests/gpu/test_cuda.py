@@ -281,20 +281,27 @@ def test_engine_with_a_shared_prefix_takes_the_cascade_graphs(fp32_model, monkey
         return found
 
     monkeypatch.setattr(ModelRunner, "_shared_prefix", recording)
-    tuning = dict(
-        shared_prefix_min_tokens=8, shared_prefix_min_seqs=4, cuda_graph_batch_sizes=(1, 2, 4, 8)
-    )
-    with LLM(str(path), kvcache_block_size=4, **tuning) as llm:
-        # the first request fills the prefix cache; the batch's then share its blocks
-        llm.generate([system + [7]], SamplingParams(max_tokens=1), use_tqdm=False)
-        params = [SamplingParams(temperature=0.0, max_tokens=n) for n in max_new]
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        assert [o["token_ids"] for o in outs] == refs
+    got = {}
+    for min_tokens in (0, 8):  # the same engine without cascade attention, then with it
+        tuning = dict(
+            shared_prefix_min_tokens=min_tokens,
+            shared_prefix_min_seqs=4,
+            cuda_graph_batch_sizes=(1, 2, 4, 8),
+        )
+        with LLM(str(path), kvcache_block_size=4, **tuning) as llm:
+            # the first request fills the prefix cache; the batch's then share its blocks
+            llm.generate([system + [7]], SamplingParams(max_tokens=1), use_tqdm=False)
+            params = [SamplingParams(temperature=0.0, max_tokens=n) for n in max_new]
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            got[min_tokens] = [o["token_ids"] for o in outs]
     # 12 of the system prompt's 13 tokens fill 3 blocks of 4, shared while 4 or more of the
     # rows that have it decode
     found = [f for f in shared if f is not None]
+    print(f"shared prefixes (blocks, rows): {found}")
     assert found and {blocks for blocks, _ in found} == {3}
     assert all(members >= 4 for _, members in found)
+    assert got[0] == refs, f"without cascade: {got[0]}\ntransformers: {refs}"
+    assert got[8] == refs, f"with cascade: {got[8]}\ntransformers: {refs}"
 
 
 def test_bf16_logits_qwen3_06b_shape(qwen3_06b):
