@@ -20,6 +20,7 @@ from nv_testing import (
 from nv_engine.entrypoints.bench import QWEN3_0_6B_SHAPE
 from nv_kernels import (
     AttentionMetadata,
+    SharedPrefix,
     allocate_kv_cache,
     qk_norm_rope_store,
     quantize_kv,
@@ -138,9 +139,11 @@ def test_decode_with_a_shared_prefix_matches_reference(kv):
         torch.zeros(rows, dtype=torch.int64, device=DEV),
         torch.tensor(lens, dtype=torch.int32, device=DEV),
         table.to(DEV),
-        shared_prefix_len=torch.tensor([2 * bs], dtype=torch.int32, device=DEV),
-        shared_prefix_blocks=torch.tensor(shared, dtype=torch.int32, device=DEV),
-        shared_prefix_rows=torch.tensor(members, dtype=torch.int32, device=DEV),
+        shared_prefix=SharedPrefix(
+            torch.tensor([2 * bs], dtype=torch.int32, device=DEV),
+            torch.tensor(shared, dtype=torch.int32, device=DEV),
+            torch.tensor(members, dtype=torch.int32, device=DEV),
+        ),
     )
     ref = decode_ref(q.float(), k_cache, v_cache, meta, d**-0.5)
     out = decode_attention(q, k_cache, v_cache, meta, d**-0.5)

@@ -288,9 +288,9 @@ def test_decode_with_a_shared_prefix_takes_the_cascade_graphs(model_dir, monkeyp
     cascades = []  # what the cascade kernel got from the graph's buffers: (tokens, rows in it)
     cascade = attention._shared_prefix_attention
 
-    def attending(q, k_cache, v_cache, meta, *args):
-        cascades.append((meta.shared_prefix_len.item(), meta.shared_prefix_rows.sum().item()))
-        return cascade(q, k_cache, v_cache, meta, *args)
+    def attending(q, k_cache, v_cache, shared, *args):
+        cascades.append((shared.length.item(), shared.rows.sum().item()))
+        return cascade(q, k_cache, v_cache, shared, *args)
 
     monkeypatch.setattr(attention, "_shared_prefix_attention", attending)
     kw = dict(device="cpu", attention_backend="triton", kvcache_block_size=4)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from nv_testing import paged_layout
 
-from nv_kernels import AttentionMetadata, store_kvcache, store_kvcache_ref
+from nv_kernels import AttentionMetadata, SharedPrefix, store_kvcache, store_kvcache_ref
 from nv_kernels.torch_attention import TorchAttentionBackend, decode_ref, prefill_ref
 from nv_kernels.triton_attention import decode_attention, prefill_attention
 
@@ -146,20 +146,22 @@ def test_decode_with_a_shared_prefix_matches_reference(
         torch.zeros(rows, dtype=torch.int64),
         torch.tensor(lens, dtype=torch.int32),
         block_tables,
-        shared_prefix_len=torch.tensor([prefix], dtype=torch.int32),
-        shared_prefix_blocks=torch.tensor(shared + [0, 0], dtype=torch.int32),  # a wider buffer
-        shared_prefix_rows=torch.tensor(members, dtype=torch.int32),
+        shared_prefix=SharedPrefix(
+            torch.tensor([prefix], dtype=torch.int32),
+            torch.tensor(shared + [0, 0], dtype=torch.int32),  # a wider buffer
+            torch.tensor(members, dtype=torch.int32),
+        ),
     )
     ref = decode_ref(q, k_cache, v_cache, meta, 0.3)
     out = decode_attention(q, k_cache, v_cache, meta, 0.3)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     # a CUDA graph's step without a shared prefix: length 0, no row in it
-    meta.shared_prefix_len.zero_()
-    meta.shared_prefix_rows.zero_()
+    meta.shared_prefix.length.zero_()
+    meta.shared_prefix.rows.zero_()
     out = decode_attention(q, k_cache, v_cache, meta, 0.3)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="shared_prefix_rows"):
-        meta.shared_prefix_rows = None
+    with pytest.raises(ValueError, match="shared_prefix.rows"):
+        meta.shared_prefix = meta.shared_prefix._replace(rows=meta.shared_prefix.rows[1:])
         decode_attention(q, k_cache, v_cache, meta, 0.3)
 
 

@@ -10,6 +10,7 @@ from nv_testing import assert_fp8_cache_equal, paged_layout
 
 from nv_kernels import (
     AttentionMetadata,
+    SharedPrefix,
     allocate_kv_cache,
     dequantize_kv,
     qk_norm_rope_store,
@@ -27,13 +28,19 @@ SCALES = [(1.0, 1.0), (0.05, 3.0)]
 V_LAYOUTS = ["head-dim-minor", "token-minor"]
 
 
-def fp8_caches(shape, dtype, v_layout):
-    """Zeroed K and V caches [blocks, block_size, KV heads, head_dim] with V in `v_layout`."""
+def fp8_caches(shape, dtype, v_layout, gen=None):
+    """K and V caches [blocks, block_size, KV heads, head_dim] with V in `v_layout`: zeroed, or
+    with `gen`, random normal values quantized (scale 1)."""
     if v_layout == "token-minor":
         k, v = allocate_kv_cache(1, *shape, dtype, "cpu")
         assert v[0].stride(1) == 1  # what the kernels key on
-        return k[0], v[0]
-    return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        k, v = k[0], v[0]
+    else:
+        k, v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+    if gen is not None:
+        for cache in (k, v):
+            cache.copy_(quantize_kv(torch.randn(shape, generator=gen), cache, 1.0))
+    return k, v
 
 
 def test_quantize_saturates_and_rounds_like_torch():
@@ -105,9 +112,7 @@ def test_decode_fp8_cache_matches_reference(kv_scales, num_splits, q_dtype, dtyp
         table[i, : -(-n // bs)] += 1
     slots = [[slot + bs for slot in seq] for seq in slots]
     shape = (blocks, bs, hkv, d)
-    k_cache, v_cache = fp8_caches(shape, dtype, v_layout)
-    for cache in (k_cache, v_cache):
-        cache.copy_(quantize_kv(torch.randn(shape, generator=gen), cache, 1.0))
+    k_cache, v_cache = fp8_caches(shape, dtype, v_layout, gen)
     q = torch.randn(len(lens), heads, d, generator=gen).to(q_dtype)
     meta = AttentionMetadata(
         False,
@@ -156,18 +161,18 @@ def test_decode_fp8_cache_with_a_shared_prefix_matches_reference(q_dtype, v_layo
         dtype=torch.int32,
     )  # fmt: skip
     shape = (blocks, bs, hkv, d)
-    k_cache, v_cache = fp8_caches(shape, FP8, v_layout)
-    for cache in (k_cache, v_cache):
-        cache.copy_(quantize_kv(torch.randn(shape, generator=gen), cache, 1.0))
+    k_cache, v_cache = fp8_caches(shape, FP8, v_layout, gen)
     q = torch.randn(len(lens), heads, d, generator=gen).to(q_dtype)
     meta = AttentionMetadata(
         False,
         torch.zeros(len(lens), dtype=torch.int64),
         torch.tensor(lens, dtype=torch.int32),
         table,
-        shared_prefix_len=torch.tensor([2 * bs], dtype=torch.int32),
-        shared_prefix_blocks=torch.tensor(shared, dtype=torch.int32),
-        shared_prefix_rows=torch.ones(len(lens), dtype=torch.int32),
+        shared_prefix=SharedPrefix(
+            torch.tensor([2 * bs], dtype=torch.int32),
+            torch.tensor(shared, dtype=torch.int32),
+            torch.ones(len(lens), dtype=torch.int32),
+        ),
     )
     ref = decode_ref(q.float(), k_cache, v_cache, meta, 0.3, kv_scales)
     out = decode_attention(q, k_cache, v_cache, meta, 0.3, kv_scales=kv_scales)

@@ -1,6 +1,8 @@
 """The Triton RMSNorm kernel against its torch reference (the model's path off CUDA), under the
 Triton interpreter on CPU."""
 
+import threading
+
 import pytest
 import torch
 
@@ -103,8 +105,16 @@ def test_rms_norm_of_sum_gives_up_its_barrier_once_aborted(waits_for):
         torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64), 0, programs, abort.data_ptr()
     )
     w = torch.ones(d, dtype=torch.float16)
-    got = rms_norm_of_sum(addrs, rows, w, 1e-6, peers=signals)
-    torch.testing.assert_close(got, rms_norm_triton(parts[0] + parts[1], w, 1e-6), rtol=0, atol=0)
+    got = []
+    call = threading.Thread(
+        target=lambda: got.append(rms_norm_of_sum(addrs, rows, w, 1e-6, peers=signals)),
+        daemon=True,  # without the flag it would spin forever: fail, don't hang the suite
+    )
+    call.start()
+    call.join(60)
+    assert got, "the barrier did not give up"
+    want = rms_norm_triton(parts[0] + parts[1], w, 1e-6)
+    torch.testing.assert_close(got[0], want, rtol=0, atol=0)
 
 
 def test_rms_norm_rejects_bad_shapes():

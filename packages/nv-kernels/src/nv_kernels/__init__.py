@@ -4,7 +4,7 @@ sampler. Other packages import from here, never from the modules."""
 
 from nv_kernels.backends import BACKEND_NAMES, AttentionBackend, get_attention_backend
 from nv_kernels.kv_cache import allocate_kv_cache
-from nv_kernels.metadata import AttentionMetadata
+from nv_kernels.metadata import AttentionMetadata, SharedPrefix
 from nv_kernels.pdl import overlapped_launches
 from nv_kernels.rms_norm import PeerSignals, rms_norm_of_sum, rms_norm_ref, rms_norm_triton
 from nv_kernels.rope_store import qk_norm_rope, qk_norm_rope_store, use_qk_norm_rope_store
@@ -30,6 +30,7 @@ __all__ = [
     "PeerSignals",
     "Sampler",
     "SamplingTensors",
+    "SharedPrefix",
     "allocate_kv_cache",
     "apply_penalties",
     "dequantize_kv",

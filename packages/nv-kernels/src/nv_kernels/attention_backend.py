@@ -22,7 +22,7 @@ class AttentionBackend:
     # whether the caches may be fp8 (FP8_KV_DTYPES; `kv_scales`: a cached value times its
     # tensor's scale is the real one)
     supports_fp8_kv: bool = True
-    # whether `decode` gains from `AttentionMetadata.shared_prefix_len` (cascade attention);
+    # whether `decode` gains from `AttentionMetadata.shared_prefix` (cascade attention);
     # every backend gives the right result with it
     shared_prefix_decode: bool = False
 

@@ -1,8 +1,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+
+
+class SharedPrefix(NamedTuple):
+    """Decode rows that start with the same cache blocks: the rows marked in `rows` (int32
+    [num_seqs], 1 or 0) all start with the first `length` (int32 [1], whole blocks, may be 0)
+    tokens of `blocks` (int32 [n], at least that many blocks), before their newest token. A
+    backend may attend to them once for those rows together and to each row's rest alone; the
+    result is the same. Tensors, so that a CUDA graph replays with other values."""
+
+    length: torch.Tensor
+    blocks: torch.Tensor
+    rows: torch.Tensor
 
 
 @dataclass(slots=True)
@@ -17,12 +30,7 @@ class AttentionMetadata:
       (prefix hits, earlier chunks); without it, from this step's K/V directly.
     - decode: one query token per sequence; `context_lens[i]` keys are read through
       `block_tables[i]` (rows padded with any valid block id; lengths bound the reads).
-      Cascade attention (all three or none): the rows marked in `shared_prefix_rows` (int32
-      [num_seqs], 1 or 0) all start with the first `shared_prefix_len` (int32 [1], whole
-      blocks, may be 0) tokens of the blocks `shared_prefix_blocks` (int32 [n], n at least
-      that many blocks), before their newest token. A backend may attend to them once for
-      those rows together and to each row's rest alone; the result is the same. Tensors, so
-      that a CUDA graph replays with other values.
+      `shared_prefix` (cascade attention, or None): a prefix that some rows share (SharedPrefix).
     """
 
     is_prefill: bool
@@ -33,6 +41,4 @@ class AttentionMetadata:
     cu_seqlens_k: torch.Tensor | None = None  # [num_seqs + 1] int32
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
-    shared_prefix_len: torch.Tensor | None = None  # [1] int32
-    shared_prefix_blocks: torch.Tensor | None = None  # [n] int32
-    shared_prefix_rows: torch.Tensor | None = None  # [num_seqs] int32
+    shared_prefix: SharedPrefix | None = None

@@ -11,7 +11,7 @@ import torch
 
 from nv_kernels.pdl import pdl_kwargs, pdl_wait, use_pdl
 from nv_kernels.rms_norm import rms_norm_ref
-from nv_kernels.store_kvcache import check_k_cache, fp8_max, store_kvcache_ref
+from nv_kernels.store_kvcache import cache_strides, check_k_cache, fp8_max, store_kvcache_ref
 from nv_kernels.triton_utils import tl, triton
 
 
@@ -229,9 +229,7 @@ def qk_norm_rope_store(
             eps,
             k_scale,
             v_scale,
-            k_cache.stride(0),
-            k_cache.stride(1),
-            *v_cache.stride(),
+            *cache_strides(k_cache, v_cache),
             H=num_heads,
             HKV=num_kv_heads,
             H_PAD=triton.next_power_of_2(num_heads),

@@ -33,6 +33,11 @@ def check_k_cache(k_cache: torch.Tensor) -> None:
         )
 
 
+def cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, ...]:
+    """The store kernels' stride arguments: K's block and token strides, then V's four."""
+    return (k_cache.stride(0), k_cache.stride(1), *v_cache.stride())
+
+
 def dequantize_kv(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
     """Cached values back in `dtype` (fp8: times `scale`)."""
     if x.dtype in FP8_KV_DTYPES:
@@ -149,9 +154,7 @@ def store_kvcache(
         slot_mapping,
         k_scale,
         v_scale,
-        k_cache.stride(0),
-        k_cache.stride(1),
-        *v_cache.stride(),
+        *cache_strides(k_cache, v_cache),
         HEAD_DIM=head_dim,
         D=d,
         BLOCK=triton.next_power_of_2(d),

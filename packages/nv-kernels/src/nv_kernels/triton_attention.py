@@ -8,7 +8,7 @@ from torch import Tensor
 
 from nv_kernels.attention_backend import AttentionBackend
 from nv_kernels.kv_cache import v_token_minor
-from nv_kernels.metadata import AttentionMetadata
+from nv_kernels.metadata import AttentionMetadata, SharedPrefix
 from nv_kernels.pdl import pdl_kwargs, pdl_wait, use_pdl
 from nv_kernels.store_kvcache import fp8_max
 from nv_kernels.triton_utils import num_sms, tl, triton
@@ -88,6 +88,34 @@ if triton is not None:
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
         return m_new, l_i, acc
+
+    @triton.jit
+    def _attend_paged(
+        q, k_cache_ptr, v_cache_ptr, table, start, end, offs_d, kv_head, scale, stride_kb,
+        stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_vd, ROWS: tl.constexpr,
+        D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+        V_TOKEN_MINOR: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """The streaming softmax of the ROWS queries `q` (all of one KV head) over tokens
+        [start, end) of the sequence whose block-table row is `table`, in tiles of BLOCK_N
+        from `start` (a multiple of BLOCK_N, or of BLOCK_SIZE when that is smaller). Returns
+        (running max, sum, unnormalised output), base 2; `scale` is the scores' (times K's)."""
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, D], tl.float32)
+        qk_scale = scale * 1.4426950408889634  # (see the prefill kernel)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < end
+            k, v = _load_paged_kv(
+                k_cache_ptr, v_cache_ptr, table, offs_n, n_mask, offs_d, kv_head,
+                stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_vd,
+                BLOCK_SIZE, BLOCK_N, V_TOKEN_MINOR,
+            )  # fmt: skip
+            m_i, l_i, acc = _softmax_tile(
+                q, k, v, n_mask[None, :], m_i, l_i, acc, qk_scale, PRECISION
+            )
+        return m_i, l_i, acc
 
     @triton.jit
     def _find_query_block(cu_q_ptr, slot, num_seqs, BLOCK_M: tl.constexpr):
@@ -283,22 +311,11 @@ if triton is not None:
             mask=g_mask[:, None],
             other=0.0,
         ).to(DOT_DTYPE)
-        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([G_PAD], tl.float32)
-        acc = tl.zeros([G_PAD, D], tl.float32)
-        qk_scale = scale * k_scale * 1.4426950408889634  # (see the prefill kernel)
-        table = block_tables_ptr + seq * stride_bt
-        for n0 in range(start, end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < end
-            k, v = _load_paged_kv(
-                k_cache_ptr, v_cache_ptr, table, offs_n, n_mask, offs_d, kv_head,
-                stride_ckb, stride_ckt, stride_ckh, stride_cvb, stride_cvt, stride_cvh, stride_cvd,
-                BLOCK_SIZE, BLOCK_N, V_TOKEN_MINOR,
-            )  # fmt: skip
-            m_i, l_i, acc = _softmax_tile(
-                q, k, v, n_mask[None, :], m_i, l_i, acc, qk_scale, PRECISION
-            )
+        m_i, l_i, acc = _attend_paged(
+            q, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, start, end, offs_d,
+            kv_head, scale * k_scale, stride_ckb, stride_ckt, stride_ckh, stride_cvb, stride_cvt,
+            stride_cvh, stride_cvd, G_PAD, D, BLOCK_SIZE, BLOCK_N, V_TOKEN_MINOR, PRECISION,
+        )  # fmt: skip
         if CASCADE:
             # merge with the shared prefix's normalised output and log-sum-exp (base 2)
             at = seq * G * tl.num_programs(1) + heads  # [B, H]
@@ -382,22 +399,11 @@ if triton is not None:
             mask=m_mask[:, None],
             other=0.0,
         ).to(DOT_DTYPE)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
-        qk_scale = scale * k_scale * 1.4426950408889634  # (see the prefill kernel)
-        prefix_len = tl.load(prefix_len_ptr)
-        for n0 in range(0, prefix_len, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < prefix_len
-            k, v = _load_paged_kv(
-                k_cache_ptr, v_cache_ptr, table_ptr, offs_n, n_mask, offs_d, kv_head,
-                stride_ckb, stride_ckt, stride_ckh, stride_cvb, stride_cvt, stride_cvh, stride_cvd,
-                BLOCK_SIZE, BLOCK_N, V_TOKEN_MINOR,
-            )  # fmt: skip
-            m_i, l_i, acc = _softmax_tile(
-                q, k, v, n_mask[None, :], m_i, l_i, acc, qk_scale, PRECISION
-            )
+        m_i, l_i, acc = _attend_paged(
+            q, k_cache_ptr, v_cache_ptr, table_ptr, 0, tl.load(prefix_len_ptr), offs_d, kv_head,
+            scale * k_scale, stride_ckb, stride_ckt, stride_ckh, stride_cvb, stride_cvt,
+            stride_cvh, stride_cvd, BLOCK_M, D, BLOCK_SIZE, BLOCK_N, V_TOKEN_MINOR, PRECISION,
+        )  # fmt: skip
         at = seq * G * tl.num_programs(0) + heads  # [B, H]
         # a row outside the prefix, or a prefix of 0 tokens: weight 0 (and a finite output)
         member = (tl.load(rows_ptr + seq, mask=m_mask, other=0) != 0) & (l_i > 0)
@@ -602,19 +608,18 @@ def decode_attention(
 ) -> torch.Tensor:
     """Paged decode attention. The launch settings default to what benchmarks/decode_sweep.py
     chose on an H200 (`dot_dtype` overrides `_dot_dtype`'s choice, for that sweep). With
-    `meta.shared_prefix_blocks`, cascade attention: the shared prefix once for the rows that
-    share it (`_shared_prefix_kernel`), then each row's rest, merged (no split K)."""
+    `meta.shared_prefix`, cascade attention: the shared prefix once for the rows that share it
+    (`_shared_prefix_kernel`), then each row's rest, merged (no split K)."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     _check_head_dim(head_dim)
     g = num_heads // num_kv_heads
     on_gpu = q.device.type == "cuda"
-    cascade = meta.shared_prefix_len is not None
-    if cascade:
-        rows, blocks = meta.shared_prefix_rows, meta.shared_prefix_blocks
-        if rows is None or rows.shape != (num_seqs,) or blocks is None:
+    shared = meta.shared_prefix
+    if shared is not None:
+        if shared.rows.shape != (num_seqs,):
             raise ValueError(
-                f"shared_prefix_len needs shared_prefix_rows [{num_seqs}] and shared_prefix_blocks"
+                f"shared_prefix.rows must be [{num_seqs}], got {tuple(shared.rows.shape)}"
             )
         num_splits = 1
     # From decode_sweep.py on an H200 (docs/benchmarks.md). bf16 caches: 64-token tiles, 4
@@ -640,11 +645,11 @@ def decode_attention(
     else:
         mid_o = mid_lse = o  # unused
     dot_dtype = _dot_dtype(q, k_cache, dot_dtype)
-    if cascade:
+    if shared is not None:
         prefix_o, prefix_lse = _shared_prefix_attention(
-            q, k_cache, v_cache, meta, scale, kv_scales, dot_dtype
+            q, k_cache, v_cache, shared, scale, kv_scales, dot_dtype
         )
-        prefix_rows, prefix_len = meta.shared_prefix_rows, meta.shared_prefix_len
+        prefix_rows, prefix_len = shared.rows, shared.length
     else:
         prefix_o = prefix_lse = prefix_rows = prefix_len = o  # unused
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
@@ -672,7 +677,7 @@ def decode_attention(
         BLOCK_N=block_n,
         V_TOKEN_MINOR=v_token_minor(v_cache),
         NUM_SPLITS=num_splits,
-        CASCADE=cascade,
+        CASCADE=shared is not None,
         PRECISION=_precision(q.dtype),
         DOT_DTYPE=dot_dtype,
         num_warps=num_warps,
@@ -698,13 +703,13 @@ def _shared_prefix_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    meta: AttentionMetadata,
+    shared: SharedPrefix,
     scale: float,
     kv_scales: tuple[float, float],
     dot_dtype: tl.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decode rows' attention to their shared prefix (`meta.shared_prefix_*`): (normalised
-    output float32 [rows, H, D], log-sum-exp base 2 [rows, H], -inf for rows outside it)."""
+    """The decode rows' attention to their shared prefix: (normalised output float32 [rows, H,
+    D], log-sum-exp base 2 [rows, H], -inf for rows outside it)."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     g = num_heads // num_kv_heads
@@ -716,11 +721,11 @@ def _shared_prefix_attention(
         q,
         k_cache,
         v_cache,
-        meta.shared_prefix_blocks,
+        shared.blocks,
         o,
         lse,
-        meta.shared_prefix_rows,
-        meta.shared_prefix_len,
+        shared.rows,
+        shared.length,
         num_seqs,
         scale,
         *_scales_and_strides(q, k_cache, v_cache, kv_scales),

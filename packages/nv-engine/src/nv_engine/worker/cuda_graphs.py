@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from nv_engine.config import Config
-from nv_kernels import AttentionMetadata, overlapped_launches
+from nv_kernels import AttentionMetadata, SharedPrefix, overlapped_launches
 
 
 class DecodeGraphs:
@@ -22,7 +22,7 @@ class DecodeGraphs:
     numbers in docs/benchmarks.md).
 
     With `cascade`, sizes of at least `shared_prefix_min_seqs` rows get a second graph that
-    runs cascade attention (AttentionMetadata.shared_prefix_*: the prefix most rows share read
+    runs cascade attention (AttentionMetadata.shared_prefix: the prefix most rows share read
     once for them), for the steps whose rows share one (ModelRunner._shared_prefix)."""
 
     def __init__(
@@ -86,9 +86,9 @@ class DecodeGraphs:
             False, self.slot_mapping[:b], self.context_lens[:b], self.block_tables[:b]
         )
         if cascade:
-            meta.shared_prefix_len = self.prefix_len
-            meta.shared_prefix_blocks = self.prefix_blocks
-            meta.shared_prefix_rows = self.prefix_rows[:b]
+            meta.shared_prefix = SharedPrefix(
+                self.prefix_len, self.prefix_blocks, self.prefix_rows[:b]
+            )
         with overlapped_launches(b <= self.pdl_max_batch_size):
             hidden = self.model(self.input_ids[:b], self.positions[:b], meta)
             return self.model.compute_logits(hidden, gather=False)  # TP: this rank's shard
@@ -97,7 +97,7 @@ class DecodeGraphs:
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """Inputs already padded to a captured size (see `padded_size`), except the block table,
-        which has only the real rows. With `meta.shared_prefix_len`, the cascade graph (the
+        which has only the real rows. With `meta.shared_prefix`, the cascade graph (the
         size must have one: `cascade_sizes`)."""
         g = input_ids.shape[0]
         rows, width = meta.block_tables.shape
@@ -106,11 +106,11 @@ class DecodeGraphs:
         self.slot_mapping[:g] = meta.slot_mapping
         self.context_lens[:g] = meta.context_lens
         self.block_tables[:rows, :width] = meta.block_tables
-        cascade = meta.shared_prefix_len is not None
-        if cascade:
-            self.prefix_len.copy_(meta.shared_prefix_len)
-            self.prefix_blocks[: meta.shared_prefix_blocks.shape[0]] = meta.shared_prefix_blocks
-            self.prefix_rows[:g] = meta.shared_prefix_rows
-        graph, logits = self.graphs[g, cascade]
+        shared = meta.shared_prefix
+        if shared is not None:
+            self.prefix_len.copy_(shared.length)
+            self.prefix_blocks[: shared.blocks.shape[0]] = shared.blocks
+            self.prefix_rows[:g] = shared.rows
+        graph, logits = self.graphs[g, shared is not None]
         graph.replay()
         return logits

@@ -23,6 +23,7 @@ from nv_kernels import (
     AttentionMetadata,
     Sampler,
     SamplingTensors,
+    SharedPrefix,
     allocate_kv_cache,
     eager_decode_widths,
     get_attention_backend,
@@ -362,9 +363,10 @@ class ModelRunner:
                 chunk = self.config.tuning.prompt_logprobs_chunk
                 prompt_lps = prompt_logprobs(self.model, hidden, plan, chunk, self.rank == 0)
         else:
-            shared = self._shared_prefix(plan)  # only where a cascade graph can run it
             use_graph = self.graphs is not None and self.graphs.can_run(len(plan.seqs))
             padded = self.graphs.padded_size(len(plan.seqs)) if use_graph else len(plan.seqs)
+            cascade = use_graph and padded in self.graphs.cascade_sizes
+            shared = self._shared_prefix(plan) if cascade else None
             ids, pos, meta, st = self._prepare_decode(plan, padded, rows, shared)
             if use_graph:
                 logits = self.graphs.replay(ids, pos, meta)[: len(plan.seqs)]
@@ -493,17 +495,12 @@ class ModelRunner:
         return ids_t, positions_t, meta, logits_indices_t, sampling(parts)
 
     def _shared_prefix(self, plan: StepPlan) -> tuple[list[int], list[int]] | None:
-        """For a decode step: the cache blocks that most rows' contexts start with, before each
-        one's newest token, and which rows (1 or 0 per row), when cascade attention takes them
-        (enough rows and tokens, EngineTuning.shared_prefix_min_*); else None. Requests
-        prefilled in one step hold copies of their common prefix, so a few rows may not share
-        the one the others do."""
+        """For a decode step that a cascade graph can run: the cache blocks that most rows'
+        contexts start with, before each one's newest token, and which rows (1 or 0 per row),
+        when cascade attention takes them (enough rows and tokens,
+        EngineTuning.shared_prefix_min_*); else None. Requests prefilled in one step hold copies
+        of their common prefix, so a few rows may not share the one the others do."""
         tuning, seqs, bs = self.config.tuning, plan.seqs, self.block_size
-        graphs = self.graphs
-        if graphs is None or not graphs.can_run(len(seqs)):
-            return None
-        if graphs.padded_size(len(seqs)) not in graphs.cascade_sizes:
-            return None
         firsts = Counter(s.block_table[0] for s in seqs if s.start_pos >= bs)
         if not firsts:
             return None
@@ -560,9 +557,8 @@ class ModelRunner:
             ids_t = torch.where(src_t >= 0, prev[src_t.clamp(min=0)], ids_t)
         meta = AttentionMetadata(False, slots_t, parts[lens_at], parts[tables_at].view(n, width))
         if shared is not None:
-            meta.shared_prefix_len = parts[prefix_at][:1]
-            meta.shared_prefix_blocks = parts[prefix_at][1:]
-            meta.shared_prefix_rows = parts[members_at]
+            prefix = parts[prefix_at]  # the length, then the blocks
+            meta.shared_prefix = SharedPrefix(prefix[:1], prefix[1:], parts[members_at])
         return ids_t, pos_t, meta, sampling(parts)
 
     def _add_sampling(self, rows: list[ScheduledSeq]):
