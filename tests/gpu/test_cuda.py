@@ -304,7 +304,7 @@ def test_engine_with_a_shared_prefix_takes_the_cascade_graphs(fp32_model, monkey
     }
     for name, run in runs.items():
         tuning = dict(shared_prefix_min_seqs=4, cuda_graph_batch_sizes=(1, 2, 4, 8), **run)
-        with LLM(str(path), kvcache_block_size=4, **tuning) as llm:
+        with LLM(str(path), dtype="float32", kvcache_block_size=4, **tuning) as llm:
             # the first request fills the prefix cache; the batch's then share its blocks
             llm.generate([system + [7]], SamplingParams(max_tokens=1), use_tqdm=False)
             params = [SamplingParams(temperature=0.0, max_tokens=n) for n in max_new]

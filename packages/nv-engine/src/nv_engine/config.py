@@ -69,10 +69,9 @@ class EngineTuning:
     # of that many rows or more get a cascade twin), the rows whose block tables start with
     # the same blocks, shared_prefix_min_tokens tokens or more of them (a common system
     # prompt, a prefix-cache hit), attend to those once together (0: never); backends that
-    # gain from it only (the Triton one). Off by default until its engine test passes on the
-    # GPU (it failed in its first run there; docs/benchmarks.md); 1024 gave workload P 30,980
-    # tok/s against 18,500
-    shared_prefix_min_tokens: int = 0
+    # gain from it only (the Triton one). 1024: workload P 28,984-30,980 tok/s against
+    # 17,923-18,500 without (docs/benchmarks.md)
+    shared_prefix_min_tokens: int = 1024
     shared_prefix_min_seqs: int = 64
 
     def __post_init__(self) -> None:
