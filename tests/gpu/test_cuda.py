@@ -201,6 +201,10 @@ def test_engine_fp32_matches_hf(fp32_model, config):
     with LLM(str(path), dtype="float32", **config) as llm:
         outs = llm.generate(prompts, params, use_tqdm=False)
         assert [o["token_ids"] for o in outs] == refs
+        graphs = llm.model_runner.graphs
+        if graphs is not None:  # captured graphs write their logits into one buffer
+            shared = graphs.logits.data_ptr()
+            assert graphs.graphs and all(o.data_ptr() == shared for _, o in graphs.graphs.values())
         bm = llm.scheduler.block_manager
         assert bm.num_free_blocks == bm.num_blocks
         if "num_kvcache_blocks" in config:

@@ -304,6 +304,11 @@ def test_decode_with_a_shared_prefix_takes_the_cascade_graphs(model_dir, monkeyp
         outs = llm.generate(prompts, params, use_tqdm=False)
         assert [o["token_ids"] for o in outs] == refs
         assert_pool_whole(llm)
+        # every graph, cascade or not, wrote its logits into the one shared buffer
+        graphs = llm.model_runner.graphs
+        assert len(graphs.graphs) == 6  # sizes 1, 2, 4, 8 and the twins of 4 and 8
+        for (b, _), (_, logits) in graphs.graphs.items():
+            assert logits.data_ptr() == graphs.logits.data_ptr() and logits.shape[0] == b
     # 12 of the system prompt's 13 tokens fill 3 blocks of 4, shared while 4 or more of the
     # 5 rows that have it decode (in the graph for 8 rows)
     found = [f for f in shared if f is not None]

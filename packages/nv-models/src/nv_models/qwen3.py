@@ -178,10 +178,12 @@ class Qwen3ForCausalLM(nn.Module):
         hidden: torch.Tensor,
         logits_indices: torch.Tensor | None = None,
         gather: bool = True,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits of the rows asked for; with tensor parallelism and `gather=False`, this
-        rank's vocabulary shard of them (`lm_head.vocab_start` is its first token id)."""
-        return self.lm_head(hidden, logits_indices, gather)
+        rank's vocabulary shard of them (`lm_head.vocab_start` is its first token id),
+        written into `out` when given."""
+        return self.lm_head(hidden, logits_indices, gather, out)
 
 
 class Qwen2ForCausalLM(Qwen3ForCausalLM):

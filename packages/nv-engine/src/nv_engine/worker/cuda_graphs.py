@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 import bisect
+import logging
+import time
 
 import torch
 from torch import nn
 
 from nv_engine.config import Config
 from nv_kernels import AttentionMetadata, SharedPrefix, overlapped_launches
+
+logger = logging.getLogger(__name__)
 
 
 class DecodeGraphs:
@@ -37,7 +41,7 @@ class DecodeGraphs:
         min_rows = config.tuning.shared_prefix_min_seqs
         self.cascade_sizes = {b for b in self.sizes if b >= min_rows} if cascade else set()
         self.pdl_max_batch_size = config.tuning.pdl_max_batch_size
-        # (batch size, cascade) -> (graph, its logits)
+        # (batch size, cascade) -> (graph, its logits: a view of self.logits)
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def close(self) -> None:
@@ -55,6 +59,7 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self, max_blocks_per_seq: int) -> None:
+        start, reserved = time.monotonic(), torch.cuda.memory_reserved(self.device)
         self._allocate_inputs(max_blocks_per_seq)
         pool = None
         for b in reversed(self.sizes):
@@ -63,10 +68,17 @@ class DecodeGraphs:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool):
                     out = self._forward(b, cascade)
-                self.graphs[b, cascade] = (graph, out)  # out: logits in the graph's pool
+                self.graphs[b, cascade] = (graph, out)  # out: self.logits[:b]
                 if pool is None:
                     pool = graph.pool()
                 torch.cuda.synchronize(self.device)
+        logger.info(
+            "CUDA graphs: %d captured (batch sizes up to %d) in %.1f s, %.2f GiB",
+            len(self.graphs),
+            self.sizes[-1],
+            time.monotonic() - start,
+            (torch.cuda.memory_reserved(self.device) - reserved) / 2**30,
+        )
 
     def _allocate_inputs(self, max_blocks_per_seq: int) -> None:
         """The buffers every graph reads its inputs from (replay copies a step's in)."""
@@ -80,6 +92,11 @@ class DecodeGraphs:
         self.prefix_len = torch.zeros(1, dtype=torch.int32, device=dev)
         self.prefix_blocks = torch.zeros(max_blocks_per_seq, dtype=torch.int32, device=dev)
         self.prefix_rows = torch.zeros(n, dtype=torch.int32, device=dev)
+        # every graph writes its logits here (rows [:b]): one buffer, not one per graph in the
+        # pool (about 1.7 GB at the default sizes for a 151,936-token vocabulary); replays run
+        # one at a time, each read by its step's sampler before the next
+        head = self.model.lm_head.weight
+        self.logits = torch.empty(n, head.shape[0], dtype=head.dtype, device=dev)
 
     def _forward(self, b: int, cascade: bool) -> torch.Tensor:
         meta = AttentionMetadata(
@@ -91,7 +108,8 @@ class DecodeGraphs:
             )
         with overlapped_launches(b <= self.pdl_max_batch_size):
             hidden = self.model(self.input_ids[:b], self.positions[:b], meta)
-            return self.model.compute_logits(hidden, gather=False)  # TP: this rank's shard
+            # TP: this rank's shard
+            return self.model.compute_logits(hidden, gather=False, out=self.logits[:b])
 
     def replay(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata

@@ -42,15 +42,22 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Vocab-parallel output projection. Computes logits only for the rows asked for (in prefill,
     each sequence's last token), then gathers the vocab shards (unless `gather=False`: then the
-    result is this rank's shard, token ids from `vocab_start`)."""
+    result is this rank's shard, token ids from `vocab_start`). `out`: a [rows, vocab / tp]
+    tensor to write the shard into (the decode graphs' shared logits buffer)."""
 
     def forward(
         self,
         hidden: torch.Tensor,
         logits_indices: torch.Tensor | None = None,
         gather: bool = True,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if logits_indices is not None:
             hidden = hidden[logits_indices]
-        logits = F.linear(hidden, self.weight)  # [num_rows, vocab / tp]
+        if out is None:
+            logits = F.linear(hidden, self.weight)  # [num_rows, vocab / tp]
+        else:
+            if gather and self.tp.size > 1:
+                raise ValueError("out= takes this rank's shard: pass gather=False with TP")
+            logits = torch.matmul(hidden, self.weight.t(), out=out)
         return self.tp.gather_last_dim(logits) if gather else logits
