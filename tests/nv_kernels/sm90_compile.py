@@ -24,6 +24,7 @@ from nv_kernels.skinny_gemm import _skinny_gemm_kernel
 from nv_kernels.store_kvcache import _store_kvcache_kernel
 from nv_kernels.triton_attention import (
     _decode_kernel,
+    _decode_reduce_kernel,
     _prefill_kernel,
     _shared_prefix_kernel,
 )
@@ -115,9 +116,8 @@ def main() -> int:
                  DOT_DTYPE=tl.float16 if kv else tl.bfloat16, PDL=pdl,
                  **{"stride_cvt" if token_minor else "stride_cvd": 1}),
             dict(block_tables_ptr="*i32", context_lens_ptr="*i32", mid_o_ptr="*fp32",
-                 mid_lse_ptr="*fp32", counters_ptr="*i32", prefix_o_ptr="*fp32",
-                 prefix_lse_ptr="*fp32", prefix_rows_ptr="*i32", prefix_len_ptr="*i32",
-                 **scales, **kv),
+                 mid_lse_ptr="*fp32", prefix_o_ptr="*fp32", prefix_lse_ptr="*fp32",
+                 prefix_rows_ptr="*i32", prefix_len_ptr="*i32", **scales, **kv),
             dict(num_stages=4, launch_pdl=pdl),
         ))  # fmt: skip
     for kv, token_minor in (({}, False), (fp8, True)):
@@ -131,6 +131,10 @@ def main() -> int:
             dict(num_stages=3),
         ))  # fmt: skip
     for pdl in (False, True):
+        jobs.append((
+            _decode_reduce_kernel, dict(NUM_SPLITS=7, S_PAD=8, D=128, PDL=pdl),
+            dict(mid_o_ptr="*fp32", mid_lse_ptr="*fp32"), dict(launch_pdl=pdl),
+        ))  # fmt: skip
         for res, parts, signal in ((False, 0, False), (True, 0, False), (True, 2, True)):
             jobs.append((
                 _rms_norm_kernel,

@@ -11,7 +11,7 @@ from nv_kernels.kv_cache import v_token_minor
 from nv_kernels.metadata import AttentionMetadata, SharedPrefix
 from nv_kernels.pdl import pdl_kwargs, pdl_wait, use_pdl
 from nv_kernels.store_kvcache import fp8_max
-from nv_kernels.triton_utils import NUM_COUNTERS, num_sms, tile_counters, tl, triton
+from nv_kernels.triton_utils import num_sms, tl, triton
 
 if triton is not None:
     # The block-table width (stride_bt) changes from step to step; specialising on it (== 1,
@@ -256,7 +256,6 @@ if triton is not None:
         o_ptr,
         mid_o_ptr,
         mid_lse_ptr,
-        counters_ptr,
         prefix_o_ptr,
         prefix_lse_ptr,
         prefix_rows_ptr,
@@ -346,37 +345,9 @@ if triton is not None:
             nonempty = l_i > 0
             out = acc * (v_scale / tl.where(nonempty, l_i, 1.0))[:, None]
             lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-            rows = (seq * G * tl.num_programs(1) + heads) * NUM_SPLITS  # [B, H, S]
-            tl.store(mid_o_ptr + (rows + split)[:, None] * D + offs_d[None, :], out,
-                     mask=g_mask[:, None])  # fmt: skip
-            tl.store(mid_lse_ptr + rows + split, lse, mask=g_mask)
-            # The last split of this (sequence, KV head) to finish merges them all (no second
-            # kernel). acq_rel: this split's partials are visible before its count is; the last
-            # one sees everyone's after reading the count (.cg: from L2, not a stale L1).
-            counter = counters_ptr + seq * tl.num_programs(1) + kv_head
-            if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
-                lse_ptrs = mid_lse_ptr + rows
-                o_ptrs = mid_o_ptr + rows[:, None] * D + offs_d[None, :]
-                top = tl.full([G_PAD], float("-inf"), tl.float32)
-                for s in range(NUM_SPLITS):
-                    lse = tl.load(lse_ptrs + s, mask=g_mask, other=0.0, cache_modifier=".cg")
-                    top = tl.maximum(top, lse)
-                total = tl.zeros([G_PAD], tl.float32)
-                merged = tl.zeros([G_PAD, D], tl.float32)
-                for s in range(NUM_SPLITS):
-                    lse = tl.load(lse_ptrs + s, mask=g_mask, other=0.0, cache_modifier=".cg")
-                    part = tl.load(
-                        o_ptrs + s * D, mask=g_mask[:, None], other=0.0, cache_modifier=".cg"
-                    )
-                    w = tl.exp2(lse - top)
-                    total += w
-                    merged += w[:, None] * part
-                tl.atomic_xchg(counter, 0)  # ready for the next launch
-                tl.store(
-                    o_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                    (merged / total[:, None]).to(o_ptr.dtype.element_ty),
-                    mask=g_mask[:, None],
-                )
+            row = (seq * G * tl.num_programs(1) + heads) * NUM_SPLITS + split  # [B, H, S]
+            tl.store(mid_o_ptr + row[:, None] * D + offs_d[None, :], out, mask=g_mask[:, None])
+            tl.store(mid_lse_ptr + row, lse, mask=g_mask)
 
     @triton.jit(do_not_specialize=["num_seqs"])
     def _shared_prefix_kernel(
@@ -440,6 +411,38 @@ if triton is not None:
         tl.store(o_ptr + at[:, None] * D + offs_d[None, :], acc * (v_scale / l_safe)[:, None],
                  mask=m_mask[:, None])  # fmt: skip
         tl.store(lse_ptr + at, tl.where(member, m_i + tl.log2(l_safe), float("-inf")), mask=m_mask)
+
+    @triton.jit
+    def _decode_reduce_kernel(
+        mid_o_ptr,
+        mid_lse_ptr,
+        o_ptr,
+        stride_ot,
+        stride_oh,
+        NUM_SPLITS: tl.constexpr,
+        S_PAD: tl.constexpr,
+        D: tl.constexpr,
+        PDL: tl.constexpr,
+    ):
+        pdl_wait(PDL)
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        row0 = (seq * tl.num_programs(1) + head) * NUM_SPLITS
+        offs_s = tl.arange(0, S_PAD)
+        offs_d = tl.arange(0, D)
+        s_mask = offs_s < NUM_SPLITS
+        lse = tl.load(mid_lse_ptr + row0 + offs_s, mask=s_mask, other=float("-inf"))
+        w = tl.exp2(lse - tl.max(lse, 0))
+        w = tl.where(s_mask, w, 0.0)
+        parts = tl.load(
+            mid_o_ptr + (row0 + offs_s)[:, None] * D + offs_d[None, :],
+            mask=s_mask[:, None],
+            other=0.0,
+        )
+        out = tl.sum(w[:, None] * parts, 0) / tl.sum(w, 0)
+        tl.store(
+            o_ptr + seq * stride_ot + head * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty)
+        )
 
 
 def _precision(dtype: torch.dtype) -> str | None:
@@ -639,14 +642,8 @@ def decode_attention(
             num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
         )
         mid_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
-        if num_seqs * num_kv_heads > NUM_COUNTERS:
-            raise ValueError(
-                f"split decode needs at most {NUM_COUNTERS} (sequence, KV head) pairs, got "
-                f"{num_seqs * num_kv_heads}"
-            )
-        counters = tile_counters(q.device)
     else:
-        mid_o = mid_lse = counters = o  # unused
+        mid_o = mid_lse = o  # unused
     dot_dtype = _dot_dtype(q, k_cache, dot_dtype)
     if shared is not None:
         prefix_o, prefix_lse = _shared_prefix_attention(
@@ -664,7 +661,6 @@ def decode_attention(
         o,
         mid_o,
         mid_lse,
-        counters,
         prefix_o,
         prefix_lse,
         prefix_rows,
@@ -688,6 +684,18 @@ def decode_attention(
         num_stages=num_stages,
         **pdl_kwargs(pdl),
     )
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            mid_o,
+            mid_lse,
+            o,
+            o.stride(0),
+            o.stride(1),
+            NUM_SPLITS=num_splits,
+            S_PAD=max(2, triton.next_power_of_2(num_splits)),
+            D=head_dim,
+            **pdl_kwargs(pdl),
+        )
     return o
 
 
