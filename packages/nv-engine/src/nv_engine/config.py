@@ -69,8 +69,7 @@ class EngineTuning:
     # of that many rows or more get a cascade twin), the rows whose block tables start with
     # the same blocks, shared_prefix_min_tokens tokens or more of them (a common system
     # prompt, a prefix-cache hit), attend to those once together (0: never); backends that
-    # gain from it only (the Triton one). 1024: workload P 28,984-30,980 tok/s against
-    # 17,923-18,500 without (docs/benchmarks.md)
+    # gain from it only (the Triton one). 1024: measured on workload P (docs/benchmarks.md)
     shared_prefix_min_tokens: int = 1024
     shared_prefix_min_seqs: int = 64
 

@@ -93,8 +93,8 @@ class DecodeGraphs:
         self.prefix_blocks = torch.zeros(max_blocks_per_seq, dtype=torch.int32, device=dev)
         self.prefix_rows = torch.zeros(n, dtype=torch.int32, device=dev)
         # every graph writes its logits here (rows [:b]): one buffer, not one per graph in the
-        # pool (about 1.7 GB at the default sizes for a 151,936-token vocabulary); replays run
-        # one at a time, each read by its step's sampler before the next
+        # pool, which would hold every size's rows times the vocabulary at once; replays run
+        # one at a time on one stream, each read by its step's sampler before the next
         head = self.model.lm_head.weight
         self.logits = torch.empty(n, head.shape[0], dtype=head.dtype, device=dev)
 
