@@ -197,3 +197,24 @@ def test_peer_all_reduce_says_why_it_is_unavailable(monkeypatch):
     assert "GPU 0 cannot access GPU 2" in PeerAllReduce.unavailable([0, 1, 2], 0)
     monkeypatch.setattr(parallel, "_joined_before", True)
     assert "already joined" in PeerAllReduce.unavailable([0, 1], 0)
+
+
+def test_lm_head_writes_its_shard_into_out():
+    """The decode graphs' shared logits buffer: `out=` takes this rank's shard in place; with
+    TP, only ungathered (a gathered result is a new tensor)."""
+    import torch.nn.functional as F
+
+    from nv_models.layers.embed_head import ParallelLMHead
+
+    g = torch.Generator().manual_seed(0)
+    head = ParallelLMHead(10, 4)
+    head.weight.data = torch.randn(10, 4, generator=g)
+    hidden = torch.randn(3, 4, generator=g)
+    buffer = torch.full((5, 10), float("nan"))
+    got = head(hidden, gather=False, out=buffer[:3])
+    assert got.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(buffer[:3], F.linear(hidden, head.weight), rtol=1e-6, atol=1e-6)
+    assert buffer[3:].isnan().all()  # rows past the batch untouched
+    sharded = ParallelLMHead(10, 4, TPGroup(0, 2, None))
+    with pytest.raises(ValueError, match="gather=False"):
+        sharded(hidden, out=torch.empty(3, 5))
