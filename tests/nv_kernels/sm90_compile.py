@@ -120,7 +120,7 @@ def main() -> int:
                  prefix_rows_ptr="*i32", prefix_len_ptr="*i32", **scales, **kv),
             dict(num_stages=4, launch_pdl=pdl),
         ))  # fmt: skip
-    for kv, token_minor in (({}, False), (fp8, True)):
+    for kv, token_minor in (({}, False), (fp8, True), (e5m2, True)):
         jobs.append((
             _shared_prefix_kernel,
             dict(G=2, BLOCK_SIZE=256, D=128, BLOCK_M=64, BLOCK_N=64, V_TOKEN_MINOR=token_minor,
