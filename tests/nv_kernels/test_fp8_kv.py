@@ -147,9 +147,10 @@ def test_decode_fp8_cache_matches_reference(kv_scales, num_splits, q_dtype, dtyp
 
 @pytest.mark.parametrize("v_layout", V_LAYOUTS)
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
-def test_decode_fp8_cache_with_a_shared_prefix_matches_reference(q_dtype, v_layout):
-    # cascade attention over an fp8 cache: the shared blocks once for the batch, then each
-    # row's own, merged; scaled, e4m3
+@pytest.mark.parametrize("dtype", FP8S)
+def test_decode_fp8_cache_with_a_shared_prefix_matches_reference(q_dtype, v_layout, dtype):
+    # cascade attention over an fp8 cache (e4m3 and e5m2): the shared blocks once for the
+    # batch, then each row's own, merged; scaled
     gen = torch.Generator().manual_seed(3)
     heads, hkv, d, bs, blocks, kv_scales = 4, 2, 16, 16, 24, (0.05, 3.0)
     shared = [5, 2]
@@ -161,7 +162,7 @@ def test_decode_fp8_cache_with_a_shared_prefix_matches_reference(q_dtype, v_layo
         dtype=torch.int32,
     )  # fmt: skip
     shape = (blocks, bs, hkv, d)
-    k_cache, v_cache = fp8_caches(shape, FP8, v_layout, gen)
+    k_cache, v_cache = fp8_caches(shape, dtype, v_layout, gen)
     q = torch.randn(len(lens), heads, d, generator=gen).to(q_dtype)
     meta = AttentionMetadata(
         False,
