@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from nv_kernels import AttentionMetadata, get_attention_backend
+from nv_kernels import AttentionMetadata, SharedPrefix, get_attention_backend
 from nv_kvcache import BlockManager
 from nv_models import TPGroup, build_model, load_weights
 
@@ -197,6 +197,27 @@ def assert_fp8_cache_equal(got: torch.Tensor, want: torch.Tensor) -> None:
     step = info.tiny * info.eps  # the subnormal step: 2^-9 in e4m3, 2^-16 in e5m2
     truncated_subnormal = (w.abs() <= info.tiny) & (w.abs() - g.abs() == step) & (g * w >= 0)
     assert (dropped_carry | truncated_subnormal).all(), (g, w)
+
+
+def decode_meta(
+    lens: list[int],
+    block_tables: torch.Tensor,
+    shared_prefix: tuple[int, list[int], list[int]] | None = None,
+) -> AttentionMetadata:
+    """Decode metadata for a kernel test: one query per sequence of `lens` cached tokens (its
+    newest included) read through `block_tables`, writing nothing; `shared_prefix`, (tokens,
+    blocks, rows) of cascade attention. On the tables' device."""
+    dev = block_tables.device
+
+    def i32(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int32, device=dev)
+
+    shared = None
+    if shared_prefix is not None:
+        length, blocks, rows = shared_prefix
+        shared = SharedPrefix(i32([length]), i32(blocks), i32(rows))
+    zeros = torch.zeros(len(lens), dtype=torch.int64, device=dev)
+    return AttentionMetadata(False, zeros, i32(lens), block_tables, shared_prefix=shared)
 
 
 def paged_layout(

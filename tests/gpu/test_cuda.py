@@ -11,6 +11,7 @@ import torch
 import transformers
 from nv_testing import (
     assert_unguarded_tp2_script_fails_fast,
+    decode_meta,
     hf_greedy,
     paged_layout,
     save_tiny_qwen3,
@@ -20,7 +21,6 @@ from nv_testing import (
 from nv_engine.entrypoints.bench import QWEN3_0_6B_SHAPE
 from nv_kernels import (
     AttentionMetadata,
-    SharedPrefix,
     allocate_kv_cache,
     qk_norm_rope_store,
     quantize_kv,
@@ -102,9 +102,7 @@ def test_kernels_match_reference(dtype, head_dim, block_size, heads):
     assert (out.float() - ref).norm() / ref.norm() < _tol(dtype)
     # decode: one query per sequence over its whole context
     qd = torch.randn(len(lens_k), num_heads, head_dim, generator=gen).to(DEV, dtype)
-    dmeta = AttentionMetadata(
-        False, slot_mapping[: len(lens_k)], torch.tensor(lens_k, dtype=torch.int32, device=DEV), bt
-    )
+    dmeta = decode_meta(lens_k, bt)
     ref = decode_ref(qd.float(), k_cache.float(), v_cache.float(), dmeta, scale)
     for splits in (None, 1, 7):
         out = decode_attention(qd, k_cache, v_cache, dmeta, scale, num_splits=splits)
@@ -145,17 +143,7 @@ def test_decode_with_a_shared_prefix_matches_reference(kv, bs, heads, d, prefix_
     width = max(map(len, tables))
     table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     q = torch.randn(rows, num_heads, d, generator=gen).to(DEV, dtype)
-    meta = AttentionMetadata(
-        False,
-        torch.zeros(rows, dtype=torch.int64, device=DEV),
-        torch.tensor(lens, dtype=torch.int32, device=DEV),
-        table.to(DEV),
-        shared_prefix=SharedPrefix(
-            torch.tensor([p * bs], dtype=torch.int32, device=DEV),
-            torch.tensor(shared, dtype=torch.int32, device=DEV),
-            torch.tensor(members, dtype=torch.int32, device=DEV),
-        ),
-    )
+    meta = decode_meta(lens, table.to(DEV), (p * bs, shared, members))
     ref = decode_ref(q.float(), k_cache, v_cache, meta, d**-0.5)
     out = decode_attention(q, k_cache, v_cache, meta, d**-0.5)
     assert not out.isnan().any()
@@ -883,10 +871,7 @@ def test_fp8_kv_kernels_match_reference(block_size, fp8, v_layout):
     assert_fp8_cache_equal(caches[0], caches[2])
     assert_fp8_cache_equal(caches[1], caches[3])
     q = torch.randn(len(lens), heads, d, generator=gen).to(DEV, torch.bfloat16)
-    meta = AttentionMetadata(
-        False, torch.zeros(len(lens), dtype=torch.int64, device=DEV),
-        torch.tensor(lens, dtype=torch.int32, device=DEV), bt,
-    )  # fmt: skip
+    meta = decode_meta(lens, bt)
     ref = decode_ref(q, caches[0], caches[1], meta, 0.1, scales).float()
     # the kernels then read caches whose every unowned slot holds garbage: K NaN (masked at the
     # load); V NaN in the head_dim-minor layout (loaded unmasked, its masked rows zeroed after

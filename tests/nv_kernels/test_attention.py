@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nv_testing import paged_layout
+from nv_testing import decode_meta, paged_layout
 
-from nv_kernels import AttentionMetadata, SharedPrefix, store_kvcache, store_kvcache_ref
+from nv_kernels import AttentionMetadata, store_kvcache, store_kvcache_ref
 from nv_kernels.torch_attention import TorchAttentionBackend, decode_ref, prefill_ref
 from nv_kernels.triton_attention import decode_attention, prefill_attention
 
@@ -101,12 +101,7 @@ def test_decode_matches_reference(block_size, num_splits, num_heads, num_kv_head
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache, v_cache = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
     q = torch.randn(len(lens), num_heads, head_dim, generator=gen)
-    meta = AttentionMetadata(
-        False,
-        torch.zeros(len(lens), dtype=torch.int64),
-        torch.tensor(lens, dtype=torch.int32),
-        block_tables,
-    )
+    meta = decode_meta(lens, block_tables)
     ref = decode_ref(q, k_cache, v_cache, meta, 0.3)
     out = decode_attention(q, k_cache, v_cache, meta, 0.3, num_splits=num_splits)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -141,17 +136,8 @@ def test_decode_with_a_shared_prefix_matches_reference(
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache, v_cache = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
     q = torch.randn(rows, num_heads, head_dim, generator=gen)
-    meta = AttentionMetadata(
-        False,
-        torch.zeros(rows, dtype=torch.int64),
-        torch.tensor(lens, dtype=torch.int32),
-        block_tables,
-        shared_prefix=SharedPrefix(
-            torch.tensor([prefix], dtype=torch.int32),
-            torch.tensor(shared + [0, 0], dtype=torch.int32),  # a wider buffer
-            torch.tensor(members, dtype=torch.int32),
-        ),
-    )
+    # the blocks in a wider buffer, as the graphs hold them
+    meta = decode_meta(lens, block_tables, (prefix, shared + [0, 0], members))
     ref = decode_ref(q, k_cache, v_cache, meta, 0.3)
     out = decode_attention(q, k_cache, v_cache, meta, 0.3)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -160,6 +146,8 @@ def test_decode_with_a_shared_prefix_matches_reference(
     meta.shared_prefix.rows.zero_()
     out = decode_attention(q, k_cache, v_cache, meta, 0.3)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="num_splits"):
+        decode_attention(q, k_cache, v_cache, meta, 0.3, num_splits=3)
     with pytest.raises(ValueError, match="shared_prefix.rows"):
         meta.shared_prefix = meta.shared_prefix._replace(rows=meta.shared_prefix.rows[1:])
         decode_attention(q, k_cache, v_cache, meta, 0.3)

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nv_testing import assert_fp8_cache_equal, paged_layout
+from nv_testing import assert_fp8_cache_equal, decode_meta, paged_layout
 
 from nv_kernels import (
     AttentionMetadata,
-    SharedPrefix,
     allocate_kv_cache,
     dequantize_kv,
     qk_norm_rope_store,
@@ -114,12 +113,7 @@ def test_decode_fp8_cache_matches_reference(kv_scales, num_splits, q_dtype, dtyp
     shape = (blocks, bs, hkv, d)
     k_cache, v_cache = fp8_caches(shape, dtype, v_layout, gen)
     q = torch.randn(len(lens), heads, d, generator=gen).to(q_dtype)
-    meta = AttentionMetadata(
-        False,
-        torch.zeros(len(lens), dtype=torch.int64),
-        torch.tensor(lens, dtype=torch.int32),
-        table,
-    )
+    meta = decode_meta(lens, table)
     ref = decode_ref(q.float(), k_cache, v_cache, meta, 0.3, kv_scales)
     plain = decode_ref(q.float(), k_cache, v_cache, meta, 0.3)
     # then every slot no sequence owns holds garbage: K a NaN byte (in e4m3fn and e5m2 alike),
@@ -164,17 +158,7 @@ def test_decode_fp8_cache_with_a_shared_prefix_matches_reference(q_dtype, v_layo
     shape = (blocks, bs, hkv, d)
     k_cache, v_cache = fp8_caches(shape, dtype, v_layout, gen)
     q = torch.randn(len(lens), heads, d, generator=gen).to(q_dtype)
-    meta = AttentionMetadata(
-        False,
-        torch.zeros(len(lens), dtype=torch.int64),
-        torch.tensor(lens, dtype=torch.int32),
-        table,
-        shared_prefix=SharedPrefix(
-            torch.tensor([2 * bs], dtype=torch.int32),
-            torch.tensor(shared, dtype=torch.int32),
-            torch.ones(len(lens), dtype=torch.int32),
-        ),
-    )
+    meta = decode_meta(lens, table, (2 * bs, shared, [1] * len(lens)))
     ref = decode_ref(q.float(), k_cache, v_cache, meta, 0.3, kv_scales)
     out = decode_attention(q, k_cache, v_cache, meta, 0.3, kv_scales=kv_scales)
     tol = 1e-5 if q_dtype == torch.float32 else 2e-2

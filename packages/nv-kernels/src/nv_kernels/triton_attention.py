@@ -621,6 +621,10 @@ def decode_attention(
             raise ValueError(
                 f"shared_prefix.rows must be [{num_seqs}], got {tuple(shared.rows.shape)}"
             )
+        if num_splits not in (None, 1):
+            raise ValueError(
+                f"cascade attention runs unsplit: num_splits must be 1, got {num_splits}"
+            )
         num_splits = 1
     # From decode_sweep.py on an H200 (docs/benchmarks.md). bf16 caches: 64-token tiles, 4
     # stages. fp8 caches (V token-minor): 128-token tiles, 3 stages, dots in fp16.
