@@ -176,6 +176,8 @@ def main() -> None:
         else:
             raise SystemExit("the server exited before it listened")
         while True:
+            if server.poll() is not None:
+                raise SystemExit(f"the server exited ({server.returncode}) before it was healthy")
             try:
                 if httpx.get(base + "/health").status_code == 200:
                     break

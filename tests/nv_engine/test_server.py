@@ -522,3 +522,14 @@ def test_profiler_routes_exist_only_with_the_directory_set(engine, base, tmp_pat
         _wait_for(lambda: any(tmp_path.glob("nv-rank0-*.json.gz")))
     finally:
         served.close()
+
+
+def test_a_loop_or_parser_that_fails_to_import_is_not_used(tmp_path, monkeypatch):
+    """The server runs on uvloop and httptools where they import; a broken install (found, but
+    failing to import) falls back to asyncio or h11 instead of stopping the server."""
+    from nv_engine.entrypoints.openai.app import _importable
+
+    (tmp_path / "nv_broken_loop.py").write_text("raise ImportError('a broken install')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _importable("nv_broken_loop", "asyncio") == "asyncio"
+    assert _importable("json", "h11") == "json"

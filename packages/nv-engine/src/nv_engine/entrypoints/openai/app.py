@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
+import importlib
 import json
 import logging
 import os
@@ -256,9 +256,16 @@ def _event_loop_and_parser() -> tuple[str, str]:
     """uvicorn's event loop and HTTP parser: uvloop and httptools, nv-engine's dependencies (as
     in vLLM's server; they cut streaming latency, docs/benchmarks.md), or asyncio and h11 where
     they are not installed (uvloop has no Windows build)."""
-    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
-    return loop, http
+    return _importable("uvloop", "asyncio"), _importable("httptools", "h11")
+
+
+def _importable(module: str, otherwise: str) -> str:
+    """`module` if it imports (not merely found: a broken install must not stop the server)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return otherwise
+    return module
 
 
 class _Server(uvicorn.Server):
