@@ -1,8 +1,8 @@
 """Sweep the decode kernel's launch configuration on realistic shapes, timed as CUDA-graph
 replays inside a large KV cache (like the engine's), each config checked against the reference.
 
-    python benchmarks/decode_sweep.py [--kv-dtype fp8] [--quick] [--block-n N..] [--warps N..]
-        [--stages N..] [--splits N..]
+    python benchmarks/decode_sweep.py [--kv-dtype fp8|fp8_e5m2] [--quick] [--block-n N..]
+        [--warps N..] [--stages N..] [--splits N..]
 
 --quick: block size 256, workload A's shapes, fewer configurations. Without it, fp8 caches are
 also swept with the dots in bf16 against fp16.
@@ -46,7 +46,7 @@ def graph_time_us(fn, reps: int = 20) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16")
+    ap.add_argument("--kv-dtype", choices=["bf16", "fp8", "fp8_e5m2"], default="bf16")
     ap.add_argument("--quick", action="store_true")
     # the engine's layout (allocate_kv_cache: V token-minor in fp8 caches), or V as 16-bit
     # caches store it, for comparison
@@ -54,8 +54,10 @@ def main() -> None:
     for opt in ("block-n", "warps", "stages", "splits"):  # override the sweep's lists
         ap.add_argument(f"--{opt}", type=int, nargs="+")
     args = ap.parse_args()
-    fp8 = args.kv_dtype == "fp8"
-    kv_dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    fp8 = args.kv_dtype != "bf16"
+    kv_dtype = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}[
+        args.kv_dtype
+    ]
     bw = 4.15e12
     shapes = {256: [(256, 550), (256, 1100), (64, 1500), (1, 1200)], 16: [(256, 550), (1, 1200)]}
     if args.quick:

@@ -1,8 +1,8 @@
 """GPU benchmarks for docs/benchmarks.md, in one process so one device call covers them all.
 
     python benchmarks/gpu_bench.py [sections...]   # default: all
-sections: env bandwidth kernels a a-pdl-all a-pdl-skinny128 a16 a-mix a-fp8 fp8-accuracy
-          batch1 batch1-nopdl p mix trace kprofile kprofile-fp8 hf
+sections: env bandwidth kernels a a-pdl-all a-pdl-skinny128 a16 a-mix a-fp8 a-fp8-e5m2
+          fp8-accuracy batch1 batch1-nopdl p mix trace kprofile kprofile-fp8 kprofile-fp8-e5m2 hf
 Prints one JSON line per result and a summary table last.
 """
 
@@ -241,15 +241,15 @@ def workload_a(
 
 
 def fp8_accuracy() -> None:
-    """Logits with an fp8 KV cache against a bf16 one, 0.6B shape, random weights: every
-    position of a 1,001-token prompt prefilled in 64-token chunks (each chunk reads the earlier
-    ones back from the cache), through prompt logprobs; max and mean abs error, mean KL and
-    greedy agreement over the 1,000 positions."""
+    """Logits with an fp8 KV cache (e4m3, then e5m2) against a bf16 one, 0.6B shape, random
+    weights: every position of a 1,001-token prompt prefilled in 64-token chunks (each chunk
+    reads the earlier ones back from the cache), through prompt logprobs; max and mean abs
+    error, mean KL and greedy agreement over the 1,000 positions."""
     from nv_engine import SamplingParams
 
     prompt = torch.randint(0, 151936, (1001,), generator=torch.Generator().manual_seed(0))
     logits = {}
-    for kv in ("auto", "fp8"):
+    for kv in ("auto", "fp8", "fp8_e5m2"):
         rows: list[torch.Tensor] = []
         with make_llm(kv_cache_dtype=kv, max_num_batched_tokens=64, kvcache_block_size=16) as llm:
             model = llm.model_runner.model
@@ -267,20 +267,23 @@ def fp8_accuracy() -> None:
             p = SamplingParams(max_tokens=1, prompt_logprobs=1)
             llm.generate([prompt.tolist()], p, use_tqdm=False)
         logits[kv] = torch.cat(rows)
-    ref, fp8 = logits["auto"], logits["fp8"]
-    err = (fp8 - ref).abs()
-    kl = torch.nn.functional.kl_div(
-        fp8.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none"
-    ).sum(-1)
-    report(
-        "fp8_kv_accuracy",
-        positions=ref.shape[0],
-        max_abs=round(err.max().item(), 4),
-        mean_abs=round(err.mean().item(), 5),
-        logits_std=round(ref.std().item(), 4),
-        mean_kl=float(f"{kl.mean().item():.3e}"),
-        greedy_agreement=round((fp8.argmax(-1) == ref.argmax(-1)).float().mean().item(), 4),
-    )
+    ref = logits["auto"]
+    for kv in ("fp8", "fp8_e5m2"):
+        fp8 = logits[kv]
+        err = (fp8 - ref).abs()
+        kl = torch.nn.functional.kl_div(
+            fp8.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none"
+        ).sum(-1)
+        report(
+            "fp8_kv_accuracy",
+            kv_cache_dtype=kv,
+            positions=ref.shape[0],
+            max_abs=round(err.max().item(), 4),
+            mean_abs=round(err.mean().item(), 5),
+            logits_std=round(ref.std().item(), 4),
+            mean_kl=float(f"{kl.mean().item():.3e}"),
+            greedy_agreement=round((fp8.argmax(-1) == ref.argmax(-1)).float().mean().item(), 4),
+        )
 
 
 def batch1(bw: float, pdl: bool = True) -> None:
@@ -642,6 +645,8 @@ def main() -> None:
                 mix()
             elif s == "a-fp8":  # workload A with an fp8 KV cache
                 workload_a(bw, 256, "A_fp8", kv_cache_dtype="fp8")
+            elif s == "a-fp8-e5m2":  # the same in e5m2 (vLLM's fp8_e5m2)
+                workload_a(bw, 256, "A_fp8_e5m2", kv_cache_dtype="fp8_e5m2")
             elif s == "fp8-accuracy":
                 fp8_accuracy()
             elif s == "a-mix":  # workload A with mixed decode+prefill steps
@@ -652,6 +657,8 @@ def main() -> None:
                 kprofile()
             elif s == "kprofile-fp8":
                 kprofile(kv_cache_dtype="fp8")
+            elif s == "kprofile-fp8-e5m2":
+                kprofile(kv_cache_dtype="fp8_e5m2")
             elif s == "hf":
                 hf_baseline()
         except Exception as e:  # keep going: one failing section must not hide the rest

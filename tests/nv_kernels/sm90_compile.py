@@ -10,6 +10,7 @@ numpy and lets some errors through (a variable whose type differs between the tw
 from __future__ import annotations
 
 import itertools
+import re
 import sys
 
 import triton
@@ -70,8 +71,8 @@ def fp8_decode_reads_v_as_an_operand() -> list[str]:
     kernel = compile_kernel(
         _decode_kernel,
         dict(G=2, G_PAD=16, BLOCK_SIZE=256, D=128, BLOCK_N=128, V_TOKEN_MINOR=True,
-             NUM_SPLITS=1, CASCADE=False, PRECISION=None, DOT_DTYPE=tl.float16, PDL=False,
-             stride_cvt=1),
+             PLAIN_PAGE_LOAD=False, NUM_SPLITS=1, CASCADE=False, PRECISION=None,
+             DOT_DTYPE=tl.float16, PDL=False, stride_cvt=1),
         dict(block_tables_ptr="*i32", context_lens_ptr="*i32", mid_o_ptr="*fp32",
              mid_lse_ptr="*fp32", prefix_o_ptr="*fp32", prefix_lse_ptr="*fp32",
              prefix_rows_ptr="*i32", prefix_len_ptr="*i32", scale="fp32",
@@ -88,6 +89,33 @@ def fp8_decode_reads_v_as_an_operand() -> list[str]:
     if ptx.count("cp.async.cg.shared.global") < 2:
         problems.append("does not copy both K and V tiles into shared memory asynchronously")
     return problems
+
+
+def bf16_decode_keeps_tiles_in_flight() -> list[str]:
+    """What is wrong with the bf16 decode kernel's pipeline as the engine launches it (64-token
+    tiles of 256-token blocks, 3 stages, the page number read outside the pipeline): the loop
+    should wait for the oldest tile's copies only (cp.async.wait_group 1 or more), so that the
+    next tiles' copies stay in flight while it computes. Reading the page number through the
+    pipeline makes every iteration wait for all of them (wait_group 0)."""
+    aligned = [p.name for p in _decode_kernel.params if p.name.endswith("_ptr")]
+    aligned += ["stride_qt", "stride_qh", "stride_ckb", "stride_ckt", "stride_ckh"]
+    aligned += ["stride_cvb", "stride_cvt", "stride_cvh", "stride_ot", "stride_oh"]
+    kernel = compile_kernel(
+        _decode_kernel,
+        dict(G=2, G_PAD=16, BLOCK_SIZE=256, D=128, BLOCK_N=64, V_TOKEN_MINOR=False,
+             PLAIN_PAGE_LOAD=True, NUM_SPLITS=1, CASCADE=False, PRECISION=None,
+             DOT_DTYPE=tl.bfloat16, PDL=False, stride_cvd=1),
+        dict(block_tables_ptr="*i32", context_lens_ptr="*i32", mid_o_ptr="*fp32",
+             mid_lse_ptr="*fp32", prefix_o_ptr="*fp32", prefix_lse_ptr="*fp32",
+             prefix_rows_ptr="*i32", prefix_len_ptr="*i32", scale="fp32",
+             k_scale="fp32", v_scale="fp32"),
+        aligned=tuple(aligned),
+        num_stages=3,
+    )  # fmt: skip
+    waits = [int(n) for n in re.findall(r"cp\.async\.wait_group\s+(\d+)", kernel.asm["ptx"])]
+    if not any(n > 0 for n in waits):
+        return [f"waits for every copy in flight in each iteration (wait_group {waits})"]
+    return []
 
 
 def main() -> int:
@@ -112,7 +140,8 @@ def main() -> int:
         jobs.append((
             _decode_kernel,
             dict(G=2, G_PAD=16, BLOCK_SIZE=block_size, D=128, BLOCK_N=128 if kv else 64,
-                 V_TOKEN_MINOR=token_minor, NUM_SPLITS=splits, CASCADE=cascade, PRECISION=None,
+                 V_TOKEN_MINOR=token_minor, PLAIN_PAGE_LOAD=not kv and block_size >= 64,
+                 NUM_SPLITS=splits, CASCADE=cascade, PRECISION=None,
                  DOT_DTYPE=tl.float16 if kv else tl.bfloat16, PDL=pdl,
                  **{"stride_cvt" if token_minor else "stride_cvd": 1}),
             dict(block_tables_ptr="*i32", context_lens_ptr="*i32", mid_o_ptr="*fp32",
@@ -149,7 +178,7 @@ def main() -> int:
         jobs.append((
             _prefill_kernel,
             dict(G=2, BLOCK_SIZE=256 if paged else 1, D=128, BLOCK_M=64, BLOCK_N=32, PAGED=paged,
-                 V_TOKEN_MINOR=token_minor, PRECISION=None,
+                 V_TOKEN_MINOR=token_minor, PLAIN_PAGE_LOAD=paged and not kv, PRECISION=None,
                  DOT_DTYPE=tl.float16 if kv else tl.bfloat16),
             dict(cu_q_ptr="*i32", cu_k_ptr="*i32", block_tables_ptr="*i32", **scales, **kv),
             dict(num_stages=2),
@@ -180,9 +209,14 @@ def main() -> int:
     jobs.append((
         _pick_kernel, dict(CANDS=256), dict(cand_ptr="*i32", out_ptr="*i64"), {},
     ))  # fmt: skip
-    failed = len(problems := fp8_decode_reads_v_as_an_operand())
-    for problem in problems:
-        print(f"FAILED fp8 decode kernel's PTX: {problem}", file=sys.stderr)
+    failed = 0
+    for name, check in (
+        ("fp8 decode kernel's PTX", fp8_decode_reads_v_as_an_operand),
+        ("bf16 decode kernel's PTX", bf16_decode_keeps_tiles_in_flight),
+    ):
+        for problem in check():
+            failed += 1
+            print(f"FAILED {name}: {problem}", file=sys.stderr)
     for kernel, constexprs, types, options in jobs:
         try:
             compile_kernel(kernel, constexprs, types, **options)

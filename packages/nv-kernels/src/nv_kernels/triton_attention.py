@@ -36,6 +36,7 @@ if triton is not None:
         BLOCK_SIZE: tl.constexpr,
         BLOCK_N: tl.constexpr,
         V_TOKEN_MINOR: tl.constexpr,
+        PLAIN_PAGE_LOAD: tl.constexpr,
     ):
         """K and V tiles [BLOCK_N, D] of one KV head: tokens `offs_n` (from a multiple of
         BLOCK_N) of the sequence whose block-table row starts at `table_ptr`. Tokens not in
@@ -47,8 +48,27 @@ if triton is not None:
         dot's reduction as bytes: Triton then copies it into shared memory asynchronously and
         reads it from there straight into the tensor cores' operand layout, as it does K. A
         head_dim-minor fp8 V needs a transpose that 8-bit elements have no instruction for
-        (docs/benchmarks.md: byte-wise reads, or a second pass through shared memory as fp16)."""
-        page = tl.load(table_ptr + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        (docs/benchmarks.md: byte-wise reads, or a second pass through shared memory as fp16).
+
+        PLAIN_PAGE_LOAD (a tile within one block, on CUDA): the tile's page number is read by
+        a load that Triton's software pipeliner leaves alone. Otherwise it is copied into
+        shared memory in the tile's own cp.async group, and as the next tile's addresses need
+        it, every iteration starts by waiting for all copies in flight (cp.async.wait_group 0):
+        one tile ahead, whatever num_stages says. See `plain_page_load` for where it pays."""
+        if PLAIN_PAGE_LOAD:
+            tl.static_assert(BLOCK_N <= BLOCK_SIZE)
+            n0 = tl.min(offs_n, 0)
+            page = tl.inline_asm_elementwise(
+                "ld.global.nc.b32 $0, [$1];",
+                "=r,l",
+                [table_ptr + n0 // BLOCK_SIZE + tl.zeros([1], tl.int32)],
+                dtype=tl.int32,
+                is_pure=True,
+                pack=1,
+            )
+            page = tl.sum(page, 0).to(tl.int64)
+        else:
+            page = tl.load(table_ptr + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         in_block = offs_n % BLOCK_SIZE
         rows = page * stride_kb + in_block * stride_kt + kv_head * stride_kh
         k = tl.load(k_cache_ptr + rows[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
@@ -94,7 +114,7 @@ if triton is not None:
         q, k_cache_ptr, v_cache_ptr, table, start, end, offs_d, kv_head, scale, stride_kb,
         stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_vd, ROWS: tl.constexpr,
         D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-        V_TOKEN_MINOR: tl.constexpr, PRECISION: tl.constexpr,
+        V_TOKEN_MINOR: tl.constexpr, PLAIN_PAGE_LOAD: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """The streaming softmax of the ROWS queries `q` (all of one KV head) over tokens
         [start, end) of the sequence whose block-table row is `table`, in tiles of BLOCK_N
@@ -110,7 +130,7 @@ if triton is not None:
             k, v = _load_paged_kv(
                 k_cache_ptr, v_cache_ptr, table, offs_n, n_mask, offs_d, kv_head,
                 stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_vd,
-                BLOCK_SIZE, BLOCK_N, V_TOKEN_MINOR,
+                BLOCK_SIZE, BLOCK_N, V_TOKEN_MINOR, PLAIN_PAGE_LOAD,
             )  # fmt: skip
             m_i, l_i, acc = _softmax_tile(
                 q, k, v, n_mask[None, :], m_i, l_i, acc, qk_scale, PRECISION
@@ -171,6 +191,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         V_TOKEN_MINOR: tl.constexpr,
+        PLAIN_PAGE_LOAD: tl.constexpr,
         PAGED: tl.constexpr,
         PRECISION: tl.constexpr,
         DOT_DTYPE: tl.constexpr,
@@ -223,6 +244,7 @@ if triton is not None:
                     BLOCK_SIZE,
                     BLOCK_N,
                     V_TOKEN_MINOR,
+                    PLAIN_PAGE_LOAD,
                 )
             else:
                 rows = (k_start + offs_n).to(tl.int64)
@@ -281,6 +303,7 @@ if triton is not None:
         D: tl.constexpr,
         BLOCK_N: tl.constexpr,
         V_TOKEN_MINOR: tl.constexpr,
+        PLAIN_PAGE_LOAD: tl.constexpr,
         NUM_SPLITS: tl.constexpr,
         CASCADE: tl.constexpr,
         PRECISION: tl.constexpr,
@@ -314,7 +337,8 @@ if triton is not None:
         m_i, l_i, acc = _attend_paged(
             q, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, start, end, offs_d,
             kv_head, scale * k_scale, stride_ckb, stride_ckt, stride_ckh, stride_cvb, stride_cvt,
-            stride_cvh, stride_cvd, G_PAD, D, BLOCK_SIZE, BLOCK_N, V_TOKEN_MINOR, PRECISION,
+            stride_cvh, stride_cvd, G_PAD, D, BLOCK_SIZE, BLOCK_N, V_TOKEN_MINOR, PLAIN_PAGE_LOAD,
+            PRECISION,
         )  # fmt: skip
         if CASCADE:
             # merge with the shared prefix's normalised output and log-sum-exp (base 2)
@@ -402,7 +426,8 @@ if triton is not None:
         m_i, l_i, acc = _attend_paged(
             q, k_cache_ptr, v_cache_ptr, table_ptr, 0, tl.load(prefix_len_ptr), offs_d, kv_head,
             scale * k_scale, stride_ckb, stride_ckt, stride_ckh, stride_cvb, stride_cvt,
-            stride_cvh, stride_cvd, BLOCK_M, D, BLOCK_SIZE, BLOCK_N, V_TOKEN_MINOR, PRECISION,
+            stride_cvh, stride_cvd, BLOCK_M, D, BLOCK_SIZE, BLOCK_N, V_TOKEN_MINOR, False,
+            PRECISION,
         )  # fmt: skip
         at = seq * G * tl.num_programs(0) + heads  # [B, H]
         # a row outside the prefix, or a prefix of 0 tokens: weight 0 (and a finite output)
@@ -481,6 +506,16 @@ def _scales_and_strides(
 def _cache_scales(cache: torch.Tensor, kv_scales: tuple[float, float]) -> tuple[float, float]:
     """The scales the kernels apply: an fp8 cache's, 1.0 for caches in the model's dtype."""
     return (float(kv_scales[0]), float(kv_scales[1])) if fp8_max(cache) else (1.0, 1.0)
+
+
+def plain_page_load(q: torch.Tensor, v_cache: torch.Tensor, block_n: int) -> bool:
+    """Whether the prefill and decode kernels read each tile's page number outside the
+    cp.async pipeline (`_load_paged_kv`'s PLAIN_PAGE_LOAD, inline PTX): on CUDA, for caches in
+    the model's dtype, with tiles within one block. The K/V copies then run num_stages - 1
+    tiles ahead: 3-4 % less decode time and workload A +3.7 % on an H200. fp8 caches keep the
+    one-tile pipeline, which measured faster there (the deeper one costs occupancy;
+    docs/benchmarks.md, fourteenth session)."""
+    return q.is_cuda and not fp8_max(v_cache) and block_n <= v_cache.shape[1]
 
 
 def _check_head_dim(head_dim: int) -> None:
@@ -584,6 +619,7 @@ def prefill_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         V_TOKEN_MINOR=paged and v_token_minor(v_cache),
+        PLAIN_PAGE_LOAD=paged and plain_page_load(q, v_cache, block_n),
         PAGED=paged,
         PRECISION=_precision(q.dtype),
         DOT_DTYPE=_dot_dtype(q, cache_k, dot_dtype),
@@ -626,13 +662,13 @@ def decode_attention(
                 f"cascade attention runs unsplit: num_splits must be 1, got {num_splits}"
             )
         num_splits = 1
-    # From decode_sweep.py on an H200 (docs/benchmarks.md). bf16 caches: 64-token tiles, 4
+    # From decode_sweep.py on an H200 (docs/benchmarks.md). bf16 caches: 64-token tiles, 3
     # stages. fp8 caches (V token-minor): 128-token tiles, 3 stages, dots in fp16.
     fp8 = bool(fp8_max(k_cache))
     if block_n is None:
         block_n = (128 if fp8 else 64) if on_gpu else 16
     if num_stages is None:
-        num_stages = (3 if fp8 else 4) if on_gpu else 2
+        num_stages = 3 if on_gpu else 2
     if num_splits is None:
         max_context = meta.block_tables.shape[1] * block_size
         captured = on_gpu and torch.cuda.is_current_stream_capturing()
@@ -680,6 +716,7 @@ def decode_attention(
         D=head_dim,
         BLOCK_N=block_n,
         V_TOKEN_MINOR=v_token_minor(v_cache),
+        PLAIN_PAGE_LOAD=plain_page_load(q, v_cache, block_n),
         NUM_SPLITS=num_splits,
         CASCADE=shared is not None,
         PRECISION=_precision(q.dtype),
