@@ -512,8 +512,8 @@ def plain_page_load(q: torch.Tensor, v_cache: torch.Tensor, block_n: int) -> boo
     """Whether the prefill and decode kernels read each tile's page number outside the
     cp.async pipeline (`_load_paged_kv`'s PLAIN_PAGE_LOAD, inline PTX): on CUDA, for caches in
     the model's dtype, with tiles within one block. The K/V copies then run num_stages - 1
-    tiles ahead: 3-4 % less decode time and workload A +3.7 % on an H200. fp8 caches keep the
-    one-tile pipeline, which measured faster there (the deeper one costs occupancy;
+    tiles ahead: 3 % less decode time, workload A +3.7 % and P +9 % on an H200. fp8 caches
+    keep the one-tile pipeline, which measured faster there (the deeper one costs occupancy;
     docs/benchmarks.md, fourteenth session)."""
     return q.is_cuda and not fp8_max(v_cache) and block_n <= v_cache.shape[1]
 
