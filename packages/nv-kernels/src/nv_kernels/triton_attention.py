@@ -57,7 +57,8 @@ if triton is not None:
         one tile ahead, whatever num_stages says. See `plain_page_load` for where it pays."""
         if PLAIN_PAGE_LOAD:
             tl.static_assert(BLOCK_N <= BLOCK_SIZE)
-            n0 = tl.min(offs_n, 0)
+            n0 = tl.min(offs_n, 0)  # the tile's first token: the whole tile is in its block
+            # inline PTX takes tensors: a one-element one, summed back to a scalar
             page = tl.inline_asm_elementwise(
                 "ld.global.nc.b32 $0, [$1];",
                 "=r,l",
@@ -512,9 +513,9 @@ def plain_page_load(q: torch.Tensor, v_cache: torch.Tensor, block_n: int) -> boo
     """Whether the prefill and decode kernels read each tile's page number outside the
     cp.async pipeline (`_load_paged_kv`'s PLAIN_PAGE_LOAD, inline PTX): on CUDA, for caches in
     the model's dtype, with tiles within one block. The K/V copies then run num_stages - 1
-    tiles ahead: 3 % less decode time, workload A +3.7 % and P +9 % on an H200. fp8 caches
-    keep the one-tile pipeline, which measured faster there (the deeper one costs occupancy;
-    docs/benchmarks.md, fourteenth session)."""
+    tiles ahead, which measured faster for those caches; fp8 caches keep the one-tile pipeline,
+    which measured faster for them (the deeper one costs a block per SM; docs/benchmarks.md,
+    fourteenth session)."""
     return q.is_cuda and not fp8_max(v_cache) and block_n <= v_cache.shape[1]
 
 
