@@ -60,27 +60,37 @@ def compile_kernel(
     return triton.compile(src, target=TARGET, options={"num_warps": 4, **options})
 
 
-def fp8_decode_reads_v_as_an_operand() -> list[str]:
-    """What is wrong with the fp8 decode kernel's PTX as the engine launches it (V token-minor,
-    128-token tiles of 256-token blocks, a pipeline of 3 stages, 16-byte aligned arguments):
-    both tiles should be copied into shared memory asynchronously and read from there into
-    the tensor cores' operands, V with no transpose (kv_cache.py)."""
+def engine_decode_kernel(fp8: bool):
+    """The decode kernel as the engine launches it at block size 256 on an H200, 16-byte aligned
+    arguments: fp8 caches (V token-minor) in 128-token tiles with the page number read through
+    the pipeline; bf16 caches in 64-token tiles with it read outside (`plain_page_load`); 3
+    stages. Returns its PTX."""
+    v_minor = "stride_cvt" if fp8 else "stride_cvd"  # V's contiguous axis (kv_cache.py)
     aligned = [p.name for p in _decode_kernel.params if p.name.endswith("_ptr")]
-    aligned += ["stride_qt", "stride_qh", "stride_ckb", "stride_ckt", "stride_ckh"]
-    aligned += ["stride_cvb", "stride_cvh", "stride_cvd", "stride_ot", "stride_oh"]
+    aligned += ["stride_qt", "stride_qh", "stride_ckb", "stride_ckt", "stride_ckh", "stride_cvb"]
+    aligned += ["stride_cvh", "stride_cvd" if fp8 else "stride_cvt", "stride_ot", "stride_oh"]
+    caches = dict(k_cache_ptr="*fp8e4nv", v_cache_ptr="*fp8e4nv") if fp8 else {}
     kernel = compile_kernel(
         _decode_kernel,
-        dict(G=2, G_PAD=16, BLOCK_SIZE=256, D=128, BLOCK_N=128, V_TOKEN_MINOR=True,
-             PLAIN_PAGE_LOAD=False, NUM_SPLITS=1, CASCADE=False, PRECISION=None,
-             DOT_DTYPE=tl.float16, PDL=False, stride_cvt=1),
+        dict(G=2, G_PAD=16, BLOCK_SIZE=256, D=128, BLOCK_N=128 if fp8 else 64,
+             V_TOKEN_MINOR=fp8, PLAIN_PAGE_LOAD=not fp8, NUM_SPLITS=1, CASCADE=False,
+             PRECISION=None, DOT_DTYPE=tl.float16 if fp8 else tl.bfloat16, PDL=False,
+             **{v_minor: 1}),
         dict(block_tables_ptr="*i32", context_lens_ptr="*i32", mid_o_ptr="*fp32",
              mid_lse_ptr="*fp32", prefix_o_ptr="*fp32", prefix_lse_ptr="*fp32",
              prefix_rows_ptr="*i32", prefix_len_ptr="*i32", scale="fp32",
-             k_scale="fp32", v_scale="fp32", k_cache_ptr="*fp8e4nv", v_cache_ptr="*fp8e4nv"),
+             k_scale="fp32", v_scale="fp32", **caches),
         aligned=tuple(aligned),
         num_stages=3,
     )  # fmt: skip
-    ptx = kernel.asm["ptx"]
+    return kernel.asm["ptx"]
+
+
+def fp8_decode_reads_v_as_an_operand() -> list[str]:
+    """What is wrong with the fp8 decode kernel's PTX: both tiles should be copied into shared
+    memory asynchronously and read from there into the tensor cores' operands, V with no
+    transpose (kv_cache.py)."""
+    ptx = engine_decode_kernel(fp8=True)
     problems = []
     if "ld.shared.b8" in ptx or "ld.shared.u8" in ptx:
         problems.append("reads a tile from shared memory one byte at a time")
@@ -92,27 +102,12 @@ def fp8_decode_reads_v_as_an_operand() -> list[str]:
 
 
 def bf16_decode_keeps_tiles_in_flight() -> list[str]:
-    """What is wrong with the bf16 decode kernel's pipeline as the engine launches it (64-token
-    tiles of 256-token blocks, 3 stages, the page number read outside the pipeline): the loop
-    should wait for the oldest tile's copies only (cp.async.wait_group 1 or more), so that the
-    next tiles' copies stay in flight while it computes. Reading the page number through the
-    pipeline makes every iteration wait for all of them (wait_group 0)."""
-    aligned = [p.name for p in _decode_kernel.params if p.name.endswith("_ptr")]
-    aligned += ["stride_qt", "stride_qh", "stride_ckb", "stride_ckt", "stride_ckh"]
-    aligned += ["stride_cvb", "stride_cvt", "stride_cvh", "stride_ot", "stride_oh"]
-    kernel = compile_kernel(
-        _decode_kernel,
-        dict(G=2, G_PAD=16, BLOCK_SIZE=256, D=128, BLOCK_N=64, V_TOKEN_MINOR=False,
-             PLAIN_PAGE_LOAD=True, NUM_SPLITS=1, CASCADE=False, PRECISION=None,
-             DOT_DTYPE=tl.bfloat16, PDL=False, stride_cvd=1),
-        dict(block_tables_ptr="*i32", context_lens_ptr="*i32", mid_o_ptr="*fp32",
-             mid_lse_ptr="*fp32", prefix_o_ptr="*fp32", prefix_lse_ptr="*fp32",
-             prefix_rows_ptr="*i32", prefix_len_ptr="*i32", scale="fp32",
-             k_scale="fp32", v_scale="fp32"),
-        aligned=tuple(aligned),
-        num_stages=3,
-    )  # fmt: skip
-    waits = [int(n) for n in re.findall(r"cp\.async\.wait_group\s+(\d+)", kernel.asm["ptx"])]
+    """What is wrong with the bf16 decode kernel's pipeline: the loop should wait for the oldest
+    tile's copies only (cp.async.wait_group 1 or more), so that the next tiles' copies stay in
+    flight while it computes. Reading the page number through the pipeline makes every
+    iteration wait for all of them (wait_group 0)."""
+    ptx = engine_decode_kernel(fp8=False)
+    waits = [int(n) for n in re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx)]
     if not any(n > 0 for n in waits):
         return [f"waits for every copy in flight in each iteration (wait_group {waits})"]
     return []
