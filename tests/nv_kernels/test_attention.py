@@ -44,7 +44,8 @@ def test_store_kvcache_matches_reference(block_size, num_heads, num_kv_heads):
     assert (caches[0] == 7.0).any()  # skipped slots untouched
 
 
-@pytest.mark.parametrize("block_size", [1, 4, 16, 5])
+# 24: tiles of 16 tokens (the interpreter's) that cross a block boundary
+@pytest.mark.parametrize("block_size", [1, 4, 16, 5, 24])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (2, 2)])
 def test_prefill_with_paged_context(block_size, num_heads, num_kv_heads):
     gen = torch.Generator().manual_seed(block_size + num_heads)
@@ -88,7 +89,7 @@ def test_prefill_without_cache_matches_reference():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("block_size", [1, 16, 7])
+@pytest.mark.parametrize("block_size", [1, 16, 7, 24])
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (6, 2), (2, 2)])
 def test_decode_matches_reference(block_size, num_splits, num_heads, num_kv_heads):

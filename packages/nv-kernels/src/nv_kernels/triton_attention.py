@@ -3,6 +3,8 @@ decode that reads each K/V tile once per KV head for its whole group of query he
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -11,9 +13,13 @@ from nv_kernels.kv_cache import v_token_minor
 from nv_kernels.metadata import AttentionMetadata, SharedPrefix
 from nv_kernels.pdl import pdl_kwargs, pdl_wait, use_pdl
 from nv_kernels.store_kvcache import fp8_max
-from nv_kernels.triton_utils import num_sms, tl, triton
+from nv_kernels.triton_utils import num_sms, tl, triton, triton_usable
 
 if triton is not None:
+    # The interpreter (TRITON_INTERPRET=1) runs kernels as Python, which has no inline PTX:
+    # there PLAIN_PAGE_LOAD reads the page number with tl.load, so CPU tests cover its path.
+    _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
     # The block-table width (stride_bt) changes from step to step; specialising on it (== 1,
     # divisible by 16) would compile new kernel variants in the middle of a run.
 
@@ -50,24 +56,27 @@ if triton is not None:
         head_dim-minor fp8 V needs a transpose that 8-bit elements have no instruction for
         (docs/benchmarks.md: byte-wise reads, or a second pass through shared memory as fp16).
 
-        PLAIN_PAGE_LOAD (a tile within one block, on CUDA): the tile's page number is read by
+        PLAIN_PAGE_LOAD (tiles that divide the block): the tile's page number is read by
         a load that Triton's software pipeliner leaves alone. Otherwise it is copied into
         shared memory in the tile's own cp.async group, and as the next tile's addresses need
         it, every iteration starts by waiting for all copies in flight (cp.async.wait_group 0):
         one tile ahead, whatever num_stages says. See `plain_page_load` for where it pays."""
         if PLAIN_PAGE_LOAD:
-            tl.static_assert(BLOCK_N <= BLOCK_SIZE)
+            tl.static_assert(BLOCK_SIZE % BLOCK_N == 0)
             n0 = tl.min(offs_n, 0)  # the tile's first token: the whole tile is in its block
-            # inline PTX takes tensors: a one-element one, summed back to a scalar
-            page = tl.inline_asm_elementwise(
-                "ld.global.nc.b32 $0, [$1];",
-                "=r,l",
-                [table_ptr + n0 // BLOCK_SIZE + tl.zeros([1], tl.int32)],
-                dtype=tl.int32,
-                is_pure=True,
-                pack=1,
-            )
-            page = tl.sum(page, 0).to(tl.int64)
+            if _INTERPRETED:
+                page = tl.load(table_ptr + n0 // BLOCK_SIZE).to(tl.int64)
+            else:
+                # inline PTX takes tensors: a one-element one, summed back to a scalar
+                page = tl.inline_asm_elementwise(
+                    "ld.global.nc.b32 $0, [$1];",
+                    "=r,l",
+                    [table_ptr + n0 // BLOCK_SIZE + tl.zeros([1], tl.int32)],
+                    dtype=tl.int32,
+                    is_pure=True,
+                    pack=1,
+                )
+                page = tl.sum(page, 0).to(tl.int64)
         else:
             page = tl.load(table_ptr + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         in_block = offs_n % BLOCK_SIZE
@@ -511,12 +520,14 @@ def _cache_scales(cache: torch.Tensor, kv_scales: tuple[float, float]) -> tuple[
 
 def plain_page_load(q: torch.Tensor, v_cache: torch.Tensor, block_n: int) -> bool:
     """Whether the prefill and decode kernels read each tile's page number outside the
-    cp.async pipeline (`_load_paged_kv`'s PLAIN_PAGE_LOAD, inline PTX): on CUDA, for caches in
-    the model's dtype, with tiles within one block. The K/V copies then run num_stages - 1
-    tiles ahead, which measured faster for those caches; fp8 caches keep the one-tile pipeline,
-    which measured faster for them (the deeper one costs a block per SM; docs/benchmarks.md,
-    fourteenth session)."""
-    return q.is_cuda and not fp8_max(v_cache) and block_n <= v_cache.shape[1]
+    cp.async pipeline (`_load_paged_kv`'s PLAIN_PAGE_LOAD, inline PTX; a plain tl.load in the
+    interpreter): for caches in the model's dtype, in blocks a whole number of tiles long (a
+    tile then never crosses a block boundary: tiles start at multiples of block_n). The K/V copies
+    then run num_stages - 1 tiles ahead, which measured faster for those caches; fp8 caches
+    keep the one-tile pipeline, which measured faster for them (the deeper one costs a block
+    per SM; docs/benchmarks.md, fourteenth session)."""
+    block_size = v_cache.shape[1]
+    return triton_usable(q.device) and not fp8_max(v_cache) and block_size % block_n == 0
 
 
 def _check_head_dim(head_dim: int) -> None:
