@@ -93,6 +93,8 @@ def test_stop_string_spanning_deltas(byte_tokenizer, include):
         assert expected.startswith(o.text)
     # every token up to the one completing the stop string is kept
     assert final.token_ids == _ids(byte_tokenizer, "héllo wörld")
+    for out in run.outputs:  # counted without copying the ids
+        assert out.outputs[0].num_tokens == len(out.outputs[0].token_ids)
 
 
 def test_stop_strings_respect_min_tokens(byte_tokenizer):

@@ -249,6 +249,23 @@ def test_sse_wire_format(base):
         json.loads(e[len("data: ") :])
 
 
+@pytest.mark.parametrize(
+    "choice",
+    [
+        {"index": 0, "text": "héllo \"wörld\"\n", "logprobs": None, "finish_reason": None},
+        {"index": 3, "delta": {}, "logprobs": {"content": [{"token": "\\", "logprob": -0.5}]},
+         "finish_reason": "stop", "stop_reason": 7},
+    ],
+)  # fmt: skip
+def test_a_chunk_line_is_the_whole_chunk_serialised(choice):
+    """The streamed chunks serialise their head once per response: each line must still be
+    exactly the chunk's own JSON."""
+    from nv_engine.entrypoints.openai.serving import _ChunkLines, sse
+
+    head = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m/ü"}
+    assert _ChunkLines(head)(choice) == sse({**head, "choices": [choice]})
+
+
 def test_streamed_n_has_every_index(client):
     chunks = list(
         client.chat.completions.create(

@@ -40,6 +40,11 @@ class CompletionOutput:
         return self._tokens[self._start : self._end]
 
     @property
+    def num_tokens(self) -> int:
+        """len(token_ids), without copying them (a stream asks at every step)."""
+        return self._end - self._start
+
+    @property
     def logprobs(self) -> list[dict[int, float]] | None:
         """Per output token so far, {token id: logprob} (the token first), when asked for."""
         return None if self._logprobs is None else self._logprobs[: self._num_logprobs]

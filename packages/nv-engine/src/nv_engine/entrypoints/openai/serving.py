@@ -31,6 +31,18 @@ def sse(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
+class _ChunkLines:
+    """The SSE lines of one streamed response's chunks, `sse({**head, "choices": [choice]})`
+    byte for byte, with the head (id, object, created, model) serialised once per response
+    rather than once per token."""
+
+    def __init__(self, head: dict[str, Any]) -> None:
+        self._open = f'data: {json.dumps(head)[:-1]}, "choices": ['
+
+    def __call__(self, choice: dict[str, Any]) -> str:
+        return f"{self._open}{json.dumps(choice)}]}}\n\n"
+
+
 @dataclass(slots=True)
 class _Choice:
     """One choice of the response, as the streams left it."""
@@ -147,6 +159,7 @@ class OpenAIServing:
         echoed: list[str],
     ) -> AsyncIterator[str]:
         head = self._head(rid, "text_completion")
+        line = _ChunkLines(head)
         offsets = [0] * (n * len(streams))
         counts = [0] * (n * len(streams))
         async for i, out in _outputs(streams):
@@ -154,11 +167,11 @@ class OpenAIServing:
                 for index in range(n * len(streams)) if parsed.echo else ():
                     choice = {"index": index, "text": echoed[index // n], "logprobs": None,
                               "finish_reason": None, "stop_reason": None}  # fmt: skip
-                    yield sse({**head, "choices": [choice]})
+                    yield line(choice)
                 continue
             for c in out.outputs:
                 index = i * n + c.index
-                counts[index] = len(c.token_ids)
+                counts[index] = c.num_tokens
                 if not (c.delta_text or c.delta_token_ids or c.finished):
                     continue  # (tokens whose text is held back still get a chunk, as vLLM's)
                 logprobs = None
@@ -174,7 +187,7 @@ class OpenAIServing:
                     "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason if c.finished else None,
                 }
-                yield sse({**head, "choices": [choice]})
+                yield line(choice)
         if parsed.include_usage:
             yield sse({**head, "choices": [], "usage": _usage_counts(usage_prompt, counts)})
         yield sse("[DONE]")
@@ -227,6 +240,7 @@ class OpenAIServing:
         usage_prompt: int,
     ) -> AsyncIterator[str]:
         head = self._head(rid, "chat.completion.chunk")
+        line = _ChunkLines(head)
         n = parsed.params.n
         counts = [0] * n
         async for _, out in _outputs([stream]):
@@ -238,10 +252,10 @@ class OpenAIServing:
                         "logprobs": None,
                         "finish_reason": None,
                     }
-                    yield sse({**head, "choices": [choice]})
+                    yield line(choice)
                 continue
             for c in out.outputs:
-                counts[c.index] = len(c.token_ids)
+                counts[c.index] = c.num_tokens
                 want_logprobs = parsed.logprobs is not None and c.delta_token_ids
                 if not (c.delta_text or c.finished or want_logprobs):
                     continue
@@ -254,7 +268,7 @@ class OpenAIServing:
                     "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason if c.finished else None,
                 }
-                yield sse({**head, "choices": [choice]})
+                yield line(choice)
         if parsed.include_usage:
             yield sse({**head, "choices": [], "usage": _usage_counts(usage_prompt, counts)})
         yield sse("[DONE]")
@@ -417,7 +431,7 @@ async def _outputs(
 
 def _update(choice: _Choice, c: CompletionOutput) -> None:
     choice.text = c.text
-    choice.num_tokens = len(c.token_ids)
+    choice.num_tokens = c.num_tokens
     choice.finish_reason = c.finish_reason
     choice.stop_reason = c.stop_reason
     choice.logprobs = c.logprobs
