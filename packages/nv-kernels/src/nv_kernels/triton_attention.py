@@ -433,6 +433,7 @@ if triton is not None:
             mask=m_mask[:, None],
             other=0.0,
         ).to(DOT_DTYPE)
+        # PLAIN_PAGE_LOAD False: this kernel was not measured with it (docs/benchmarks.md)
         m_i, l_i, acc = _attend_paged(
             q, k_cache_ptr, v_cache_ptr, table_ptr, 0, tl.load(prefix_len_ptr), offs_d, kv_head,
             scale * k_scale, stride_ckb, stride_ckt, stride_ckh, stride_cvb, stride_cvt,
