@@ -135,7 +135,7 @@ def main() -> int:
         jobs.append((
             _decode_kernel,
             dict(G=2, G_PAD=16, BLOCK_SIZE=block_size, D=128, BLOCK_N=128 if kv else 64,
-                 V_TOKEN_MINOR=token_minor, PLAIN_PAGE_LOAD=not kv and block_size >= 64,
+                 V_TOKEN_MINOR=token_minor, PLAIN_PAGE_LOAD=not kv and block_size % 64 == 0,
                  NUM_SPLITS=splits, CASCADE=cascade, PRECISION=None,
                  DOT_DTYPE=tl.float16 if kv else tl.bfloat16, PDL=pdl,
                  **{"stride_cvt" if token_minor else "stride_cvd": 1}),

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from collections.abc import Iterator
 
 import torch
 
-from nv_kernels.triton_utils import tl, triton
+from nv_kernels.triton_utils import interpreting, tl, triton
 
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -49,7 +48,7 @@ def use_pdl(device: torch.device) -> bool:
 def pdl_supported(device: torch.device) -> bool:
     """PDL needs a Hopper or newer GPU, CUDA 12.3+ (PDL edges in captured graphs) and a Triton
     with `gdc_wait`; never the interpreter."""
-    if device.type != "cuda" or gdc_wait is None or os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type != "cuda" or gdc_wait is None or interpreting():
         return False
     return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
 

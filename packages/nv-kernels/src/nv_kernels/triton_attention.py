@@ -3,8 +3,6 @@ decode that reads each K/V tile once per KV head for its whole group of query he
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -13,12 +11,12 @@ from nv_kernels.kv_cache import v_token_minor
 from nv_kernels.metadata import AttentionMetadata, SharedPrefix
 from nv_kernels.pdl import pdl_kwargs, pdl_wait, use_pdl
 from nv_kernels.store_kvcache import fp8_max
-from nv_kernels.triton_utils import num_sms, tl, triton, triton_usable
+from nv_kernels.triton_utils import interpreting, num_sms, tl, triton
 
 if triton is not None:
     # The interpreter (TRITON_INTERPRET=1) runs kernels as Python, which has no inline PTX:
     # there PLAIN_PAGE_LOAD reads the page number with tl.load, so CPU tests cover its path.
-    _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+    _INTERPRETED = tl.constexpr(interpreting())
 
     # The block-table width (stride_bt) changes from step to step; specialising on it (== 1,
     # divisible by 16) would compile new kernel variants in the middle of a run.
@@ -519,7 +517,7 @@ def _cache_scales(cache: torch.Tensor, kv_scales: tuple[float, float]) -> tuple[
     return (float(kv_scales[0]), float(kv_scales[1])) if fp8_max(cache) else (1.0, 1.0)
 
 
-def plain_page_load(q: torch.Tensor, v_cache: torch.Tensor, block_n: int) -> bool:
+def plain_page_load(v_cache: torch.Tensor, block_n: int) -> bool:
     """Whether the prefill and decode kernels read each tile's page number outside the
     cp.async pipeline (`_load_paged_kv`'s PLAIN_PAGE_LOAD, inline PTX; a plain tl.load in the
     interpreter): for caches in the model's dtype, in blocks a whole number of tiles long (a
@@ -527,8 +525,7 @@ def plain_page_load(q: torch.Tensor, v_cache: torch.Tensor, block_n: int) -> boo
     then run num_stages - 1 tiles ahead, which measured faster for those caches; fp8 caches
     keep the one-tile pipeline, which measured faster for them (the deeper one costs a block
     per SM; docs/benchmarks.md, fourteenth session)."""
-    block_size = v_cache.shape[1]
-    return triton_usable(q.device) and not fp8_max(v_cache) and block_size % block_n == 0
+    return not fp8_max(v_cache) and v_cache.shape[1] % block_n == 0
 
 
 def _check_head_dim(head_dim: int) -> None:
@@ -632,7 +629,7 @@ def prefill_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         V_TOKEN_MINOR=paged and v_token_minor(v_cache),
-        PLAIN_PAGE_LOAD=paged and plain_page_load(q, v_cache, block_n),
+        PLAIN_PAGE_LOAD=paged and plain_page_load(v_cache, block_n),
         PAGED=paged,
         PRECISION=_precision(q.dtype),
         DOT_DTYPE=_dot_dtype(q, cache_k, dot_dtype),
@@ -729,7 +726,7 @@ def decode_attention(
         D=head_dim,
         BLOCK_N=block_n,
         V_TOKEN_MINOR=v_token_minor(v_cache),
-        PLAIN_PAGE_LOAD=plain_page_load(q, v_cache, block_n),
+        PLAIN_PAGE_LOAD=plain_page_load(v_cache, block_n),
         NUM_SPLITS=num_splits,
         CASCADE=shared is not None,
         PRECISION=_precision(q.dtype),

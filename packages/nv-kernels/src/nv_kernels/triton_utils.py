@@ -15,11 +15,16 @@ except ImportError:  # pragma: no cover - platforms without triton
     tl = None
 
 
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1: as Python, on CPU)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def triton_usable(device: str | object) -> bool:
-    """Triton runs on CUDA, or anywhere under its interpreter (TRITON_INTERPRET=1)."""
+    """Triton runs on CUDA, or anywhere under its interpreter."""
     if triton is None:
         return False
-    return str(device).startswith("cuda") or os.environ.get("TRITON_INTERPRET") == "1"
+    return str(device).startswith("cuda") or interpreting()
 
 
 @functools.cache
